@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: timing, memory, and result rows with device and versions.
+
+Every benchmark script appends JSON lines to ``benchmarks/results/<name>.jsonl``; a row
+carries the device, torch / triton / transformers versions, the git sha and a UTC time,
+so a number never exists without the context that produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def context(device: str) -> dict:
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "git": git_sha(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def append_rows(name: str, rows: list[dict], device: str, out_dir: str | None = None) -> str:
+    """Append ``rows`` (each merged with the run's context) to ``<out_dir>/<name>.jsonl``."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.jsonl")
+    ctx = context(device)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**ctx, **r}) + "\n")
+    return path
+
+
+def bench(fn, device: str, *, warmup: int = 3, rep: int = 10) -> dict:
+    """Median / p20 / p80 milliseconds of ``fn()`` and its peak memory.
+
+    CUDA: ``triton.testing.do_bench`` quantiles and ``max_memory_allocated`` after a reset
+    (bytes above what was allocated before the call). CPU: wall-clock over ``rep`` runs,
+    peak memory not measured (None).
+    """
+    if str(device).startswith("cuda"):
+        import triton.testing
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2], "peak_mem_mb": peak / 2**20}
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    return {
+        "ms": statistics.median(ts),
+        "ms_p20": ts[int(0.2 * (len(ts) - 1))],
+        "ms_p80": ts[int(0.8 * (len(ts) - 1))],
+        "peak_mem_mb": None,
+    }

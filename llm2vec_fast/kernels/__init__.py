@@ -1,0 +1,1 @@
+"""Kernels: the pure-PyTorch references, the Triton kernels and the CUDA C++ loader."""

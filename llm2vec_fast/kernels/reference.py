@@ -1,0 +1,514 @@
+"""Pure-PyTorch reference implementations: CPU fallback, test oracle and benchmark baseline.
+
+One implementation serves all three roles, so every kernel is judged against
+exactly what runs when no kernel can. Nothing here imports triton.
+
+Shape letters: ``B`` batch, ``S``/``T`` tokens per sequence, ``H`` query heads,
+``Hkv`` key/value heads (``H % Hkv == 0``, ``G = H // Hkv`` query heads share one
+K/V head: query head ``h`` reads K/V head ``h // G``, flash-attn's convention),
+``D`` head dim, ``N`` selected (labelled) rows, ``C`` hidden size, ``V`` vocabulary.
+
+``upcast=True`` computes in fp32 (fp64 inputs stay fp64) and returns the input
+dtype; ``upcast=False`` computes in the input dtype, which is how the tests
+measure the reference's own rounding error (STYLE.md's tolerance rule).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    if dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if upcast else dtype
+
+
+# --------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------
+
+
+def _scores_softmax(s: torch.Tensor, softcap: float, dropout_p: float, training_dropout: bool):
+    if softcap and softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    if dropout_p > 0 and training_dropout:
+        p = F.dropout(p, p=dropout_p, training=True)
+    return p, lse
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+    return_lse: bool = False,
+):
+    """Non-causal attention over packed sequences, one sequence at a time.
+
+    q ``(total_q, H, D)``, k/v ``(total_k, Hkv, D)``, cu_seqlens ``(B+1,)`` int32.
+    Returns out ``(total_q, H, D)`` in q's dtype and, with ``return_lse``, the
+    log-sum-exp ``(H, total_q)`` fp32 (``-inf`` for a query whose sequence has no key;
+    its output row is 0). GQA is computed by grouping query heads, never by
+    repeating K/V.
+    """
+    total_q, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cdt = _compute_dtype(q.dtype, upcast)
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qs = q[cq[b] : cq[b + 1]].to(cdt)
+        ks = k[ck[b] : ck[b + 1]].to(cdt)
+        vs = v[ck[b] : ck[b + 1]].to(cdt)
+        sq, sk = qs.shape[0], ks.shape[0]
+        if sq == 0:
+            continue
+        if sk == 0:
+            outs.append(qs.new_zeros(sq, H, D))
+            lses.append(torch.full((H, sq), float("-inf"), device=q.device, dtype=torch.float32))
+            continue
+        qh = qs.permute(1, 0, 2).reshape(Hkv, G, sq, D)
+        kh = ks.permute(1, 0, 2)
+        vh = vs.permute(1, 0, 2)
+        s = torch.einsum("kgqd,ksd->kgqs", qh, kh) * scale
+        p, lse = _scores_softmax(s, softcap, dropout_p, True)
+        o = torch.einsum("kgqs,ksd->kgqd", p, vh)
+        outs.append(o.reshape(H, sq, D).permute(1, 0, 2))
+        lses.append(lse.reshape(H, sq).float())
+    if outs:
+        out = torch.cat(outs, 0).to(q.dtype)
+        lse = torch.cat(lses, 1)
+    else:
+        out = q.new_zeros(q.shape)
+        lse = torch.full((H, 0), float("-inf"), device=q.device)
+    return (out, lse) if return_lse else out
+
+
+def attention_padded_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+    return_lse: bool = False,
+):
+    """Non-causal attention over a padded batch with a key padding mask.
+
+    q ``(B, S, H, D)``, k/v ``(B, S, Hkv, D)``, key_padding_mask ``(B, S)`` bool, True =
+    valid (None = all valid). Padded query rows, and every row of a sequence with no
+    valid token, give 0 (log-sum-exp ``-inf``), never NaN. Returns out ``(B, S, H, D)``
+    and, with ``return_lse``, lse ``(B, H, S)`` fp32.
+    """
+    B, S, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    cdt = _compute_dtype(q.dtype, upcast)
+    qh = q.to(cdt).permute(0, 2, 1, 3).reshape(B, Hkv, G, S, D)
+    kh = k.to(cdt).permute(0, 2, 1, 3)
+    vh = v.to(cdt).permute(0, 2, 1, 3)
+    s = torch.einsum("bkgqd,bksd->bkgqs", qh, kh) * scale
+    if softcap and softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if key_padding_mask is not None:
+        m = key_padding_mask.to(torch.bool)
+        # A sequence with no valid key would give an all -inf row (NaN softmax):
+        # let it see every key instead and zero its rows below.
+        m = m | ~m.any(dim=-1, keepdim=True)
+        s = s.masked_fill(~m[:, None, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    if dropout_p > 0:
+        p = F.dropout(p, p=dropout_p, training=True)
+    o = torch.einsum("bkgqs,bksd->bkgqd", p, vh).reshape(B, H, S, D)
+    lse = lse.reshape(B, H, S).float()
+    if key_padding_mask is not None:
+        qvalid = key_padding_mask.to(torch.bool)[:, None, :]
+        o = o * qvalid[..., None].to(o.dtype)
+        lse = lse.masked_fill(~qvalid, float("-inf"))
+    out = o.permute(0, 2, 1, 3).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def attention_padded_sdpa(q, k, v, key_padding_mask=None, softmax_scale=None, dropout_p=0.0):
+    """The CPU fast path of the torch backend: SDPA with a boolean padding mask.
+
+    Same contract as :func:`attention_padded_ref` without softcap or lse; GQA through
+    SDPA's ``enable_gqa`` (no repeated K/V). Checked against the reference in tests.
+    """
+    B, S, H, D = q.shape
+    Hkv = k.shape[2]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if key_padding_mask is not None:
+        m = key_padding_mask.to(torch.bool)
+        m = m | ~m.any(dim=-1, keepdim=True)
+        mask = m[:, None, None, :]
+    o = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale, enable_gqa=(H != Hkv)
+    )
+    o = o.transpose(1, 2)
+    if key_padding_mask is not None:
+        o = o * key_padding_mask.to(o.dtype)[:, :, None, None]
+    return o
+
+
+# --------------------------------------------------------------------------------------
+# Masked linear cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
+    """Apply the shift and gather the rows that carry a label.
+
+    hidden ``(B, T, C)`` or ``(N, C)``; labels ``(B, T)`` or ``(N,)``. With ``shift=s`` the
+    label at position t is predicted by the hidden state at t - s (per sequence for 3-d
+    input; along the single sequence for 2-d input). Returns ``(h_sel (N, C), y_sel (N,),
+    index (N,) into the flattened shifted label grid, shifted label shape)``.
+    ``torch.nonzero`` here is the one host synchronisation of the op (the number of
+    labelled rows decides every later shape).
+    """
+    if shift:
+        if hidden.dim() == 3:
+            hidden = hidden[:, :-shift]
+            labels = labels[:, shift:]
+        else:
+            hidden = hidden[:-shift]
+            labels = labels[shift:]
+    shape = labels.shape
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_y = labels.reshape(-1)
+    index = torch.nonzero(flat_y != ignore_index).squeeze(1)
+    return flat_h.index_select(0, index), flat_y.index_select(0, index), index, shape
+
+
+def _block_logits(h, w_block, b_block, softcap):
+    """fp32 (or fp64) logits of one vocabulary block, softcapped when asked."""
+    z = h @ w_block.t()
+    if b_block is not None:
+        z = z + b_block
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+class ChunkedLinearCE(torch.autograd.Function):
+    """Per-row cross-entropy of ``h @ w.T + b`` over the vocabulary, in blocks.
+
+    Never holds more than ``chunk_rows x chunk_vocab`` logits: the forward keeps an
+    online log-sum-exp, the target logit and the argmax; the backward recomputes each
+    block. Returns per-row loss ``(N,)`` fp32 and per-row correctness ``(N,)`` bool.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt):
+        N, V = h.shape[0], w.shape[0]
+        dev = h.device
+        lse_all = torch.empty(N, device=dev, dtype=cdt)
+        loss_all = torch.empty(N, device=dev, dtype=cdt)
+        correct = torch.empty(N, device=dev, dtype=torch.bool)
+        for r0 in range(0, N, chunk_rows):
+            r1 = min(N, r0 + chunk_rows)
+            hc = h[r0:r1].to(cdt)
+            yc = y[r0:r1]
+            lse = torch.full((r1 - r0,), float("-inf"), device=dev, dtype=cdt)
+            zy = torch.zeros(r1 - r0, device=dev, dtype=cdt)
+            zsum = torch.zeros(r1 - r0, device=dev, dtype=cdt)
+            best = torch.full((r1 - r0,), float("-inf"), device=dev, dtype=cdt)
+            arg = torch.zeros(r1 - r0, device=dev, dtype=torch.long)
+            for v0 in range(0, V, chunk_vocab):
+                v1 = min(V, v0 + chunk_vocab)
+                bv = None if b is None else b[v0:v1].to(cdt)
+                z = _block_logits(hc, w[v0:v1].to(cdt), bv, softcap)
+                lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+                inb = (yc >= v0) & (yc < v1)
+                zy = zy + torch.where(inb, z.gather(1, (yc - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
+                if label_smoothing:
+                    zsum = zsum + z.sum(1)
+                bm, bi = z.max(dim=1)
+                upd = bm > best
+                best = torch.where(upd, bm, best)
+                arg = torch.where(upd, bi + v0, arg)
+            loss = (lse - zy) * (1.0 - label_smoothing)
+            if label_smoothing:
+                loss = loss + label_smoothing * (lse - zsum / V)
+            if z_loss:
+                loss = loss + z_loss * lse * lse
+            lse_all[r0:r1] = lse
+            loss_all[r0:r1] = loss
+            correct[r0:r1] = arg == yc
+        ctx.save_for_backward(h, w, b, y, lse_all)
+        ctx.cfg = (softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt)
+        ctx.mark_non_differentiable(correct)
+        return loss_all, correct
+
+    @staticmethod
+    def backward(ctx, g, _gc):
+        h, w, b, y, lse_all = ctx.saved_tensors
+        softcap, eps, z_loss, chunk_rows, chunk_vocab, cdt = ctx.cfg
+        N, V = h.shape[0], w.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dh = torch.zeros(h.shape, device=h.device, dtype=cdt) if need_h else None
+        dw = torch.zeros(w.shape, device=w.device, dtype=cdt) if need_w else None
+        db = torch.zeros(V, device=w.device, dtype=cdt) if (need_b and b is not None) else None
+        g = g.to(cdt)
+        for r0 in range(0, N, chunk_rows):
+            r1 = min(N, r0 + chunk_rows)
+            hc = h[r0:r1].to(cdt)
+            yc = y[r0:r1]
+            lse = lse_all[r0:r1]
+            gr = g[r0:r1]
+            coef = gr * (1.0 + 2.0 * z_loss * lse) if z_loss else gr
+            for v0 in range(0, V, chunk_vocab):
+                v1 = min(V, v0 + chunk_vocab)
+                wv = w[v0:v1].to(cdt)
+                z = _block_logits(hc, wv, None if b is None else b[v0:v1].to(cdt), softcap)
+                dz = torch.exp(z - lse[:, None]) * coef[:, None]
+                if eps:
+                    dz = dz - (eps / V) * gr[:, None]
+                inb = (yc >= v0) & (yc < v1)
+                rows = torch.nonzero(inb).squeeze(1)
+                if rows.numel():
+                    dz[rows, yc[rows] - v0] -= (1.0 - eps) * gr[rows]
+                if softcap:
+                    dz = dz * (1.0 - (z / softcap) ** 2)
+                if need_h:
+                    dh[r0:r1] += dz @ wv
+                if need_w:
+                    dw[v0:v1] += dz.t() @ hc
+                if db is not None:
+                    db[v0:v1] += dz.sum(0)
+        return (
+            dh.to(h.dtype) if dh is not None else None,
+            dw.to(w.dtype) if dw is not None else None,
+            db.to(b.dtype) if db is not None else None,
+            None, None, None, None, None, None, None,
+        )
+
+
+def masked_linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shift: int = 1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_accuracy: bool = False,
+    chunk_rows: int = 2048,
+    chunk_vocab: int = 8192,
+    upcast: bool = True,
+):
+    """Chunked reference of :func:`llm2vec_fast.masked_linear_cross_entropy` (same contract).
+
+    Only labelled rows reach the LM head; at most ``chunk_rows x chunk_vocab`` logits
+    exist at once, in the forward and in the backward.
+    """
+    h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index)
+    cdt = _compute_dtype(hidden.dtype, upcast)
+    n = h_sel.shape[0]
+    if n == 0:
+        # Keep the graph connected so backward gives exact zeros, never NaN.
+        zero = (hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0)) * 0.0
+        zero = zero.float()
+        if reduction == "none":
+            loss = zero + torch.zeros(shape, device=hidden.device, dtype=torch.float32)
+        else:
+            loss = zero
+        acc = torch.zeros((), device=hidden.device)
+        return (loss, acc) if return_accuracy else loss
+    per_row, correct = ChunkedLinearCE.apply(
+        h_sel, weight, bias, y_sel, softcap or 0.0, float(label_smoothing), float(z_loss),
+        chunk_rows, chunk_vocab, cdt,
+    )
+    per_row = per_row.float()
+    if reduction == "mean":
+        loss = per_row.sum() / n
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        full = torch.zeros(shape.numel(), device=hidden.device, dtype=torch.float32)
+        loss = full.index_put((index,), per_row).reshape(shape)
+    if return_accuracy:
+        return loss, correct.float().mean()
+    return loss
+
+
+# --------------------------------------------------------------------------------------
+# Pooling and InfoNCE
+# --------------------------------------------------------------------------------------
+
+POOLING_MODES = ("mean", "weighted_mean", "last_token", "eos_token", "bos_token")
+
+
+def pooling_weights(region: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-token pooling weights ``(B, T)`` fp32 from the pooled region ``(B, T)`` bool.
+
+    mean: 1 on the region; weighted_mean: 1..n along the region (later tokens weigh
+    more); last_token / eos_token: 1 on the region's last token; bos_token: 1 on its
+    first token. A row with an empty region gets all-zero weights.
+    """
+    r = region.to(torch.float32)
+    if mode == "mean":
+        return r
+    rank = torch.cumsum(r, dim=1) * r  # 1..n on the region, 0 elsewhere
+    if mode == "weighted_mean":
+        return rank
+    if mode in ("last_token", "eos_token"):
+        n = r.sum(dim=1, keepdim=True)
+        return ((rank == n) & region).to(torch.float32)
+    if mode == "bos_token":
+        return ((rank == 1) & region).to(torch.float32)
+    raise ValueError(f"mode: expected one of {list(POOLING_MODES)}, got {mode!r}")
+
+
+def packed_to_padded_mask(cu_seqlens: torch.Tensor, total: int):
+    """``(B, Tmax)`` token index grid and validity mask for packed sequences."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    tmax = int(lens.max()) if lens.numel() else 0
+    ar = torch.arange(tmax, device=cu_seqlens.device)
+    valid = ar[None, :] < lens[:, None]
+    idx = (cu_seqlens[:-1].long()[:, None] + ar[None, :]).clamp(max=max(total - 1, 0))
+    return idx, valid
+
+
+def pool_ref(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    embed_mask: torch.Tensor | None = None,
+    mode: str = "mean",
+    cu_seqlens: torch.Tensor | None = None,
+    upcast: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Masked pooling; returns ``(B, C)`` in ``out_dtype`` (default: hidden's dtype).
+
+    Padded: hidden ``(B, T, C)``, attention_mask ``(B, T)`` (1/True = token), embed_mask
+    ``(B, T)`` (1 = token belongs to the pooled text; instruction tokens 0). Packed:
+    hidden ``(total, C)`` with ``cu_seqlens`` ``(B+1,)`` int32, attention_mask None,
+    embed_mask ``(total,)``. The pooled region is attention_mask & embed_mask; an empty
+    region pools to the zero vector (documented, never NaN).
+    """
+    cdt = _compute_dtype(hidden.dtype, upcast)
+    if cu_seqlens is not None:
+        idx, valid = packed_to_padded_mask(cu_seqlens, hidden.shape[0])
+        region = valid
+        if embed_mask is not None:
+            region = region & embed_mask.to(torch.bool)[idx]
+        w = pooling_weights(region, mode)
+        h = hidden[idx]  # (B, Tmax, C)
+    else:
+        region = attention_mask.to(torch.bool)
+        if embed_mask is not None:
+            region = region & embed_mask.to(torch.bool)
+        w = pooling_weights(region, mode)
+        h = hidden
+    num = torch.einsum("bt,btc->bc", w.to(cdt), h.to(cdt))
+    den = w.sum(dim=1, keepdim=True).clamp_min(1.0).to(cdt)
+    return (num / den).to(out_dtype or hidden.dtype)
+
+
+def all_gather_with_grad(x: torch.Tensor):
+    """All-gather along dim 0 whose backward sums every rank's gradient into the local shard.
+
+    Returns ``(gathered (world*B, ...), rank)``. Works with gloo and nccl.
+    """
+    import torch.distributed as dist
+
+    return _AllGather.apply(x), dist.get_rank()
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def info_nce_ref(
+    emb_q: torch.Tensor,
+    emb_d: torch.Tensor,
+    emb_neg: torch.Tensor | None = None,
+    *,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+    cross_rank: bool = False,
+) -> torch.Tensor:
+    """InfoNCE on L2-normalised embeddings; returns the mean loss (0-d fp32).
+
+    emb_q ``(B, C)``, emb_d ``(B, C)`` (row i is query i's positive), emb_neg ``(M, C)``
+    hard negatives appended as extra columns. ``symmetric`` averages the query->document
+    loss with the document->query loss (documents scored against the queries).
+    ``cross_rank`` gathers documents (and negatives, and queries for the symmetric
+    term) from every rank of an initialised ``torch.distributed`` group; gradients flow
+    back to the local shard, summed over ranks.
+    """
+    up = (lambda t: t if t.dtype == torch.float64 else t.float())
+    q = F.normalize(up(emb_q), dim=-1)
+    d = F.normalize(up(emb_d), dim=-1)
+    n = F.normalize(up(emb_neg), dim=-1) if emb_neg is not None else None
+    offset = 0
+    q_all, d_all, n_all = q, d, n
+    if cross_rank:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            d_all, rank = all_gather_with_grad(d)
+            q_all, _ = all_gather_with_grad(q)
+            if n is not None:
+                n_all, _ = all_gather_with_grad(n)
+            offset = rank * q.shape[0]
+    cols = d_all if n_all is None else torch.cat([d_all, n_all], 0)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    loss = F.cross_entropy(q @ cols.t() / temperature, labels)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(d @ q_all.t() / temperature, labels))
+    return loss
+
+
+def pooled_info_nce_ref(
+    hidden_q, mask_q, hidden_d, mask_d, *, embed_mask_q=None, embed_mask_d=None,
+    hidden_neg=None, mask_neg=None, embed_mask_neg=None, temperature=0.05, pooling="mean",
+    symmetric=False, cross_rank=False, cu_seqlens_q=None, cu_seqlens_d=None, cu_seqlens_neg=None,
+):
+    """pool -> normalise -> similarity -> cross-entropy, the composition of the two references."""
+    f32 = torch.float32 if hidden_q.dtype != torch.float64 else torch.float64
+    eq = pool_ref(hidden_q, mask_q, embed_mask_q, pooling, cu_seqlens=cu_seqlens_q, out_dtype=f32)
+    ed = pool_ref(hidden_d, mask_d, embed_mask_d, pooling, cu_seqlens=cu_seqlens_d, out_dtype=f32)
+    en = None
+    if hidden_neg is not None:
+        en = pool_ref(hidden_neg, mask_neg, embed_mask_neg, pooling, cu_seqlens=cu_seqlens_neg, out_dtype=f32)
+    return info_nce_ref(eq, ed, en, temperature=temperature, symmetric=symmetric, cross_rank=cross_rank)

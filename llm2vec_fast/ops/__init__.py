@@ -1,0 +1,1 @@
+"""Public ops: autograd functions and backend dispatch (``backend="auto"|"torch"|"triton"|"cuda"``)."""

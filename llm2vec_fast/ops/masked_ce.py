@@ -1,0 +1,111 @@
+"""Masked next-token cross-entropy fused with the LM head (the MNTP loss without logits).
+
+Shapes: ``B`` batch, ``T`` tokens, ``N`` labelled rows after the shift, ``C`` hidden
+size, ``V`` vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_choice, check_same, check_tensor
+from ..kernels import reference as ref
+from ._dispatch import resolve_backend, warn_once
+
+
+def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss):
+    check_tensor("hidden", hidden, ndims=(2, 3), float_=True)
+    check_tensor("weight", weight, ndims=2, float_=True)
+    check_same("hidden", hidden, "weight", weight)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected shape (V, {hidden.shape[-1]}) (C = hidden's last dim), got {tuple(weight.shape)}")
+    check_tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels: expected an int64 or int32 tensor, got {labels.dtype}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(hidden.shape[:-1])} (hidden without C), got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels: expected device {hidden.device}, got {labels.device}")
+    if bias is not None:
+        check_tensor("bias", bias, ndims=1, float_=True)
+        check_same("weight", weight, "bias", bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},) (V), got {tuple(bias.shape)}")
+    T = hidden.shape[-2] if hidden.dim() == 3 else hidden.shape[0]
+    if not isinstance(shift, int) or shift < 0 or (shift >= T and T > 0):
+        raise ValueError(f"shift: expected an int in [0, {max(T - 1, 0)}] (tokens per sequence {T}), got {shift!r}")
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap: expected a float > 0 or None, got {softcap!r}")
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss: expected a float >= 0, got {z_loss!r}")
+
+
+def _check_label_range(labels, V, ignore_index):
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"labels: expected values in [0, {V}) or ignore_index={ignore_index}, found {first}")
+
+
+def masked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shift: int = 1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_accuracy: bool = False,
+    backend: str = "auto",
+):
+    """Cross-entropy of ``hidden @ weight.T + bias`` on labelled rows only, without full logits.
+
+    Args:
+        hidden: ``(B, T, C)`` or ``(N, C)``, fp16 / bf16 / fp32 (fp64 on the torch backend).
+        weight: ``(V, C)``, hidden's dtype and device (the LM head).
+        labels: ``(B, T)`` or ``(N,)`` int64/int32; ``ignore_index`` marks unlabelled tokens.
+        bias: optional ``(V,)``.
+        shift: the label at position t is predicted from the hidden state at ``t - shift``
+            (1 = MNTP / causal LM; 0 = same position). Applied per sequence for 3-d input.
+        reduction: ``"mean"`` over labelled rows, ``"sum"``, or ``"none"`` (a loss per
+            shifted label position, 0 where ignored).
+        softcap: final-logit softcap ``c * tanh(z / c)`` (Gemma2).
+        label_smoothing: as in ``F.cross_entropy``.
+        z_loss: adds ``z_loss * logsumexp(z)**2`` per row.
+        return_accuracy: also return the argmax accuracy over labelled rows (0-d fp32).
+        backend: ``"auto"``, ``"torch"`` (the chunked reference) or ``"triton"``.
+
+    Returns:
+        The loss (fp32), and the accuracy when asked. Every label ignored gives a loss of 0
+        and zero gradients, never NaN.
+
+    Synchronisation: gathering the labelled rows (``torch.nonzero``) syncs once because
+    every later shape depends on their number; the label range check syncs once more.
+
+    Raises ``ValueError`` for bad ranks / shapes / dtypes and labels outside ``[0, V)``
+    other than ``ignore_index``.
+    """
+    _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss)
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    be = resolve_backend("masked_linear_cross_entropy", backend, hidden)
+    if be == "triton":
+        try:
+            from ..kernels.triton import masked_ce as tk
+        except ImportError as e:  # pragma: no cover
+            warn_once("mce-import", f"masked_linear_cross_entropy: Triton kernel unavailable ({e}); using the reference")
+            tk = None
+        if tk is not None and hidden.dtype != torch.float64:
+            return tk.masked_linear_cross_entropy_triton(
+                hidden, weight, labels, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
+                softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
+            )
+    return ref.masked_linear_cross_entropy_ref(
+        hidden, weight, labels, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
+        softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
+    )
