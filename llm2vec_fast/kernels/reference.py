@@ -341,13 +341,14 @@ def masked_linear_cross_entropy_ref(
         h_sel, weight, bias, y_sel, softcap or 0.0, float(label_smoothing), float(z_loss),
         chunk_rows, chunk_vocab, cdt,
     )
-    per_row = per_row.float()
+    out_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    per_row = per_row.to(out_dt)
     if reduction == "mean":
         loss = per_row.sum() / n
     elif reduction == "sum":
         loss = per_row.sum()
     else:
-        full = torch.zeros(shape.numel(), device=hidden.device, dtype=torch.float32)
+        full = torch.zeros(shape.numel(), device=hidden.device, dtype=out_dt)
         loss = full.index_put((index,), per_row).reshape(shape)
     if return_accuracy:
         return loss, correct.float().mean()
