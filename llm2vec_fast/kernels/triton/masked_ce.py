@@ -1,0 +1,429 @@
+"""Masked linear cross-entropy (the MNTP loss) in Triton, without ever holding ``[N, V]`` logits.
+
+Shape letters: ``B`` batch, ``T`` tokens per sequence, ``N`` labelled rows after the shift,
+``C`` hidden size, ``V`` vocabulary, ``S`` vocabulary splits of the forward, ``Vc`` the
+vocabulary chunk of the backward.
+
+Design (why it is built this way):
+
+* Gather first. ``reference.select_labelled_rows`` applies the shift and keeps only rows
+  that carry a label, so every GEMM below scales with labelled tokens (~20% for MNTP).
+  ``torch.nonzero`` inside it is the op's one host synchronisation: ``N`` decides every
+  later shape. Nothing else here syncs (no ``.item()``, no data-dependent Python branch).
+* Forward: ``_mce_fwd_kernel`` is a tiled GEMM ``h @ w.T`` (fp32 accumulator, ``tl.dot``)
+  whose epilogue never stores logits: per row it keeps an online log-sum-exp (running max
+  and rescaled sum of exponentials), the target logit, the sum of logits (label smoothing)
+  and the running argmax (accuracy). The grid is (row blocks, ``S`` vocabulary splits);
+  each program walks its split's vocabulary blocks, so the partial statistics are ``[S, N]``
+  (``S`` <= 64), not ``[N, V / BLOCK_N]``. A few PyTorch ops combine the splits. The
+  splits are cut in multiples of 256 columns, independent of the autotuned ``BLOCK_N``, so
+  every configuration writes every partial and autotuning cannot leave stale entries.
+* Backward: chunked over the vocabulary in the launcher. For each chunk ``[v0, v0 + Vc)``
+  ``_mce_bwd_kernel`` recomputes the logits tile by tile with the same GEMM and turns them
+  into ``d logits`` in registers (softmax, smoothing, z-loss, softcap derivative), storing
+  them once in the input dtype into a ``[N, Vc]`` buffer (``N * Vc`` is capped by
+  ``MAX_CHUNK_ELEMS``: bounded memory, never ``[N, V]``). The two big GEMMs then run on
+  cuBLAS: ``dW[v0:v0+Vc] = dZ.T @ h`` (each chunk owns its rows of ``dW``: no cross-chunk
+  accumulation, deterministic) and ``dH += dZ @ W[v0:v0+Vc]`` into an fp32 accumulator
+  (``N x C``, small). ``db`` is a column sum of the same buffer. Computing ``dZ`` once
+  and reusing it for ``dH``, ``dW`` and ``db`` costs 4 GEMMs of ``N x C x V`` per step
+  (forward, recompute, dH, dW); weights that need no gradient (a frozen LM head under
+  LoRA) skip the dW GEMM.
+* Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee"`` so
+  the CPU interpreter and the GPU agree with the fp32 oracle. bf16 ``tl.dot`` is wrong in
+  the interpreter, so bf16 is tested on the GPU only.
+* Configs: on CUDA the kernels are autotuned over ``FWD_CONFIGS`` / ``BWD_CONFIGS``
+  (H100-oriented, wgmma-sized tiles; the compile test compiles exactly these lists for
+  sm_90 and sm_80). Without a CUDA device (``TRITON_INTERPRET=1``) a fixed small config
+  is launched because the autotuner needs an active driver.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference as ref
+
+# Splits are cut in multiples of this many columns, a multiple of every BLOCK_N below.
+SPLIT_ALIGN = 256
+MAX_SPLITS = 64
+# The backward's dZ buffer holds at most this many elements (32 MB in bf16).
+MAX_CHUNK_ELEMS = 1 << 24
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+# 128x128x64 with 8 warps: two warpgroups each own 64 rows of the accumulator for wgmma;
+# 4 stages x (128 + 128) x 64 x 2 B = 128 KB smem fits H100 (227 KB) and A100 (163 KB).
+# 128x256x64 in 3 stages = 144 KB. The forward epilogue keeps a few [BLOCK_M, BLOCK_N]
+# fp32 temporaries alive, so its widest tile stays at 128x128 to avoid register spills.
+FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+]
+BWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+]
+# Interpreter (no CUDA device): every tl.dot dimension >= 16, small enough to be quick.
+INTERPRET_CONFIG = _cfg(64, 128, 64, 4, 1)
+
+
+def _triton_configs(cfgs):
+    return [
+        triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        for c in cfgs
+    ]
+
+
+@triton.jit
+def _tile_logits(
+    H, W, Bias, rows, cols, row_ok, col_ok, C, stride_h, stride_w, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """fp32 logits of one [BLOCK_M, BLOCK_N] tile (bias and softcap applied) and tanh(z/cap)."""
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = H + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]
+    # W is loaded directly as a [BLOCK_K, BLOCK_N] tile (no tl.trans): the same wgmma on the
+    # GPU, and a contiguous array for numpy's BLAS in the interpreter (10x faster there).
+    w_ptrs = W + cols.to(tl.int64)[None, :] * stride_w + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, C, BLOCK_K):
+        if EVEN_K:
+            h = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = (k + ks) < C
+            h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    t = acc
+    if HAS_SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 when exp over/underflows.
+        t = 1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0)
+        acc = softcap * t
+    return acc, t
+
+
+@triton.jit
+def _mce_fwd_kernel(
+    H, W, Bias, Y, Stats, Arg,
+    N, V, C, stride_h, stride_w, split_cols, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """Partial per-row statistics over one vocabulary split.
+
+    Stats ``(5, S, N)`` fp32: running max, sum of exp(z - max), target logit, sum of
+    logits, best logit; Arg ``(S, N)`` int32 argmax column. Program (m, s) covers rows
+    ``[m * BLOCK_M, ...)`` and columns ``[s * split_cols, (s + 1) * split_cols) & [0, V)``.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    S = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    y = tl.load(Y + rows, mask=row_ok, other=-1)
+    c0 = pid_s * split_cols
+    c1 = tl.minimum(c0 + split_cols, V)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_M,), tl.float32)
+    zy = tl.zeros((BLOCK_M,), tl.float32)
+    zsum = tl.zeros((BLOCK_M,), tl.float32)
+    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    arg = tl.zeros((BLOCK_M,), tl.int32)
+    for n0 in range(c0, c1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < c1
+        z, _t = _tile_logits(
+            H, W, Bias, rows, cols, row_ok, col_ok, C, stride_h, stride_w, softcap,
+            HAS_BIAS, HAS_SOFTCAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+        )
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        blk_max = tl.max(z, axis=1)
+        # Every block has >= 1 valid column, so m_new is finite and exp(m_i - m_new) is 0
+        # on the first block (m_i = -inf), never NaN.
+        m_new = tl.maximum(m_i, blk_max)
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        if HAS_SMOOTH:
+            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+        blk_arg = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int32) + n0
+        # Strict '>' keeps the earliest column on ties, as torch.argmax does.
+        upd = blk_max > best
+        best = tl.where(upd, blk_max, best)
+        arg = tl.where(upd, blk_arg, arg)
+    off = pid_s * N + rows
+    plane = S * N
+    tl.store(Stats + off, m_i, mask=row_ok)
+    tl.store(Stats + plane + off, s_i, mask=row_ok)
+    tl.store(Stats + 2 * plane + off, zy, mask=row_ok)
+    tl.store(Stats + 3 * plane + off, zsum, mask=row_ok)
+    tl.store(Stats + 4 * plane + off, best, mask=row_ok)
+    tl.store(Arg + off, arg, mask=row_ok)
+
+
+@triton.jit
+def _mce_bwd_kernel(
+    H, W, Bias, Y, Lse, G, DZ,
+    N, V, C, v0, v1, stride_h, stride_w, stride_dz, softcap, smoothing, z_loss,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """d loss / d logits for columns ``[v0, v1)`` into DZ ``(N, v1 - v0)`` (row stride stride_dz).
+
+    dz = g * [softmax(z) * (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V], times the
+    softcap derivative 1 - tanh(z_raw / cap)^2 when a softcap is set.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    cols = v0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < v1
+    z, t = _tile_logits(
+        H, W, Bias, rows, cols, row_ok, col_ok, C, stride_h, stride_w, softcap,
+        HAS_BIAS, HAS_SOFTCAP, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+    )
+    y = tl.load(Y + rows, mask=row_ok, other=-1)
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    g = tl.load(G + rows, mask=row_ok, other=0.0)
+    coef = g * (1.0 + 2.0 * z_loss * lse)
+    p = tl.exp(z - lse[:, None])
+    dz = p * coef[:, None] - (smoothing / V) * g[:, None]
+    dz -= tl.where(cols[None, :] == y[:, None], (1.0 - smoothing) * g[:, None], 0.0)
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    out = DZ + rows.to(tl.int64)[:, None] * stride_dz + (cols - v0)[None, :]
+    tl.store(out, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+_fwd_tuned = triton.autotune(configs=_triton_configs(FWD_CONFIGS), key=["C", "V", "HAS_BIAS", "HAS_SOFTCAP", "HAS_SMOOTH"])(_mce_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["C", "V", "HAS_BIAS", "HAS_SOFTCAP"])(_mce_bwd_kernel)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _choose_splits(N: int, V: int, device) -> tuple[int, int]:
+    """(splits, columns per split): enough programs to fill the GPU in near-whole waves.
+
+    Each forward program is long (it walks a whole split), so a last wave that is mostly
+    empty costs a lot: pick the smallest split count whose programs fill >= 90% of their
+    waves. Row blocks are counted at 128 rows, the tile of the main configs.
+    """
+    sms = _num_sms(device)
+    row_blocks = max(1, triton.cdiv(N, 128))
+    max_s = max(1, min(MAX_SPLITS, triton.cdiv(V, SPLIT_ALIGN)))
+    best = 1
+    for s in range(1, max_s + 1):
+        progs = row_blocks * s
+        waves = triton.cdiv(progs, sms)
+        best = s
+        if progs >= sms and progs / (waves * sms) >= 0.9:
+            break
+    split_cols = triton.cdiv(triton.cdiv(V, best), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(V, split_cols), split_cols
+
+
+def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
+    """Per-row loss, lse and correctness of labelled rows.
+
+    h ``(N, C)`` fp16/bf16/fp32 contiguous; w ``(V, C)`` same dtype contiguous; b ``(V,)``
+    or None; y ``(N,)`` int32 in ``[0, V)``. Returns ``loss (N,) fp32, lse (N,) fp32,
+    correct (N,) bool``. No host synchronisation.
+    """
+    N, C = h.shape
+    V = w.shape[0]
+    S, split_cols = _choose_splits(N, V, h.device)
+    stats = torch.empty((5, S, N), device=h.device, dtype=torch.float32)
+    arg = torch.empty((S, N), device=h.device, dtype=torch.int32)
+    common = dict(
+        HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), IEEE=h.dtype == torch.float32,
+    )
+    args = (h, w, b if b is not None else h, y, stats, arg, N, V, C, h.stride(0), w.stride(0), split_cols, float(softcap or 1.0))
+    if h.is_cuda:
+        _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), S)](*args, EVEN_K=C % 64 == 0, **common)
+    else:
+        cfg = INTERPRET_CONFIG
+        _mce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), S)](
+            *args, EVEN_K=C % cfg["BLOCK_K"] == 0, **common, **cfg
+        )
+    m, s, zy, zsum, best = stats.unbind(0)
+    lse = torch.logsumexp(m + torch.log(s), dim=0)
+    zy = zy.sum(0)
+    loss = (lse - zy) * (1.0 - label_smoothing)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - zsum.sum(0) / V)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    # torch.argmax returns the first maximum: the earliest split wins ties, as in one pass.
+    pick = best.argmax(0, keepdim=True)
+    correct = arg.gather(0, pick).squeeze(0) == y
+    return loss, lse, correct
+
+
+_MM_OUT_DTYPE: dict = {}
+
+
+def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, keeping the product in fp32 when cuBLAS can (``mm(out_dtype=)``)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    key = (a.device.type, a.dtype)
+    if _MM_OUT_DTYPE.get(key, True):
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    acc += torch.mm(a, b).float()
+
+
+def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
+    """Gradients of ``sum(g * loss)`` w.r.t. h ``(N, C)``, w ``(V, C)`` and b ``(V,)``.
+
+    g ``(N,)`` fp32 per-row upstream gradient; lse ``(N,)`` fp32 from the forward. Returns
+    ``dh, dw, db`` in the inputs' dtypes (None where not needed). Memory beyond the
+    outputs: a ``(N, Vc)`` dZ buffer with ``N * Vc <= max(MAX_CHUNK_ELEMS, N * 256)`` and
+    an fp32 ``(N, C)`` accumulator. No host synchronisation.
+    """
+    N, C = h.shape
+    V = w.shape[0]
+    dev = h.device
+    vc = max(SPLIT_ALIGN, (MAX_CHUNK_ELEMS // max(N, 1)) // SPLIT_ALIGN * SPLIT_ALIGN)
+    vc = min(vc, triton.cdiv(V, SPLIT_ALIGN) * SPLIT_ALIGN)
+    dz_buf = torch.empty((N, vc), device=dev, dtype=h.dtype)
+    dh = torch.zeros((N, C), device=dev, dtype=torch.float32) if need_h else None
+    dw = torch.empty((V, C), device=dev, dtype=w.dtype) if need_w else None
+    db = torch.empty((V,), device=dev, dtype=torch.float32) if need_b else None
+    common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), IEEE=h.dtype == torch.float32)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        width = v1 - v0
+        dz = dz_buf[:, :width]
+        args = (
+            h, w, b if b is not None else h, y, lse, g, dz, N, V, C, v0, v1, h.stride(0), w.stride(0), dz_buf.stride(0),
+            float(softcap or 1.0), float(label_smoothing), float(z_loss),
+        )
+        if h.is_cuda:
+            _bwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))](
+                *args, EVEN_K=C % 64 == 0, **common
+            )
+        else:
+            cfg = INTERPRET_CONFIG
+            _mce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))](
+                *args, EVEN_K=C % cfg["BLOCK_K"] == 0, **common, **cfg
+            )
+        if need_h:
+            _mm_into_fp32(dh, dz, w[v0:v1])
+        if need_w:
+            torch.mm(dz.t(), h, out=dw[v0:v1])
+        if need_b:
+            db[v0:v1] = dz.sum(0, dtype=torch.float32)
+    return (
+        dh.to(h.dtype) if need_h else None,
+        dw,
+        db.to(b.dtype) if need_b else None,
+    )
+
+
+class MaskedLinearCEFunction(torch.autograd.Function):
+    """Per-row masked linear cross-entropy over gathered rows (Triton forward and backward).
+
+    forward(h (N, C), w (V, C), b (V,) or None, y (N,) int32, softcap, label_smoothing,
+    z_loss) -> (loss (N,) fp32, correct (N,) bool, not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss):
+        loss, lse, correct = masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss)
+        ctx.save_for_backward(h, w, b, y, lse)
+        ctx.cfg = (softcap, label_smoothing, z_loss)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, g, _gc):
+        h, w, b, y, lse = ctx.saved_tensors
+        softcap, eps, zl = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and b is not None
+        if not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None
+        dh, dw, db = masked_ce_backward(
+            h, w, b, y, lse, g.float().contiguous(), softcap, eps, zl, need_h, need_w, need_b,
+        )
+        return dh, dw, db, None, None, None, None
+
+
+def masked_linear_cross_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shift: int = 1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_accuracy: bool = False,
+):
+    """Triton masked linear cross-entropy; the contract of ``reference.masked_linear_cross_entropy_ref``.
+
+    hidden ``(B, T, C)`` or ``(T, C)`` fp16 / bf16 / fp32; weight ``(V, C)`` same dtype;
+    labels ``(B, T)`` / ``(T,)`` int64 or int32 with ``ignore_index`` on unlabelled tokens;
+    bias ``(V,)`` or None. Returns the fp32 loss (0-d for ``mean`` / ``sum``, the shifted
+    label shape for ``none``) and, with ``return_accuracy``, the 0-d fp32 argmax accuracy
+    over labelled rows. Inputs are validated by ``ops.masked_linear_cross_entropy``.
+
+    Synchronisation: one, in ``select_labelled_rows`` (``torch.nonzero``: the number of
+    labelled rows sets every later shape). Kernels, the split combine, the reductions and
+    the backward launch without further host syncs.
+    """
+    h_sel, y_sel, index, shape = ref.select_labelled_rows(hidden, labels, shift, ignore_index)
+    n = h_sel.shape[0]
+    if n == 0:
+        # Keep the graph connected so backward gives exact zeros, never NaN.
+        zero = ((hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0)) * 0.0).float()
+        loss = zero + torch.zeros(shape, device=hidden.device, dtype=torch.float32) if reduction == "none" else zero
+        acc = torch.zeros((), device=hidden.device)
+        return (loss, acc) if return_accuracy else loss
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    per_row, correct = MaskedLinearCEFunction.apply(
+        h_sel.contiguous(), w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss)
+    )
+    if reduction == "mean":
+        loss = per_row.sum() / n
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        full = torch.zeros(shape.numel(), device=hidden.device, dtype=torch.float32)
+        loss = full.index_put((index,), per_row).reshape(shape)
+    if return_accuracy:
+        return loss, correct.float().mean()
+    return loss
