@@ -218,6 +218,11 @@ _fwd_tuned = triton.autotune(configs=_triton_configs(FWD_CONFIGS), key=["C", "V"
 _bwd_tuned = triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["C", "V", "HAS_BIAS", "HAS_SOFTCAP"])(_mce_bwd_kernel)
 
 
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Uninitialised buffer for a kernel to fill (tests replace this to poison it with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -255,8 +260,8 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
     N, C = h.shape
     V = w.shape[0]
     S, split_cols = _choose_splits(N, V, h.device)
-    stats = torch.empty((5, S, N), device=h.device, dtype=torch.float32)
-    arg = torch.empty((S, N), device=h.device, dtype=torch.int32)
+    stats = _alloc((5, S, N), torch.float32, h.device)
+    arg = _alloc((S, N), torch.int32, h.device)
     common = dict(
         HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), IEEE=h.dtype == torch.float32,
     )
@@ -314,10 +319,10 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
     dev = h.device
     vc = max(SPLIT_ALIGN, (MAX_CHUNK_ELEMS // max(N, 1)) // SPLIT_ALIGN * SPLIT_ALIGN)
     vc = min(vc, triton.cdiv(V, SPLIT_ALIGN) * SPLIT_ALIGN)
-    dz_buf = torch.empty((N, vc), device=dev, dtype=h.dtype)
+    dz_buf = _alloc((N, vc), h.dtype, dev)
     dh = torch.zeros((N, C), device=dev, dtype=torch.float32) if need_h else None
-    dw = torch.empty((V, C), device=dev, dtype=w.dtype) if need_w else None
-    db = torch.empty((V,), device=dev, dtype=torch.float32) if need_b else None
+    dw = _alloc((V, C), w.dtype, dev) if need_w else None
+    db = _alloc((V,), torch.float32, dev) if need_b else None
     common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), IEEE=h.dtype == torch.float32)
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)

@@ -1,0 +1,190 @@
+"""Triton masked linear cross-entropy against F.cross_entropy on full fp64 logits.
+
+Runs the kernels under the Triton interpreter on the CPU (fp32, fp16; bf16 tl.dot is wrong
+there, see test_masked_ce_gpu.py) and the compiled kernels when a GPU is present. Every
+kernel output buffer is poisoned (NaN / -7) before launch, the backward is forced through
+several vocabulary chunks, and the budget is STYLE.md's rule against the reference run in
+the input dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm2vec_fast as L
+from helpers import assert_close_rule
+from llm2vec_fast.kernels.reference import masked_linear_cross_entropy_ref
+
+mce = pytest.importorskip("llm2vec_fast.kernels.triton.masked_ce")
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    def alloc(shape, dtype, device):
+        t = torch.empty(shape, device=device, dtype=dtype)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-7)
+
+    monkeypatch.setattr(mce, "_alloc", alloc)
+
+
+def _oracle(hidden, weight, labels, bias, shift, softcap, label_smoothing, z_loss):
+    """Per-position loss (shifted label shape, 0 where ignored), accuracy count, near-tie count, fp64."""
+    h = hidden.double()
+    if shift:
+        h = h[:, :-shift] if h.dim() == 3 else h[:-shift]
+        labels = labels[:, shift:] if labels.dim() == 2 else labels[shift:]
+    z = h.reshape(-1, h.shape[-1]) @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    y = labels.reshape(-1)
+    loss = F.cross_entropy(z, y, ignore_index=-100, label_smoothing=label_smoothing, reduction="none")
+    keep = y != -100
+    if z_loss:
+        loss = loss + torch.where(keep, z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    zk, yk = z[keep], y[keep]
+    correct = int((zk.argmax(-1) == yk).sum()) if keep.any() else 0
+    near = 0
+    if keep.any() and z.shape[1] > 1:
+        top2 = zk.topk(2, dim=-1).values
+        near = int(((top2[:, 0] - top2[:, 1]) < 1e-3).sum())
+    return loss.reshape(labels.shape), correct, near, int(keep.sum())
+
+
+def _make(shape, C, V, dtype, device, frac_ignored, use_bias, shift=1):
+    hidden = torch.randn(*shape, C, device=device).to(dtype)
+    # 1/sqrt(C) keeps logits O(1..3): a softmax that is neither uniform nor one-hot.
+    weight = (torch.randn(V, C, device=device) * (2.0 / C**0.5)).to(dtype)
+    bias = torch.randn(V, device=device).to(dtype) if use_bias else None
+    labels = torch.randint(0, V, shape, device=device)
+    # Make part of the labels the argmax so the accuracy is neither 0 nor 1.
+    z = hidden.double().reshape(-1, C) @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    # the label at t is predicted from position t - shift
+    am = torch.roll(z.argmax(-1).reshape(shape), shift, dims=len(shape) - 1)
+    labels = torch.where(torch.rand(shape, device=device) < 0.4, am, labels)
+    labels[torch.rand(shape, device=device) < frac_ignored] = -100
+    return hidden, weight, bias, labels
+
+
+CASES = [
+    # shape, C, V, shift, softcap, bias, smoothing, z_loss, frac_ignored
+    pytest.param((1,), 64, 123, 0, None, False, 0.0, 0.0, 0.0, id="N1"),
+    pytest.param((2, 151), 96, 1000, 1, 30.0, True, 0.1, 0.0, 0.5, id="3d-shift1-softcap-bias-smooth"),
+    pytest.param((300,), 64, 1000, 0, None, False, 0.0, 0.0, 0.0, id="N300-none-ignored"),
+    pytest.param((3, 41), 96, 123, 1, None, True, 0.2, 1e-3, 0.3, id="zloss-smooth-bias"),
+    pytest.param((5, 17), 64, 123, 1, 5.0, False, 0.0, 0.0, 0.6, id="strong-softcap"),
+    pytest.param((97,), 96, 1000, 1, 15.0, True, 0.0, 1e-4, 0.8, id="2d-shift1-sparse"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape,C,V,shift,softcap,use_bias,smoothing,z_loss,frac", CASES)
+def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, softcap, use_bias, smoothing, z_loss, frac):
+    hidden, weight, bias, labels = _make(shape, C, V, dtype, device, frac, use_bias, shift)
+    # Even-indexed cases run the backward in 256-column vocabulary chunks (several launches,
+    # a partial last chunk), the others in one chunk.
+    if V == 1000 and shift == 1:
+        monkeypatch.setattr(mce, "MAX_CHUNK_ELEMS", 1)
+    kw = dict(shift=shift, softcap=softcap, label_smoothing=smoothing, z_loss=z_loss)
+
+    with torch.no_grad():
+        want, correct, near, n = _oracle(hidden, weight, labels, bias, **kw)
+    params = [hidden, weight] + ([bias] if use_bias else [])
+    g_up = torch.rand(want.shape, device=device, dtype=torch.float64) + 0.5
+
+    def run(fn, tensors, **extra):
+        ts = [t.detach().clone().requires_grad_() for t in tensors]
+        b = ts[2] if use_bias else None
+        loss = fn(ts[0], ts[1], labels, b, reduction="none", **kw, **extra)
+        (loss.double() * g_up).sum().backward()
+        return loss.detach(), [t.grad for t in ts]
+
+    fast, fast_g = run(mce.masked_linear_cross_entropy_triton, params)
+    ref_native, ref_g = run(masked_linear_cross_entropy_ref, params, upcast=False)
+    # Gradient oracle: autograd through the full fp64 logits and F.cross_entropy.
+    oracle_t = [t.detach().double().requires_grad_() for t in params]
+    o_loss, _, _, _ = _oracle(oracle_t[0], oracle_t[1], labels, oracle_t[2] if use_bias else None, **kw)
+    (o_loss * g_up).sum().backward()
+    oracle_g = [t.grad for t in oracle_t]
+
+    assert fast.shape == want.shape and fast.dtype == torch.float32
+    assert_close_rule(fast, want, ref_native, atol=1e-5, name="loss")
+    for name, a, r, o in zip(["d hidden", "d weight", "d bias"], fast_g, ref_g, oracle_g):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert_close_rule(a, o, r, factor=3.0, atol=1e-5, name=name)
+
+    # mean reduction and accuracy through the same kernels
+    loss, acc = mce.masked_linear_cross_entropy_triton(hidden, weight, labels, bias, return_accuracy=True, **kw)
+    assert_close_rule(loss, want.sum() / n, ref_native.sum() / n, atol=1e-5, name="mean loss")
+    assert acc.dtype == torch.float32 and acc.shape == ()
+    assert abs(round(float(acc) * n) - correct) <= near, (float(acc), correct, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sum_reduction_and_public_op(device, dtype):
+    hidden, weight, bias, labels = _make((2, 33), 64, 123, dtype, device, 0.4, True)
+    with torch.no_grad():
+        want, _, _, n = _oracle(hidden, weight, labels, bias, 1, None, 0.0, 0.0)
+    ref_native = masked_linear_cross_entropy_ref(hidden, weight, labels, bias, reduction="sum", upcast=False)
+    got = L.masked_linear_cross_entropy(hidden, weight, labels, bias, reduction="sum", backend="triton")
+    assert_close_rule(got, want.sum(), ref_native, atol=1e-4, name="sum loss")
+    # int32 labels give the same answer
+    got32 = L.masked_linear_cross_entropy(hidden, weight, labels.int(), bias, reduction="sum", backend="triton")
+    assert float(got32) == pytest.approx(float(got), rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(device, reduction):
+    h = torch.randn(2, 9, 64, device=device, requires_grad=True)
+    w = torch.randn(123, 64, device=device, requires_grad=True)
+    b = torch.randn(123, device=device, requires_grad=True)
+    y = torch.full((2, 9), -100, device=device)
+    y[:, 0] = 5  # only position 0 is labelled, and shift=1 drops it
+    loss, acc = mce.masked_linear_cross_entropy_triton(h, w, y, b, reduction=reduction, return_accuracy=True)
+    assert torch.isfinite(loss).all() and float(loss.abs().sum()) == 0.0
+    assert float(acc) == 0.0
+    loss.sum().backward()
+    for t in (h, w, b):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and float(t.grad.abs().sum()) == 0.0
+
+
+def test_frozen_weight_skips_its_gradient(device):
+    hidden, weight, _, labels = _make((2, 20), 64, 123, torch.float32, device, 0.3, False)
+    h = hidden.clone().requires_grad_()
+    loss = mce.masked_linear_cross_entropy_triton(h, weight, labels)
+    loss.backward()
+    h2 = hidden.clone().requires_grad_()
+    masked_linear_cross_entropy_ref(h2, weight, labels).backward()
+    assert weight.grad is None
+    assert (h.grad - h2.grad).abs().max() < 1e-5
+
+
+def test_rows_scale_with_labelled_tokens(device, monkeypatch):
+    """Only labelled rows reach the kernels: N passed to the forward equals the labelled count."""
+    seen = []
+    real = mce.masked_ce_forward
+
+    def spy(h, *a):
+        seen.append(h.shape[0])
+        return real(h, *a)
+
+    monkeypatch.setattr(mce, "masked_ce_forward", spy)
+    hidden, weight, _, labels = _make((3, 40), 64, 123, torch.float32, device, 0.8, False)
+    mce.masked_linear_cross_entropy_triton(hidden, weight, labels)
+    assert seen == [int((labels[:, 1:] != -100).sum())]
+
+
+def test_split_choice_covers_vocab():
+    """Forward splits tile [0, V) exactly with non-empty, 256-aligned pieces."""
+    dev = torch.device("cpu")
+    for N in (1, 100, 300, 5000):
+        for V in (1, 123, 1000, 32000, 151936):
+            S, cols = mce._choose_splits(N, V, dev)
+            assert 1 <= S <= mce.MAX_SPLITS and cols % mce.SPLIT_ALIGN == 0
+            assert (S - 1) * cols < V <= S * cols
