@@ -163,6 +163,9 @@ class LLM2Vec(torch.nn.Module):
         self.config = getattr(model, "config", None)
         # How to rebuild this encoder in another process (set by from_pretrained).
         self._load_spec: dict | None = None
+        # None: character offsets when the tokenizer is a fast one (tests force False to
+        # exercise the instruction-count fallback).
+        self._use_offsets: bool | None = None
 
     # ---------------------------------------------------------------- loading / saving
 
@@ -294,13 +297,13 @@ class LLM2Vec(torch.nn.Module):
         full, instr_chars = [], []
         for instr, text in pairs:
             instr = instr.strip()
-            if instr:
+            if instr and text:  # no separating space before an empty text: it would be a text token
                 full.append(instr + " " + text)
                 instr_chars.append(len(instr))
             else:
-                full.append(text)
-                instr_chars.append(0)
-        use_offsets = bool(getattr(tok, "is_fast", False))
+                full.append(instr or text)
+                instr_chars.append(len(instr))
+        use_offsets = self._use_offsets if self._use_offsets is not None else bool(getattr(tok, "is_fast", False))
         enc = tok(
             full, add_special_tokens=True, truncation=False, padding=False,
             return_offsets_mapping=use_offsets, return_special_tokens_mask=True, return_attention_mask=False,
@@ -415,7 +418,8 @@ class LLM2Vec(torch.nn.Module):
         pos = torch.where(mask, pos, torch.zeros_like(pos))
         emb = mask & (pos >= st[:, None]) & (pos < en[:, None])
         return dict(
-            input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+            # a bool mask: what transformers and the patched model use internally (no conversion)
+            input_ids=input_ids.to(device), attention_mask=mask.to(device),
             position_ids=pos.to(device), embed_mask=emb.long().to(device),
         )
 
@@ -431,7 +435,7 @@ class LLM2Vec(torch.nn.Module):
     def _use_packed(self, device) -> bool:
         if self.packed is not None:
             return bool(self.packed)
-        return torch.device(device).type == "cuda" and bool(getattr(self._base_model(), "_llm2vec_fast_patched", False))
+        return torch.device(device).type == "cuda" and self._is_patched()
 
     def _base_model(self):
         m = self.model
@@ -535,14 +539,16 @@ class LLM2Vec(torch.nn.Module):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         packed = self._use_packed(device)
         out = None
-        with torch.inference_mode():
-            for b0 in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar):
-                idx = order[b0 : b0 + batch_size]
-                feats = self._collate([ids[i] for i in idx], [st[i] for i in idx], [en[i] for i in idx], device, packed)
+        for b0 in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar):
+            idx = order[b0 : b0 + batch_size]
+            # Built outside inference mode on purpose: the patched model caches the padding
+            # structure keyed on the mask's version counter, which inference tensors lack.
+            feats = self._collate([ids[i] for i in idx], [st[i] for i in idx], [en[i] for i in idx], device, packed)
+            with torch.inference_mode():
                 e = self.forward(feats).float().cpu()
-                if out is None:
-                    out = torch.empty(len(ids), e.shape[1], dtype=torch.float32)
-                out[torch.tensor(idx)] = e
+            if out is None:
+                out = torch.empty(len(ids), e.shape[1], dtype=torch.float32)
+            out[torch.tensor(idx)] = e
         return out
 
     def _encode_multi(self, pairs, batch_size, devices, show_progress_bar) -> torch.Tensor:
@@ -590,7 +596,8 @@ class LLM2Vec(torch.nn.Module):
         return out
 
     def _is_patched(self) -> bool:
-        return bool(getattr(self._base_model(), "_llm2vec_fast_patched", False))
+        # patch_model keeps its undo state in this attribute of the transformers model
+        return getattr(self._base_model(), "_llm2vec_fast_patch", None) is not None
 
 
 def _worker_encode(spec, device, pairs, batch_size, n_threads, show_progress_bar):
