@@ -1,0 +1,297 @@
+"""Non-causal attention benchmark: ours (Triton) against what users would pick instead.
+
+Providers (each only where it accepts the case):
+  ours          llm2vec_fast.flash_attn_noncausal(backend="triton") on (B, S, H, D), mask read by the kernel
+  ours-varlen   flash_attn_varlen_noncausal(backend="triton") on the unpadded tokens (padded cases)
+  reference     the fp32 pure-PyTorch reference (small shapes only: it materialises B*H*S*S scores)
+  sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math
+                F.scaled_dot_product_attention pinned to one backend (unpadded: no mask;
+                padded: boolean key mask, which flash and cuDNN refuse)
+  hf-sdpa       what stock transformers does with a padded batch: K/V repeated for GQA, an
+                expanded (B, 1, S, S) boolean mask, SDPA picks its backend
+  flex          FlexAttention (torch.compile'd) with a padding block mask
+  flash-attn    flash_attn_func / flash_attn_varlen_func when importable
+
+Modes: fwd (no grad), bwd (backward of a retained graph), full (forward + backward).
+TFLOP/s counts valid tokens only: forward 4 * sum(s_i^2) * H * D, backward 2.5x, full 3.5x.
+Rows go to benchmarks/results/attention.jsonl with device, versions and git sha.
+
+    python benchmarks/bench_attention.py --device cuda --preset gpu-quick
+    python benchmarks/bench_attention.py --device cpu --preset cpu
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_rows, bench  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------
+
+
+def _case(name, B, S, H, Hkv, D, lengths=None):
+    return dict(name=name, B=B, S=S, H=H, Hkv=Hkv, D=D, lengths=lengths)
+
+
+def _padded_lengths(B, S, gen):
+    # LLM2Vec-like batches: lengths uniform in [0.3, 1] x S_max, the longest exactly S_max.
+    lens = (torch.rand(B, generator=gen) * 0.7 + 0.3) * S
+    lens = lens.long().clamp(1, S)
+    lens[0] = S
+    return lens.tolist()
+
+
+def cases_for(preset: str):
+    gen = torch.Generator().manual_seed(0)
+    if preset == "cpu":
+        return [
+            _case("unpadded", 2, 128, 4, 4, 64),
+            _case("unpadded", 1, 256, 4, 4, 64),
+            _case("padded", 4, 128, 4, 4, 64, _padded_lengths(4, 128, gen)),
+            _case("gqa", 2, 128, 8, 2, 64),
+        ]
+    if preset == "gpu-quick":
+        return [
+            _case("unpadded", 4, 4096, 32, 32, 128),
+            _case("unpadded", 2, 8192, 32, 32, 128),
+            _case("unpadded", 4, 4096, 32, 32, 64),
+            _case("unpadded", 2, 8192, 32, 32, 64),
+            _case("padded", 16, 2048, 32, 8, 128, _padded_lengths(16, 2048, gen)),
+            _case("gqa", 4, 4096, 32, 8, 128),
+        ]
+    out = []
+    for D in (128, 64):
+        for S in (512, 1024, 2048, 4096, 8192, 16384):
+            out.append(_case("unpadded", max(1, 16384 // S), S, 32, 32, D))
+    for S in (512, 2048, 4096):
+        B = max(2, 32768 // S)
+        out.append(_case("padded", B, S, 32, 8, 128, _padded_lengths(B, S, gen)))
+        out.append(_case("padded", B, S, 32, 32, 64, _padded_lengths(B, S, gen)))
+    for S in (2048, 8192):
+        out.append(_case("gqa", max(1, 16384 // S), S, 32, 8, 128))
+    return out
+
+
+def default_providers(case, device: str):
+    if device == "cpu":
+        return ["reference", "sdpa-math"]
+    p = ["ours"]
+    if case["lengths"] is not None:
+        p += ["ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
+    else:
+        p += ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+        if case["name"] == "gqa":
+            p += ["hf-sdpa"]
+    p += ["flash-attn", "reference"]
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Providers: each returns a closure computing the output (B, S, H, D) or (T, H, D)
+# --------------------------------------------------------------------------------------
+
+
+def _sdpa_backend(name):
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-math": SDPBackend.MATH,
+    }[name]
+
+
+def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
+    """A closure computing attention for ``case`` with provider ``name`` (None: not applicable)."""
+    B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
+    scale = 1.0 / math.sqrt(D)
+    padded = case["lengths"] is not None
+    if name == "ours":
+        from llm2vec_fast.ops.attention import flash_attn_noncausal
+
+        return lambda: flash_attn_noncausal(q, k, v, mask, backend="triton")
+    if name == "ours-varlen":
+        from llm2vec_fast.ops.attention import flash_attn_varlen_noncausal
+
+        if not padded:
+            return None
+        qu, ku, vu = (t.reshape(B * S, -1, D)[unpad_idx].detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        mx = max(case["lengths"])
+        return lambda: flash_attn_varlen_noncausal(qu, ku, vu, cu, cu, mx, mx, backend="triton", _check_values=False)
+    if name == "reference":
+        from llm2vec_fast.kernels.reference import attention_padded_ref
+
+        if q.is_cuda and B * H * S * S * 4 * 3 > 6 * 2**30:
+            return None
+        return lambda: attention_padded_ref(q, k, v, mask, scale, upcast=True)
+    if name.startswith("sdpa-"):
+        from torch.nn.attention import sdpa_kernel
+
+        be = _sdpa_backend(name)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        if name == "sdpa-math" and q.is_cuda and B * H * S * S * 2 * 3 > 6 * 2**30:
+            return None
+
+        def f():
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, scale=scale, enable_gqa=H != Hkv)
+
+        return f
+    if name == "hf-sdpa":
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        attn_mask = None if mask is None else mask[:, None, None, :].expand(B, 1, S, S)
+
+        def f():
+            kr = kt.repeat_interleave(H // Hkv, dim=1) if H != Hkv else kt
+            vr = vt.repeat_interleave(H // Hkv, dim=1) if H != Hkv else vt
+            return F.scaled_dot_product_attention(qt, kr, vr, attn_mask=attn_mask, scale=scale)
+
+        return f
+    if name == "flex":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError:
+            return None
+        if not q.is_cuda:
+            return None
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        block_mask = None
+        if mask is not None:
+            lens = mask.sum(1).to(torch.int32)
+
+            def pad_mod(b, h, q_idx, kv_idx):
+                return (kv_idx < lens[b]) & (q_idx < lens[b])
+
+            block_mask = create_block_mask(pad_mod, B, None, S, S, device=q.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda: flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=H != Hkv)
+    if name == "flash-attn":
+        try:
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+        except ImportError:
+            return None
+        if padded:
+            qu, ku, vu = (t.reshape(B * S, -1, D)[unpad_idx].detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            mx = max(case["lengths"])
+            return lambda: flash_attn_varlen_func(qu, ku, vu, cu, cu, mx, mx, softmax_scale=scale, causal=False)
+        return lambda: flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+    raise ValueError(f"unknown provider {name}")
+
+
+# --------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------
+
+
+def _inputs(case, device, dtype, requires_grad):
+    B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
+    q = torch.randn(B, S, H, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(B, S, Hkv, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(B, S, Hkv, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    mask = cu = idx = None
+    if case["lengths"] is not None:
+        lens = torch.tensor(case["lengths"], device=device)
+        mask = torch.arange(S, device=device)[None, :] < lens[:, None]
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lens, 0).to(torch.int32)
+        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    return q, k, v, mask, cu, idx
+
+
+def valid_flops(case, mode):
+    lens = case["lengths"] or [case["S"]] * case["B"]
+    f = 4.0 * sum(s * s for s in lens) * case["H"] * case["D"]
+    return f * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
+
+
+def run_one(provider, case, mode, device, dtype):
+    q, k, v, mask, cu, idx = _inputs(case, device, dtype, requires_grad=mode != "fwd")
+    fn = make_provider(provider, case, q, k, v, mask, cu, idx)
+    if fn is None:
+        return None
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn()
+    elif mode == "bwd":
+        out = fn()
+        do = torch.randn_like(out)
+
+        def step():
+            out.backward(do, retain_graph=True)
+    else:
+        do = None
+
+        def step():
+            nonlocal do
+            out = fn()
+            if do is None:
+                do = torch.randn_like(out)
+            out.backward(do)
+    step()  # compile / autotune outside the timing
+    r = bench(step, device)
+    r["tflops"] = valid_flops(case, mode) / (r["ms"] * 1e-3) / 1e12
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=["cpu", "gpu-quick", "gpu-full"], default=None)
+    ap.add_argument("--modes", default="fwd,bwd,full", help="comma-separated subset of fwd,bwd,full")
+    ap.add_argument("--providers", default=None, help="comma-separated; default: every applicable one")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    ap.add_argument("--out-dir", default=None, help="where attention.jsonl is appended (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    preset = args.preset or ("cpu" if args.device == "cpu" else "gpu-quick")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    ]
+    modes = [m for m in args.modes.split(",") if m]
+    rows = []
+    t0 = time.time()
+    print(f"{'case':9s} {'B':>3s} {'S':>6s} {'H/Hkv':>6s} {'D':>4s} {'mode':5s} {'provider':15s} {'ms':>9s} {'TFLOP/s':>8s} {'MB':>8s}")
+    for case in cases_for(preset):
+        provs = args.providers.split(",") if args.providers else default_providers(case, args.device)
+        for mode in modes:
+            for p in provs:
+                try:
+                    r = run_one(p, case, mode, args.device, dtype)
+                except Exception as e:  # a provider that rejects the case is reported, not fatal
+                    msg = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+                    print(f"{case['name']:9s} {case['B']:3d} {case['S']:6d} {case['H']:>3d}/{case['Hkv']:<2d} {case['D']:4d} {mode:5s} {p:15s} unsupported: {msg}")
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                if r is None:
+                    continue
+                mem = r["peak_mem_mb"]
+                print(f"{case['name']:9s} {case['B']:3d} {case['S']:6d} {case['H']:>3d}/{case['Hkv']:<2d} {case['D']:4d} {mode:5s} {p:15s} {r['ms']:9.3f} {r['tflops']:8.1f} {'-' if mem is None else str(round(mem)):>8}")
+                rows.append(dict(
+                    bench="attention", preset=preset, case=case["name"], B=case["B"], S=case["S"], H=case["H"],
+                    Hkv=case["Hkv"], D=case["D"], valid_tokens=sum(case["lengths"] or [case["S"]] * case["B"]),
+                    dtype=str(dtype).replace("torch.", ""), mode=mode, provider=p, **r,
+                ))
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    path = append_rows("attention", rows, args.device, args.out_dir)
+    print(f"{len(rows)} rows -> {path} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,709 @@
+"""Non-causal flash attention in Triton: forward, backward, varlen and padded, GQA, softcap.
+
+Shapes: ``B`` batch, ``S`` padded length, ``T`` packed tokens (``total_q`` / ``total_k``),
+``H`` query heads, ``Hkv`` key/value heads, ``G = H // Hkv`` query heads per K/V head
+(query head ``h`` reads K/V head ``h // G``), ``D`` head dim (32, 64, 80, 96, 128, 256),
+``BLOCK_D`` the next power of two of ``D`` (80 and 96 load masked 128-wide blocks).
+
+One kernel family serves both layouts:
+
+- varlen (``IS_VARLEN``): q ``(T_q, H, D)``, k/v ``(T_k, Hkv, D)``, sequence ``b`` spans
+  rows ``cu_seqlens[b] : cu_seqlens[b+1]``; lse / delta ``(H, T_q)`` fp32.
+- padded: q ``(B, S, H, D)``, k/v ``(B, S, Hkv, D)``, an optional ``(B, S)`` key padding mask
+  read directly by the kernels (any holes), plus the per-row ``[lo, hi)`` span of valid
+  tokens so left / right padding skips whole blocks; lse / delta ``(B, H, S)`` fp32.
+
+Forward: online softmax in base 2 with fp32 running max / sum / accumulator, the
+log-sum-exp saved (natural log). Backward: a dQ kernel (which also computes
+``delta = rowsum(dO * O)``, so no separate preprocess launch) and a dK/dV kernel whose
+program owns one K/V block of one K/V head and loops over the query blocks of all ``G``
+query heads sharing it: GQA gradients are summed in registers, never through repeated K/V
+or atomics, so the backward is always deterministic (``deterministic=True`` costs nothing).
+
+Invariants: a query row with no valid key (empty sequence, fully padded row, a padded
+query position) gets output 0 and lse ``-inf``; the backward reads such an lse as ``+inf``
+so its probabilities are exactly 0 and no NaN can appear.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(q: torch.Tensor, *, softcap: float = 0.0, dropout_p: float = 0.0) -> str | None:
+    """A short reason why the Triton kernels cannot run this case, or None when they can."""
+    if dropout_p and dropout_p > 0:
+        return "dropout_p > 0"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (supported: {SUPPORTED_HEAD_DIMS})"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): exact limits +-1 when e^{2x} overflows or underflows, and no
+    # dependence on libdevice (the interpreter has none).
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Per-sequence token bases and spans: (q0, k0, q_len, k_len, lo, hi_q, hi_k).
+
+    Rows ``[0, q_len)`` are written; queries in ``[lo, hi_q)`` and keys in ``[lo, hi_k)``
+    can be valid (varlen: ``lo = 0``; padded: the span of the mask's True entries).
+    """
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        q_len = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        k_len = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+        lo = q_len * 0
+        hi_q = q_len
+        hi_k = k_len
+    else:
+        q0 = b.to(tl.int64) * 0
+        k0 = q0
+        q_len = SEQ + b * 0
+        k_len = q_len
+        if HAS_MASK:
+            lo = tl.load(RANGE + 2 * b)
+            hi_q = tl.load(RANGE + 2 * b + 1)
+        else:
+            lo = b * 0
+            hi_q = q_len
+        hi_k = hi_q
+    return q0, k0, q_len, k_len, lo, hi_q, hi_k
+
+
+@triton.jit
+def _fwd_block(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
+    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    cols = start_n + offs_n
+    if BOUNDS:
+        kvalid = cols < hi_k
+    else:
+        kvalid = cols >= 0
+    if BLOCK_D != HEAD_DIM:
+        dmask = offs_d < HEAD_DIM
+        kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt, mask=dmask[:, None] & kvalid[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+    elif BOUNDS:
+        kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt, mask=kvalid[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kvalid[:, None], other=0.0)
+    else:
+        kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+    if HAS_MASK:
+        kvalid = kvalid & (tl.load(mask_base + cols, mask=kvalid, other=0) != 0)
+    qk = tl.dot(q, kT, input_precision=DOT_PREC)
+    if HAS_SOFTCAP:
+        s = _tanh(qk * cap_in) * cap_out
+    else:
+        s = qk * qk_scale
+    if BOUNDS or HAS_MASK:
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+    # m_i starts finite (-1e30), so a row whose keys are all masked keeps alpha = 1, p = 0.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, RANGE, MASK,
+    sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_mb,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: one query block of one head."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    rmask = offs_m < q_len
+    q_base = Q + b.to(tl.int64) * stride_qb + q0 * stride_qt + h * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + k0 * stride_kt + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + k0 * stride_vt + hk * stride_vh
+    o_base = O + b.to(tl.int64) * stride_ob + q0 * stride_ot + h * stride_oh
+    l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q0
+    mask_base = MASK + b.to(tl.int64) * stride_mb
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    # Query blocks wholly outside the valid span only write zeros (padded layout).
+    if (start_m + BLOCK_M > lo) & (start_m < hi_q):
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        cap_in = sm_scale / softcap
+        cap_out = softcap * 1.4426950408889634
+        # Full key blocks first without bounds checks, then one masked tail block.
+        end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
+        for start_n in range(lo, end_full, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
+                offs_n, offs_d, qk_scale, cap_in, cap_out,
+                HEAD_DIM, BLOCK_D, False, HAS_MASK, HAS_SOFTCAP, DOT_PREC,
+            )
+        if end_full < hi_k:
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
+                offs_n, offs_d, qk_scale, cap_in, cap_out,
+                HEAD_DIM, BLOCK_D, True, HAS_MASK, HAS_SOFTCAP, DOT_PREC,
+            )
+    qvalid = (l_i > 0.0) & (offs_m >= lo) & (offs_m < hi_q)
+    if HAS_MASK:
+        qvalid = qvalid & (tl.load(mask_base + offs_m, mask=rmask, other=0) != 0)
+    l_safe = tl.where(qvalid, l_i, 1.0)
+    out = tl.where(qvalid[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(qvalid, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(l_base + offs_m, lse, mask=rmask)
+
+
+@triton.jit
+def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr, KMASK: tl.constexpr, K_AXIS: tl.constexpr):
+    """Probabilities and the softcap derivative factor from raw scores ``qk`` (fp32).
+
+    ``lse2`` is the base-2 lse with ``+inf`` for rows that have no valid key, ``K_AXIS``
+    says which axis of ``qk`` runs over keys (1: ``(M, N)``, 0: ``(N, M)``).
+    """
+    if HAS_SOFTCAP:
+        t = _tanh(qk * cap_in)
+        s = t * cap_out
+        dcap = 1.0 - t * t
+    else:
+        s = qk * qk_scale
+        dcap = s
+    if K_AXIS == 1:
+        if KMASK:
+            s = tl.where(kvalid[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+    else:
+        if KMASK:
+            s = tl.where(kvalid[:, None], s, float("-inf"))
+        p = tl.exp2(s - lse2[None, :])
+    return p, dcap
+
+
+@triton.jit
+def _load_lse2(l_ptrs, rmask):
+    lse = tl.load(l_ptrs, mask=rmask, other=float("-inf"))
+    # -inf marks a row without keys: +inf makes every probability of that row exactly 0.
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK,
+    sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh, stride_mb,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta too.
+
+    ``dS = P * (dP - delta)`` with ``dP = dO V^T``; ``dQ = scale * (dS * softcap') K``.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    rmask = offs_m < q_len
+    md = rmask[:, None] & dmask[None, :]
+    bb = b.to(tl.int64)
+    q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
+    k_base = K + bb * stride_kb + k0 * stride_kt + hk * stride_kh
+    v_base = V + bb * stride_vb + k0 * stride_vt + hk * stride_vh
+    o_base = O + bb * stride_ob + q0 * stride_ot + h * stride_oh
+    do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
+    dq_base = DQ + bb * stride_dqb + q0 * stride_dqt + h * stride_dqh
+    l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
+    mask_base = MASK + bb * stride_mb
+
+    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=md, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if (start_m + BLOCK_M > lo) & (start_m < hi_q):
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md, other=0.0)
+        lse2 = _load_lse2(LSE + l_off + offs_m, rmask)
+        qk_scale = sm_scale * 1.4426950408889634
+        cap_in = sm_scale / softcap
+        cap_out = softcap * 1.4426950408889634
+        for start_n in range(lo, hi_k, BLOCK_N):
+            cols = start_n + offs_n
+            kvalid = cols < hi_k
+            if HAS_MASK:
+                kvalid = kvalid & (tl.load(mask_base + cols, mask=kvalid, other=0) != 0)
+            kvm = dmask[:, None] & (cols < hi_k)[None, :]
+            kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt, mask=kvm, other=0.0)
+            vT = tl.load(v_base + offs_d[:, None] + cols[None, :] * stride_vt, mask=kvm, other=0.0)
+            qk = tl.dot(q, kT, input_precision=DOT_PREC)
+            p, dcap = _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, True, 1)
+            dp = tl.dot(do, vT, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * dcap
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, RANGE, MASK,
+    sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh, stride_mb,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hkv, B)``: dK, dV of one key block of one K/V head.
+
+    Loops over every query block of the ``G`` query heads that share the K/V head, so the
+    GQA sum happens in registers: ``dV = P^T dO``, ``dK = scale * (dS * softcap')^T Q``.
+    """
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
+    start_n = pid_n * BLOCK_N
+    if start_n >= k_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    nmask = offs_n < k_len
+    nd = nmask[:, None] & dmask[None, :]
+    bb = b.to(tl.int64)
+    k_base = K + bb * stride_kb + k0 * stride_kt + hk * stride_kh
+    v_base = V + bb * stride_vb + k0 * stride_vt + hk * stride_vh
+    dk_base = DK + bb * stride_dkb + k0 * stride_dkt + hk * stride_dkh
+    dv_base = DV + bb * stride_dvb + k0 * stride_dvt + hk * stride_dvh
+    mask_base = MASK + bb * stride_mb
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if (start_n + BLOCK_N > lo) & (start_n < hi_k):
+        kvalid = (offs_n >= lo) & (offs_n < hi_k)
+        if HAS_MASK:
+            kvalid = kvalid & (tl.load(mask_base + offs_n, mask=nmask, other=0) != 0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nd, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nd, other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        cap_in = sm_scale / softcap
+        cap_out = softcap * 1.4426950408889634
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
+            do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
+            l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
+            for start_m in range(lo, hi_q, BLOCK_M):
+                rows = start_m + offs_m
+                rmask = rows < hi_q
+                qm = dmask[:, None] & rmask[None, :]
+                qT = tl.load(q_base + offs_d[:, None] + rows[None, :] * stride_qt, mask=qm, other=0.0)
+                do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+                lse2 = _load_lse2(LSE + l_off + rows, rmask)
+                delta = tl.load(DELTA + l_off + rows, mask=rmask, other=0.0)
+                qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+                pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, True, 0)
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                dsT = pT * (dpT - delta[None, :])
+                if HAS_SOFTCAP:
+                    dsT = dsT * dcap
+                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
+    tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
+
+
+# --------------------------------------------------------------------------------------
+# Configurations: the autotuner's lists and the heuristic used without autotuning
+# --------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+# H100-oriented tiles per BLOCK_D (sane on A100: every entry is compiled for sm_80 too and
+# kept under its 163 KB of shared memory by tests/test_attention_compile.py). The first
+# entry is the heuristic's choice for long sequences. 128 x 128 forward tiles with 8 warps
+# keep two warpgroups on wgmma; the dK/dV kernel holds two (BLOCK_N, BLOCK_D) fp32
+# accumulators, so its key tile is the large one and its query tile the small one; BLOCK_D
+# 256 leaves room only for 64-row tiles. fp32 inputs run FMA dots ("ieee") on one small
+# tile: correct and rarely used, not tuned.
+FWD_CONFIGS = {
+    32: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
+    64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
+    128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+}
+BWD_DQ_CONFIGS = {
+    32: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    64: [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 2), _cfg(64, 64, 4, 2)],
+    128: [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 2), _cfg(64, 64, 4, 2)],
+    256: [_cfg(64, 32, 4, 2)],
+}
+BWD_DKDV_CONFIGS = {
+    32: [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)],
+    64: [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2)],
+    128: [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2)],
+    256: [_cfg(32, 64, 4, 2)],
+}
+FP32_CONFIGS = {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(32, 32, 4, 1)], 128: [_cfg(32, 32, 4, 1)], 256: [_cfg(16, 16, 4, 1)]}
+_TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS}
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _configs(kind: str, head_dim: int, fp32: bool) -> list[triton.Config]:
+    bd = _block_d(head_dim)
+    return list(FP32_CONFIGS[bd] if fp32 else _TABLES[kind][bd])
+
+
+def fwd_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
+    """Every forward configuration the autotuner may pick for this head dim and input kind."""
+    return _configs("fwd", head_dim, fp32)
+
+
+def bwd_dq_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
+    """Every dQ configuration the autotuner may pick."""
+    return _configs("dq", head_dim, fp32)
+
+
+def bwd_dkdv_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
+    """Every dK/dV configuration the autotuner may pick."""
+    return _configs("dkdv", head_dim, fp32)
+
+
+def heuristic_config(kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool) -> triton.Config:
+    """The configuration used when not autotuning (no CUDA, or LLM2VEC_FAST_AUTOTUNE=0).
+
+    On CUDA: the list's first entry (the large tile, best at long sequences); sequences of
+    at most 256 take the smallest tile so that short batches still fill the SMs. Without
+    CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
+    sequences cross several blocks and a tail, and the interpreter stays fast.
+    """
+    cands = _configs(kind, head_dim, fp32)
+    if not on_cuda:
+        return _cfg(32, 32, 4, 1) if _block_d(head_dim) < 256 else _cfg(16, 16, 4, 1)
+    if max_seqlen <= 256:
+        return min(cands, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    return cands[0]
+
+
+def _autotune_on() -> bool:
+    return os.environ.get("LLM2VEC_FAST_AUTOTUNE", "1") != "0"
+
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+# Tuned once per kernel, tile table and sequence-length bucket (and, by Triton, per dtype).
+_AUTOTUNE_KEY = ["seqlen_bucket", "IS_VARLEN", "HAS_MASK", "HAS_SOFTCAP"]
+
+
+@functools.cache
+def _tuned(kind: str, head_dim: int, fp32: bool):
+    return triton.autotune(configs=_configs(kind, head_dim, fp32), key=_AUTOTUNE_KEY)(_KERNELS[kind])
+
+
+def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool):
+    blk = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if on_cuda and _autotune_on():
+        grid = lambda meta: (triton.cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
+        _tuned(kind, head_dim, fp32)[grid](*args, **consts)
+        return
+    c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda)
+    grid = (triton.cdiv(grid_len, c.kwargs[blk]),) + grid_rest
+    _KERNELS[kind][grid](*args, **consts, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+# --------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------
+
+
+def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides3(t: torch.Tensor, varlen: bool):
+    """(batch, token, head) strides; the batch stride is 0 in the packed layout."""
+    if varlen:
+        return (0, t.stride(0), t.stride(1))
+    return (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _mask_range(mask: torch.Tensor):
+    """uint8 mask (B, S) and the int32 ``[lo, hi)`` span of its True entries per row.
+
+    Computed on the device without a host sync; a row with no True entry gets ``[0, 0)``.
+    """
+    m = mask.to(torch.bool)
+    S = m.shape[1]
+    mi = m.to(torch.int32)
+    lo = mi.argmax(dim=1)
+    hi = S - mi.flip(1).argmax(dim=1)
+    anyv = m.any(dim=1)
+    lo = torch.where(anyv, lo, torch.zeros_like(lo))
+    hi = torch.where(anyv, hi, torch.zeros_like(hi))
+    rng = torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
+    return m.contiguous().view(torch.uint8), rng
+
+
+def _seq_bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+def attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float):
+    """Launch the forward kernel. Varlen when ``cu_q`` is given, else padded.
+
+    Returns ``out`` (q's shape and dtype) and ``lse`` fp32: ``(H, T_q)`` varlen,
+    ``(B, H, S)`` padded.
+    """
+    varlen = cu_q is not None
+    q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
+    D = q.shape[-1]
+    H, Hkv = q.shape[-2], k.shape[-2]
+    if varlen:
+        B = cu_q.numel() - 1
+        S = 0
+        out = torch.empty_like(q)
+        lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
+        lse_strides = (0, lse.stride(0))
+        grid_len = max_seqlen_q
+    else:
+        B, S = q.shape[0], q.shape[1]
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+        lse_strides = (lse.stride(0), lse.stride(1))
+        grid_len = S
+    if out.numel() == 0 or B == 0 or grid_len == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    dummy = torch.empty(2, device=q.device, dtype=torch.int32)
+    if mask is not None:
+        mask_u8, rng = _mask_range(mask)
+        stride_mb = mask_u8.stride(0)
+    else:
+        mask_u8, rng, stride_mb = dummy, dummy, 0
+    fp32 = q.dtype == torch.float32
+    args = [
+        q, k, v, out, lse,
+        cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8,
+        float(softmax_scale), float(softcap) if softcap else 1.0, S, H // Hkv, _seq_bucket(max(max_seqlen_q, S)),
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        *lse_strides, stride_mb,
+    ]
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
+        HAS_SOFTCAP=bool(softcap), DOT_PREC="ieee" if fp32 else "tf32",
+    )
+    _launch("fwd", grid_len, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float):
+    """Launch the dQ kernel (which writes delta) and then the dK/dV kernel.
+
+    Returns ``dq, dk, dv`` with the shapes and dtypes of ``q, k, v``.
+    """
+    varlen = cu_q is not None
+    do, q, k, v, out = (_lastdim_contig(t) for t in (do, q, k, v, out))
+    D = q.shape[-1]
+    H, Hkv = q.shape[-2], k.shape[-2]
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    delta = torch.empty_like(lse)
+    if varlen:
+        B, S = cu_q.numel() - 1, 0
+        lse_strides = (0, lse.stride(0))
+        len_q, len_k = max_seqlen_q, max_seqlen_k
+    else:
+        B, S = q.shape[0], q.shape[1]
+        lse_strides = (lse.stride(0), lse.stride(1))
+        len_q = len_k = S
+    if B == 0 or q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if len_q == 0 or len_k == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    dummy = torch.empty(2, device=q.device, dtype=torch.int32)
+    if mask is not None:
+        mask_u8, rng = _mask_range(mask)
+        stride_mb = mask_u8.stride(0)
+    else:
+        mask_u8, rng, stride_mb = dummy, dummy, 0
+    fp32 = q.dtype == torch.float32
+    consts = dict(
+        HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
+        HAS_SOFTCAP=bool(softcap), DOT_PREC="ieee" if fp32 else "tf32",
+    )
+    common = [float(softmax_scale), float(softcap) if softcap else 1.0, S, H // Hkv, _seq_bucket(max(max_seqlen_q, max_seqlen_k, S))]
+    cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8]
+    if len_q > 0:
+        args = [
+            q, k, v, out, do, dq, lse, delta, *cus, *common,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+            *_strides3(do, varlen), *_strides3(dq, varlen), *lse_strides, stride_mb,
+        ]
+        _launch("dq", len_q, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
+    if len_k > 0:
+        args = [
+            q, k, v, do, dk, dv, lse, delta, *cus, *common,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
+            *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides, stride_mb,
+        ]
+        _launch("dkdv", len_k, (Hkv, B), args, consts, D, fp32, max(max_seqlen_k, S), q.is_cuda)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile, with fake shapes) and autograd
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llm2vec_fast::attn_fwd", mutates_args=())
+def _attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap):
+    H = q.shape[-2]
+    if cu_q is not None:
+        lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], H, q.shape[1]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("llm2vec_fast::attn_bwd", mutates_args=())
+def _attn_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# The contract ops/attention.py calls
+# --------------------------------------------------------------------------------------
+
+
+def flash_attn_varlen_triton(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
+    *, return_lse=False, deterministic=False,
+):
+    """Varlen non-causal attention (arguments validated by ops/attention.py).
+
+    q ``(T_q, H, D)``, k/v ``(T_k, Hkv, D)`` fp16 / bf16 / fp32, cu_seqlens ``(B+1,)`` int32,
+    max_seqlen Python ints (upper bounds). Returns out ``(T_q, H, D)`` in q's dtype and,
+    with ``return_lse``, lse ``(H, T_q)`` fp32 (not differentiable). Differentiable w.r.t.
+    q, k, v; the backward is deterministic whatever ``deterministic`` says (no atomics).
+    """
+    out, lse = _attn_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), float(softcap or 0.0))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_padded_triton(q, k, v, key_padding_mask, softmax_scale, softcap, *, return_lse=False, deterministic=False):
+    """Padded non-causal attention with any key padding pattern, read by the kernels directly.
+
+    q ``(B, S, H, D)``, k/v ``(B, S, Hkv, D)``, key_padding_mask ``(B, S)`` bool / 0-1 ints
+    (True = valid) or None. Returns out ``(B, S, H, D)`` (padded query rows 0) and, with
+    ``return_lse``, lse ``(B, H, S)`` fp32 (``-inf`` on padding).
+    """
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
+    S = q.shape[1]
+    out, lse = _attn_fwd_op(q, k, v, None, None, mask, S, S, float(softmax_scale), float(softcap or 0.0))
+    return (out, lse) if return_lse else out

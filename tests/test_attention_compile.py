@@ -1,0 +1,134 @@
+"""Compile every attention configuration the autotuner may pick, for sm_90 and sm_80, without a GPU.
+
+Fails on a compile error, register spills, shared memory over the chip's limit, and (sm_90,
+fp16 / bf16) on PTX without wgmma. The configurations come from the module's own lists
+(``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs``, the lists the autotuner
+prunes to), so a config added there is compiled here. Head dims 80 and 96 share
+``BLOCK_D = 128`` and its footprint, so 80 stands for both (it also compiles the head-dim
+mask); bf16 stands for fp16 (same footprint).
+
+Without a GPU, conftest.py turns on ``TRITON_INTERPRET=1``, under which ``@triton.jit``
+returns interpreter objects that cannot be compiled; each group therefore compiles in a
+subprocess without the interpreter (this file run as a script), one per (kernel, chip) so
+``pytest -n 2`` spreads them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+HEAD_DIMS = (32, 64, 80, 256)  # one per distinct BLOCK_D; 80 also covers 96 and 128's tiles
+# fp32 runs one tile per BLOCK_D; the two largest BLOCK_D bound the smaller ones' footprint.
+FP32_HEAD_DIMS = (80, 256)
+
+
+def _kinds():
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    return {
+        "fwd": (tk._attn_fwd_kernel, tk.fwd_configs),
+        "dq": (tk._attn_bwd_dq_kernel, tk.bwd_dq_configs),
+        "dkdv": (tk._attn_bwd_dkdv_kernel, tk.bwd_dkdv_configs),
+    }
+
+
+def _case_id(kind, hd, fp32, c, cc):
+    return f"{kind}-d{hd}-{'fp32' if fp32 else 'bf16'}-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}-sm{cc}"
+
+
+def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
+    """Compile every (head dim, dtype, config) of one kernel for one chip; runs without the interpreter."""
+    from helpers import SMEM_LIMIT, compile_for
+
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    kernel, cfgs = _kinds()[kind]
+    ptrs = {n: "*ELEM" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8")
+    results, seen = [], set()
+    for hd in HEAD_DIMS:
+        for fp32 in (False, True) if hd in FP32_HEAD_DIMS else (False,):
+            for c in cfgs(hd, fp32):
+                key = (hd, fp32, str(c))
+                if key in seen:
+                    continue
+                seen.add(key)
+                # The padded layout with a mask and softcap is the superset of the code paths.
+                consts = dict(
+                    HEAD_DIM=hd, BLOCK_D=tk._block_d(hd), IS_VARLEN=False, HAS_MASK=True, HAS_SOFTCAP=True,
+                    DOT_PREC="ieee" if fp32 else "tf32", BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"],
+                )
+                elem = "fp32" if fp32 else "bf16"
+                sig = {}
+                for name in kernel.arg_names:
+                    if name in consts:
+                        sig[name] = "constexpr"
+                    elif name in ptrs:
+                        sig[name] = ptrs[name].replace("ELEM", elem)
+                    elif name in ("sm_scale", "softcap"):
+                        sig[name] = "fp32"
+                    else:
+                        sig[name] = "i32"
+                r = dict(id=_case_id(kind, hd, fp32, c, cc), fp32=fp32)
+                if only and only not in r["id"]:
+                    continue
+                try:
+                    info = compile_for(kernel, sig, consts, cc, c.num_warps, c.num_stages)
+                    r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"],
+                             wgmma="wgmma" in info["ptx"], limit=SMEM_LIMIT[cc])
+                except Exception as e:  # reported by the test, with the config's name
+                    r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+                results.append(r)
+    return results
+
+
+GROUPS = [(k, cc) for k in ("fwd", "dq", "dkdv") for cc in (90, 80)]
+
+
+def test_config_lists_cover_every_head_dim():
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    for hd in tk.SUPPORTED_HEAD_DIMS:
+        for fp32 in (False, True):
+            for f in (tk.fwd_configs, tk.bwd_dq_configs, tk.bwd_dkdv_configs):
+                assert f(hd, fp32), f"{f.__name__}({hd}, fp32={fp32}) is empty"
+            for kind in ("fwd", "dq", "dkdv"):
+                for cuda in (True, False):
+                    for s in (64, 4096):
+                        c = tk.heuristic_config(kind, hd, fp32, s, cuda)
+                        if cuda:  # the heuristic picks from the compiled list
+                            assert str(c) in {str(x) for x in tk._configs(kind, hd, fp32)}
+
+
+@pytest.mark.parametrize("kind,cc", GROUPS, ids=[f"{k}-sm{cc}" for k, cc in GROUPS])
+def test_compile_configs(kind, cc):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, str(cc)], capture_output=True, text=True, env=env, cwd=here)
+    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results, "no configuration compiled"
+    bad = []
+    for r in results:
+        if not r["ok"]:
+            bad.append(f"{r['id']}: {r['error']}")
+            continue
+        if r["local"] > 0:
+            bad.append(f"{r['id']}: {r['local']} bytes of register spills (LOCAL)")
+        if r["shared"] > r["limit"]:
+            bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
+        if cc == 90 and not r["fp32"] and not r["wgmma"]:
+            bad.append(f"{r['id']}: sm_90 PTX has no wgmma")
+    summary = "\n".join(f"{r['id']}: regs={r.get('registers')} smem={r.get('shared')}" for r in results if r["ok"])
+    assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary
+
+
+if __name__ == "__main__":  # the worker: python tests/test_attention_compile.py KIND CC
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(json.dumps(_compile_group(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])))
