@@ -77,13 +77,34 @@ def pool(
         if tk is not None and hidden.dtype != torch.float64:
             return tk.pool_triton(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, normalize=normalize)
     if be == "cuda":
-        from ..kernels import cuda as ck
-
-        return ck.pool_cuda(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, normalize=normalize)
+        ck = _cuda_kernels(hidden, "pool")
+        if ck is not None:
+            return ck.pool_cuda(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, normalize=normalize)
     out = ref.pool_ref(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, out_dtype=torch.float32)
     if normalize:
         out = torch.nn.functional.normalize(out, dim=-1)
     return out.to(hidden.dtype)
+
+
+def _cuda_kernels(hidden, op):
+    """The CUDA extension's loader if it can run this input, else None after a one-time warning."""
+    from ..kernels import cuda as ck
+
+    if hidden.dtype == torch.float64:
+        warn_once(f"{op}-cuda-fp64", f"{op}: the CUDA kernels take fp32/fp16/bf16, got fp64; using the reference")
+        return None
+    if not ck.cuda_ext_available():
+        warn_once(f"{op}-cuda", f"{op}: CUDA extension unavailable ({ck.cuda_ext_error()}); using the reference")
+        return None
+    return ck
+
+
+def _triton_kernels():
+    try:
+        from ..kernels.triton import info_nce as tk
+    except ImportError:  # pragma: no cover
+        return None
+    return tk
 
 
 def _check_emb(name, e, C=None):
@@ -129,13 +150,14 @@ def info_nce(
         _check_emb("emb_neg", emb_neg, emb_q.shape[1])
     _check_loss_args(temperature, emb_q.shape[0])
     be = resolve_backend("info_nce", backend, emb_q, allowed=_BACKENDS)
-    if be == "triton" and not cross_rank:
-        try:
-            from ..kernels.triton import info_nce as tk
-        except ImportError:  # pragma: no cover
-            tk = None
-        if tk is not None and emb_q.dtype != torch.float64:
-            return tk.info_nce_triton(emb_q, emb_d, emb_neg, temperature=temperature, symmetric=symmetric)
+    # The CUDA extension holds pooling only: its loss is the Triton one.
+    if be in ("triton", "cuda") and emb_q.dtype != torch.float64:
+        if cross_rank:
+            warn_once("info_nce-cross-rank", "info_nce: cross_rank runs the reference loss (all_gather_with_grad)")
+        else:
+            tk = _triton_kernels()
+            if tk is not None:
+                return tk.info_nce_triton(emb_q, emb_d, emb_neg, temperature=temperature, symmetric=symmetric)
     return ref.info_nce_ref(emb_q, emb_d, emb_neg, temperature=temperature, symmetric=symmetric, cross_rank=cross_rank)
 
 
@@ -186,22 +208,26 @@ def pooled_info_nce(
         )
     _check_loss_args(temperature, Bq)
     be = resolve_backend("pooled_info_nce", backend, hidden_q, allowed=_BACKENDS)
-    if be in ("triton", "cuda") and hidden_q.dtype != torch.float64:
-        p = lambda h, m, e, cu: pool(h, m, e, pooling, cu_seqlens=cu, backend=be)  # noqa: E731
-        if be == "triton" and not cross_rank:
-            try:
-                from ..kernels.triton import info_nce as tk
-            except ImportError:  # pragma: no cover
-                tk = None
-            if tk is not None:
-                return tk.pooled_info_nce_triton(
-                    hidden_q, mask_q, hidden_d, mask_d, embed_mask_q=embed_mask_q, embed_mask_d=embed_mask_d,
-                    hidden_neg=hidden_neg, mask_neg=mask_neg, embed_mask_neg=embed_mask_neg,
-                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_d=cu_seqlens_d, cu_seqlens_neg=cu_seqlens_neg,
-                    temperature=temperature, pooling=pooling, symmetric=symmetric,
-                )
+    tk = _triton_kernels() if be in ("triton", "cuda") else None
+    ck = _cuda_kernels(hidden_q, "pooled_info_nce") if be == "cuda" else None
+    if be == "triton" and tk is not None and not cross_rank and hidden_q.dtype != torch.float64:
+        return tk.pooled_info_nce_triton(
+            hidden_q, mask_q, hidden_d, mask_d, embed_mask_q=embed_mask_q, embed_mask_d=embed_mask_d,
+            hidden_neg=hidden_neg, mask_neg=mask_neg, embed_mask_neg=embed_mask_neg,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_d=cu_seqlens_d, cu_seqlens_neg=cu_seqlens_neg,
+            temperature=temperature, pooling=pooling, symmetric=symmetric,
+        )
+    if (be == "triton" and tk is not None and hidden_q.dtype != torch.float64) or ck is not None:
+        # Fast pooling into fp32 embeddings; then the Triton loss, or with cross_rank the
+        # reference loss, which gathers every rank's embeddings with all_gather_with_grad.
+        if ck is not None:
+            p = lambda h, m, e, cu: ck.pool_cuda(h, m, e, pooling, cu_seqlens=cu, out_dtype=torch.float32)  # noqa: E731
+        else:
+            p = lambda h, m, e, cu: tk._pool_fp32(h, m, e, pooling, cu, False)  # noqa: E731
         eq, ed = p(hidden_q, mask_q, embed_mask_q, cu_seqlens_q), p(hidden_d, mask_d, embed_mask_d, cu_seqlens_d)
         en = p(hidden_neg, mask_neg, embed_mask_neg, cu_seqlens_neg) if hidden_neg is not None else None
+        if tk is not None and not cross_rank:
+            return tk.info_nce_triton(eq, ed, en, temperature=temperature, symmetric=symmetric)
         return ref.info_nce_ref(eq, ed, en, temperature=temperature, symmetric=symmetric, cross_rank=cross_rank)
     return ref.pooled_info_nce_ref(
         hidden_q, mask_q, hidden_d, mask_d, embed_mask_q=embed_mask_q, embed_mask_d=embed_mask_d,

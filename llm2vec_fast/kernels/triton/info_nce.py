@@ -234,12 +234,17 @@ def pool_forward(hidden, region, cu_seqlens, mode: str, out: torch.Tensor | None
     return E, ssq.sum(1), den, sel
 
 
-def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, mode: str):
-    """d hidden ``hidden_shape`` in ``hidden_dtype`` from ``dE (B, C)`` fp32 (grad of the fp32 pooled E)."""
+def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, mode: str, dh=None):
+    """d hidden ``hidden_shape`` in ``hidden_dtype`` from ``dE (B, C)`` fp32 (grad of the fp32 pooled E).
+
+    Every element of ``dh`` is written (zeros outside the pooled region), so it is allocated
+    uninitialised (or passed in, contiguous, e.g. NaN-poisoned by the tests).
+    """
     packed = cu_seqlens is not None
     C = hidden_shape[-1]
     dev = dE.device
-    dh = torch.empty(hidden_shape, device=dev, dtype=hidden_dtype)
+    if dh is None:
+        dh = torch.empty(hidden_shape, device=dev, dtype=hidden_dtype)
     if packed:
         B, T, sb, st, rb = cu_seqlens.numel() - 1, 0, 0, dh.stride(0), 0
     else:
