@@ -1,0 +1,83 @@
+"""MNTP loss for a patched ``XForCausalLM``: masked next-token cross-entropy without full logits.
+
+Shapes: ``B`` batch, ``T`` tokens, ``C`` hidden size, ``V`` vocabulary.
+
+``patch_model(..., mntp=True)`` replaces the instance's ``forward`` (an instance attribute,
+removed again by ``unpatch_model``; the class is untouched). With ``labels`` the wrapper
+runs the base model, then :func:`llm2vec_fast.masked_linear_cross_entropy` on the final
+hidden states and the LM head's weight: only labelled rows reach the LM head, so no
+``(B, T, V)`` logits tensor exists, and the output carries ``loss`` and ``logits=None``.
+Without labels it calls the original forward unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# Arguments of XForCausalLM.forward that concern the logits / loss, not the base model.
+_HEAD_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict")
+
+
+def make_mntp_forward(model, original_forward, backend: str = "auto"):
+    """A bound ``forward`` for ``model`` (an ``XForCausalLM``) computing the MNTP loss fused.
+
+    The loss equals transformers' ``ForCausalLMLoss`` on full logits: label ``t`` is
+    predicted from the hidden state at ``t - 1`` (``shift_labels`` given: no shift), mean
+    over labelled tokens, or the sum divided by ``num_items_in_batch`` when the Trainer
+    passes it (gradient accumulation). Gemma2's ``final_logit_softcapping`` is applied.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..ops.masked_ce import masked_linear_cross_entropy
+
+    sig = inspect.signature(original_forward)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    base = model.base_model
+    base_params = inspect.signature(base.forward).parameters
+    base_takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in base_params.values())
+    cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+    def forward(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        named = dict(bound.arguments)
+        extra = named.pop(var_kw, {}) if var_kw else {}
+        named.update(extra)
+        labels = named.get("labels")
+        shift_labels = named.get("shift_labels")
+        if labels is None and shift_labels is None:
+            return original_forward(*args, **kwargs)
+        return_dict = named.get("return_dict")
+        num_items = named.get("num_items_in_batch")
+        base_kwargs = {
+            n: val for n, val in named.items()
+            if n not in _HEAD_ONLY and (n in base_params or base_takes_var_kw)
+        }
+        outputs = base(**base_kwargs)
+        hidden = outputs[0]
+        head = model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if shift_labels is not None:
+            target, shift = shift_labels, 0
+        else:
+            target, shift = labels, 1
+        target = target.to(hidden.device)
+        reduction = "sum" if num_items is not None else "mean"
+        loss = masked_linear_cross_entropy(
+            hidden, head.weight, target, getattr(head, "bias", None), shift=shift, reduction=reduction,
+            softcap=softcap, backend=backend,
+        )
+        if num_items is not None:
+            if isinstance(num_items, torch.Tensor):
+                num_items = num_items.to(loss.device)
+            loss = loss / num_items
+        fields = dict(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                      attentions=getattr(outputs, "attentions", None))
+        fields[cache_field] = getattr(outputs, "cache", None) if hasattr(outputs, "cache") else getattr(
+            outputs, "past_key_values", None)
+        out = CausalLMOutputWithPast(**fields)
+        return out if return_dict is not False else out.to_tuple()
+
+    forward.__wrapped__ = original_forward  # keeps inspect.signature (peft, Trainer) accurate
+    forward.llm2vec_fast_mntp = True
+    return forward

@@ -1,0 +1,123 @@
+"""The padding / packing structure of one forward pass, computed once and shared by every layer.
+
+Shapes: ``B`` batch, ``S`` tokens per padded row, ``N`` valid tokens in the batch
+(``N <= B * S``), ``H`` heads, ``D`` head dim.
+
+A padded batch is attended as variable-length sequences: the valid tokens are gathered
+into a packed ``(N, H, D)`` layout (flash-attn's ``unpad_input``), attended with int32
+``cu_seqlens``, and scattered back. Building the indices and offsets reads the mask (a
+host synchronisation on CUDA), so it must happen once per forward, not once per layer:
+:func:`padding_info` caches its result on the identity (and in-place version) of the mask
+tensor, and the model passes the very same mask object to every layer.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+class PaddingInfo:
+    """The key padding mask of a batch and, when it has padding, its unpad structure.
+
+    Attributes:
+        mask: ``(B, S)`` bool, True = valid token.
+        has_padding: False when every token is valid (then nothing else is computed).
+        batch_idx, seq_idx: ``(N,)`` int64, the row and column of every valid token in
+            row-major order (None without padding).
+        cu_seqlens: ``(B + 1,)`` int32 offsets of each row's valid tokens in the packed
+            layout, starting at 0 (None without padding).
+        max_seqlen: Python int, the most valid tokens in one row.
+        total: Python int ``N``.
+
+    Valid tokens need not be contiguous within a row (left, right or arbitrary padding):
+    each row's valid tokens form one sequence.
+    """
+
+    __slots__ = ("mask", "has_padding", "batch_idx", "seq_idx", "cu_seqlens", "max_seqlen", "total", "__weakref__")
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.has_padding = not bool(mask.all())
+        self.batch_idx = self.seq_idx = self.cu_seqlens = None
+        B, S = mask.shape
+        self.max_seqlen = S
+        self.total = B * S
+        if self.has_padding:
+            lens = mask.sum(dim=1, dtype=torch.int32)
+            self.batch_idx, self.seq_idx = torch.nonzero(mask, as_tuple=True)
+            self.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+            self.max_seqlen = int(lens.max()) if B else 0
+            self.total = int(self.batch_idx.shape[0])
+
+    @property
+    def shape(self):
+        """``(B, S)``: lets shape-reading code treat the object like the 2-d mask."""
+        return self.mask.shape
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, S, H, D)`` (any strides) -> ``(N, H, D)`` valid tokens, one gather."""
+        return x[self.batch_idx, self.seq_idx]
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (N, H, D)`` -> ``(B, S, H, D)`` with zeros at padded positions."""
+        B, S = self.mask.shape
+        out = x.new_zeros((B, S) + tuple(x.shape[1:]))
+        return out.index_put((self.batch_idx, self.seq_idx), x)
+
+    def __repr__(self):
+        return f"PaddingInfo(shape={tuple(self.mask.shape)}, has_padding={self.has_padding}, total={self.total})"
+
+
+# One slot per kind: a forward builds one structure and every layer asks for the same one.
+# A weak reference, so the cache never keeps a batch alive after its forward.
+_MASK_SLOT: list = [None]
+_POS_SLOT: list = [None]
+
+
+def _cached(slot: list, key: torch.Tensor, build):
+    entry = slot[0]
+    if entry is not None:
+        ref, version, value = entry
+        if ref() is key and version == key._version:
+            return value
+    value = build()
+    slot[0] = (weakref.ref(key), key._version, value)
+    return value
+
+
+def padding_info(mask: torch.Tensor) -> PaddingInfo:
+    """:class:`PaddingInfo` of a ``(B, S)`` mask (bool or 0/1), cached on the mask tensor's identity."""
+    def build():
+        m = mask if mask.dtype == torch.bool else mask.to(torch.bool)
+        return PaddingInfo(m)
+
+    return _cached(_MASK_SLOT, mask, build)
+
+
+def packed_from_position_ids(position_ids: torch.Tensor, batch: int):
+    """Sequence boundaries of packed rows, or None when each row holds one sequence.
+
+    ``position_ids``: ``(B, S)`` or ``(1, S)`` integer positions. A new sequence starts at
+    the first token of each row and wherever the position does not continue the previous
+    one by +1 (positions restarting at 0, as padding-free collators produce). Returns
+    ``(cu_seqlens (n + 1,) int32, max_seqlen int)`` over the flattened ``B * S`` tokens.
+    Cached on the tensor's identity: computed once per forward.
+    """
+    def build():
+        pos = position_ids
+        if pos.shape[0] != batch:
+            pos = pos.expand(batch, -1)
+        B, S = pos.shape
+        starts = torch.ones((B, S), dtype=torch.bool, device=pos.device)
+        if S > 1:
+            starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        starts = starts.reshape(-1)
+        # Sync once: the number of sequences decides every later shape.
+        begin = torch.nonzero(starts).squeeze(1)
+        if begin.numel() == B:
+            return None
+        cu = torch.cat([begin, begin.new_tensor([B * S])]).to(torch.int32)
+        return cu, int((cu[1:] - cu[:-1]).max())
+
+    return _cached(_POS_SLOT, position_ids, build)
