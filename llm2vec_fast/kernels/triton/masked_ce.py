@@ -72,6 +72,13 @@ BWD_CONFIGS = [
     _cfg(128, 256, 64, 8, 3),
     _cfg(64, 128, 64, 4, 4),
 ]
+# fp32 inputs (ieee tl.dot, 4-byte tiles): BLOCK_K 32 keeps 3 stages at 72-96 KB of smem
+# on A100 as well as H100.
+FWD_CONFIGS_FP32 = [
+    _cfg(64, 128, 32, 4, 3),
+    _cfg(128, 128, 32, 8, 3),
+]
+BWD_CONFIGS_FP32 = FWD_CONFIGS_FP32
 # Interpreter (no CUDA device): every tl.dot dimension >= 16, small enough to be quick.
 INTERPRET_CONFIG = _cfg(64, 128, 64, 4, 1)
 
@@ -214,8 +221,20 @@ def _mce_bwd_kernel(
     tl.store(out, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-_fwd_tuned = triton.autotune(configs=_triton_configs(FWD_CONFIGS), key=["C", "V", "HAS_BIAS", "HAS_SOFTCAP", "HAS_SMOOTH"])(_mce_fwd_kernel)
-_bwd_tuned = triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=["C", "V", "HAS_BIAS", "HAS_SOFTCAP"])(_mce_bwd_kernel)
+# Autotune keys leave N out on purpose: the number of labelled rows changes every batch and
+# re-tuning each time would cost seconds; the best tile depends on C and V.
+_FWD_KEY = ["C", "V", "HAS_BIAS", "HAS_SOFTCAP", "HAS_SMOOTH"]
+_BWD_KEY = ["C", "V", "HAS_BIAS", "HAS_SOFTCAP"]
+_fwd_tuned = triton.autotune(configs=_triton_configs(FWD_CONFIGS), key=_FWD_KEY)(_mce_fwd_kernel)
+_bwd_tuned = triton.autotune(configs=_triton_configs(BWD_CONFIGS), key=_BWD_KEY)(_mce_bwd_kernel)
+_fwd_tuned_fp32 = triton.autotune(configs=_triton_configs(FWD_CONFIGS_FP32), key=_FWD_KEY)(_mce_fwd_kernel)
+_bwd_tuned_fp32 = triton.autotune(configs=_triton_configs(BWD_CONFIGS_FP32), key=_BWD_KEY)(_mce_bwd_kernel)
+
+# Every configuration the autotuners may launch, for the compile test: (kernel name, dtype, config).
+ALL_CONFIGS = (
+    [("fwd", "bf16", c) for c in FWD_CONFIGS] + [("bwd", "bf16", c) for c in BWD_CONFIGS]
+    + [("fwd", "fp32", c) for c in FWD_CONFIGS_FP32] + [("bwd", "fp32", c) for c in BWD_CONFIGS_FP32]
+)
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -267,7 +286,8 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
     )
     args = (h, w, b if b is not None else h, y, stats, arg, N, V, C, h.stride(0), w.stride(0), split_cols, float(softcap or 1.0))
     if h.is_cuda:
-        _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), S)](*args, EVEN_K=C % 64 == 0, **common)
+        tuned = _fwd_tuned_fp32 if h.dtype == torch.float32 else _fwd_tuned
+        tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), S)](*args, EVEN_K=C % 64 == 0, **common)  # every BLOCK_K divides 64
     else:
         cfg = INTERPRET_CONFIG
         _mce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), S)](
@@ -333,7 +353,8 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
             float(softcap or 1.0), float(label_smoothing), float(z_loss),
         )
         if h.is_cuda:
-            _bwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))](
+            tuned = _bwd_tuned_fp32 if h.dtype == torch.float32 else _bwd_tuned
+            tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))](
                 *args, EVEN_K=C % 64 == 0, **common
             )
         else:

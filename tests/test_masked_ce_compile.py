@@ -1,0 +1,151 @@
+"""Compile every masked-CE configuration the autotuners may pick, for sm_90 and sm_80, without a GPU.
+
+The list is the module's own ``ALL_CONFIGS`` (``FWD_CONFIGS`` / ``BWD_CONFIGS`` for 16-bit
+inputs, ``*_FP32`` for fp32), so a config added there is compiled here. Each compiles with
+every optional feature on (bias, softcap, label smoothing): the largest epilogue, the most
+registers. 16-bit inputs stand for fp16 and bf16 (same footprint); ``EVEN_K`` is the real
+path (C % 64 == 0 for every LM this serves) and the masked-K variant is compiled for the
+first config of each kernel. Fails on compile errors, register spills, shared memory over
+the chip's limit, and a missing ``wgmma`` in the sm_90 PTX of the 16-bit matmul kernels.
+
+Under ``TRITON_INTERPRET=1`` (set by conftest.py without a GPU) ``@triton.jit`` returns
+interpreter objects that cannot be compiled, so each (chip) group compiles in a subprocess
+without the interpreter (this file run as a script).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+PTRS = {
+    "H": "*E", "W": "*E", "Bias": "*E", "DZ": "*E", "Y": "*i32", "Arg": "*i32",
+    "Stats": "*fp32", "Lse": "*fp32", "G": "*fp32",
+}
+FLOATS = ("softcap", "smoothing", "z_loss")
+# Arguments a real launch passes as multiples of 16 (16-byte aligned pointers, C and row
+# strides of LM shapes, 256-aligned split widths and chunk starts). Triton's launcher
+# specialises them as ``tt.divisibility = 16``; without the hint the loads are not vectorised,
+# cp.async / the multi-stage pipeline is not generated, and the smem / register figures
+# would describe a kernel that never runs.
+DIVISIBLE = set(PTRS) | {"C", "stride_h", "stride_w", "stride_dz", "split_cols", "v0"}
+
+
+def _with_launch_attrs():
+    """Make ``helpers.compile_for``'s ASTSource carry the divisibility a real launch has."""
+    import triton.compiler as tc
+
+    base = tc.ASTSource
+
+    class _Source(base):
+        def __init__(self, fn, signature, constexprs=None, attrs=None):
+            attrs = dict(attrs or {})
+            for i, name in enumerate(signature):
+                if name in DIVISIBLE and signature[name] != "constexpr":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            super().__init__(fn, signature, constexprs, attrs)
+
+    tc.ASTSource = _Source
+
+
+def _compile_all(cc: int) -> list[dict]:
+    from helpers import SMEM_LIMIT, compile_for
+
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    _with_launch_attrs()
+    kernels = {"fwd": mce._mce_fwd_kernel, "bwd": mce._mce_bwd_kernel}
+    out = []
+    seen_kind = set()
+    for kind, elem, c in mce.ALL_CONFIGS:
+        variants = [True]
+        if elem != "fp32" and (kind, elem) not in seen_kind:
+            seen_kind.add((kind, elem))
+            variants.append(False)
+        for even_k in variants:
+            kernel = kernels[kind]
+            consts = dict(
+                HAS_BIAS=True, HAS_SOFTCAP=True, IEEE=elem == "fp32", EVEN_K=even_k,
+                BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+            )
+            if kind == "fwd":
+                consts["HAS_SMOOTH"] = True
+            sig = {}
+            for name in kernel.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in PTRS:
+                    sig[name] = PTRS[name].replace("E", elem) if PTRS[name] == "*E" else PTRS[name]
+                elif name in FLOATS:
+                    sig[name] = "fp32"
+                else:
+                    sig[name] = "i32"
+            rid = (
+                f"{kind}-{elem}-m{c['BLOCK_M']}n{c['BLOCK_N']}k{c['BLOCK_K']}"
+                f"w{c['num_warps']}s{c['num_stages']}{'' if even_k else '-maskK'}-sm{cc}"
+            )
+            r = dict(id=rid, fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+            try:
+                info = compile_for(kernel, sig, consts, cc, c["num_warps"], c["num_stages"])
+                r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"],
+                         wgmma="wgmma" in info["ptx"])
+            except Exception as e:  # reported by the test with the config's name
+                r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+            out.append(r)
+    return out
+
+
+def test_config_lists_are_what_the_autotuners_use():
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    def as_tuples(tuned):
+        return sorted(
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in tuned.configs
+        )
+
+    def listed(kind, elem):
+        return sorted(
+            (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])
+            for k, e, c in mce.ALL_CONFIGS if k == kind and e == elem
+        )
+
+    assert as_tuples(mce._fwd_tuned) == listed("fwd", "bf16")
+    assert as_tuples(mce._bwd_tuned) == listed("bwd", "bf16")
+    assert as_tuples(mce._fwd_tuned_fp32) == listed("fwd", "fp32")
+    assert as_tuples(mce._bwd_tuned_fp32) == listed("bwd", "fp32")
+    # the forward's splits are cut in multiples of every BLOCK_N (no stale partials)
+    for _, _, c in mce.ALL_CONFIGS:
+        assert mce.SPLIT_ALIGN % c["BLOCK_N"] == 0 and 64 % c["BLOCK_K"] == 0
+
+
+@pytest.mark.parametrize("cc", [90, 80], ids=["sm90", "sm80"])
+def test_compile_configs(cc):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(cc)], capture_output=True, text=True, env=env, cwd=here)
+    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results, "no configuration compiled"
+    bad = []
+    for r in results:
+        if not r["ok"]:
+            bad.append(f"{r['id']}: {r['error']}")
+            continue
+        if r["local"] > 0:
+            bad.append(f"{r['id']}: {r['local']} bytes of register spills (LOCAL)")
+        if r["shared"] > r["limit"]:
+            bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
+        if cc == 90 and not r["fp32"] and not r["wgmma"]:
+            bad.append(f"{r['id']}: sm_90 PTX has no wgmma")
+    summary = "\n".join(f"{r['id']}: regs={r.get('registers')} smem={r.get('shared')}" for r in results if r["ok"])
+    assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary
+
+
+if __name__ == "__main__":  # the worker: python tests/test_masked_ce_compile.py CC
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(json.dumps(_compile_all(int(sys.argv[1]))))
