@@ -1,0 +1,63 @@
+"""The CPU (reference) path of masked_linear_cross_entropy never allocates [N, V] logits.
+
+A fresh subprocess (so the high-water mark belongs to this measurement alone) builds inputs
+whose full fp32 logits would take 1 GiB, records its peak RSS (``resource.getrusage``,
+a high-water mark, so no allocation can slip between samples), runs forward and backward
+through the public op on the CPU, and reports how much the peak grew. The same process then
+materialises the full logits once as a control: the bound must catch that, or the
+measurement is blind and the test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+N, C, V = 1024, 16, 262144
+FULL_LOGITS_MB = N * V * 4 / 2**20  # 1024 MiB in fp32
+BOUND_MB = 320  # chunks of 2048 x 8192 fp32 (32 MiB) and their temporaries, plus d weight (16 MiB)
+
+SCRIPT = textwrap.dedent(
+    f"""
+    import json, resource, torch
+    torch.set_num_threads(1)
+    import llm2vec_fast as L
+
+    def peak_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn({N}, {C}, generator=g, requires_grad=True)
+    weight = (torch.randn({V}, {C}, generator=g) * 0.25).requires_grad_()
+    labels = torch.randint(0, {V}, ({N},), generator=g)
+    # warm up kernels and allocator caches on a tiny problem first
+    L.masked_linear_cross_entropy(hidden[:4], weight[:300], labels[:4] % 300, shift=0, backend="torch").backward()
+    hidden.grad = weight.grad = None
+    base = peak_mb()
+    loss = L.masked_linear_cross_entropy(hidden, weight, labels, shift=0, backend="torch")
+    loss.backward()
+    op = peak_mb() - base
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(weight.grad).all())
+    base = peak_mb()
+    with torch.no_grad():
+        full = hidden @ weight.t()  # the control: what the op must never do
+        full.add_(1.0)
+    control = peak_mb() - base
+    print(json.dumps(dict(op=op, control=control, finite=finite, loss=float(loss))))
+    """
+)
+
+
+def test_reference_never_allocates_full_logits():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["finite"], r
+    # the measurement can see an [N, V] buffer ...
+    # (growth above the op's own high-water mark, hence not the full 1024 MiB)
+    assert r["control"] > 0.6 * FULL_LOGITS_MB, f"control allocation not visible in peak RSS: {r}"
+    # ... and the op's forward + backward stays far below one
+    assert r["op"] < BOUND_MB, f"peak RSS grew by {r['op']:.0f} MiB (bound {BOUND_MB}, full logits {FULL_LOGITS_MB:.0f}): {r}"
