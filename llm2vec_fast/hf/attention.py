@@ -156,10 +156,12 @@ def llm2vec_attention(
     info = attention_mask if isinstance(attention_mask, PaddingInfo) else None
     # 2. A padded batch.
     if info is not None and info.has_padding:
-        if be == "torch":
-            # On the reference backend the padded formulation is the fast one (SDPA with a
-            # boolean mask on the CPU); its padded query rows are 0 like the varlen path's.
-            out = flash_attn_noncausal(q, k, v, info.mask, scale, softcap, "torch", dropout_p=dropout)
+        if be in ("torch", "triton"):
+            # The padded layout, read in place: the Triton kernel takes transformers' (B, S, H, D)
+            # views by strides and skips padded blocks, so no gather / scatter of q, k, v and the
+            # output per layer; on the reference backend this is SDPA with a boolean mask.
+            # Padded query rows are 0, as on the varlen path.
+            out = flash_attn_noncausal(q, k, v, info.mask, scale, softcap, be, dropout_p=dropout)
             return out, None
         out = varlen(info.unpad(q), info.unpad(k), info.unpad(v), info.cu_seqlens, info.max_seqlen)
         return info.pad(out), None

@@ -3,10 +3,12 @@
 Shapes: ``B`` batch, ``S`` tokens per padded row, ``N`` valid tokens in the batch
 (``N <= B * S``), ``H`` heads, ``D`` head dim.
 
-A padded batch is attended as variable-length sequences: the valid tokens are gathered
-into a packed ``(N, H, D)`` layout (flash-attn's ``unpad_input``), attended with int32
-``cu_seqlens``, and scattered back. Building the indices and offsets reads the mask (a
-host synchronisation on CUDA), so it must happen once per forward, not once per layer:
+A padded batch is attended either in its padded layout (the Triton kernels and the
+reference read the ``(B, S)`` mask directly and skip padded blocks) or, for flash-attn, as
+variable-length sequences: the valid tokens gathered into a packed ``(N, H, D)`` layout
+(flash-attn's ``unpad_input``), attended with int32 ``cu_seqlens``, and scattered back.
+Building the indices and offsets reads the mask (a host synchronisation on CUDA), so it
+must happen once per forward, not once per layer:
 :func:`padding_info` caches its result on the identity (and in-place version) of the mask
 tensor, and the model passes the very same mask object to every layer.
 """
@@ -22,33 +24,43 @@ class PaddingInfo:
 
     Attributes:
         mask: ``(B, S)`` bool, True = valid token.
-        has_padding: False when every token is valid (then nothing else is computed).
+        has_padding: False when every token is valid.
         batch_idx, seq_idx: ``(N,)`` int64, the row and column of every valid token in
-            row-major order (None without padding).
+            row-major order.
         cu_seqlens: ``(B + 1,)`` int32 offsets of each row's valid tokens in the packed
-            layout, starting at 0 (None without padding).
+            layout, starting at 0.
         max_seqlen: Python int, the most valid tokens in one row.
         total: Python int ``N``.
 
-    Valid tokens need not be contiguous within a row (left, right or arbitrary padding):
-    each row's valid tokens form one sequence.
+    ``has_padding`` is read at construction (one host sync per forward). The unpad
+    structure is built on first use and kept on the object, so the layers of one forward
+    share it; kernels that read the padded layout directly never pay for it. Valid tokens
+    need not be contiguous within a row (left, right or arbitrary padding): each row's
+    valid tokens form one sequence.
     """
 
-    __slots__ = ("mask", "has_padding", "batch_idx", "seq_idx", "cu_seqlens", "max_seqlen", "total", "__weakref__")
+    __slots__ = ("mask", "has_padding", "_unpad", "__weakref__")
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
         self.has_padding = not bool(mask.all())
-        self.batch_idx = self.seq_idx = self.cu_seqlens = None
-        B, S = mask.shape
-        self.max_seqlen = S
-        self.total = B * S
-        if self.has_padding:
-            lens = mask.sum(dim=1, dtype=torch.int32)
-            self.batch_idx, self.seq_idx = torch.nonzero(mask, as_tuple=True)
-            self.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
-            self.max_seqlen = int(lens.max()) if B else 0
-            self.total = int(self.batch_idx.shape[0])
+        self._unpad = None
+
+    def _structure(self):
+        if self._unpad is None:
+            B, S = self.mask.shape
+            lens = self.mask.sum(dim=1, dtype=torch.int32)
+            batch_idx, seq_idx = torch.nonzero(self.mask, as_tuple=True)
+            cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
+            max_seqlen = int(lens.max()) if B else 0
+            self._unpad = (batch_idx, seq_idx, cu, max_seqlen, int(batch_idx.shape[0]))
+        return self._unpad
+
+    batch_idx = property(lambda self: self._structure()[0])
+    seq_idx = property(lambda self: self._structure()[1])
+    cu_seqlens = property(lambda self: self._structure()[2])
+    max_seqlen = property(lambda self: self._structure()[3])
+    total = property(lambda self: self._structure()[4])
 
     @property
     def shape(self):
@@ -66,7 +78,7 @@ class PaddingInfo:
         return out.index_put((self.batch_idx, self.seq_idx), x)
 
     def __repr__(self):
-        return f"PaddingInfo(shape={tuple(self.mask.shape)}, has_padding={self.has_padding}, total={self.total})"
+        return f"PaddingInfo(shape={tuple(self.mask.shape)}, has_padding={self.has_padding})"
 
 
 # One slot per kind: a forward builds one structure and every layer asks for the same one.
