@@ -1,0 +1,172 @@
+"""Benchmark: masked next-token cross-entropy fused with the LM head (the MNTP loss).
+
+Providers, side by side in one run on the same inputs:
+  ours          llm2vec_fast.masked_linear_cross_entropy(backend="triton")
+  ours_frozen_w the same with a frozen LM head (LoRA MNTP): no d weight   [gpu-full]
+  ref_chunked   the chunked PyTorch reference (backend="torch")
+  torch_full    full logits (hidden @ W.T in the input dtype, upcast to fp32) + F.cross_entropy,
+                what stock transformers does
+  torch_compile torch.compile of the chunked reference                      [gpu-full]
+  liger         Liger-Kernel's fused linear cross-entropy (when importable)
+  cce           cut-cross-entropy's linear_cross_entropy (when importable)
+Liger and CCE get the shifted rows flattened, all of them (ignored ones included), which is
+how they are called from a causal-LM head; ours and the reference take (B, T, C) with the
+shift inside and gather the labelled rows.
+
+Modes: fwd (forward that builds the graph), bwd (backward alone, graph retained), full.
+Time from triton.testing.do_bench medians (p20 / p80 too); peak memory is
+max_memory_allocated during one call above what was allocated before it (the inputs), so it
+includes the gradients each provider returns. Rows go to benchmarks/results/masked_ce.jsonl.
+
+    python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick
+    python benchmarks/bench_masked_ce.py --device cpu --preset cpu   # Triton interpreted
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PRESETS = {
+    # tiny, under a minute on 2 CPU cores; ours runs under the Triton interpreter
+    "cpu": dict(C=[64], V=[1000, 4000], tokens=[512], frac=[0.2], modes=["full"],
+                providers=["ours", "ref_chunked", "torch_full"]),
+    # ~60 s on an H100: the acceptance shapes
+    "gpu-quick": dict(C=[4096], V=[32000, 128256], tokens=[16384], frac=[0.2], modes=["full"],
+                      providers=["ours", "torch_full", "liger", "cce"]),
+    "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
+                     modes=["fwd", "bwd", "full"],
+                     providers=["ours", "ours_frozen_w", "ref_chunked", "torch_full", "torch_compile", "liger", "cce"]),
+}
+SEQ = 512  # tokens per sequence (the MNTP recipe's chunk length)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    p.add_argument("--out-dir", default=None, help="where masked_ce.jsonl is appended (default benchmarks/results)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    args = p.parse_args(argv)
+    preset = args.preset or ("gpu-quick" if args.device == "cuda" else "cpu")
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import append_rows, bench
+
+    import llm2vec_fast as L
+    from llm2vec_fast.kernels import reference as ref
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device == "cuda" else "fp16")
+    ]
+    cfg = PRESETS[preset]
+
+    liger = cce = None
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+    except Exception as e:  # not installed / incompatible: no row
+        print(f"liger unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except Exception as e:
+        print(f"cut-cross-entropy unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    compiled_ref = None
+
+    def shifted_rows(h, y):
+        return h[:, :-1].reshape(-1, h.shape[-1]), y[:, 1:].reshape(-1)
+
+    def make_fn(name):
+        nonlocal compiled_ref
+        if name == "ours":
+            return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton")
+        if name == "ours_frozen_w":  # a detached head: the op sees no need for d weight
+            return lambda h, w, y: L.masked_linear_cross_entropy(h, w.detach(), y, backend="triton")
+        if name == "ref_chunked":
+            return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="torch")
+        if name == "torch_full":
+            def full(h, w, y):
+                z = (h @ w.t()).float()
+                return F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
+            return full
+        if name == "torch_compile":
+            if compiled_ref is None:
+                compiled_ref = torch.compile(ref.masked_linear_cross_entropy_ref)
+            return lambda h, w, y: compiled_ref(h, w, y)
+        if name == "liger":
+            if liger is None:
+                return None
+
+            def lg(h, w, y):
+                out = liger(w, *shifted_rows(h, y))
+                return out if torch.is_tensor(out) else out[0]
+            return lg
+        if name == "cce":
+            if cce is None or args.device != "cuda":
+                return None
+            def cc(h, w, y):
+                hf, yf = shifted_rows(h, y)
+                return cce(hf, w, yf)
+            return cc
+        raise ValueError(name)
+
+    rows = []
+    for C in cfg["C"]:
+        for V in cfg["V"]:
+            for T in cfg["tokens"]:
+                for frac in cfg["frac"]:
+                    g = torch.Generator(device=dev).manual_seed(0)
+                    B = max(1, T // SEQ)
+                    hidden = torch.randn(B, T // B, C, device=dev, dtype=dtype, generator=g).requires_grad_()
+                    weight = (torch.randn(V, C, device=dev, dtype=dtype, generator=g) / C**0.5).requires_grad_()
+                    labels = torch.randint(0, V, (B, T // B), device=dev, generator=g)
+                    labels[torch.rand(labels.shape, device=dev, generator=g) >= frac] = -100
+                    n_lab = int((labels[:, 1:] != -100).sum())
+                    for prov in cfg["providers"]:
+                        fn = make_fn(prov)
+                        if fn is None:
+                            continue
+                        params = [hidden] if prov == "ours_frozen_w" else [hidden, weight]
+                        for mode in cfg["modes"]:
+                            row = dict(op="masked_linear_cross_entropy", provider=prov, mode=mode, dtype=str(dtype).split(".")[-1],
+                                       C=C, V=V, tokens=T, labelled_frac=frac, n_labelled=n_lab, preset=preset)
+                            try:
+                                if mode == "fwd":
+                                    run = lambda: fn(hidden, weight, labels)  # noqa: E731
+                                elif mode == "full":
+                                    run = lambda: torch.autograd.grad(fn(hidden, weight, labels), params)  # noqa: E731
+                                else:
+                                    loss = fn(hidden, weight, labels)
+                                    run = lambda: torch.autograd.grad(loss, params, retain_graph=True)  # noqa: E731
+                                run()  # warm-up: autotuning, compilation
+                                row.update(bench(run, args.device, **({} if args.device == "cuda" else dict(warmup=1, rep=3))))
+                            except Exception as e:  # an OOM or a provider failure is a result too
+                                row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+                            finally:
+                                run = loss = None
+                                if args.device == "cuda":
+                                    torch.cuda.empty_cache()
+                            rows.append(row)
+                            ms = row.get("ms")
+                            mem = row.get("peak_mem_mb")
+                            print(f"{prov:14s} {mode:4s} C={C} V={V} T={T} frac={frac}: "
+                                  + (f"{ms:9.3f} ms" if ms is not None else row.get("error", "?"))
+                                  + (f"  peak {mem:9.1f} MiB" if mem is not None else ""), flush=True)
+                    del hidden, weight, labels
+    path = append_rows("masked_ce", rows, args.device, out_dir=args.out_dir)
+    print(f"{len(rows)} rows -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
