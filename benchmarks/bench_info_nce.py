@@ -1,0 +1,160 @@
+"""Benchmark: pooled InfoNCE (pool + L2 normalise + similarity + cross-entropy), forward and backward.
+
+Providers, side by side in one run on the same inputs:
+  ours_triton    llm2vec_fast.pooled_info_nce(backend="triton"): Triton pooling (fp32 sums, d hidden
+                 written once in the input dtype) + cuBLAS similarity + Triton softmax-CE
+  ours_cuda      backend="cuda": the csrc/ pooling kernels (JIT-built before timing) + the same loss
+  eager          the PyTorch reference (llm2vec_fast.kernels.reference.pooled_info_nce_ref)
+  torch_compile  torch.compile of that reference (compile time excluded: warmed up first)
+
+Inputs are what a supervised LLM2Vec step hands the loss: bf16 hidden states (B, T, C) of
+queries and positives (and with ``--neg`` one hard negative per query), padded with lengths
+between 30% and 100% of T; queries carry an instruction prefix excluded from pooling (embed
+mask); mean pooling, temperature 0.05. Modes: fwd, full (forward + backward to every hidden
+state). Time: triton.testing.do_bench median (p20 / p80); memory: peak above the inputs during
+one call (includes the returned gradients). A provider that runs out of memory gets a row with
+``status="oom"``. Rows are appended after every case to benchmarks/results/info_nce.jsonl.
+
+    python benchmarks/bench_info_nce.py --device cuda --preset gpu-quick   # ~1 min on an H100
+    python benchmarks/bench_info_nce.py --device cuda --preset gpu-full    # every shape of the issue
+    python benchmarks/bench_info_nce.py --device cpu --preset cpu          # tiny; Triton interpreted
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+PRESETS = {
+    "cpu": dict(B=[8], T=[16], C=[64], neg=[False, True], modes=["full"], providers=["ours_triton", "eager"]),
+    "gpu-quick": dict(B=[512, 2048], T=[128], C=[4096], neg=[False, True], modes=["full"],
+                      providers=["ours_triton", "ours_cuda", "eager", "torch_compile"]),
+    "gpu-full": dict(B=[64, 512, 2048], T=[128, 512], C=[2048, 4096], neg=[False, True], modes=["fwd", "full"],
+                     providers=["ours_triton", "ours_cuda", "eager", "torch_compile"]),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--preset", choices=list(PRESETS), default=None)
+    p.add_argument("--out-dir", default=None, help="where info_nce.jsonl is appended (default benchmarks/results)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--providers", default=None, help="comma-separated subset of the preset's providers")
+    args = p.parse_args(argv)
+    preset_name = args.preset or ("gpu-quick" if args.device == "cuda" else "cpu")
+    preset = PRESETS[preset_name]
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import append_rows, bench
+
+    import llm2vec_fast as L
+    from llm2vec_fast.kernels import reference as ref
+
+    dev = args.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if dev == "cuda" else "fp32")]
+    providers = preset["providers"] if not args.providers else args.providers.split(",")
+
+    if "ours_cuda" in providers:
+        from llm2vec_fast.kernels import cuda as ck
+
+        if dev != "cuda" or not ck.cuda_ext_available():  # the JIT build happens here, before timing
+            print(f"ours_cuda skipped: {ck.cuda_ext_error() if dev == 'cuda' else 'needs --device cuda'}")
+            providers = [x for x in providers if x != "ours_cuda"]
+    compiled = {}
+    if "torch_compile" in providers:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    def make_inputs(B, T, C, neg):
+        g = torch.Generator(device=dev).manual_seed(0)
+
+        def part(instr):
+            h = torch.randn(B, T, C, device=dev, dtype=dtype, generator=g).requires_grad_()
+            lens = (torch.rand(B, device=dev, generator=g) * 0.7 + 0.3) * T
+            ar = torch.arange(T, device=dev)
+            mask = ar[None] < lens.long().clamp_min(1)[:, None]
+            emb = (ar[None] >= instr) & mask if instr else None
+            return h, mask, emb
+
+        parts = [part(8), part(0)] + ([part(0)] if neg else [])
+        return parts
+
+    def call(fn, parts, **kw):
+        (hq, mq, eq), (hd, md, ed) = parts[:2]
+        hn, mn, en = parts[2] if len(parts) == 3 else (None, None, None)
+        return fn(hq, mq, hd, md, embed_mask_q=eq, embed_mask_d=ed, hidden_neg=hn, mask_neg=mn, embed_mask_neg=en,
+                  temperature=0.05, pooling="mean", **kw)
+
+    def loss_fn(provider, neg):
+        if provider == "ours_triton":
+            return lambda parts: call(L.pooled_info_nce, parts, backend="triton")
+        if provider == "ours_cuda":
+            return lambda parts: call(L.pooled_info_nce, parts, backend="cuda")
+        if provider == "eager":
+            return lambda parts: call(ref.pooled_info_nce_ref, parts)
+        if provider == "torch_compile":
+            if neg not in compiled:
+                compiled[neg] = torch.compile(ref.pooled_info_nce_ref)
+            f = compiled[neg]
+            return lambda parts: call(f, parts)
+        raise ValueError(provider)
+
+    n_rows = 0
+    for C in preset["C"]:
+        for T in preset["T"]:
+            for B in preset["B"]:
+                for neg in preset["neg"]:
+                    parts = make_inputs(B, T, C, neg)
+                    hs = [x[0] for x in parts]
+                    rows = []
+                    for provider in providers:
+                        f = loss_fn(provider, neg)
+                        for mode in preset["modes"]:
+                            if mode == "fwd":
+                                def run():
+                                    with torch.no_grad():
+                                        return f(parts)
+                            else:
+                                def run():
+                                    loss = f(parts)
+                                    return torch.autograd.grad(loss, hs)
+                            row = dict(op="pooled_info_nce", provider=provider, mode=mode, B=B, T=T, C=C,
+                                       M=B if neg else 0, dtype=str(dtype).replace("torch.", ""), pooling="mean",
+                                       preset=preset_name)
+                            try:
+                                run()  # warm-up: Triton / inductor compilation, cuBLAS handles
+                                row.update(bench(run, dev), status="ok")
+                            except torch.OutOfMemoryError:
+                                row.update(status="oom")
+                            except Exception as e:  # a failing provider is a row, not a crash
+                                row.update(status=f"error: {type(e).__name__}: {str(e)[:300]}")
+                            if dev == "cuda":
+                                torch.cuda.empty_cache()
+                            rows.append(row)
+                            ms = f"{row['ms']:.3f} ms" if row.get("ms") is not None else row["status"]
+                            mem = f", {row['peak_mem_mb']:.0f} MB" if row.get("peak_mem_mb") is not None else ""
+                            print(f"B={B} T={T} C={C} neg={neg} {mode:4s} {provider:14s} {ms}{mem}", flush=True)
+                    ours = [r for r in rows if r["provider"] == "ours_triton" and r.get("ms")]
+                    for r in rows:
+                        o = [x for x in ours if x["mode"] == r["mode"]]
+                        if o and r.get("ms") and r["provider"] != "ours_triton":
+                            r["triton_speedup"] = r["ms"] / o[0]["ms"]
+                            print(f"  {r['mode']} ours_triton vs {r['provider']}: {r['triton_speedup']:.2f}x")
+                    path = append_rows("info_nce", rows, dev, args.out_dir)
+                    n_rows += len(rows)
+                    del parts, hs
+                    if dev == "cuda":
+                        torch.cuda.empty_cache()
+    print(f"{n_rows} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""GPU tests of the pooling / InfoNCE kernels: Triton and CUDA C++ backends, bf16 included.
+
+Same tolerance rule as the interpreter tests (STYLE.md): the oracle is the reference on fp64
+inputs, the budget twice (outputs) or three times (gradients) the error of the reference
+run in the input dtype. Sizes are LLM-like but small enough for seconds: ragged hidden sizes
+(C = 1000), T = 300 with padding and instruction masks, B up to 1000 for the loss, and one
+> 2^31-element hidden tensor to check 64-bit offsets. The CUDA backend JIT-builds csrc/ on
+first use (``cuda_ext_available``); a failed build fails ``test_cuda_extension_builds``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close_rule, max_err
+
+import llm2vec_fast as L
+from llm2vec_fast.kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
+MODES = ("mean", "weighted_mean", "last_token", "bos_token")
+
+
+def _need(backend):
+    if backend == "cuda":
+        from llm2vec_fast.kernels import cuda as ck
+
+        if not ck.cuda_ext_available():
+            pytest.fail(f"CUDA extension unavailable: {ck.cuda_ext_error()}")
+
+
+def test_cuda_extension_builds():
+    from llm2vec_fast.kernels import cuda as ck
+
+    assert ck.cuda_ext_available(), ck.cuda_ext_error()
+
+
+def _case(layout, B, T, C, dtype, empty_row=False):
+    dev = "cuda"
+    if layout == "padded":
+        h = torch.randn(B, T, C, device=dev, dtype=dtype)
+        lens = torch.randint(1, T + 1, (B,), device=dev)
+        ar = torch.arange(T, device=dev)
+        attn = ar[None] < lens[:, None]
+        attn[0] = ar >= T // 3  # one left-padded row
+        embed = ar[None] >= torch.randint(0, 8, (B, 1), device=dev)  # instruction prefixes
+        if empty_row:
+            embed[1] = False  # an empty region: the zero vector
+        return h, attn, embed, None
+    lens = torch.randint(1, T + 1, (B,))
+    if empty_row:
+        lens[1] = 0
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    h = torch.randn(int(cu[-1]), C, device=dev, dtype=dtype)
+    embed = torch.rand(h.shape[0], device=dev) > 0.2
+    return h, None, embed, cu.to(dev)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_gpu(mode, layout, dtype, backend):
+    _need(backend)
+    B, T, C = 33, 300, 1000
+    # Both paths. F.normalize's backward at a zero vector divides by eps (1e-12), which an fp16
+    # reference turns into inf * 0 = NaN (a vacuous budget): empty rows only without normalising.
+    normalize = mode != "mean"
+    h, attn, embed, cu = _case(layout, B, T, C, dtype, empty_row=not normalize)
+    h64 = h.detach().double().requires_grad_()
+    hn = h.detach().clone().requires_grad_()
+    hf = h.detach().clone().requires_grad_()
+
+    def refp(x, upcast):
+        o = ref.pool_ref(x, attn, embed, mode, cu_seqlens=cu, upcast=upcast)
+        if normalize:  # as the torch backend of pool(): normalise in fp32 (fp64 oracle), cast back
+            o = F.normalize(o if o.dtype == torch.float64 else o.float(), dim=-1).to(o.dtype)
+        return o
+
+    oracle, native = refp(h64, True), refp(hn, False)
+    fast = L.pool(hf, attn, embed, mode, cu_seqlens=cu, normalize=normalize, backend=backend)
+    assert fast.dtype == dtype
+    assert_close_rule(fast, oracle, native, atol=ATOL[dtype], name=f"{backend} pooled")
+    g = torch.randn(B, C, device="cuda", dtype=torch.float64)
+    (d64,) = torch.autograd.grad(oracle, h64, g)
+    (dn,) = torch.autograd.grad(native, hn, g.to(dtype))
+    (df,) = torch.autograd.grad(fast, hf, g.to(dtype))
+    assert torch.isfinite(df).all()
+    assert_close_rule(df, d64, dn, factor=3.0, atol=ATOL[dtype], name=f"{backend} d hidden")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("pooling,M,symmetric", [("mean", 0, False), ("mean", 64, True), ("last_token", 32, False)])
+def test_pooled_info_nce_gpu(pooling, M, symmetric, dtype, backend):
+    _need(backend)
+    B, T, C = 96, 128, 1000
+    parts = [_case("padded", n, T, C, dtype) for n in (B, B, M) if n]
+    hs64 = [p[0].detach().double().requires_grad_() for p in parts]
+    hsn = [p[0].detach().clone().requires_grad_() for p in parts]
+    hsf = [p[0].detach().clone().requires_grad_() for p in parts]
+
+    def call(fn, hs, **kw):
+        neg = len(parts) == 3
+        return fn(hs[0], parts[0][1], hs[1], parts[1][1], embed_mask_q=parts[0][2], embed_mask_d=parts[1][2],
+                  hidden_neg=hs[2] if neg else None, mask_neg=parts[2][1] if neg else None,
+                  embed_mask_neg=parts[2][2] if neg else None, temperature=0.05, pooling=pooling,
+                  symmetric=symmetric, **kw)
+
+    oracle = call(ref.pooled_info_nce_ref, hs64)
+    e = [ref.pool_ref(h, p[1], p[2], pooling, upcast=False) for h, p in zip(hsn, parts)]
+    native = ref.info_nce_ref(e[0], e[1], e[2] if len(e) == 3 else None, temperature=0.05, symmetric=symmetric)
+    fast = call(L.pooled_info_nce, hsf, backend=backend)
+    assert_close_rule(fast, oracle, native, atol=1e-5, name=f"{backend} loss")
+    for x, y, z in zip(torch.autograd.grad(fast, hsf), torch.autograd.grad(oracle, hs64),
+                       torch.autograd.grad(native, hsn)):
+        assert x.dtype == dtype
+        assert_close_rule(x, y, z, factor=3.0, atol=ATOL[dtype], name=f"{backend} d hidden")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_gpu(symmetric, dtype):
+    B, M, C = 1000, 500, 256
+    args = [torch.randn(n, C, device="cuda", dtype=dtype) for n in (B, B, M)]
+    a64 = [t.double().requires_grad_() for t in args]
+    an = [t.clone().requires_grad_() for t in args]
+    af = [t.clone().requires_grad_() for t in args]
+    oracle = ref.info_nce_ref(*a64, temperature=0.05, symmetric=symmetric)
+    native = ref.info_nce_ref(*an, temperature=0.05, symmetric=symmetric)
+    fast = L.info_nce(*af, temperature=0.05, symmetric=symmetric, backend="triton")
+    assert_close_rule(fast, oracle, native, atol=1e-5, name="loss")
+    for x, y, z in zip(torch.autograd.grad(fast, af), torch.autograd.grad(oracle, a64), torch.autograd.grad(native, an)):
+        assert_close_rule(x, y, z, factor=3.0, atol=ATOL[dtype], name="d emb")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_pool_64bit_offsets(backend):
+    """A (1100, 1024, 2048) bf16 hidden tensor has 2.3e9 > 2^31 elements: the last rows must be right."""
+    _need(backend)
+    B, T, C = 1100, 1024, 2048
+    h = torch.empty(B, T, C, device="cuda", dtype=torch.bfloat16).normal_()
+    attn = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    attn[:, 700:] = False
+    h.requires_grad_()
+    out = L.pool(h, attn, None, "mean", backend=backend)
+    tail = slice(B - 3, B)
+    want = ref.pool_ref(h[tail].detach().double(), attn[tail], None, "mean")
+    assert max_err(out[tail], want) < 1e-2
+    g = torch.zeros_like(out)
+    g[-1] = 1
+    (d,) = torch.autograd.grad(out, h, g)
+    assert float(d[-1, :700].float().sub(1.0 / 700).abs().max()) < 1e-4
+    assert float(d[-1, 700:].float().abs().max()) == 0.0
+    del d, h
+    torch.cuda.empty_cache()
