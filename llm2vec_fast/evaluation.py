@@ -58,7 +58,7 @@ def evaluate_sts(
     texts = list(uniq)
     inputs = [[instruction, t] for t in texts] if instruction else texts
     emb = encoder.encode(inputs, batch_size=batch_size, show_progress_bar=show_progress_bar, convert_to_tensor=True)
-    emb = torch.as_tensor(emb).float()
+    emb = torch.as_tensor(emb).double()  # fp64 cosines: near-ties rank the same on every machine
     emb = torch.nn.functional.normalize(emb, dim=-1)
     ia = torch.tensor([uniq[a] for a, _, _ in rows])
     ib = torch.tensor([uniq[b] for _, b, _ in rows])
