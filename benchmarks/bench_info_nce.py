@@ -13,9 +13,11 @@ between 30% and 100% of T; queries carry an instruction prefix excluded from poo
 mask); mean pooling, temperature 0.05. Modes: fwd, full (forward + backward to every hidden
 state). Time: triton.testing.do_bench median (p20 / p80); memory: peak above the inputs during
 one call (includes the returned gradients). A provider that runs out of memory gets a row with
-``status="oom"``. Rows are appended after every case to benchmarks/results/info_nce.jsonl.
+``status="oom"``. Each row is appended as soon as it is measured to
+benchmarks/results/info_nce.jsonl (``triton_speedup`` = provider ms / ours_triton ms).
 
-    python benchmarks/bench_info_nce.py --device cuda --preset gpu-quick   # ~1 min on an H100
+    python benchmarks/bench_info_nce.py --device cuda --preset gpu-quick   # ~1-2 min on an H100 (most
+                                                                           # of it torch.compile's compiles)
     python benchmarks/bench_info_nce.py --device cuda --preset gpu-full    # every shape of the issue
     python benchmarks/bench_info_nce.py --device cpu --preset cpu          # tiny; Triton interpreted
 """
@@ -49,6 +51,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.device == "cpu":
+        # One thread: on a shared, oversubscribed CPU, OpenMP's spinning threads turned a 0.5 ms
+        # eager step into 300 ms here. The row's device string records the thread count.
+        torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import append_rows, bench
 
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
             return lambda parts: call(f, parts)
         raise ValueError(provider)
 
-    n_rows = 0
+    n_rows, path = 0, None
     for C in preset["C"]:
         for T in preset["T"]:
             for B in preset["B"]:
@@ -137,22 +143,21 @@ def main(argv=None) -> int:
                                 row.update(status=f"error: {type(e).__name__}: {str(e)[:300]}")
                             if dev == "cuda":
                                 torch.cuda.empty_cache()
+                            o = [x for x in rows if x["provider"] == "ours_triton" and x["mode"] == mode and x.get("ms")]
+                            if o and row.get("ms") and provider != "ours_triton":
+                                row["triton_speedup"] = row["ms"] / o[0]["ms"]  # above 1: ours is faster
                             rows.append(row)
+                            # One row at a time: a run cut short by a timeout keeps what it measured.
+                            path = append_rows("info_nce", [row], dev, args.out_dir)
+                            n_rows += 1
                             ms = f"{row['ms']:.3f} ms" if row.get("ms") is not None else row["status"]
                             mem = f", {row['peak_mem_mb']:.0f} MB" if row.get("peak_mem_mb") is not None else ""
-                            print(f"B={B} T={T} C={C} neg={neg} {mode:4s} {provider:14s} {ms}{mem}", flush=True)
-                    ours = [r for r in rows if r["provider"] == "ours_triton" and r.get("ms")]
-                    for r in rows:
-                        o = [x for x in ours if x["mode"] == r["mode"]]
-                        if o and r.get("ms") and r["provider"] != "ours_triton":
-                            r["triton_speedup"] = r["ms"] / o[0]["ms"]
-                            print(f"  {r['mode']} ours_triton vs {r['provider']}: {r['triton_speedup']:.2f}x")
-                    path = append_rows("info_nce", rows, dev, args.out_dir)
-                    n_rows += len(rows)
+                            sp = f", ours_triton {row['triton_speedup']:.2f}x faster" if "triton_speedup" in row else ""
+                            print(f"B={B} T={T} C={C} neg={neg} {mode:4s} {provider:14s} {ms}{mem}{sp}", flush=True)
                     del parts, hs
                     if dev == "cuda":
                         torch.cuda.empty_cache()
-    print(f"{n_rows} rows appended to {path}")
+    print(f"{n_rows} rows appended to {path if n_rows else '(nothing)'}")
     return 0
 
 
