@@ -15,6 +15,8 @@ state). Time: triton.testing.do_bench median (p20 / p80); memory: peak above the
 one call (includes the returned gradients). A provider that runs out of memory gets a row with
 ``status="oom"``. Each row is appended as soon as it is measured to
 benchmarks/results/info_nce.jsonl (``triton_speedup`` = provider ms / ours_triton ms).
+gpu-full (and the cpu smoke preset) also time the loss alone (``op="info_nce"``: fp32
+embeddings, B x 2B similarities, symmetric, forward + backward) for ours / eager / compile.
 
     python benchmarks/bench_info_nce.py --device cuda --preset gpu-quick   # ~1-2 min on an H100 (most
                                                                            # of it torch.compile's compiles)
@@ -28,11 +30,12 @@ import os
 import sys
 
 PRESETS = {
-    "cpu": dict(B=[8], T=[16], C=[64], neg=[False, True], modes=["full"], providers=["ours_triton", "eager"]),
+    "cpu": dict(B=[8], T=[16], C=[64], neg=[False, True], modes=["full"], providers=["ours_triton", "eager"],
+                loss_B=[16]),
     "gpu-quick": dict(B=[512, 2048], T=[128], C=[4096], neg=[False, True], modes=["full"],
                       providers=["ours_triton", "ours_cuda", "eager", "torch_compile"]),
     "gpu-full": dict(B=[64, 512, 2048], T=[128, 512], C=[2048, 4096], neg=[False, True], modes=["fwd", "full"],
-                     providers=["ours_triton", "ours_cuda", "eager", "torch_compile"]),
+                     providers=["ours_triton", "ours_cuda", "eager", "torch_compile"], loss_B=[512, 2048, 4096]),
 }
 
 
@@ -157,6 +160,34 @@ def main(argv=None) -> int:
                     del parts, hs
                     if dev == "cuda":
                         torch.cuda.empty_cache()
+    # gpu-full: the loss alone on fp32 embeddings (similarity + temperature + CE, forward and
+    # backward), to show what the cuBLAS-matmul + Triton-CE split costs next to the pooling.
+    for B in preset.get("loss_B", []):
+        C = 4096 if dev == "cuda" else 64
+        embs = [torch.randn(n, C, device=dev, requires_grad=True) for n in (B, B, B)]
+        eager_loss = lambda q, d, n: ref.info_nce_ref(q, d, n, temperature=0.05, symmetric=True)  # noqa: E731
+        fns = {"ours_triton": lambda q, d, n: L.info_nce(q, d, n, temperature=0.05, symmetric=True, backend="triton"),
+               "eager": eager_loss}
+        if "torch_compile" in providers:
+            fns["torch_compile"] = torch.compile(eager_loss)
+        ours_ms = None
+        for provider, f in fns.items():
+            def run():
+                return torch.autograd.grad(f(*embs), embs)
+            row = dict(op="info_nce", provider=provider, mode="full", B=B, C=C, M=B, dtype="float32",
+                       symmetric=True, preset=preset_name)
+            try:
+                run()
+                row.update(bench(run, dev), status="ok")
+            except torch.OutOfMemoryError:
+                row.update(status="oom")
+            if provider == "ours_triton":
+                ours_ms = row.get("ms")
+            elif ours_ms and row.get("ms"):
+                row["triton_speedup"] = row["ms"] / ours_ms
+            path = append_rows("info_nce", [row], dev, args.out_dir)
+            n_rows += 1
+            print(f"loss only B={B} N={2 * B} C={C} {provider:14s} {row.get('ms', row['status'])}", flush=True)
     print(f"{n_rows} rows appended to {path if n_rows else '(nothing)'}")
     return 0
 

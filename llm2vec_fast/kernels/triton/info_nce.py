@@ -10,10 +10,12 @@ the host as a ``(B, T)`` uint8 tensor, ``1/T`` of the hidden traffic); the weigh
 mode are derived in the kernel from it (``weighted_mean``'s 1..n ranks by a running
 ``tl.cumsum``; ``last``/``bos`` by a scan of the mask and then a single row load), so
 nothing of size ``B x T`` beyond the region is materialised. Sums are fp32 whatever the
-hidden dtype. The forward writes the fp32 pooled vector ``E (B, C)`` and per-block partial
-sums of squares ``(B, NCB)`` so the L2 norm needs no second pass over ``E``; the backward
-writes ``d hidden`` directly in hidden's dtype (``w_t / den * dE``): no fp32 copy of the
-hidden states exists at any point.
+hidden dtype. The forward writes the fp32 pooled vector ``E (B, C)`` (and per-block partial
+sums of squares, returned as ``ssq (B,)`` for checks); the backward writes ``d hidden``
+directly in hidden's dtype (``w_t / den * dE``): no fp32 copy of the hidden states exists at
+any point. The L2 normalisation is ``F.normalize`` on the fp32 ``(B, C)`` result (autograd
+does its backward): ``B x C`` work, ``1/T`` of the pooling traffic, so it is not fused into
+the token loop (a (B, C / BLOCK_C) grid has no program that sees a whole row).
 
 Loss: the similarity ``S = q_n @ [d_n; neg_n]^T`` (fp32, ``B x N``) is one cuBLAS matmul,
 then ``_ce_lse_kernel`` computes scaled row log-sum-exps (and, for the symmetric loss,
