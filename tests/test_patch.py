@@ -467,3 +467,113 @@ def test_triton_backend_matches_reference(layout, monkeypatch):
         err = float((g_got[n].double() - g).abs().max())
         budget = 3 * float((g_want[n].double() - g).abs().max()) + 1e-6 * float(g.abs().max())
         assert err <= budget, f"{n}: {err:.3e} > {budget:.3e}"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The padding structure travels through checkpointed layers (recomputed in backward)."""
+    ids, mask = batch([9, 4, 7], "left")
+    grads = []
+    for ckpt in (False, True):
+        model = patch_model(tiny_model("qwen2", dtype=torch.float64))
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = torch.randn(h.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        (h * w * mask[..., None]).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        assert float((grads[1][n] - g).abs().max()) <= REL * float(g.abs().max()), n
+
+
+def test_unpadded_varlen_layout_matches_padded(monkeypatch):
+    """The flash_attn backend's layout (gather valid tokens, varlen, scatter), run here with the
+    reference varlen attention, equals the padded layout."""
+    import llm2vec_fast.hf.attention as hfa
+    import llm2vec_fast.ops.attention as ops_attn
+
+    ids, mask = batch([10, 3, 7], "left")
+    model = patch_model(tiny_model("gemma2", dtype=torch.float64))
+    want = hidden(model, ids, mask)
+    real = ops_attn.flash_attn_varlen_noncausal
+    calls = []
+
+    def varlen_on_reference(*args, **kw):
+        calls.append(args[0].shape)
+        args = list(args)
+        args[9] = "torch"  # the backend argument
+        return real(*args, **kw)
+
+    monkeypatch.setattr(hfa, "resolve_backend", lambda *a, **k: "flash_attn")
+    monkeypatch.setattr(ops_attn, "flash_attn_varlen_noncausal", varlen_on_reference)
+    got = hidden(model, ids, mask)
+    assert calls and all(s[0] == 20 for s in calls)  # 10 + 3 + 7 valid tokens, packed
+    m = mask.bool()
+    assert float((got[m] - want[m]).abs().max()) <= bound(want[m])
+
+
+@pytest.mark.interpreter
+def test_triton_backend_with_dropout_falls_back_with_a_warning(monkeypatch):
+    _triton_attention_or_skip()
+    import llm2vec_fast.ops._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = patch_model(tiny_model("llama", head_dim=32, attention_dropout=0.3).to(device), backend="triton")
+    model.train()
+    ids, mask = batch([6, 4], "right")
+    with pytest.warns(RuntimeWarning, match="dropout"):
+        a = hidden(model, ids.to(device), mask.to(device))
+    b = hidden(model, ids.to(device), mask.to(device))
+    m = mask.bool().to(device)
+    assert float((a[m] - b[m]).abs().max()) > 1e-4  # the reference ran dropout
+
+
+# --------------------------------------------------------------------------------------
+# GPU (run by the lead on the GPU machine): the compiled kernels inside real layers.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", SUPPORTED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_auto_backend_matches_reference(model_type, dtype):
+    """backend="auto" on CUDA (the Triton kernels) vs the reference backend in the same dtype,
+    both judged against an fp64 oracle; hidden states and every parameter gradient."""
+    dev = torch.device("cuda")
+    lengths = [200, 37, 129, 1]
+    ids, mask = batch(lengths, "left")
+    ids, mask = ids.to(dev), mask.to(dev)
+    m = mask.bool()
+
+    def run(backend, dt):
+        model = patch_model(tiny_model(model_type, head_dim=64, dtype=dt).to(dev), backend=backend)
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state[m]
+        w = torch.randn(h.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dev)
+        (h.double() * w).sum().backward()
+        return h.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+    got, g_got = run("auto", dtype)
+    want, g_want = run("torch", dtype)
+    oracle, g_oracle = run("torch", torch.float64)
+    err = float((got - oracle).abs().max())
+    budget = 2 * float((want - oracle).abs().max()) + 1e-5 * float(oracle.abs().max())
+    assert err <= budget, f"hidden: {err:.3e} > {budget:.3e}"
+    for n, g in g_oracle.items():
+        err = float((g_got[n] - g).abs().max())
+        budget = 3 * float((g_want[n] - g).abs().max()) + 1e-5 * float(g.abs().max())
+        assert err <= budget, f"{n}: {err:.3e} > {budget:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attn_backend_if_installed():
+    pytest.importorskip("flash_attn")
+    dev = torch.device("cuda")
+    ids, mask = batch([50, 17, 33], "right")
+    ids, mask = ids.to(dev), mask.to(dev)
+    m = mask.bool()
+    got = hidden(patch_model(tiny_model("llama", head_dim=64, dtype=torch.bfloat16).to(dev), backend="flash_attn"), ids, mask)
+    want = hidden(patch_model(tiny_model("llama", head_dim=64, dtype=torch.bfloat16).to(dev), backend="torch"), ids, mask)
+    oracle = hidden(patch_model(tiny_model("llama", head_dim=64, dtype=torch.float64).to(dev), backend="torch"), ids, mask)
+    err = float((got[m].double() - oracle[m]).abs().max())
+    assert err <= 2 * float((want[m].double() - oracle[m]).abs().max()) + 1e-5 * float(oracle[m].abs().max())
