@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine, from the repository root:
+#
+#   bash benchmarks/gpu_check.sh            # install, gpu tests, gpu-quick benchmarks, summary
+#   bash benchmarks/gpu_check.sh --dry-run  # list what it would run, run nothing
+#
+# 1. installs the package offline (pip install --no-deps --no-build-isolation -e .); wheels in
+#    an ignored .whl/ folder (gguf, liger-kernel, cut-cross-entropy, ...) go to /tmp/site,
+#    which is put on PYTHONPATH;
+# 2. runs the gpu-marked tests (bf16 included), bounded by a timeout;
+# 3. runs the gpu-quick preset, each benchmark script under its own timeout (a script that
+#    hangs or crashes does not stop the others; its rows so far are kept);
+# 4. regenerates benchmarks/results/SUMMARY.md, copies results/*.jsonl and SUMMARY.md to $OUT
+#    when set, and prints the summary last.
+#
+# Budget: under 8 minutes on an H100 (tests <= 210 s, benchmarks <= 240 s; the timeouts are the
+# worst case, the usual run is shorter). Override with GPU_CHECK_TEST_TIMEOUT and
+# GPU_CHECK_BENCH_TIMEOUTS="attention=60 masked_ce=45 info_nce=30 e2e=75 encode=30".
+# Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is
+# printed either way).
+set -u
+cd "$(dirname "$0")/.."
+
+DRY=0
+for a in "$@"; do
+  case "$a" in
+    --dry-run|-n) DRY=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $a (expected --dry-run)" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-210}
+BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=60 masked_ce=45 info_nce=30 e2e=75 encode=30"}
+RESULTS=benchmarks/results
+START=$(date +%s)
+FAILED=()
+
+step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+run() {  # print the command; run it unless --dry-run
+  echo "+ $*"
+  [ "$DRY" = 1 ] && return 0
+  "$@"
+}
+
+step "1/4 offline install"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  run "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  echo "PYTHONPATH=$PYTHONPATH"
+else
+  echo "(no .whl/ folder: optional peers such as liger-kernel / cut-cross-entropy are skipped if missing)"
+fi
+run "$PY" -m pip install -q --no-deps --no-build-isolation -e . || FAILED+=("install")
+if [ "$DRY" = 0 ]; then
+  "$PY" - <<'EOF'
+import torch, triton, transformers
+print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
+      f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+EOF
+fi
+
+step "2/4 gpu tests (timeout ${TEST_TIMEOUT}s)"
+run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests || FAILED+=("gpu tests")
+
+step "3/4 gpu-quick benchmarks"
+for spec in $BENCH_TIMEOUTS; do
+  name=${spec%%=*}; t=${spec#*=}
+  if [ ! -f "benchmarks/bench_${name}.py" ]; then
+    echo "benchmarks/bench_${name}.py not present: skipped"
+    continue
+  fi
+  run timeout -k 10 "$t" "$PY" "benchmarks/bench_${name}.py" --preset gpu-quick --device cuda \
+    || FAILED+=("bench_${name} (rc $?)")
+done
+
+step "4/4 summary"
+run "$PY" benchmarks/summary.py || FAILED+=("summary")
+if [ -n "${OUT:-}" ]; then
+  run mkdir -p "$OUT/results"
+  if [ "$DRY" = 1 ]; then
+    echo "+ cp $RESULTS/*.jsonl $RESULTS/SUMMARY.md $OUT/results/"
+  else
+    cp "$RESULTS"/*.jsonl "$RESULTS"/SUMMARY.md "$OUT/results/" 2>/dev/null || true
+  fi
+fi
+
+echo
+echo "=== gpu_check finished in $(( $(date +%s) - START ))s; failures: ${FAILED[*]:-none}"
+if [ "$DRY" = 1 ]; then
+  echo "(dry run: nothing was run)"
+else
+  echo
+  cat "$RESULTS/SUMMARY.md" 2>/dev/null || echo "no $RESULTS/SUMMARY.md"
+fi
+[ ${#FAILED[@]} -eq 0 ]

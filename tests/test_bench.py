@@ -1,0 +1,137 @@
+"""The benchmark harness: SUMMARY.md from fabricated rows, gpu_check.sh --dry-run, the bench
+subcommand's arguments, and a tiny end-to-end run (2-layer SmolLM2-shaped model, stock vs patched)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(path, rows):
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+CTX = dict(torch="2.11.0+cu130", triton="3.6.0", transformers="5.17.0", git="abc1234")
+
+
+def test_summary_ratios_latest_rows_anchors_and_e2e_verdicts(tmp_path):
+    summary = _load("summary")
+    h100 = "NVIDIA H100 80GB HBM3"
+    case = dict(bench="attention", case="unpadded", B=4, S=4096, H=32, Hkv=32, D=128, dtype="bfloat16", mode="fwd")
+    _write(tmp_path / "attention.jsonl", [
+        # an old row of ours for the same case: the newer one must win
+        dict(CTX, device=h100, time="2026-01-01T00:00:00+00:00", provider="ours", ms=9.0, tflops=100.0, **case),
+        dict(CTX, device=h100, time="2026-01-02T00:00:00+00:00", provider="ours", ms=2.0, tflops=450.0,
+             peak_mem_mb=100.0, **case),
+        dict(CTX, device=h100, time="2026-01-02T00:00:00+00:00", provider="sdpa-flash", ms=3.0, tflops=300.0,
+             peak_mem_mb=400.0, **case),
+        dict(CTX, device=h100, time="2026-01-02T00:00:00+00:00", provider="hf-sdpa", ms=7.0, tflops=130.0, **case),
+    ])
+    e2e = dict(bench="e2e", config="smollm2-135m", batch=8, seq=128, dtype="float32", grad_ckpt=False, lora_r=16)
+    cpu = "cpu:x86_64 x2 threads"
+    _write(tmp_path / "e2e.jsonl", [
+        dict(CTX, device=cpu, time="2026-01-03T00:00:00+00:00", task="mntp", provider="stock", ms=8000.0,
+             peak_mem_mb=6000.0, step_mem_mb=5000.0, tokens_per_s=128.0, loss0=10.9, **e2e),
+        dict(CTX, device=cpu, time="2026-01-03T00:00:00+00:00", task="mntp", provider="patched", ms=4000.0,
+             peak_mem_mb=2400.0, step_mem_mb=1500.0, tokens_per_s=256.0, loss0=10.9, **e2e),
+        dict(CTX, device=cpu, time="2026-01-03T00:00:00+00:00", task="simcse", provider="stock", ms=1000.0,
+             peak_mem_mb=1000.0, tokens_per_s=10.0, loss0=2.0, **e2e),
+        dict(CTX, device=cpu, time="2026-01-03T00:00:00+00:00", task="simcse", provider="patched", ms=900.0,
+             peak_mem_mb=900.0, tokens_per_s=11.0, loss0=2.0, **e2e),
+    ])
+    (tmp_path / "broken.jsonl").write_text('{"provider": "ours", "ms": 1.0}\n{"truncated": \n')
+    text = summary.generate(str(tmp_path))
+    assert (tmp_path / "SUMMARY.md").read_text() == text
+    att = text[text.index("## attention"): text.index("## e2e")]
+    assert "hf-sdpa 3.50x" in att and "sdpa-flash 1.50x" in att, att  # peer ms / ours ms, newest ours row
+    assert "450.0" in att and "sdpa-flash 0.25x" in att  # TFLOP/s, memory ours / peer
+    assert "FlashAttention-3 638" in att and "target >= 500" in att  # S=4096, D=128 anchors
+    assert "4.50x" not in att  # the stale 9 ms row of ours was not used
+    e2e_part = text[text.index("## e2e"):]
+    mntp = next(l for l in e2e_part.splitlines() if l.startswith("- ") and "task=mntp" in l)
+    simcse = next(l for l in e2e_part.splitlines() if l.startswith("- ") and "task=simcse" in l)
+    assert "**0.50x** time" in mntp and "target <= 0.8x: PASS" in mntp, mntp
+    assert "**0.40x**" in mntp and "target <= 0.5x: PASS" in mntp and "(0.30x)" in mntp, mntp
+    assert "**0.90x** time" in simcse and "target <= 0.8x: FAIL" in simcse, simcse
+    assert "**0.90x**," in simcse and "target <= 0.5x: FAIL" in simcse, simcse
+    assert "## broken" in text  # an unknown file still gets a table; the truncated line is skipped
+
+
+def test_summary_with_no_results(tmp_path):
+    text = _load("summary").generate(str(tmp_path))
+    assert "No results yet" in text
+
+
+def test_gpu_check_dry_run_lists_everything_and_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                       env=env, cwd=str(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = r.stdout
+    assert "pip install -q --no-deps --no-build-isolation -e ." in s
+    assert "-m pytest -m gpu -x -q" in s and "timeout" in s
+    assert "bench_e2e.py --preset gpu-quick --device cuda" in s
+    assert "bench_encode.py --preset gpu-quick --device cuda" in s
+    assert "benchmarks/summary.py" in s and f"{out}/results" in s
+    assert s.index("summary.py") > s.index("bench_e2e.py") > s.index("pytest")
+    assert not out.exists()  # a dry run creates nothing
+    bad = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2
+
+
+def test_bench_subcommand_help_and_dry_run(capsys):
+    from llm2vec_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    h = capsys.readouterr().out
+    assert "--preset" in h and "gpu-quick" in h and "--only" in h
+    with pytest.raises(SystemExit):
+        main(["bench", "--preset", "tpu"])
+    capsys.readouterr()
+    assert main(["bench", "--preset", "cpu", "--dry-run", "--only", "e2e,encode"]) == 0
+    s = capsys.readouterr().out
+    assert "bench_e2e.py --preset cpu --device cpu" in s and "bench_encode.py --preset cpu --device cpu" in s
+    assert "bench_attention.py" not in s
+    assert main(["bench", "--only", "nope", "--dry-run"]) == 2
+
+
+@pytest.mark.slow
+def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
+    """Two layers, MNTP 2 x 16 and SimCSE 4 x 16, one timed step each, in fresh subprocesses."""
+    cmd = [sys.executable, os.path.join(BENCH, "bench_e2e.py"), "--device", "cpu", "--preset", "cpu", "--layers", "2",
+           "--mntp-shape", "2x16", "--simcse-shape", "4x16", "--ckpt", "off", "--steps", "1", "--warmup", "1",
+           "--out-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    got = {(row["task"], row["provider"]): row for row in rows}
+    assert set(got) == {("mntp", "stock"), ("mntp", "patched"), ("simcse", "stock"), ("simcse", "patched")}
+    for task in ("mntp", "simcse"):
+        s, f = got[(task, "stock")], got[(task, "patched")]
+        for row in (s, f):
+            assert row["ms"] > 0 and row["peak_mem_mb"] > 0 and row["tokens_per_s"] > 0
+            assert row["device"].startswith("cpu") and row["git"] and row["torch"]
+            assert row["config"] == "smollm2-135m-2L"
+        # same seed, weights and data: the first losses agree (dropout off for that forward)
+        assert abs(f["loss0"] - s["loss0"]) < 1e-4 * max(1.0, abs(s["loss0"])), (task, f["loss0"], s["loss0"])
+        assert f["speedup_vs_stock"] == pytest.approx(s["ms"] / f["ms"])
+    assert got[("mntp", "stock")]["tokens"] == 2 * 16
