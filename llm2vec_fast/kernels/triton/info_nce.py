@@ -103,7 +103,7 @@ def _pool_fwd_kernel(
             acc += tl.sum(h * w[:, None], axis=0)
         den = tl.maximum(tl.sum(wsum, axis=0), 1.0)
         e = acc / den
-        sel = tl.full([], -1, dtype=tl.int64)
+        sel = tl.max(tl.full([BLOCK_T], -1, dtype=tl.int64), axis=0)  # a scalar -1 (no selected token)
     else:
         # last/eos: the region's last token; bos: its first. Scan the mask, load one row.
         if POOL_MODE == 2:
