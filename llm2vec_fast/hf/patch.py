@@ -188,7 +188,8 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
     base = hf.base_model
     try:
         for m in hf.modules():
-            if hasattr(m, "is_causal") and isinstance(getattr(m, "is_causal"), bool) and not isinstance(m, type(hf)):
+            # The attention modules: transformers' SDPA / flash integrations read their flag.
+            if isinstance(getattr(m, "is_causal", None), bool):
                 state.module_is_causal.append((m, m.is_causal))
         _set_impl(hf, attn.NAME)
         config.is_causal = False
