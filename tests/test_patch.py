@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm2vec_fast.hf import padding as padmod
-from llm2vec_fast.hf.patch import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
+from llm2vec_fast.hf.patch import SUPPORTED_MODEL_TYPES, is_patched, patch_model, unpatch_model
 from tiny_models import SUPPORTED, VOCAB, tiny_config, tiny_model
 
 REL = 1e-9  # float64 bound, relative to the largest absolute hidden value
@@ -57,6 +57,11 @@ def test_bad_arguments_raise():
         patch_model(m, backend="cuda")
     with pytest.raises(ValueError, match="mntp=True"):
         patch_model(m, mntp=True)  # a base model has no LM head
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="flash_attn"):
+            patch_model(m, backend="flash_attn")
     assert m.config._attn_implementation == "sdpa"  # nothing half-applied
 
 
@@ -217,7 +222,9 @@ def test_unpatch_is_exact_and_patch_twice_is_noop(model_type):
     fwd = model.forward
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
+    assert not is_patched(model)
     patch_model(model, mntp=True)
+    assert is_patched(model)
     state = model._llm2vec_fast_patch
     patch_model(model, mntp=True)
     assert model._llm2vec_fast_patch is state  # the second call did nothing
@@ -469,14 +476,15 @@ def test_triton_backend_matches_reference(layout, monkeypatch):
         assert err <= budget, f"{n}: {err:.3e} > {budget:.3e}"
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     """The padding structure travels through checkpointed layers (recomputed in backward)."""
     ids, mask = batch([9, 4, 7], "left")
     grads = []
     for ckpt in (False, True):
         model = patch_model(tiny_model("qwen2", dtype=torch.float64))
         if ckpt:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
         h = model(input_ids=ids, attention_mask=mask).last_hidden_state
         w = torch.randn(h.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

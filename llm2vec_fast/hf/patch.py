@@ -217,6 +217,11 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
     return model
 
 
+def is_patched(model) -> bool:
+    """Whether :func:`patch_model` has patched ``model`` (or the model inside a peft wrapper)."""
+    return getattr(_unwrap(model), _STATE_ATTR, None) is not None
+
+
 def unpatch_model(model):
     """Undo :func:`patch_model` exactly (attention implementation, causality, hooks, forward).
 
