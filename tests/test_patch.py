@@ -585,3 +585,25 @@ def test_gpu_flash_attn_backend_if_installed():
     oracle = hidden(patch_model(tiny_model("llama", head_dim=64, dtype=torch.float64).to(dev), backend="torch"), ids, mask)
     err = float((got[m].double() - oracle[m]).abs().max())
     assert err <= 2 * float((want[m].double() - oracle[m]).abs().max()) + 1e-5 * float(oracle[m].abs().max())
+
+
+def test_custom_4d_mask_and_kv_cache_run_the_eager_fallback(monkeypatch):
+    import llm2vec_fast.ops._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    model = patch_model(tiny_model("mistral", dtype=torch.float64))
+    ids, mask = batch([8, 5], "left")
+    want = hidden(model, ids, mask)
+    m = mask.bool()
+    add = torch.zeros(2, 1, 8, 8, dtype=torch.float64).masked_fill(~m[:, None, None, :], float("-inf"))
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with pytest.warns(RuntimeWarning, match="custom 4-d mask"):
+        got = hidden(model, ids, add, position_ids=pos)  # a caller's 4-d mask is honoured as given
+    assert float((got[m] - want[m]).abs().max()) <= bound(want[m])
+    # An explicit KV cache: the query is shorter than the keys; it runs (eagerly) and stays finite.
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        step = model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    assert step.shape == (2, 1, 64) and torch.isfinite(step).all()
