@@ -2,7 +2,6 @@
 
 Providers, side by side in one run on the same inputs:
   ours          llm2vec_fast.masked_linear_cross_entropy(backend="triton")
-  ours_cublas   the same op with its cuBLAS logits engine (LLM2VEC_FAST_MCE_GEMM=cublas)
   ours_frozen_w the same with a frozen LM head (LoRA MNTP): no d weight   [gpu-full]
   ref_chunked   the chunked PyTorch reference (backend="torch")
   torch_full    full logits (hidden @ W.T in the input dtype, upcast to fp32) + F.cross_entropy,
@@ -34,10 +33,10 @@ PRESETS = {
                 providers=["ours", "ref_chunked", "torch_full"]),
     # ~60 s on an H100: the acceptance shapes
     "gpu-quick": dict(C=[4096], V=[32000, 128256], tokens=[16384], frac=[0.2], modes=["full"],
-                      providers=["ours", "ours_cublas", "torch_full", "liger", "cce"]),
+                      providers=["ours", "torch_full", "liger", "cce"]),
     "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
                      modes=["fwd", "bwd", "full"],
-                     providers=["ours", "ours_cublas", "ours_frozen_w", "ref_chunked", "torch_full", "torch_compile", "liger", "cce"]),
+                     providers=["ours", "ours_frozen_w", "ref_chunked", "torch_full", "torch_compile", "liger", "cce"]),
 }
 SEQ = 512  # tokens per sequence (the MNTP recipe's chunk length)
 
@@ -61,7 +60,6 @@ def main(argv=None) -> int:
 
     import llm2vec_fast as L
     from llm2vec_fast.kernels import reference as ref
-    from llm2vec_fast.kernels.triton import masked_ce as mce
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -90,7 +88,7 @@ def main(argv=None) -> int:
 
     def make_fn(name):
         nonlocal compiled_ref
-        if name in ("ours", "ours_cublas"):
+        if name == "ours":
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton")
         if name == "ours_frozen_w":  # a detached head: the op sees no need for d weight
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w.detach(), y, backend="triton")
@@ -139,8 +137,6 @@ def main(argv=None) -> int:
                         if fn is None:
                             continue
                         params = [hidden] if prov == "ours_frozen_w" else [hidden, weight]
-                        # the engine is read at each forward and kept for its backward
-                        os.environ["LLM2VEC_FAST_MCE_GEMM"] = "cublas" if prov == "ours_cublas" else mce.LOGITS_GEMM
                         for mode in cfg["modes"]:
                             row = dict(op="masked_linear_cross_entropy", provider=prov, mode=mode, dtype=str(dtype).split(".")[-1],
                                        C=C, V=V, tokens=T, labelled_frac=frac, n_labelled=n_lab, preset=preset)
@@ -167,8 +163,6 @@ def main(argv=None) -> int:
                                   + (f"{ms:9.3f} ms" if ms is not None else row.get("error", "?"))
                                   + (f"  peak {mem:9.1f} MiB" if mem is not None else ""), flush=True)
                     del hidden, weight, labels
-    os.environ.pop("LLM2VEC_FAST_MCE_GEMM", None)
-    print(f"default engine {mce.LOGITS_GEMM}; fp32-output cuBLAS mm available: {mce._MM_OUT_DTYPE}")
     path = append_rows("masked_ce", rows, args.device, out_dir=args.out_dir)
     print(f"{len(rows)} rows -> {path}")
     return 0

@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 PTRS = {
     "H": "*E", "W": "*E", "Bias": "*E", "DZ": "*E", "Y": "*i32", "Arg": "*i32",
-    "Stats": "*fp32", "Lse": "*fp32", "G": "*fp32", "Z": "*fp32",
+    "Stats": "*fp32", "Lse": "*fp32", "G": "*fp32",
 }
 FLOATS = ("softcap", "smoothing", "z_loss")
 # Arguments a real launch passes as multiples of 16 (16-byte aligned pointers, C and row
@@ -33,8 +33,7 @@ FLOATS = ("softcap", "smoothing", "z_loss")
 # specialises them as ``tt.divisibility = 16``; without the hint the loads are not vectorised,
 # cp.async / the multi-stage pipeline is not generated, and the smem / register figures
 # would describe a kernel that never runs.
-DIVISIBLE = set(PTRS) | {"C", "stride_h", "stride_w", "stride_dz", "stride_z", "split_cols", "v0"}
-MATMUL_KINDS = ("fwd", "bwd")  # the tl.dot kernels; "stats" / "dz" stream cuBLAS logits
+DIVISIBLE = set(PTRS) | {"C", "stride_h", "stride_w", "stride_dz", "split_cols", "v0"}
 
 
 def _with_launch_attrs():
@@ -60,36 +59,37 @@ def _compile_all(cc: int) -> list[dict]:
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
     _with_launch_attrs()
-    kernels = {"fwd": mce._mce_fwd_kernel, "bwd": mce._mce_bwd_kernel, "stats": mce._mce_stats_kernel, "dz": mce._mce_dz_kernel}
+    kernels = {"fwd": mce._mce_fwd_kernel, "bwd": mce._mce_bwd_kernel}
     out = []
     seen_kind = set()
     for kind, elem, c in mce.ALL_CONFIGS:
         variants = [True]
-        if elem != "fp32" and kind in MATMUL_KINDS and (kind, elem) not in seen_kind:
+        if elem != "fp32" and (kind, elem) not in seen_kind:
             seen_kind.add((kind, elem))
             variants.append(False)
         for even_k in variants:
             kernel = kernels[kind]
             consts = dict(
-                HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, IEEE=elem == "fp32", EVEN_K=even_k,
-                BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c.get("BLOCK_K"),
+                HAS_BIAS=True, HAS_SOFTCAP=True, IEEE=elem == "fp32", EVEN_K=even_k,
+                BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
             )
-            consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+            if kind == "fwd":
+                consts["HAS_SMOOTH"] = True
             sig = {}
             for name in kernel.arg_names:
                 if name in consts:
                     sig[name] = "constexpr"
                 elif name in PTRS:
-                    sig[name] = f"*{elem}" if PTRS[name] == "*E" else PTRS[name]
+                    sig[name] = PTRS[name].replace("E", elem) if PTRS[name] == "*E" else PTRS[name]
                 elif name in FLOATS:
                     sig[name] = "fp32"
                 else:
                     sig[name] = "i32"
             rid = (
-                f"{kind}-{elem}-m{c['BLOCK_M']}n{c['BLOCK_N']}k{c.get('BLOCK_K', '-')}"
+                f"{kind}-{elem}-m{c['BLOCK_M']}n{c['BLOCK_N']}k{c['BLOCK_K']}"
                 f"w{c['num_warps']}s{c['num_stages']}{'' if even_k else '-maskK'}-sm{cc}"
             )
-            r = dict(id=rid, wants_wgmma=elem != "fp32" and kind in MATMUL_KINDS, limit=SMEM_LIMIT[cc])
+            r = dict(id=rid, fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
             try:
                 info = compile_for(kernel, sig, consts, cc, c["num_warps"], c["num_stages"])
                 r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"],
@@ -114,16 +114,13 @@ def test_config_lists_are_what_the_autotuners_use():
             for k, e, c in mce.ALL_CONFIGS if k == kind and e == elem
         )
 
-    assert [c for k, e, c in mce.ALL_CONFIGS if k in ("stats", "dz")] == [mce.STATS_CONFIG] * 2 + [mce.DZ_CONFIG] * 2
-
     assert as_tuples(mce._fwd_tuned) == listed("fwd", "bf16")
     assert as_tuples(mce._bwd_tuned) == listed("bwd", "bf16")
     assert as_tuples(mce._fwd_tuned_fp32) == listed("fwd", "fp32")
     assert as_tuples(mce._bwd_tuned_fp32) == listed("bwd", "fp32")
     # the forward's splits are cut in multiples of every BLOCK_N (no stale partials)
-    for k, _, c in mce.ALL_CONFIGS:
-        if k in ("fwd", "bwd"):
-            assert mce.SPLIT_ALIGN % c["BLOCK_N"] == 0 and 64 % c["BLOCK_K"] == 0
+    for _, _, c in mce.ALL_CONFIGS:
+        assert mce.SPLIT_ALIGN % c["BLOCK_N"] == 0 and 64 % c["BLOCK_K"] == 0
 
 
 @pytest.mark.parametrize("cc", [90, 80], ids=["sm90", "sm80"])
@@ -143,7 +140,7 @@ def test_compile_configs(cc):
             bad.append(f"{r['id']}: {r['local']} bytes of register spills (LOCAL)")
         if r["shared"] > r["limit"]:
             bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
-        if cc == 90 and r["wants_wgmma"] and not r["wgmma"]:
+        if cc == 90 and not r["fp32"] and not r["wgmma"]:
             bad.append(f"{r['id']}: sm_90 PTX has no wgmma")
     summary = "\n".join(f"{r['id']}: regs={r.get('registers')} smem={r.get('shared')}" for r in results if r["ok"])
     assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary

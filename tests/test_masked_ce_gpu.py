@@ -15,16 +15,6 @@ from llm2vec_fast.kernels.reference import masked_linear_cross_entropy_ref, sele
 
 pytestmark = pytest.mark.gpu
 
-
-@pytest.fixture(params=["triton", "cublas"])
-def gemm(request, monkeypatch):
-    """Both logits engines of the Triton op (fused tl.dot, or cuBLAS chunks + Triton streaming)."""
-    from llm2vec_fast.kernels.triton import masked_ce
-
-    monkeypatch.setattr(masked_ce, "LOGITS_GEMM", request.param)
-    monkeypatch.delenv("LLM2VEC_FAST_MCE_GEMM", raising=False)
-    return request.param
-
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -97,16 +87,16 @@ def _check(B, T, C, V, dtype, frac, use_bias, kw, seed=0):
     ],
     ids=["plain", "all-options-maskK", "smollm-width-all-labelled"],
 )
-def test_gpu_matches_full_logits(gemm, dtype, B, T, C, V, frac, use_bias, kw):
+def test_gpu_matches_full_logits(dtype, B, T, C, V, frac, use_bias, kw):
     _check(B, T, C, V, dtype, frac, use_bias, kw)
 
 
-def test_gpu_acceptance_shape_bf16(gemm):
+def test_gpu_acceptance_shape_bf16():
     """C = 4096, V = 32000, 4096 tokens, 20% labelled, bf16: the benchmark's shape family."""
     _check(8, 512, 4096, 32000, torch.bfloat16, 0.2, False, dict(shift=1, softcap=None, label_smoothing=0.0, z_loss=0.0))
 
 
-def test_gpu_no_host_sync_after_the_gather(gemm):
+def test_gpu_no_host_sync_after_the_gather():
     """Forward and backward of the per-row function never synchronise with the host."""
     from llm2vec_fast.kernels.triton.masked_ce import MaskedLinearCEFunction
 
@@ -131,13 +121,12 @@ def test_gpu_no_host_sync_after_the_gather(gemm):
     assert torch.isfinite(out[0]).all()
 
 
-def test_gpu_peak_memory_is_outputs_plus_small_buffers(gemm):
+def test_gpu_peak_memory_is_outputs_plus_small_buffers():
     """16k tokens, C = 4096, V = 128256, 20% labelled, bf16: no [N, V] buffer anywhere.
 
     Peak extra memory during forward + backward must stay within the gradients themselves
     (d hidden for all tokens, d weight) plus 320 MiB of work buffers (the gathered rows, a
-    32 MiB d-logits chunk, a 64 MiB fp32 logits chunk on the cuBLAS path, an fp32 d-hidden
-    accumulator); bf16 logits of the labelled rows
+    32 MiB d-logits chunk, an fp32 d-hidden accumulator); bf16 logits of the labelled rows
     alone would be ~800 MiB. With cut-cross-entropy importable, ours must not exceed its peak.
     """
     import llm2vec_fast as L
