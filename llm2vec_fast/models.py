@@ -52,6 +52,10 @@ def load_default_model(*, causal_lm: bool = False, dtype: torch.dtype = torch.fl
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     cls = AutoModelForCausalLM if causal_lm else AutoModel
-    model = cls.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)
+    # De-quantise to fp32, then cast: asking transformers for another dtype at load time
+    # keeps packed GGUF weights behind fp32 kernels (float64 would not really be float64).
+    model = cls.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    if dtype != torch.float32:
+        model = model.to(dtype)
     model.eval()
     return model, tok
