@@ -65,10 +65,13 @@ def _tanh(x):
 
 @triton.jit
 def _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Per-sequence token bases and spans: (q0, k0, q_len, k_len, lo, hi_q, hi_k).
+    """Per-sequence token bases and spans: (q0, k0, q_len, k_len, lo, hi_q, hi_k, holes).
 
     Rows ``[0, q_len)`` are written; queries in ``[lo, hi_q)`` and keys in ``[lo, hi_k)``
     can be valid (varlen: ``lo = 0``; padded: the span of the mask's True entries).
+    ``holes`` says the mask has False entries inside that span, so it must be read per
+    block; without holes (left / right padding) the span alone is exact and the inner
+    loops run their mask-free version.
     """
     if IS_VARLEN:
         q0 = tl.load(CU_Q + b).to(tl.int64)
@@ -78,19 +81,22 @@ def _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN: tl.constexpr, HAS_MASK: tl.con
         lo = q_len * 0
         hi_q = q_len
         hi_k = k_len
+        holes = q_len < 0
     else:
         q0 = b.to(tl.int64) * 0
         k0 = q0
         q_len = SEQ + b * 0
         k_len = q_len
         if HAS_MASK:
-            lo = tl.load(RANGE + 2 * b)
-            hi_q = tl.load(RANGE + 2 * b + 1)
+            lo = tl.load(RANGE + 3 * b)
+            hi_q = tl.load(RANGE + 3 * b + 1)
+            holes = tl.load(RANGE + 3 * b + 2) != 0
         else:
             lo = b * 0
             hi_q = q_len
+            holes = q_len < 0
         hi_k = hi_q
-    return q0, k0, q_len, k_len, lo, hi_q, hi_k
+    return q0, k0, q_len, k_len, lo, hi_q, hi_k, holes
 
 
 @triton.jit
@@ -134,6 +140,30 @@ def _fwd_block(
 
 
 @triton.jit
+def _fwd_loop(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
+    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Full key blocks first without bounds checks, then one masked tail block.
+    end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, end_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
+            offs_n, offs_d, qk_scale, cap_in, cap_out,
+            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+        )
+    if end_full < hi_k:
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
+            offs_n, offs_d, qk_scale, cap_in, cap_out,
+            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, RANGE, MASK,
     sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
@@ -149,7 +179,7 @@ def _attn_fwd_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q0, k0, q_len, k_len, lo, hi_q, hi_k = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -175,19 +205,15 @@ def _attn_fwd_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-        # Full key blocks first without bounds checks, then one masked tail block.
-        end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
-        for start_n in range(lo, end_full, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
-                offs_n, offs_d, qk_scale, cap_in, cap_out,
-                HEAD_DIM, BLOCK_D, False, HAS_MASK, HAS_SOFTCAP, DOT_PREC,
+        if holes:
+            acc, l_i, m_i = _fwd_loop(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
+                offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_MASK, HAS_SOFTCAP, DOT_PREC,
             )
-        if end_full < hi_k:
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
-                offs_n, offs_d, qk_scale, cap_in, cap_out,
-                HEAD_DIM, BLOCK_D, True, HAS_MASK, HAS_SOFTCAP, DOT_PREC,
+        else:
+            acc, l_i, m_i = _fwd_loop(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
+                offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC,
             )
     qvalid = (l_i > 0.0) & (offs_m >= lo) & (offs_m < hi_q)
     if HAS_MASK:
@@ -232,6 +258,57 @@ def _load_lse2(l_ptrs, rmask):
 
 
 @triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
+    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    cols = start_n + offs_n
+    if BOUNDS:
+        kvalid = cols < hi_k
+    else:
+        kvalid = cols >= 0
+    if BLOCK_D != HEAD_DIM or BOUNDS:
+        kvm = (offs_d < HEAD_DIM)[:, None] & kvalid[None, :]
+        kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt, mask=kvm, other=0.0)
+        vT = tl.load(v_base + offs_d[:, None] + cols[None, :] * stride_vt, mask=kvm, other=0.0)
+    else:
+        kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt)
+        vT = tl.load(v_base + offs_d[:, None] + cols[None, :] * stride_vt)
+    if HAS_MASK:
+        kvalid = kvalid & (tl.load(mask_base + cols, mask=kvalid, other=0) != 0)
+    qk = tl.dot(q, kT, input_precision=DOT_PREC)
+    p, dcap = _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, BOUNDS or HAS_MASK, 1)
+    dp = tl.dot(do, vT, input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * dcap
+    return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dq_loop(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
+    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
+    for start_n in range(lo, end_full, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+        )
+    if end_full < hi_k:
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+        )
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK,
     sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
@@ -252,7 +329,7 @@ def _attn_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q0, k0, q_len, k_len, lo, hi_q, hi_k = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
         return
@@ -284,23 +361,50 @@ def _attn_bwd_dq_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-        for start_n in range(lo, hi_k, BLOCK_N):
-            cols = start_n + offs_n
-            kvalid = cols < hi_k
-            if HAS_MASK:
-                kvalid = kvalid & (tl.load(mask_base + cols, mask=kvalid, other=0) != 0)
-            kvm = dmask[:, None] & (cols < hi_k)[None, :]
-            kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt, mask=kvm, other=0.0)
-            vT = tl.load(v_base + offs_d[:, None] + cols[None, :] * stride_vt, mask=kvm, other=0.0)
-            qk = tl.dot(q, kT, input_precision=DOT_PREC)
-            p, dcap = _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, True, 1)
-            dp = tl.dot(do, vT, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * dcap
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+        if holes:
+            dq = _dq_loop(
+                dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
+                offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_MASK, HAS_SOFTCAP, DOT_PREC,
+            )
+        else:
+            dq = _dq_loop(
+                dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
+                offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC,
+            )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _dkdv_loop(
+    dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
+    stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+    offs_m, offs_d, qk_scale, cap_in, cap_out,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    dmask = offs_d < HEAD_DIM
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
+        do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
+        l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
+        for start_m in range(lo, hi_q, BLOCK_M):
+            rows = start_m + offs_m
+            rmask = rows < hi_q
+            # Rows past hi_q load as zeros with lse = +inf: their probabilities are exactly 0.
+            qT = tl.load(q_base + offs_d[:, None] + rows[None, :] * stride_qt, mask=dmask[:, None] & rmask[None, :], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            lse2 = _load_lse2(LSE + l_off + rows, rmask)
+            delta = tl.load(DELTA + l_off + rows, mask=rmask, other=0.0)
+            qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+            pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * dcap
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -325,7 +429,7 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    q0, k0, q_len, k_len, lo, hi_q, hi_k = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
         return
@@ -353,27 +457,19 @@ def _attn_bwd_dkdv_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
-            do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
-            l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
-            for start_m in range(lo, hi_q, BLOCK_M):
-                rows = start_m + offs_m
-                rmask = rows < hi_q
-                qm = dmask[:, None] & rmask[None, :]
-                qT = tl.load(q_base + offs_d[:, None] + rows[None, :] * stride_qt, mask=qm, other=0.0)
-                do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-                lse2 = _load_lse2(LSE + l_off + rows, rmask)
-                delta = tl.load(DELTA + l_off + rows, mask=rmask, other=0.0)
-                qkT = tl.dot(k, qT, input_precision=DOT_PREC)
-                pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, True, 0)
-                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dsT = pT * (dpT - delta[None, :])
-                if HAS_SOFTCAP:
-                    dsT = dsT * dcap
-                dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+        # Interior key blocks of a hole-free span need no key mask in the inner loop.
+        if holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
+                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+                offs_m, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC,
+            )
+        else:
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
+                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+                offs_m, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC,
+            )
     dk = dk * sm_scale
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
@@ -390,27 +486,29 @@ def _cfg(bm, bn, w, s):
 
 # H100-oriented tiles per BLOCK_D (sane on A100: every entry is compiled for sm_80 too and
 # kept under its 163 KB of shared memory by tests/test_attention_compile.py). The first
-# entry is the heuristic's choice for long sequences. 128 x 128 forward tiles with 8 warps
-# keep two warpgroups on wgmma; the dK/dV kernel holds two (BLOCK_N, BLOCK_D) fp32
-# accumulators, so its key tile is the large one and its query tile the small one; BLOCK_D
-# 256 leaves room only for 64-row tiles. fp32 inputs run FMA dots ("ieee") on one small
+# entry is the heuristic's choice for long sequences: the autotuner's winner on an H200
+# (same SMs and clocks as the H100) at S = 4k / 8k, bf16 (benchmarks/results). Forward:
+# 128-row query tiles (two warpgroups at D = 128); the backward kernels won with 64 x 64
+# tiles on one warpgroup (the dK/dV kernel holds two (BLOCK_N, BLOCK_D) fp32
+# accumulators, so larger tiles cost occupancy). BLOCK_D 256 leaves room only for
+# 64-row tiles. BLOCK_D 32 has one entry: small heads are rare and memory-bound. fp32 inputs run FMA dots ("ieee") on one small
 # tile: correct and rarely used, not tuned.
 FWD_CONFIGS = {
-    32: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3)],
-    64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
-    128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-    256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+    32: [_cfg(128, 64, 4, 3)],
+    64: [_cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4)],
+    256: [_cfg(64, 64, 4, 2)],
 }
 BWD_DQ_CONFIGS = {
-    32: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
-    64: [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 2), _cfg(64, 64, 4, 2)],
-    128: [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 2), _cfg(64, 64, 4, 2)],
+    32: [_cfg(64, 64, 4, 2)],
+    64: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
+    128: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
     256: [_cfg(64, 32, 4, 2)],
 }
 BWD_DKDV_CONFIGS = {
-    32: [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)],
-    64: [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2)],
-    128: [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2)],
+    32: [_cfg(64, 64, 4, 2)],
+    64: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
+    128: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
     256: [_cfg(32, 64, 4, 2)],
 }
 FP32_CONFIGS = {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(32, 32, 4, 1)], 128: [_cfg(32, 32, 4, 1)], 256: [_cfg(16, 16, 4, 1)]}
@@ -487,6 +585,16 @@ def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict
 # --------------------------------------------------------------------------------------
 
 
+# Tests set this to fill every buffer the launchers allocate with NaN before the kernels
+# run, so an element no kernel writes cannot pass a comparison.
+_POISON_OUTPUTS = False
+
+
+def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return t.fill_(float("nan")) if _POISON_OUTPUTS else t
+
+
 def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -499,9 +607,10 @@ def _strides3(t: torch.Tensor, varlen: bool):
 
 
 def _mask_range(mask: torch.Tensor):
-    """uint8 mask (B, S) and the int32 ``[lo, hi)`` span of its True entries per row.
+    """uint8 mask (B, S) and int32 ``(B, 3)`` rows ``[lo, hi, holes]`` for the kernels.
 
-    Computed on the device without a host sync; a row with no True entry gets ``[0, 0)``.
+    ``[lo, hi)`` spans the row's True entries (``[0, 0)`` for a row with none); ``holes``
+    is 1 when a False entry lies inside the span. Computed on the device, no host sync.
     """
     m = mask.to(torch.bool)
     S = m.shape[1]
@@ -511,7 +620,8 @@ def _mask_range(mask: torch.Tensor):
     anyv = m.any(dim=1)
     lo = torch.where(anyv, lo, torch.zeros_like(lo))
     hi = torch.where(anyv, hi, torch.zeros_like(hi))
-    rng = torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
+    holes = (mi.sum(dim=1) != hi - lo).to(lo.dtype)
+    rng = torch.stack([lo, hi, holes], dim=1).to(torch.int32).contiguous()
     return m.contiguous().view(torch.uint8), rng
 
 
@@ -532,19 +642,19 @@ def attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k
     if varlen:
         B = cu_q.numel() - 1
         S = 0
-        out = torch.empty_like(q)
-        lse = torch.empty((H, q.shape[0]), device=q.device, dtype=torch.float32)
+        out = _alloc(q.shape, q)
+        lse = _alloc((H, q.shape[0]), q, torch.float32)
         lse_strides = (0, lse.stride(0))
         grid_len = max_seqlen_q
     else:
         B, S = q.shape[0], q.shape[1]
-        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-        lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+        out = _alloc(q.shape, q)
+        lse = _alloc((B, H, S), q, torch.float32)
         lse_strides = (lse.stride(0), lse.stride(1))
         grid_len = S
     if out.numel() == 0 or B == 0 or grid_len == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    dummy = torch.empty(2, device=q.device, dtype=torch.int32)
+    dummy = torch.empty(3, device=q.device, dtype=torch.int32)
     if mask is not None:
         mask_u8, rng = _mask_range(mask)
         stride_mb = mask_u8.stride(0)
@@ -575,10 +685,10 @@ def attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: in
     do, q, k, v, out = (_lastdim_contig(t) for t in (do, q, k, v, out))
     D = q.shape[-1]
     H, Hkv = q.shape[-2], k.shape[-2]
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    delta = torch.empty_like(lse)
+    dq = _alloc(q.shape, q)
+    dk = _alloc(k.shape, k)
+    dv = _alloc(v.shape, v)
+    delta = _alloc(lse.shape, lse)
     if varlen:
         B, S = cu_q.numel() - 1, 0
         lse_strides = (0, lse.stride(0))
@@ -591,7 +701,7 @@ def attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: in
         return dq.zero_(), dk.zero_(), dv.zero_()
     if len_q == 0 or len_k == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-    dummy = torch.empty(2, device=q.device, dtype=torch.int32)
+    dummy = torch.empty(3, device=q.device, dtype=torch.int32)
     if mask is not None:
         mask_u8, rng = _mask_range(mask)
         stride_mb = mask_u8.stride(0)
