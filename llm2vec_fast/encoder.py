@@ -269,7 +269,7 @@ class LLM2Vec(torch.nn.Module):
             model = model.merge_and_unload()
             self.model = model
             is_peft = False
-        model.save_pretrained(output_path, safe_serialization=True)
+        _save_pretrained_dequantized(model, output_path)
         self.tokenizer.save_pretrained(output_path)
         if save_config:
             cfg = {k: getattr(self, k) for k in ENCODER_KEYS}
@@ -610,6 +610,33 @@ def _worker_encode(spec, device, pairs, batch_size, n_threads, show_progress_bar
     enc = LLM2Vec.from_pretrained(base, **spec)
     enc.model.to(device)
     return enc._encode_local(pairs, batch_size, torch.device(device), show_progress_bar).numpy()
+
+
+def _save_pretrained_dequantized(model, path) -> None:
+    """``save_pretrained`` that also works for a model loaded from a GGUF file.
+
+    transformers refuses to save a GGUF-loaded model ("not serializable"), yet its weights
+    are plain de-quantised tensors after loading; hiding the quantizer for the duration of
+    the call writes them as ordinary safetensors (and a config without quantization_config).
+    """
+    hf = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    q = getattr(hf, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is None or str(getattr(method, "value", method)).lower() != "gguf":
+        model.save_pretrained(path, safe_serialization=True)
+        return
+    cfg = hf.config
+    had_qc = "quantization_config" in cfg.__dict__
+    qc = cfg.__dict__.get("quantization_config")
+    try:
+        hf.hf_quantizer = None
+        if had_qc:
+            del cfg.__dict__["quantization_config"]
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        hf.hf_quantizer = q
+        if had_qc:
+            cfg.__dict__["quantization_config"] = qc
 
 
 def _read_saved_config(path) -> dict:
