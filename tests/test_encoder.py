@@ -401,3 +401,37 @@ def test_tokenize_forward_has_gradients():
     emb.pow(2).sum().backward()
     no_grad = [n for n, p in enc.model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not no_grad, no_grad[:5]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_packed_and_padded_encode_match_reference(dtype):
+    """On CUDA the patched model runs the Triton kernels, packed (the default there) or
+    padded; both must sit within the tolerance rule around the fp32 CPU oracle, with the
+    budget set by the same model run in ``dtype`` on the reference attention backend."""
+    from helpers import max_err
+
+    from llm2vec_fast import LLM2Vec, patch_model
+
+    tok = get_tokenizer()
+    inputs = [[INSTR, t] if i % 2 else t for i, t in enumerate(texts_of(11, seed=13))]
+    oracle = make_encoder().encode(inputs, batch_size=4, show_progress_bar=False)  # fp32, CPU
+
+    def cuda_encoder(backend):
+        m = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512, dtype=dtype).cuda()
+        patch_model(m, backend=backend)
+        return LLM2Vec(m, tok)
+
+    ref = cuda_encoder("torch")
+    ref.packed = False
+    ref_native = ref.encode(inputs, batch_size=4, show_progress_bar=False)
+    enc = cuda_encoder("auto")
+    assert enc._use_packed(torch.device("cuda")), "packed forward must be the default on CUDA when patched"
+    packed = enc.encode(inputs, batch_size=4, show_progress_bar=False)
+    enc.packed = False
+    padded = enc.encode(inputs, batch_size=4, show_progress_bar=False)
+    budget = 2 * max_err(ref_native, oracle) + 1e-3
+    for name, got in (("packed", packed), ("padded", padded)):
+        assert got.device.type == "cpu" and got.dtype == torch.float32 and torch.isfinite(got).all()
+        err = max_err(got, oracle)
+        assert err <= budget, f"{name} {dtype}: max error {err:.3e} > budget {budget:.3e}"
