@@ -48,17 +48,23 @@ def cuobjdump_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int):
+def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int, divisible=()):
     """Compile one configuration of a ``@triton.jit`` kernel for compute capability ``cc``.
 
-    Returns ``dict(ptx=str, shared=int bytes, registers=int, local=int bytes)``; the
-    register and local (spill) figures come from ``cuobjdump --dump-resource-usage``.
+    ``divisible`` names the arguments a real launch passes as multiples of 16 (aligned
+    pointers, LM-sized strides): Triton's launcher specialises those as
+    ``tt.divisibility = 16``, and without the hint loads are not vectorised and the
+    multi-stage pipeline is not generated, so the figures would describe a kernel that
+    never runs. Returns ``dict(ptx=str, shared=int bytes, registers=int, local=int bytes)``;
+    the register and local (spill) figures come from ``cuobjdump --dump-resource-usage``.
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
+             if name in set(divisible) and signature[name] != "constexpr"}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(out.asm["cubin"])

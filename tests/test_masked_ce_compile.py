@@ -36,29 +36,11 @@ FLOATS = ("softcap", "smoothing", "z_loss")
 DIVISIBLE = set(PTRS) | {"C", "stride_h", "stride_w", "stride_dz", "split_cols", "v0"}
 
 
-def _with_launch_attrs():
-    """Make ``helpers.compile_for``'s ASTSource carry the divisibility a real launch has."""
-    import triton.compiler as tc
-
-    base = tc.ASTSource
-
-    class _Source(base):
-        def __init__(self, fn, signature, constexprs=None, attrs=None):
-            attrs = dict(attrs or {})
-            for i, name in enumerate(signature):
-                if name in DIVISIBLE and signature[name] != "constexpr":
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-            super().__init__(fn, signature, constexprs, attrs)
-
-    tc.ASTSource = _Source
-
-
 def _compile_all(cc: int) -> list[dict]:
     from helpers import SMEM_LIMIT, compile_for
 
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
-    _with_launch_attrs()
     kernels = {"fwd": mce._mce_fwd_kernel, "bwd": mce._mce_bwd_kernel}
     out = []
     seen_kind = set()
@@ -91,7 +73,7 @@ def _compile_all(cc: int) -> list[dict]:
             )
             r = dict(id=rid, fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
             try:
-                info = compile_for(kernel, sig, consts, cc, c["num_warps"], c["num_stages"])
+                info = compile_for(kernel, sig, consts, cc, c["num_warps"], c["num_stages"], divisible=DIVISIBLE)
                 r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"],
                          wgmma="wgmma" in info["ptx"])
             except Exception as e:  # reported by the test with the config's name
