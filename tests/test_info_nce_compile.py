@@ -76,7 +76,8 @@ def _compile_all(cc: int) -> list[dict]:
         rid = f"{kind}-{elem}-" + "-".join(f"{k}{int(v)}" for k, v in consts.items()) + f"-sm{cc}"
         r = dict(id=rid, limit=SMEM_LIMIT[cc])
         try:
-            info = compile_for(kernels[kind], _sig(kernels[kind], consts, elem), consts, cc, warps, 1)
+            info = compile_for(kernels[kind], _sig(kernels[kind], consts, elem), consts, cc, warps, 1,
+                               divisible=set(PTRS))  # 16-byte aligned pointers, as launched
             r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"])
         except Exception as e:
             r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
