@@ -1,0 +1,175 @@
+"""Batch collators for MNTP and contrastive training.
+
+Shapes: ``B`` examples in a batch, ``T`` tokens (padded length), ``G`` groups of rows in a
+contrastive batch (SimCSE: 2 views; supervised: queries, positives and optionally hard
+negatives), so a contrastive batch has ``G * B`` rows, group-major.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def resolve_mask_token(tokenizer, choice: str, model=None) -> int:
+    """The id used to mask selected tokens.
+
+    ``"_"``: the blank token the LLM2Vec recipe used for Llama / Mistral (falls back to the
+    tokenizer's own mask token, then EOS, when ``_`` is not a single token); ``"eos"``: the
+    EOS token; ``"mask"``: the tokenizer's mask token, else a new ``<mask>`` special token
+    is added and ``model``'s embeddings are resized to the new vocabulary.
+    """
+    if choice == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("mask_token: 'eos' chosen but the tokenizer has no EOS token")
+        return int(tokenizer.eos_token_id)
+    if choice == "_":
+        ids = tokenizer("_", add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            return int(ids[0])
+        if tokenizer.mask_token_id is not None:
+            return int(tokenizer.mask_token_id)
+        return int(tokenizer.eos_token_id)
+    if choice == "mask":
+        if tokenizer.mask_token_id is None:
+            tokenizer.add_special_tokens({"mask_token": "<mask>"})
+            if model is not None:
+                emb = model.get_input_embeddings()
+                if emb.weight.shape[0] < len(tokenizer):
+                    model.resize_token_embeddings(len(tokenizer))
+        return int(tokenizer.mask_token_id)
+    raise ValueError(f"mask_token: expected '_', 'eos' or 'mask', got {choice!r}")
+
+
+def pad_ids(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int | None = None):
+    """Right-pad token lists: ``input_ids (B, T)`` int64 and ``attention_mask (B, T)`` int64."""
+    T = max((len(s) for s in seqs), default=0)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+class MNTPCollator:
+    """Pads pre-tokenised texts and selects tokens for masked next-token prediction.
+
+    Each example is ``{"input_ids": list[int]}``. Returns ``input_ids``, ``attention_mask``
+    and ``labels`` ``(B, T)`` int64. A token is selected with probability
+    ``mlm_probability`` unless it is padding, a special token (BOS / EOS / pad / any
+    registered special id) or the first token of its row (with the shift by one, nothing
+    predicts position 0). ``labels`` holds the original id at selected positions and -100
+    elsewhere; the loss predicts ``labels[:, t]`` from the hidden state at ``t - 1``.
+
+    ``mask_strategy="80-10-10"`` replaces 80% of the selected tokens by ``mask_token_id``,
+    10% by a random non-special token and keeps 10%; ``"all"`` masks every selected token.
+    Randomness: per example from its ``mask_seed`` when every example has one (the training
+    pipeline sets it, so a resumed run masks exactly as the uninterrupted one), else
+    torch's global generator, or ``generator`` when given.
+    """
+
+    def __init__(self, tokenizer, mask_token_id: int, mlm_probability: float = 0.2,
+                 mask_strategy: str = "80-10-10", pad_to_multiple_of: int | None = None, generator=None):
+        if not (0.0 < mlm_probability < 1.0):
+            raise ValueError(f"mlm_probability: expected a float in (0, 1), got {mlm_probability!r}")
+        if mask_strategy not in ("80-10-10", "all"):
+            raise ValueError(f"mask_strategy: expected '80-10-10' or 'all', got {mask_strategy!r}")
+        self.tokenizer = tokenizer
+        self.mask_token_id = int(mask_token_id)
+        self.mlm_probability = float(mlm_probability)
+        self.mask_strategy = mask_strategy
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.generator = generator
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad)
+        specials = set(int(i) for i in tokenizer.all_special_ids) | {self.pad_id}
+        self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
+        vocab = len(tokenizer)
+        keep = torch.ones(vocab, dtype=torch.bool)
+        keep[self.special_ids[self.special_ids < vocab]] = False
+        self.random_pool = torch.nonzero(keep).flatten()  # ids a "random token" may take
+
+    def _uniforms(self, examples, T):
+        """Three ``(B, T)`` uniform draws (selection, 80/10/10 split, random token).
+
+        Examples carrying an integer ``mask_seed`` get draws from their own generator, so
+        their masks depend on nothing else: not on the batch they land in, the rank that
+        reads them, or a checkpoint resume. Otherwise torch's global generator (or
+        ``generator``) is used, as in transformers' MLM collator.
+        """
+        B = len(examples)
+        if all("mask_seed" in e for e in examples):
+            u = torch.ones((3, B, T))
+            for i, e in enumerate(examples):
+                g = torch.Generator().manual_seed(int(e["mask_seed"]))
+                n = len(e["input_ids"])
+                u[:, i, :n] = torch.rand((3, n), generator=g)
+            return u[0], u[1], u[2]
+        u = torch.rand((3, B, T), generator=self.generator)
+        return u[0], u[1], u[2]
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids, mask = pad_ids([list(e["input_ids"]) for e in examples], self.pad_id, self.pad_to_multiple_of)
+        u_sel, u_kind, u_tok = self._uniforms(examples, ids.shape[1])
+        eligible = mask.bool() & ~torch.isin(ids, self.special_ids)
+        eligible[:, 0] = False
+        selected = eligible & (u_sel < self.mlm_probability)
+        labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
+        inputs = ids.clone()
+        if self.mask_strategy == "all":
+            inputs[selected] = self.mask_token_id
+        else:
+            to_mask = selected & (u_kind < 0.8)
+            to_random = selected & (u_kind >= 0.8) & (u_kind < 0.9)
+            inputs[to_mask] = self.mask_token_id
+            pick = (u_tok * len(self.random_pool)).long().clamp_max(len(self.random_pool) - 1)
+            inputs[to_random] = self.random_pool[pick[to_random]]
+        return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+
+
+class ContrastiveCollator:
+    """Tokenises contrastive examples into one padded batch of ``G * B`` rows.
+
+    SimCSE (``mode="simcse"``): examples ``{"text": str}``; the batch is the texts twice
+    (rows ``[0, B)`` and ``[B, 2B)``), so one forward pass with dropout gives two views.
+    Supervised (``mode="supervised"``): examples ``{"query", "positive", "negative",
+    "instruction"}``; rows are queries (instruction prepended, attended to but outside
+    ``embed_mask``), then positives, then hard negatives when ``hard_negatives``.
+
+    Tokenisation is the encoder's (:meth:`llm2vec_fast.LLM2Vec.tokenize`), so training sees
+    exactly what inference will. Returns ``input_ids``, ``attention_mask``, ``position_ids``,
+    ``embed_mask`` ``(G * B, T)``.
+    """
+
+    def __init__(self, tokenizer, *, mode: str = "simcse", max_length: int = 128, pooling_mode: str = "mean",
+                 hard_negatives: bool = True):
+        from ..encoder import LLM2Vec
+
+        if mode not in ("simcse", "supervised"):
+            raise ValueError(f"mode: expected 'simcse' or 'supervised', got {mode!r}")
+        self.mode = mode
+        self.hard_negatives = hard_negatives
+        self.tokenizer = tokenizer
+        # A model-less encoder: only its tokenisation is used.
+        self._enc = LLM2Vec(None, tokenizer, pooling_mode=pooling_mode, max_length=max_length,
+                            doc_max_length=max_length, skip_instruction=True, padding_side="right")
+
+    @property
+    def n_groups(self) -> int:
+        return 2 if self.mode == "simcse" or not self.hard_negatives else 3
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if self.mode == "simcse":
+            feats = self._enc.tokenize([e["text"] for e in examples])
+            feats = {k: torch.cat([v, v], 0) for k, v in feats.items()}
+        else:
+            rows = [[e.get("instruction", ""), e["query"]] for e in examples]
+            rows += [["", e["positive"]] for e in examples]
+            if self.hard_negatives:
+                rows += [["", e["negative"]] for e in examples]
+            feats = self._enc.tokenize(rows)
+        feats["attention_mask"] = feats["attention_mask"].long()
+        return feats

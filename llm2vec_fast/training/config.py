@@ -1,0 +1,268 @@
+"""Training configurations: one dataclass per stage, filled from a JSON/YAML file and flags.
+
+Every field becomes a command-line flag (``learning_rate`` -> ``--learning-rate``); a
+``--config file.{json,yaml}`` sets fields first and explicit flags override it. Values are
+checked by :meth:`BaseConfig.validate` before anything is loaded or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class BaseConfig:
+    """Fields shared by every stage (model, LoRA, optimisation, checkpoints)."""
+
+    model_name_or_path: str = field(
+        default="smollm2-135m", metadata={"help": "model folder / hub name; 'smollm2-135m' = the offline default"})
+    peft_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a LoRA adapter (e.g. the MNTP one) merged into the model before training"})
+    output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, logs and the final model"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16"})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast (mixed precision); None = on for CUDA devices that support it"})
+    backend: str = field(default="auto", metadata={"help": "attention / loss backend: auto | torch | triton"})
+    use_lora: bool = field(default=True, metadata={"help": "train a LoRA adapter (peft) instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS), metadata={"help": "module names LoRA wraps"})
+    freeze_embeddings: bool = field(
+        default=True, metadata={"help": "full fine-tuning: keep the token embeddings (and a tied LM head) frozen"})
+    freeze_layers: int = field(
+        default=0, metadata={"help": "full fine-tuning: freeze the bottom N decoder layers (backward stops above them)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    max_seq_length: int = field(default=128, metadata={"help": "tokens per text after truncation"})
+    per_device_batch_size: int = field(default=32, metadata={"help": "texts (or query groups) per device per step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name (adamw_torch, sgd, ...)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    logging_steps: int = field(default=10, metadata={"help": "log loss and throughput every N steps"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only the final model)"})
+    save_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "a checkpoint folder, or 'latest' for the newest in output_dir"})
+    seed: int = field(default=42, metadata={"help": "random seed (data order, masking, dropout)"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "data loading processes"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for values no run could use."""
+        pos = ("lora_r", "lora_alpha", "max_seq_length", "per_device_batch_size", "gradient_accumulation_steps",
+               "max_steps", "logging_steps")
+        for name in pos:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        for name in ("save_steps", "warmup_steps", "dataloader_num_workers", "freeze_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate: expected a float > 0, got {self.learning_rate!r}")
+        if not (0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout: expected a float in [0, 1), got {self.lora_dropout!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend: expected auto, torch or triton, got {self.backend!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples: expected None or an int >= 1, got {self.max_train_samples!r}")
+        if not self.output_dir:
+            raise ValueError("output_dir: expected a folder path, got an empty string")
+
+
+@dataclass
+class MNTPConfig(BaseConfig):
+    """Masked next-token prediction (LLM2Vec step 2)."""
+
+    train_file: str | None = field(
+        default=None, metadata={"help": "training texts: .txt (one per line) or .jsonl ({\"text\": ...})"})
+    validation_file: str | None = field(default=None, metadata={"help": "held-out texts (same formats)"})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "hold out this percentage of train_file when no validation_file"})
+    mlm_probability: float = field(default=0.2, metadata={"help": "fraction of tokens selected for prediction"})
+    mask_strategy: str = field(
+        default="80-10-10", metadata={"help": "80-10-10 (mask / random / keep) or all (every selected token masked)"})
+    mask_token: str = field(
+        default="_", metadata={"help": "'_' (the recipe's blank), 'eos', or 'mask' (add <mask>, resize embeddings)"})
+    group_texts: bool = field(
+        default=False, metadata={"help": "concatenate texts into max_seq_length blocks instead of one text per row"})
+    eval_steps: int = field(default=0, metadata={"help": "evaluate masked-token accuracy every N steps (0 = at the end)"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not (0.0 < self.mlm_probability < 1.0):
+            raise ValueError(f"mlm_probability: expected a float in (0, 1), got {self.mlm_probability!r}")
+        if self.mask_strategy not in ("80-10-10", "all"):
+            raise ValueError(f"mask_strategy: expected '80-10-10' or 'all', got {self.mask_strategy!r}")
+        if self.mask_token not in ("_", "eos", "mask"):
+            raise ValueError(f"mask_token: expected '_', 'eos' or 'mask', got {self.mask_token!r}")
+        if not (0.0 <= self.validation_split_percentage < 100.0):
+            raise ValueError(
+                f"validation_split_percentage: expected a float in [0, 100), got {self.validation_split_percentage!r}")
+        if self.eval_steps < 0:
+            raise ValueError(f"eval_steps: expected an int >= 0, got {self.eval_steps!r}")
+
+
+@dataclass
+class ContrastiveConfig(BaseConfig):
+    """Fields shared by SimCSE and supervised contrastive training."""
+
+    pooling_mode: str = field(default="mean", metadata={"help": "mean | weighted_mean | eos_token | last_token | bos_token"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (0.05 = scale 20)"})
+    symmetric: bool = field(default=False, metadata={"help": "add the document->query direction to the loss"})
+    cross_rank: bool = field(default=True, metadata={"help": "negatives from every rank (all-gather with gradients)"})
+    mini_batch_size: int | None = field(
+        default=None, metadata={"help": "GradCache chunk size: batch size independent of memory (None = off)"})
+    attention_dropout: float | None = field(
+        default=None, metadata={"help": "attention dropout during training (None = the model's)"})
+
+    def validate(self) -> None:
+        super().validate()
+        from ..kernels.reference import POOLING_MODES
+
+        if self.pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode: expected one of {list(POOLING_MODES)}, got {self.pooling_mode!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature: expected a float > 0, got {self.temperature!r}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size: expected None or an int >= 1, got {self.mini_batch_size!r}")
+        if self.attention_dropout is not None and not (0.0 <= self.attention_dropout < 1.0):
+            raise ValueError(f"attention_dropout: expected None or a float in [0, 1), got {self.attention_dropout!r}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        global_batch = self.per_device_batch_size * (world if self.cross_rank else 1)
+        if global_batch < 2:
+            raise ValueError(
+                f"per_device_batch_size: a contrastive loss needs at least 2 texts per batch (in-batch negatives), "
+                f"got {self.per_device_batch_size}" + (f" on {world} rank(s)" if world > 1 else "")
+            )
+
+
+@dataclass
+class SimCSEConfig(ContrastiveConfig):
+    """Unsupervised SimCSE (LLM2Vec step 3): two dropout views of the same texts."""
+
+    train_file: str | None = field(
+        default=None, metadata={"help": "training texts: .txt (one per line) or .jsonl ({\"text\": ...})"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate"})
+    attention_dropout: float | None = field(
+        default=0.3, metadata={"help": "attention dropout that makes the two views differ"})
+
+
+@dataclass
+class SupervisedConfig(ContrastiveConfig):
+    """Supervised contrastive training on {query, positive, negative} JSONL files."""
+
+    train_files: list[str] = field(
+        default_factory=list, metadata={"help": "JSONL files (or folders of them), one dataset per file"})
+    instructions: str | None = field(
+        default=None, metadata={"help": "JSON/YAML {dataset name (file stem): instruction} for queries"})
+    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (0.02 = scale 50)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    hard_negatives: bool = field(default=True, metadata={"help": "score each query against the hard negatives too"})
+
+
+STAGES = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedConfig}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_config_file(path: str) -> dict:
+    """A JSON or YAML mapping of field names (``-`` or ``_`` spellings) to values."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config: file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ValueError(f"config: cannot parse {path!r}: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(cls, values: dict | None = None, **overrides) -> BaseConfig:
+    """Build ``cls`` from ``values`` then ``overrides``; unknown keys raise ValueError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    merged = dict(values or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        raise ValueError(f"config: unknown setting(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    cfg = cls(**merged)
+    cfg.validate()
+    return cfg
+
+
+def _base_type(tp):
+    """(python type, is_list) for a dataclass field annotation given as a string."""
+    s = str(tp)
+    is_list = s.startswith("list")
+    for name, t in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if s.startswith(f"list[{name}") or s.startswith(name):
+            return t, is_list
+    return str, is_list
+
+
+def add_config_arguments(parser, cls) -> None:
+    """One ``--flag`` per field of ``cls`` (default None: only given flags override)."""
+    parser.add_argument("--config", default=None, help="JSON or YAML file of settings (flags override it)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, is_list = _base_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action="store_true", help=help_)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=argparse_suppress())
+        elif is_list:
+            parser.add_argument(flag, dest=f.name, default=None, nargs="+", type=tp, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=tp, help=help_)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def config_from_args(cls, args) -> BaseConfig:
+    """The config for parsed ``args``: the --config file, then the flags that were given."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return make_config(cls, values, **flags)
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+__all__ = [
+    "BaseConfig", "MNTPConfig", "ContrastiveConfig", "SimCSEConfig", "SupervisedConfig", "STAGES",
+    "read_config_file", "make_config", "add_config_arguments", "config_from_args", "config_to_dict",
+]

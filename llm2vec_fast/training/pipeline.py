@@ -1,0 +1,422 @@
+"""The three training stages end to end: check inputs, load, train on the Trainer, save.
+
+``run_mntp`` / ``run_simcse`` / ``run_supervised`` take a config (see ``config.py``) and
+write the final model to ``output_dir``. Every input check (data files, JSONL fields,
+batch sizes, settings) runs before the model is loaded or anything is written, so a bad
+input leaves no half-written output folder. ``train_mntp`` / ``train_contrastive`` are the
+in-memory cores (used by the demo, which keeps one model across stages).
+
+Outputs load with :meth:`llm2vec_fast.LLM2Vec.from_pretrained` (and ``eval-sts``):
+full fine-tuning writes the weights; LoRA writes the adapter with the base model's name
+recorded (an MNTP adapter is rewritten to apply to the base ``XModel``, so the SimCSE stage
+loads it with ``--peft-model-name-or-path`` and merges it before adding a fresh LoRA).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from .collators import ContrastiveCollator, MNTPCollator, resolve_mask_token
+from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, config_to_dict
+from .data import (
+    ListDataset, arrange_batches, load_supervised, read_instructions, read_texts,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_model(name_or_path: str, *, causal_lm: bool, dtype: str = "float32", peft_model_name_or_path=None):
+    """(model, tokenizer): ``XForCausalLM`` or ``XModel`` with an adapter merged if given."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import resolve_model_name
+
+    path, extra = resolve_model_name(name_or_path)
+    tok_kwargs = {k: v for k, v in extra.items() if k == "gguf_file"}
+    tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cls = AutoModelForCausalLM if causal_lm else AutoModel
+    model = cls.from_pretrained(path, dtype=DTYPES[dtype], **extra)
+    if peft_model_name_or_path:
+        model = merge_adapter(model, peft_model_name_or_path)
+    return model, tokenizer
+
+
+def merge_adapter(model, adapter_path: str):
+    """Apply a LoRA adapter to ``model`` and merge it into the weights.
+
+    Adapters written by MNTP target the base ``XModel``; applied to an ``XForCausalLM`` they
+    go to its ``base_model``.
+    """
+    from peft import PeftModel
+
+    target = model
+    if getattr(model, "base_model", model) is not model and _adapter_targets_base(adapter_path):
+        target = model.base_model
+    merged = PeftModel.from_pretrained(target, adapter_path).merge_and_unload()
+    if target is not model:
+        setattr(model, model.base_model_prefix, merged)
+        return model
+    return merged
+
+
+def _adapter_targets_base(adapter_path: str) -> bool:
+    from safetensors import safe_open
+
+    f = os.path.join(adapter_path, ADAPTER_FILE)
+    if not os.path.isfile(f):
+        return True
+    with safe_open(f, "pt") as s:
+        return not any(k.startswith("base_model.model.model.") for k in s.keys())
+
+
+def apply_lora(model, cfg):
+    """Wrap ``model`` in a fresh peft LoRA (``cfg.lora_r``, ``lora_alpha``, ``lora_dropout``,
+    ``lora_target_modules``); raises ValueError when no target module exists."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.lora_target_modules if t not in names]
+    if len(missing) == len(cfg.lora_target_modules):
+        raise ValueError(f"lora_target_modules: none of {cfg.lora_target_modules} is a module of the model")
+    targets = [t for t in cfg.lora_target_modules if t in names]
+    lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=targets, bias="none")
+    return get_peft_model(model, lc)
+
+
+def prepare_for_training(model, cfg):
+    """Bidirectional attention, gradient checkpointing and LoRA (or all weights trainable)."""
+    from ..hf.patch import patch_model
+
+    patch_model(model, backend=cfg.backend)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if cfg.use_lora:
+        model = apply_lora(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if cfg.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        if cfg.freeze_layers:
+            layers = _decoder_layers(model)
+            if cfg.freeze_layers >= len(layers):
+                raise ValueError(f"freeze_layers: expected fewer than the model's {len(layers)} layers, "
+                                 f"got {cfg.freeze_layers}")
+            for layer in layers[: cfg.freeze_layers]:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+    return model
+
+
+def _decoder_layers(model):
+    base = model.base_model if getattr(model, "base_model", model) is not model else model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError("freeze_layers: the model has no .layers list of decoder layers")
+    return list(layers)
+
+
+# ----------------------------------------------------------------------------- Trainer args
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(cfg, *, save: bool = True, **extra):
+    from transformers import TrainingArguments
+
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    kw = dict(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if (save and cfg.save_steps) else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bool(bf16),
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_drop_last=True,
+        disable_tqdm=not cfg.progress,
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if (world_size() > 1 and not torch.cuda.is_available()) else None,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    kw.update(extra)
+    return TrainingArguments(**kw)
+
+
+def resolve_checkpoint(cfg) -> str | None:
+    r = cfg.resume_from_checkpoint
+    if r is None:
+        return None
+    if r == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
+        if last is None:
+            raise ValueError(f"resume_from_checkpoint: no checkpoint-* folder in {cfg.output_dir!r}")
+        return last
+    if not os.path.isdir(r):
+        raise ValueError(f"resume_from_checkpoint: {r!r} is not a folder")
+    return r
+
+
+# ----------------------------------------------------------------------------- MNTP
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int, group: bool) -> list[dict]:
+    """Token lists of ``texts``: one row per text (truncated), or concatenated into
+    ``max_length`` blocks (EOS between texts) when ``group``."""
+    enc = tokenizer(texts, add_special_tokens=True, truncation=not group,
+                    max_length=max_length if not group else None)["input_ids"]
+    if not group:
+        return [{"input_ids": ids} for ids in enc if len(ids) >= 2]
+    eos = tokenizer.eos_token_id
+    flat: list[int] = []
+    for ids in enc:
+        flat.extend(ids + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []))
+    return [{"input_ids": flat[i : i + max_length]} for i in range(0, len(flat) - 1, max_length)
+            if len(flat[i : i + max_length]) >= 2]
+
+
+def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eval_texts=None, save_checkpoints=True):
+    """Train a patched-or-not ``XForCausalLM`` with MNTP in memory; returns ``(model, trainer)``.
+
+    ``model`` gets bidirectional attention (and LoRA when ``cfg.use_lora``); the returned
+    model is the trained one (a ``PeftModel`` with LoRA).
+    """
+    from .trainers import MNTPModel, MNTPTrainer
+
+    mask_id = resolve_mask_token(tokenizer, cfg.mask_token, model)
+    model = prepare_for_training(model, cfg)
+    rows = tokenize_texts(tokenizer, train_texts, cfg.max_seq_length, cfg.group_texts)
+    block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
+    if len(rows) < block:
+        raise ValueError(f"per_device_batch_size: {block} texts per step but only {len(rows)} training rows")
+    arranged = arrange_batches({"train": rows}, block, cfg.max_steps, cfg.seed)
+    # a seed per position: masks independent of ranks, batches and resumes
+    train = ListDataset([{"input_ids": r["input_ids"], "mask_seed": cfg.seed * 1_000_003 + i}
+                         for i, r in enumerate(arranged)])
+    collator = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy)
+    eval_ds = eval_coll = None
+    if eval_texts:
+        eval_ds = ListDataset(tokenize_texts(tokenizer, eval_texts, cfg.max_seq_length, cfg.group_texts))
+        eval_coll = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy,
+                                 generator=torch.Generator().manual_seed(cfg.seed))
+    extra = {}
+    if eval_ds is not None and cfg.eval_steps:
+        extra = dict(eval_strategy="steps", eval_steps=cfg.eval_steps)
+    args = training_arguments(cfg, save=save_checkpoints, **extra)
+    trainer = MNTPTrainer(model=MNTPModel(model, backend=cfg.backend), args=args, train_dataset=train,
+                          eval_dataset=eval_ds, data_collator=collator, eval_collator=eval_coll, eval_seed=cfg.seed)
+    trainer.train(resume_from_checkpoint=resolve_checkpoint(cfg))
+    if eval_ds is not None:
+        trainer.evaluate()
+    return model, trainer
+
+
+def _check_mntp_inputs(cfg: MNTPConfig):
+    train = read_texts(cfg.train_file, "train_file") if cfg.train_file else None
+    if train is None:
+        raise ValueError("train_file: expected a .txt or .jsonl file of training texts")
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    evals = read_texts(cfg.validation_file, "validation_file") if cfg.validation_file else None
+    if evals is None and cfg.validation_split_percentage > 0:
+        n = max(1, int(len(train) * cfg.validation_split_percentage / 100))
+        train, evals = train[n:], train[:n]
+    resolve_checkpoint(cfg)
+    return train, evals
+
+
+def run_mntp(cfg: MNTPConfig) -> dict:
+    """MNTP from files to a saved model. Returns the final metrics."""
+    cfg.validate()
+    train, evals = _check_mntp_inputs(cfg)
+    model, tok = load_model(cfg.model_name_or_path, causal_lm=True, dtype=cfg.dtype,
+                            peft_model_name_or_path=cfg.peft_model_name_or_path)
+    model, trainer = train_mntp(model, tok, train, cfg, eval_texts=evals)
+    metrics = _final_metrics(trainer)
+    if trainer.is_world_process_zero():
+        save_mntp_output(model, tok, cfg)
+        _write_json(os.path.join(cfg.output_dir, "train_config.json"), config_to_dict(cfg))
+        _write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def save_mntp_output(model, tokenizer, cfg) -> None:
+    """Write the MNTP result so both ``LLM2Vec.from_pretrained`` and the SimCSE stage load it.
+
+    LoRA (and no adapter merged at load): the adapter, its keys rewritten to target the base
+    ``XModel`` (``base_model.model.model.X`` -> ``base_model.model.X``), plus the encoder
+    config naming the base model. Otherwise: the full ``XForCausalLM`` weights.
+    """
+    from ..encoder import CONFIG_NAME
+
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    is_peft = hasattr(model, "merge_and_unload")
+    enc_cfg = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True,
+               "padding_side": tokenizer.padding_side or "right", "enable_bidirectional": True}
+    if is_peft and not cfg.peft_model_name_or_path:
+        model.save_pretrained(out)
+        _retarget_adapter_to_base(out)
+        enc_cfg.update(adapter_only=True, base_model_name_or_path=cfg.model_name_or_path)
+    else:
+        m = model.merge_and_unload() if is_peft else model
+        m.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _write_json(os.path.join(out, CONFIG_NAME), enc_cfg)
+
+
+def _retarget_adapter_to_base(folder: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(folder, ADAPTER_FILE)
+    sd = load_file(f)
+    new = {}
+    for k, v in sd.items():
+        if k.startswith("base_model.model.model."):
+            k = "base_model.model." + k[len("base_model.model.model."):]
+        elif k.startswith("base_model.model.lm_head"):
+            continue  # the head does not exist in the encoder
+        new[k] = v
+    save_file(new, f, metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+
+def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=None, save_checkpoints=True):
+    """Train an ``XModel`` with SimCSE (``examples``: texts) or supervised contrastive
+    (``datasets``: ``{name: rows}``) in memory; returns ``(model, trainer)``."""
+    from .trainers import ContrastiveModel, ContrastiveTrainer, restore_attention_dropout, set_attention_dropout
+
+    model = prepare_for_training(model, cfg)
+    saved_dropout = set_attention_dropout(model, cfg.attention_dropout)
+    hard = bool(getattr(cfg, "hard_negatives", False))
+    collator = ContrastiveCollator(tokenizer, mode=mode, max_length=cfg.max_seq_length,
+                                   pooling_mode=cfg.pooling_mode, hard_negatives=hard)
+    block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
+    data = datasets if datasets is not None else {"train": [{"text": t} for t in examples]}
+    train = ListDataset(arrange_batches(data, block, cfg.max_steps, cfg.seed))
+    args = training_arguments(cfg, save=save_checkpoints)
+    trainer = ContrastiveTrainer(
+        model=ContrastiveModel(model), args=args, train_dataset=train, data_collator=collator,
+        n_groups=collator.n_groups, temperature=cfg.temperature, pooling_mode=cfg.pooling_mode,
+        symmetric=cfg.symmetric, cross_rank=cfg.cross_rank, mini_batch_size=cfg.mini_batch_size,
+        loss_backend=cfg.backend,
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resolve_checkpoint(cfg))
+    finally:
+        restore_attention_dropout(saved_dropout)
+    return model, trainer
+
+
+def _check_block(cfg, sizes: dict):
+    block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
+    if all(n < block for n in sizes.values()):
+        raise ValueError(f"per_device_batch_size: {block} examples per step but the data hold only {sizes}")
+
+
+def run_simcse(cfg: SimCSEConfig) -> dict:
+    cfg.validate()
+    if not cfg.train_file:
+        raise ValueError("train_file: expected a .txt or .jsonl file of training texts")
+    texts = read_texts(cfg.train_file, "train_file")
+    if cfg.max_train_samples:
+        texts = texts[: cfg.max_train_samples]
+    _check_block(cfg, {"train": len(texts)})
+    resolve_checkpoint(cfg)
+    model, tok = load_model(cfg.model_name_or_path, causal_lm=False, dtype=cfg.dtype,
+                            peft_model_name_or_path=cfg.peft_model_name_or_path)
+    model, trainer = train_contrastive(model, tok, texts, cfg, mode="simcse")
+    return _finish_contrastive(model, tok, cfg, trainer)
+
+
+def run_supervised(cfg: SupervisedConfig) -> dict:
+    cfg.validate()
+    instructions = read_instructions(cfg.instructions)
+    data = load_supervised(cfg.train_files, instructions, require_negative=True)
+    if cfg.max_train_samples:
+        data = {k: v[: cfg.max_train_samples] for k, v in data.items()}
+    _check_block(cfg, {k: len(v) for k, v in data.items()})
+    resolve_checkpoint(cfg)
+    model, tok = load_model(cfg.model_name_or_path, causal_lm=False, dtype=cfg.dtype,
+                            peft_model_name_or_path=cfg.peft_model_name_or_path)
+    model, trainer = train_contrastive(model, tok, None, cfg, mode="supervised", datasets=data)
+    return _finish_contrastive(model, tok, cfg, trainer)
+
+
+def save_encoder(model, tokenizer, output_dir: str, *, pooling_mode: str = "mean", max_length: int = 512,
+                 base_model_name_or_path: str | None = None, merge: bool = False) -> None:
+    """Save a trained ``XModel`` (or a peft model over one) as an :class:`LLM2Vec` folder."""
+    from ..encoder import LLM2Vec
+
+    enc = LLM2Vec(model, tokenizer, pooling_mode=pooling_mode, max_length=max(max_length, 8),
+                  doc_max_length=max(max_length, 8), padding_side="right")
+    enc._load_spec = {"base_model_name_or_path": base_model_name_or_path}
+    enc._enable_bidirectional = True
+    enc.save(output_dir, merge_before_save=merge)
+
+
+def _finish_contrastive(model, tok, cfg, trainer) -> dict:
+    metrics = _final_metrics(trainer)
+    if trainer.is_world_process_zero():
+        # An adapter merged at load time is not in the base model: save merged weights then.
+        save_encoder(model, tok, cfg.output_dir, pooling_mode=cfg.pooling_mode, max_length=512,
+                     base_model_name_or_path=cfg.model_name_or_path,
+                     merge=bool(cfg.peft_model_name_or_path))
+        _write_json(os.path.join(cfg.output_dir, "train_config.json"), config_to_dict(cfg))
+        _write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def _final_metrics(trainer) -> dict:
+    from .trainers import throughput_summary
+
+    out = throughput_summary(trainer)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+    for h in trainer.state.log_history:
+        for k, v in h.items():
+            if k.startswith("eval_"):
+                out[k] = v
+    return out
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def remove_if_created(path: str, existed: bool) -> None:
+    """Remove an output folder this run created (after a failure), never a pre-existing one."""
+    if not existed and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""MNTP and contrastive collators: selection rate, the 80/10/10 split, special tokens, the shift."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm2vec_fast.training.collators import ContrastiveCollator, MNTPCollator, resolve_mask_token
+from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return toy_tokenizer()
+
+
+def _examples(tok, n, seed=0):
+    return [{"input_ids": ids} for ids in tok(toy_texts(n, seed=seed, max_words=20))["input_ids"]]
+
+
+def _within(count, n, p, sigmas=5.0):
+    """|count - n p| within ``sigmas`` binomial standard deviations."""
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
+
+
+@pytest.mark.parametrize("p", [0.15, 0.2, 0.5])
+def test_mntp_statistics_80_10_10(tok, p):
+    mask_id = resolve_mask_token(tok, "_", None)
+    coll = MNTPCollator(tok, mask_id, mlm_probability=p)
+    ex = _examples(tok, 600, seed=int(p * 100))
+    orig_ids = [e["input_ids"] for e in ex]
+    out = coll(ex)
+    ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
+    T = ids.shape[1]
+    orig = torch.full_like(ids, tok.pad_token_id)
+    for i, o in enumerate(orig_ids):
+        orig[i, : len(o)] = torch.tensor(o)
+        assert int(mask[i].sum()) == len(o)
+    sel = labels != -100
+    special = torch.isin(orig, torch.tensor(tok.all_special_ids)) | (mask == 0)
+    eligible = ~special
+    eligible[:, 0] = False
+    # special tokens (BOS at position 0, padding) and position 0 are never selected
+    assert not (sel & ~eligible).any()
+    assert (ids[special] == orig[special]).all(), "special or padding tokens were modified"
+    assert (ids[~sel] == orig[~sel]).all(), "an unselected token was modified"
+    # labels hold the original ids at selected positions
+    assert (labels[sel] == orig[sel]).all()
+    n_el, n_sel = int(eligible.sum()), int(sel.sum())
+    assert n_el > 3000
+    assert _within(n_sel, n_el, p), f"selection rate {n_sel / n_el:.3f}, expected {p}"
+    is_mask = sel & (ids == mask_id)
+    kept = sel & (ids == orig)
+    randomised = sel & (ids != orig) & (ids != mask_id)
+    # a random replacement equals the original token with probability 1/|pool|: count it as kept
+    pool = len(coll.random_pool)
+    assert _within(int(is_mask.sum()), n_sel, 0.8)
+    assert _within(int(randomised.sum()), n_sel, 0.1 * (1 - 1 / pool))
+    assert _within(int(kept.sum()), n_sel, 0.1 + 0.1 / pool)
+    # random replacements are never special tokens
+    assert not torch.isin(ids[randomised], torch.tensor(tok.all_special_ids)).any()
+    assert ids.shape == labels.shape == mask.shape == (600, T)
+
+
+def test_mntp_all_mask_and_generator(tok):
+    coll = MNTPCollator(tok, 2, mlm_probability=0.3, mask_strategy="all", generator=torch.Generator().manual_seed(3))
+    ex = _examples(tok, 200)
+    out = coll(ex)
+    sel = out["labels"] != -100
+    assert sel.any()
+    assert (out["input_ids"][sel] == 2).all()
+    coll.generator.manual_seed(3)
+    again = coll(ex)
+    assert torch.equal(again["labels"], out["labels"]), "a reseeded generator must give the same masks"
+
+
+def test_mntp_collator_rejects_bad_settings(tok):
+    with pytest.raises(ValueError, match="mlm_probability"):
+        MNTPCollator(tok, 5, mlm_probability=0.0)
+    with pytest.raises(ValueError, match="mask_strategy"):
+        MNTPCollator(tok, 5, mask_strategy="90-5-5")
+
+
+def test_mask_token_choices(tok):
+    assert resolve_mask_token(tok, "_", None) == tok.convert_tokens_to_ids("_")
+    assert resolve_mask_token(tok, "eos", None) == tok.eos_token_id
+    t2 = toy_tokenizer()
+    m = toy_model(True)
+    v0 = m.get_input_embeddings().weight.shape[0]
+    mid = resolve_mask_token(t2, "mask", m)
+    assert mid == v0 and t2.convert_ids_to_tokens(mid) == "<mask>"
+    assert m.get_input_embeddings().weight.shape[0] == v0 + 1
+    assert mid in t2.all_special_ids
+    with pytest.raises(ValueError, match="mask_token"):
+        resolve_mask_token(tok, "[MASK]", None)
+
+
+def test_mntp_loss_is_shifted_by_one(tok):
+    """The loss predicts labels[:, t] from the hidden state at t - 1: compare with full logits."""
+    from llm2vec_fast.hf.patch import patch_model
+    from llm2vec_fast.training.trainers import MNTPModel
+
+    model = patch_model(toy_model(True, seed=5, initializer_range=0.5)).eval()  # sharp logits
+    coll = MNTPCollator(tok, tok.convert_tokens_to_ids("_"), mlm_probability=0.3)
+    batch = coll(_examples(tok, 16, seed=9))
+    with torch.no_grad():
+        out = MNTPModel(model, backend="torch")(**batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    lab = batch["labels"]
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+    unshifted = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+    assert abs(float(out["loss"]) - float(want)) < 1e-4
+    assert abs(float(unshifted) - float(want)) > 1e-2, "test cannot tell the shift apart"
+    sel = lab[:, 1:] != -100
+    acc = (logits[:, :-1].argmax(-1)[sel] == lab[:, 1:][sel]).double().mean()
+    assert abs(float(out["accuracy"]) - float(acc)) < 1e-6
+
+
+def test_contrastive_collator_simcse_and_supervised(tok):
+    c = ContrastiveCollator(tok, mode="simcse", max_length=16)
+    texts = toy_texts(5, seed=4)
+    b = c([{"text": t} for t in texts])
+    assert c.n_groups == 2
+    assert b["input_ids"].shape[0] == 10
+    assert torch.equal(b["input_ids"][:5], b["input_ids"][5:])
+    assert (b["embed_mask"].bool() <= b["attention_mask"].bool()).all(), "padding inside the pooled region"
+
+    s = ContrastiveCollator(tok, mode="supervised", max_length=32, hard_negatives=True)
+    ex = [{"query": "a dog runs", "positive": "the dog is running", "negative": "a cat sits",
+           "instruction": "find the same scene"},
+          {"query": "a man eats food in the kitchen", "positive": "man eating", "negative": "a boat on the river",
+           "instruction": "find the same scene"}]
+    b = s(ex)
+    assert s.n_groups == 3 and b["input_ids"].shape[0] == 6
+    # query 0: <s> + 4 instruction words + 3 text words; only the text words are pooled
+    q0 = b["embed_mask"][0].bool()
+    ids = b["input_ids"][0][q0].tolist()
+    assert tok.convert_ids_to_tokens(ids) == ["a", "dog", "runs"]
+    assert int(b["attention_mask"][0].sum()) == 1 + 4 + 3
+    # positives carry no instruction: every text token is pooled
+    p0 = b["embed_mask"][2].bool()
+    assert tok.convert_ids_to_tokens(b["input_ids"][2][p0].tolist()) == ["the", "dog", "is", "running"]
+    s2 = ContrastiveCollator(tok, mode="supervised", hard_negatives=False)
+    assert s2(ex)["input_ids"].shape[0] == 4 and s2.n_groups == 2
+    with pytest.raises(ValueError, match="mode"):
+        ContrastiveCollator(tok, mode="triplet")

@@ -1,0 +1,248 @@
+"""Training stages on a tiny Llama: losses fall, checkpoints resume exactly, bad input fails early,
+the CLI writes models that ``LLM2Vec.from_pretrained`` loads."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from llm2vec_fast.training.config import MNTPConfig, SimCSEConfig, SupervisedConfig, make_config
+from llm2vec_fast.training.data import arrange_batches
+from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
+
+FAST = dict(progress=False, logging_steps=1, save_steps=0, max_seq_length=24)
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    """A saved toy causal LM + tokenizer: a model folder for the file-to-file stages."""
+    d = str(tmp_path_factory.mktemp("toy_model"))
+    toy_model(True, seed=3, initializer_range=0.1).save_pretrained(d)
+    toy_tokenizer().save_pretrained(d)
+    return d
+
+
+def _write(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_mntp_steps_lower_the_loss(tmp_path):
+    from llm2vec_fast.training.pipeline import train_mntp
+
+    cfg = make_config(MNTPConfig, dict(FAST, output_dir=str(tmp_path / "m"), max_steps=24, per_device_batch_size=16,
+                                       learning_rate=3e-3, use_lora=False, freeze_embeddings=False, mlm_probability=0.3))
+    texts = toy_texts(400, seed=1, structured=True)
+    model, trainer = train_mntp(toy_model(True, seed=1), toy_tokenizer(), texts, cfg, eval_texts=texts[:64],
+                                save_checkpoints=False)
+    losses = _losses(trainer)
+    assert len(losses) == 24 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
+    ev = [h for h in trainer.state.log_history if "eval_accuracy" in h][-1]
+    assert ev["eval_labelled_tokens"] > 50 and ev["eval_accuracy"] > 0.2, ev  # chance is about 1/70
+
+
+def test_simcse_steps_lower_the_loss_lora(tmp_path):
+    from llm2vec_fast.training.pipeline import train_contrastive
+
+    cfg = make_config(SimCSEConfig, dict(FAST, output_dir=str(tmp_path / "s"), max_steps=16, per_device_batch_size=16,
+                                         learning_rate=2e-3, use_lora=True, lora_r=8, attention_dropout=0.3,
+                                         temperature=0.5))
+    model, trainer = train_contrastive(toy_model(False, seed=2, initializer_range=0.3), toy_tokenizer(),
+                                       toy_texts(300, seed=2), cfg, mode="simcse", save_checkpoints=False)
+    losses = _losses(trainer)
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < 0.97 * sum(losses[:4]) / 4, losses
+    assert hasattr(model, "peft_config")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+
+
+@pytest.mark.parametrize("stage", ["mntp", "simcse_gradcache"])
+def test_resume_from_checkpoint_continues_with_the_same_losses(tmp_path, stage):
+    from llm2vec_fast.training.pipeline import train_contrastive, train_mntp
+
+    tok = toy_tokenizer()
+    texts = toy_texts(200, seed=5, structured=True)
+    out = str(tmp_path / "run")
+
+    def run(resume=None):
+        torch.manual_seed(0)  # the model-building RNG does not matter: toy_model is seeded
+        if stage == "mntp":
+            cfg = make_config(MNTPConfig, dict(FAST, output_dir=out, max_steps=6, per_device_batch_size=8,
+                                               learning_rate=1e-3, use_lora=False, save_steps=3,
+                                               resume_from_checkpoint=resume))
+            _, tr = train_mntp(toy_model(True, seed=5), tok, texts, cfg)
+        else:
+            cfg = make_config(SimCSEConfig, dict(FAST, output_dir=out, max_steps=6, per_device_batch_size=6,
+                                                 learning_rate=1e-3, use_lora=True, save_steps=3, temperature=0.3,
+                                                 attention_dropout=0.2, mini_batch_size=4,
+                                                 resume_from_checkpoint=resume))
+            _, tr = train_contrastive(toy_model(False, seed=5), tok, texts, cfg, mode="simcse")
+        return {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}, tr._samples
+
+    full, rows_full = run()
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert os.path.isdir(os.path.join(out, "checkpoint-3"))
+    resumed, rows_resumed = run(resume=os.path.join(out, "checkpoint-3"))
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's log history
+    assert rows_resumed * 2 == rows_full, "the resumed run must train steps 4-6 only"
+    for s in (4, 5, 6):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-7), (s, full, resumed)
+    # "latest" finds the newest checkpoint
+    from llm2vec_fast.training.pipeline import resolve_checkpoint
+
+    assert resolve_checkpoint(make_config(MNTPConfig, dict(output_dir=out, resume_from_checkpoint="latest"))).endswith(
+        "checkpoint-6")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _no_output(path):
+    assert not os.path.exists(path), f"{path} was created although the run was refused"
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty"),
+    (b"\n  \n", "empty"),
+    (b"\xff\xfe\xfa bad bytes\n", "cannot read"),
+])
+def test_bad_text_files_fail_before_training(tmp_path, toy_dir, content, match):
+    from llm2vec_fast.training.pipeline import run_mntp, run_simcse
+
+    f = tmp_path / "train.txt"
+    f.write_bytes(content)
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=match):
+        run_mntp(make_config(MNTPConfig, dict(model_name_or_path=toy_dir, train_file=str(f), output_dir=out)))
+    with pytest.raises(ValueError, match=match):
+        run_simcse(make_config(SimCSEConfig, dict(model_name_or_path=toy_dir, train_file=str(f), output_dir=out)))
+    _no_output(out)
+
+
+def test_missing_file_and_missing_field_and_small_batch(tmp_path, toy_dir):
+    from llm2vec_fast.training.pipeline import run_simcse, run_supervised
+
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="does not exist"):
+        run_simcse(make_config(SimCSEConfig, dict(model_name_or_path=toy_dir, train_file=str(tmp_path / "nope.txt"),
+                                                  output_dir=out)))
+    good = json.dumps({"query": "a dog", "positive": "the dog", "negative": "a cat"})
+    bad = _write(tmp_path / "qa.jsonl", [good, json.dumps({"query": "a dog", "negative": "a cat"})])
+    with pytest.raises(ValueError, match=r"qa.jsonl:2 is missing field 'positive'"):
+        run_supervised(make_config(SupervisedConfig, dict(model_name_or_path=toy_dir, train_files=[bad],
+                                                          output_dir=out)))
+    notjson = _write(tmp_path / "nj.jsonl", [good, "{not json"])
+    with pytest.raises(ValueError, match=r"nj.jsonl:2 is not valid JSON"):
+        run_supervised(make_config(SupervisedConfig, dict(model_name_or_path=toy_dir, train_files=[notjson],
+                                                          output_dir=out)))
+    with pytest.raises(ValueError, match="per_device_batch_size: a contrastive loss needs at least 2"):
+        make_config(SimCSEConfig, dict(per_device_batch_size=1, output_dir=out))
+    with pytest.raises(ValueError, match="per_device_batch_size: a contrastive loss needs at least 2"):
+        make_config(SupervisedConfig, dict(per_device_batch_size=1, output_dir=out))
+    texts = _write(tmp_path / "t.txt", toy_texts(5))
+    with pytest.raises(ValueError, match="per_device_batch_size"):  # more texts per step than the file holds
+        run_simcse(make_config(SimCSEConfig, dict(model_name_or_path=toy_dir, train_file=texts, output_dir=out,
+                                                  per_device_batch_size=8)))
+    _no_output(out)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from llm2vec_fast.cli import main
+
+    out = str(tmp_path / "out")
+    empty = _write(tmp_path / "e.jsonl", [""])
+    assert main(["supervised", "--train-files", empty, "--output-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "error: train_files:" in err and "empty" in err
+    assert main(["simcse", "--train-file", empty, "--per-device-batch-size", "1", "--output-dir", out]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    cfg = _write(tmp_path / "c.yaml", ["learning-rate: 1e-4", "bogus_key: 3"])
+    assert main(["mntp", "--config", cfg, "--output-dir", out]) == 2
+    assert "unknown setting" in capsys.readouterr().err
+    _no_output(out)
+
+
+def test_config_file_and_flags(tmp_path):
+    import argparse
+
+    from llm2vec_fast.training.config import add_config_arguments, config_from_args
+
+    y = _write(tmp_path / "c.yaml", ["learning_rate: 1.0e-4", "per-device-batch-size: 12", "use_lora: false",
+                                     "lora_target_modules: [q_proj, v_proj]"])
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, SimCSEConfig)
+    cfg = config_from_args(SimCSEConfig, p.parse_args(["--config", y, "--per-device-batch-size", "6", "--symmetric"]))
+    assert cfg.learning_rate == 1e-4 and cfg.per_device_batch_size == 6 and cfg.use_lora is False
+    assert cfg.symmetric is True and cfg.lora_target_modules == ["q_proj", "v_proj"]
+    cfg = config_from_args(SimCSEConfig, p.parse_args(["--no-use-lora", "--mini-batch-size", "4"]))
+    assert cfg.use_lora is False and cfg.mini_batch_size == 4 and cfg.temperature == 0.05
+    j = _write(tmp_path / "c.json", [json.dumps({"mlm_probability": 0.4, "mask_strategy": "all"})])
+    p2 = argparse.ArgumentParser()
+    add_config_arguments(p2, MNTPConfig)
+    cfg = config_from_args(MNTPConfig, p2.parse_args(["--config", j]))
+    assert cfg.mlm_probability == 0.4 and cfg.mask_strategy == "all"
+    with pytest.raises(ValueError, match="mlm_probability"):
+        make_config(MNTPConfig, dict(mlm_probability=1.5))
+
+
+def test_arranged_batches_come_from_one_dataset():
+    data = {"a": [("a", i) for i in range(50)], "b": [("b", i) for i in range(23)], "c": [("c", i) for i in range(7)]}
+    order = arrange_batches(data, 8, steps=20, seed=0)
+    assert len(order) == 160
+    blocks = [order[i : i + 8] for i in range(0, 160, 8)]
+    assert all(len({x[0] for x in b}) == 1 for b in blocks)
+    assert {b[0][0] for b in blocks} == {"a", "b"}  # "c" is smaller than one batch
+    assert arrange_batches(data, 8, steps=20, seed=0) == order
+    with pytest.raises(ValueError, match="larger than every dataset"):
+        arrange_batches({"c": data["c"]}, 8, steps=1, seed=0)
+
+
+# ----------------------------------------------------------------------------- end to end (CLI)
+
+
+def test_cli_mntp_lora_then_simcse_then_supervised(tmp_path, toy_dir):
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.encoder import LLM2Vec
+
+    texts = _write(tmp_path / "t.txt", toy_texts(120, seed=7, structured=True))
+    common = ["--model-name-or-path", toy_dir, "--max-steps", "3", "--per-device-batch-size", "8",
+              "--logging-steps", "1", "--max-seq-length", "24"]
+    mntp = str(tmp_path / "mntp")
+    assert main(["mntp", "--train-file", texts, "--output-dir", mntp, "--validation-split-percentage", "10",
+                 "--lora-r", "4", *common]) == 0
+    assert os.path.isfile(os.path.join(mntp, "adapter_model.safetensors"))
+    metrics = json.load(open(os.path.join(mntp, "metrics.json")))
+    assert "eval_accuracy" in metrics and metrics["tokens"] > 0
+    log = [json.loads(x) for x in open(os.path.join(mntp, "train_log.jsonl"))]
+    assert any("tokens_per_second" in r for r in log)
+    enc = LLM2Vec.from_pretrained(mntp)  # base + MNTP adapter, bidirectional
+    assert enc.encode(["a dog runs"], convert_to_tensor=True).shape == (1, 64)
+
+    simcse = str(tmp_path / "simcse")
+    assert main(["simcse", "--train-file", texts, "--output-dir", simcse, "--peft-model-name-or-path", mntp,
+                 "--mini-batch-size", "5", "--lora-r", "4", *common]) == 0
+    enc = LLM2Vec.from_pretrained(simcse)
+    e = enc.encode(["a dog runs", "the cat sits"], convert_to_tensor=True)
+    assert e.shape == (2, 64) and torch.isfinite(e).all()
+
+    d = tmp_path / "sup"
+    d.mkdir()
+    for name in ("nli", "qa"):
+        _write(d / f"{name}.jsonl", [json.dumps({"query": q, "positive": p, "negative": n}) for q, p, n in
+                                     zip(toy_texts(20, seed=1), toy_texts(20, seed=2), toy_texts(20, seed=3))])
+    instr = _write(tmp_path / "instr.json", [json.dumps({"nli": "find the same scene", "qa": "answer"})])
+    sup = str(tmp_path / "supervised")
+    assert main(["supervised", "--train-files", str(d), "--instructions", instr, "--output-dir", sup,
+                 "--no-use-lora", *common]) == 0
+    cfg = json.load(open(os.path.join(sup, "llm2vec_fast_config.json")))
+    assert cfg.get("adapter_only") is not True
+    assert LLM2Vec.from_pretrained(sup).encode([["answer", "a dog"]], convert_to_tensor=True).shape == (1, 64)

@@ -1,0 +1,83 @@
+"""Two-process DDP (gloo, CPU) SimCSE equals one process on the same global batch.
+
+Cross-rank negatives (all-gather with gradients) make the two ranks' losses the global
+batch's loss; DDP averages the gradients; the data arrangement hands each rank its half of
+the same global batch. Dropout is off so both runs are deterministic functions of the data,
+and the optimizer is SGD (Adam's update ``g / sqrt(v)`` turns rounding noise in tiny
+gradients into full-size steps, which would hide a real difference among false ones).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+
+import pytest
+import torch
+
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(out_dir, per_device, mini_batch_size, result_file):
+    torch.set_num_threads(1)
+    from llm2vec_fast.training.config import SimCSEConfig, make_config
+    from llm2vec_fast.training.pipeline import train_contrastive
+    from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
+
+    cfg = make_config(SimCSEConfig, dict(
+        output_dir=out_dir, max_steps=STEPS, per_device_batch_size=per_device, learning_rate=0.5, optim="sgd", use_lora=False,
+        attention_dropout=0.0, temperature=0.2, logging_steps=1, progress=False, max_seq_length=16, seed=7,
+        cross_rank=True, mini_batch_size=mini_batch_size, backend="torch"))
+    model, trainer = train_contrastive(toy_model(False, seed=4, initializer_range=0.3), toy_tokenizer(),
+                                       toy_texts(64, seed=3), cfg, mode="simcse", save_checkpoints=False)
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    if trainer.is_world_process_zero():
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, result_file + ".pt")
+        with open(result_file, "w") as f:
+            json.dump({"losses": losses, "rows": trainer._samples}, f)
+
+
+def _rank_main(rank, world, port, out_dir, mini_batch_size, result_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    _train(out_dir, GLOBAL_BATCH // world, mini_batch_size, result_file)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, pytest.param(3, marks=pytest.mark.slow)])
+def test_two_process_ddp_matches_single_process(tmp_path, mini_batch_size):
+    ctx = mp.get_context("spawn")
+    single = str(tmp_path / "single.json")
+    p = ctx.Process(target=_rank_main, args=(0, 1, _free_port(), str(tmp_path / "s"), mini_batch_size, single))
+    p.start()
+    p.join(600)
+    assert p.exitcode == 0, "single-process run failed"
+
+    ddp = str(tmp_path / "ddp.json")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path / "d"), mini_batch_size, ddp))
+             for r in range(2)]
+    for q in procs:
+        q.start()
+    for q in procs:
+        q.join(600)
+    assert all(q.exitcode == 0 for q in procs), [q.exitcode for q in procs]
+
+    a, b = json.load(open(single)), json.load(open(ddp))
+    assert a["rows"] == 2 * b["rows"] == STEPS * GLOBAL_BATCH * 2  # two views per sentence
+    for s in map(str, range(1, STEPS + 1)):
+        assert b["losses"][s] == pytest.approx(a["losses"][s], rel=1e-4, abs=1e-5), (a["losses"], b["losses"])
+    pa, pb = torch.load(single + ".pt"), torch.load(ddp + ".pt")
+    start = __import__("llm2vec_fast.training.toy", fromlist=["toy_model"]).toy_model(
+        False, seed=4, initializer_range=0.3).state_dict()
+    moved = 0.0
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5), k
+        moved = max(moved, float((pa[k] - start[k]).abs().max()))
+    assert moved > 1e-3, "training did not change the weights; the comparison would be vacuous"
