@@ -56,7 +56,6 @@ def cases_for(preset: str):
     if preset == "cpu":
         return [
             _case("unpadded", 2, 128, 4, 4, 64),
-            _case("unpadded", 1, 256, 4, 4, 64),
             _case("padded", 4, 128, 4, 4, 64, _padded_lengths(4, 128, gen)),
             _case("gqa", 2, 128, 8, 2, 64),
         ]

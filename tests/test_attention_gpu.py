@@ -18,6 +18,13 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
+@pytest.fixture(autouse=True)
+def _heuristic_configs(monkeypatch):
+    # The heuristic's configs (no autotuning) keep the compile count, and so the run, short;
+    # test_heuristic_path_matches_autotuned turns the autotuner on and compares the two.
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "0")
+
+
 def _ops():
     from llm2vec_fast.ops.attention import flash_attn_noncausal, flash_attn_varlen_noncausal
 
@@ -125,6 +132,7 @@ def test_heuristic_path_matches_autotuned(monkeypatch):
     q = torch.randn(2, 1000, 8, 128, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(2, 1000, 8, 128, device=DEV, dtype=torch.bfloat16)
     v = torch.randn(2, 1000, 8, 128, device=DEV, dtype=torch.bfloat16)
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "1")
     a = padded(q, k, v, backend="triton")
     monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "0")
     b = padded(q, k, v, backend="triton")

@@ -30,6 +30,9 @@ ATOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(tk, "_POISON_OUTPUTS", True)
+    # On a GPU: the heuristic's configs, not the autotuner (which would compile and time
+    # every config for each of these small cases); test_attention_gpu.py covers autotuning.
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "0")
 
 
 def _cu(lens, device):
