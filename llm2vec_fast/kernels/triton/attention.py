@@ -564,8 +564,9 @@ def bwd_dkdv_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
 def heuristic_config(kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool) -> triton.Config:
     """The configuration used when not autotuning (no CUDA, or LLM2VEC_FAST_AUTOTUNE=0).
 
-    On CUDA: the list's first entry (the large tile, best at long sequences); sequences of
-    at most 256 take the smallest tile so that short batches still fill the SMs. Without
+    On CUDA: the list's first entry (the autotuner's winner at S = 4k / 8k on an H200);
+    sequences of at most 256 take the smallest tile so that short batches still fill the
+    SMs. No benchmarking, so the first call costs only the compile. Without
     CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
     sequences cross several blocks and a tail, and the interpreter stays fast.
     """
