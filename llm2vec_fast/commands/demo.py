@@ -54,16 +54,18 @@ def add_arguments(p) -> None:
 
 
 def _fmt_table(rows) -> str:
-    lines = [f"{'stage':<34} {'STS-B Spearman x100':>20} {'time (s)':>9}", "-" * 65]
-    for name, score, secs in rows:
+    # CPU seconds next to wall seconds: on a shared machine the wall time says little.
+    lines = [f"{'stage':<28} {'STS-B Spearman x100':>20} {'wall (s)':>9} {'CPU (s)':>9}", "-" * 69]
+    for name, score, secs, cpu in rows:
         s = f"{score:.2f}" if score is not None else "-"
-        lines.append(f"{name:<34} {s:>20} {secs:>9.1f}")
+        lines.append(f"{name:<28} {s:>20} {secs:>9.1f} {cpu:>9.1f}")
     return "\n".join(lines)
 
 
 def run(args) -> int:
     import json
     import os
+    import shutil
     import time
 
     import torch
@@ -73,114 +75,126 @@ def run(args) -> int:
             raise SystemExit(f"--{name.replace('_', '-')}: expected an int >= 0, got {getattr(args, name)}")
     if args.simcse_batch_size < 2:
         raise SystemExit(f"--simcse-batch-size: a contrastive loss needs at least 2 sentences, got {args.simcse_batch_size}")
+    if args.eval_pairs == 1:
+        raise SystemExit("--eval-pairs: Spearman needs at least 2 pairs (0 = the full split)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from llm2vec_fast.encoder import LLM2Vec
+    from llm2vec_fast.evaluation import spearman_x100
     from llm2vec_fast.hf.patch import patch_model
     from llm2vec_fast.training.config import MNTPConfig, SimCSEConfig, make_config
     from llm2vec_fast.training.pipeline import save_encoder, train_contrastive, train_mntp
 
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     rows, log = [], {}
-    workdir = os.path.join(args.output_dir, "_stages")  # Trainer scratch (logs); removed at the end
 
-    t = time.perf_counter()
-    if args.toy:
-        from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
+    class Stage:
+        """Times a stage (wall and process CPU seconds) and appends its table row."""
 
-        tok = toy_tokenizer()
-        model = toy_model(True, seed=args.seed)
-        sentences = toy_texts(400, seed=args.seed)
-        eval_rows = [(a, b, float(i % 5)) for i, (a, b) in
-                     enumerate(zip(toy_texts(40, seed=1), toy_texts(40, seed=2)))]
-        base_name = None
-    else:
-        from llm2vec_fast.evaluation import sts_pairs
-        from llm2vec_fast.models import DEFAULT_MODEL_NAME, load_default_model
-        from llm2vec_fast.training.data import sts_train_sentences
+        def __init__(self, name):
+            self.name, self.score = name, None
 
-        model, tok = load_default_model(causal_lm=True)
-        sentences = sts_train_sentences()
-        eval_rows = sts_pairs("test", args.eval_pairs or None)
-        base_name = DEFAULT_MODEL_NAME
-    rows.append(("load model + data", None, time.perf_counter() - t))
-    print(f"loaded in {rows[-1][2]:.1f} s: {len(sentences)} training sentences, {len(eval_rows)} evaluation pairs",
-          flush=True)
+        def __enter__(self):
+            self.t, self.c = time.perf_counter(), time.process_time()
+            return self
 
-    def evaluate(name, base, bidirectional):
-        from llm2vec_fast.evaluation import spearman_x100
+        def __exit__(self, *exc):
+            self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
+            if exc[0] is None:
+                rows.append((self.name, self.score, self.wall, self.cpu))
 
-        t0 = time.perf_counter()
-        base.eval()
-        enc = LLM2Vec(base, tok, pooling_mode="mean", max_length=args.max_seq_length * 2, padding_side="right")
-        uniq = {}
-        for a, b, _ in eval_rows:
-            uniq.setdefault(a, len(uniq))
-            uniq.setdefault(b, len(uniq))
-        emb = torch.as_tensor(enc.encode(list(uniq), batch_size=64, convert_to_tensor=True,
-                                           show_progress_bar=False)).float()
-        emb = torch.nn.functional.normalize(emb, dim=-1)
-        sims = [float(emb[uniq[a]] @ emb[uniq[b]]) for a, b, _ in eval_rows]
-        score = spearman_x100(sims, [s for _, _, s in eval_rows])
-        rows.append((name, score, time.perf_counter() - t0))
-        log[name] = score
-        print(f"{name}: {score:.2f} ({rows[-1][2]:.1f} s)", flush=True)
+    workdir = os.path.join(args.output_dir, "_stages")  # Trainer scratch; removed at the end
 
-    evaluate("causal, mean pooling", model.base_model, False)
+    with Stage("load model + data") as st:
+        if args.toy:
+            from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
+
+            tok = toy_tokenizer()
+            model = toy_model(True, seed=args.seed)
+            sentences = toy_texts(400, seed=args.seed)
+            eval_rows = [(a, b, float(i % 5)) for i, (a, b) in
+                         enumerate(zip(toy_texts(40, seed=1), toy_texts(40, seed=2)))]
+            base_name = None
+        else:
+            from llm2vec_fast.evaluation import sts_pairs
+            from llm2vec_fast.models import DEFAULT_MODEL_NAME, load_default_model
+            from llm2vec_fast.training.data import sts_train_sentences
+
+            model, tok = load_default_model(causal_lm=True)
+            sentences = sts_train_sentences()
+            eval_rows = sts_pairs("test", args.eval_pairs or None)
+            base_name = DEFAULT_MODEL_NAME
+    print(f"loaded in {st.wall:.1f} s: {len(sentences)} training sentences (STS-B train, scores unused), "
+          f"{len(eval_rows)} evaluation pairs", flush=True)
+
+    uniq: dict[str, int] = {}
+    for a, b, _ in eval_rows:
+        uniq.setdefault(a, len(uniq))
+        uniq.setdefault(b, len(uniq))
+    gold = [g for _, _, g in eval_rows]
+
+    def evaluate(name, base):
+        with Stage(name) as st:
+            base.eval()
+            enc = LLM2Vec(base, tok, pooling_mode="mean", max_length=args.max_seq_length * 2, padding_side="right")
+            emb = torch.as_tensor(enc.encode(list(uniq), batch_size=64, convert_to_tensor=True,
+                                             show_progress_bar=False)).float()
+            emb = torch.nn.functional.normalize(emb, dim=-1)
+            sims = [float(emb[uniq[a]] @ emb[uniq[b]]) for a, b, _ in eval_rows]
+            st.score = spearman_x100(sims, gold)
+        log[name] = st.score
+        print(f"{name}: {st.score:.2f} ({st.wall:.1f} s)", flush=True)
+
+    evaluate("causal, mean pooling", model.base_model)
     patch_model(model)
-    evaluate("bidirectional, untrained", model.base_model, True)
+    evaluate("bidirectional, untrained", model.base_model)
 
-    common = dict(use_lora=args.lora, lora_dropout=0.05, max_seq_length=args.max_seq_length, seed=args.seed,
-                  bf16=args.bf16, progress=args.progress, save_steps=0, warmup_steps=0)
+    common = dict(use_lora=args.lora, max_seq_length=args.max_seq_length, seed=args.seed, bf16=args.bf16,
+                  progress=args.progress, save_steps=0, warmup_steps=0)
     if args.mntp_steps:
-        t = time.perf_counter()
-        cfg = make_config(MNTPConfig, dict(
-            common, output_dir=os.path.join(workdir, "mntp"), max_steps=args.mntp_steps,
-            per_device_batch_size=args.mntp_batch_size, learning_rate=args.mntp_lr,
-            logging_steps=max(1, args.mntp_steps // 10), mlm_probability=0.2, mask_token="_"))
-        model, trainer = train_mntp(model, tok, sentences, cfg, save_checkpoints=False)
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        rows.append(("MNTP training", None, time.perf_counter() - t))
+        with Stage("MNTP training") as st:
+            cfg = make_config(MNTPConfig, dict(
+                common, output_dir=os.path.join(workdir, "mntp"), max_steps=args.mntp_steps,
+                per_device_batch_size=args.mntp_batch_size, learning_rate=args.mntp_lr,
+                logging_steps=max(1, args.mntp_steps // 10), mlm_probability=0.2, mask_token="_"))
+            model, trainer = train_mntp(model, tok, sentences, cfg, save_checkpoints=False)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         log["mntp_losses"] = losses
-        print(f"MNTP: {args.mntp_steps} steps in {rows[-1][2]:.1f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+        print(f"MNTP: {args.mntp_steps} steps in {st.wall:.1f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}",
               flush=True)
-        evaluate("after MNTP", model.base_model, True)
+        evaluate("after MNTP", model.base_model)
 
     base = model.base_model
     if args.simcse_steps:
-        t = time.perf_counter()
-        cfg = make_config(SimCSEConfig, dict(
-            common, output_dir=os.path.join(workdir, "simcse"), max_steps=args.simcse_steps,
-            per_device_batch_size=args.simcse_batch_size, learning_rate=args.simcse_lr,
-            logging_steps=max(1, args.simcse_steps // 10), attention_dropout=args.simcse_dropout,
-            temperature=0.05, pooling_mode="mean"))
-        base, trainer = train_contrastive(base, tok, sentences, cfg, mode="simcse", save_checkpoints=False)
-        if hasattr(base, "merge_and_unload"):
-            base = base.merge_and_unload()
-        rows.append(("SimCSE training", None, time.perf_counter() - t))
+        with Stage("SimCSE training") as st:
+            cfg = make_config(SimCSEConfig, dict(
+                common, output_dir=os.path.join(workdir, "simcse"), max_steps=args.simcse_steps,
+                per_device_batch_size=args.simcse_batch_size, learning_rate=args.simcse_lr,
+                logging_steps=max(1, args.simcse_steps // 10), attention_dropout=args.simcse_dropout,
+                temperature=0.05, pooling_mode="mean"))
+            base, trainer = train_contrastive(base, tok, sentences, cfg, mode="simcse", save_checkpoints=False)
+            if hasattr(base, "merge_and_unload"):
+                base = base.merge_and_unload()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         log["simcse_losses"] = losses
-        print(f"SimCSE: {args.simcse_steps} steps in {rows[-1][2]:.1f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+        print(f"SimCSE: {args.simcse_steps} steps in {st.wall:.1f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}",
               flush=True)
-        evaluate("after SimCSE", base, True)
+        evaluate("after SimCSE", base)
 
-    t = time.perf_counter()
-    save_encoder(base, tok, args.output_dir, pooling_mode="mean", max_length=512, base_model_name_or_path=base_name)
-    import shutil
-
-    shutil.rmtree(workdir, ignore_errors=True)
-    rows.append(("save encoder", None, time.perf_counter() - t))
-    total = time.perf_counter() - t_all
-    rows.append(("total", None, total))
-    subset = f"first {len(eval_rows)} STS-B test pairs" if not args.toy else "toy pairs"
-    print(f"\nSTS-B Spearman x100 on the {subset} (mean pooling)\n" + _fmt_table(rows))
+    with Stage("save encoder"):
+        save_encoder(base, tok, args.output_dir, pooling_mode="mean", max_length=512, base_model_name_or_path=base_name)
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows.append(("total", None, time.perf_counter() - t_all, time.process_time() - c_all))
+    subset = f"first {len(eval_rows)} STS-B test pairs" if not args.toy else "toy pairs (meaningless scores)"
+    print(f"\nSpearman x100 on the {subset}, mean pooling\n" + _fmt_table(rows))
     with open(os.path.join(args.output_dir, "demo_results.json"), "w") as f:
-        json.dump({"eval_pairs": len(eval_rows), "scores": log, "seconds": {r[0]: r[2] for r in rows},
+        json.dump({"eval_pairs": len(eval_rows), "scores": log,
+                   "seconds": {r[0]: {"wall": r[2], "cpu": r[3]} for r in rows},
                    "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}},
                   f, indent=2, default=str)
-    print(f"\nsaved the encoder to {args.output_dir}; full test split: "
+    print(f"\nsaved the encoder to {args.output_dir}; on the full test split: "
           f"llm2vec-fast eval-sts --model {args.output_dir}")
     return 0
