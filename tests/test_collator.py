@@ -146,3 +146,17 @@ def test_contrastive_collator_simcse_and_supervised(tok):
     assert s2(ex)["input_ids"].shape[0] == 4 and s2.n_groups == 2
     with pytest.raises(ValueError, match="mode"):
         ContrastiveCollator(tok, mode="triplet")
+
+
+def test_mask_seed_makes_masks_independent_of_the_batch(tok):
+    """Examples with a mask_seed are masked the same whatever batch (or rank, or resume) they land in."""
+    coll = MNTPCollator(tok, 5, mlm_probability=0.4)
+    ex = [{"input_ids": e["input_ids"], "mask_seed": 100 + i} for i, e in enumerate(_examples(tok, 12, seed=2))]
+    full = coll(ex)
+    torch.rand(7)  # the global stream moves; seeded masks must not care
+    part = coll(ex[5:9])
+    n = part["labels"].shape[1]
+    assert torch.equal(part["labels"], full["labels"][5:9, :n])
+    assert torch.equal(part["input_ids"], full["input_ids"][5:9, :n])
+    other = coll([{**e, "mask_seed": e["mask_seed"] + 1000} for e in ex])
+    assert not torch.equal(other["labels"], full["labels"])

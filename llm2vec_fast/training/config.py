@@ -53,6 +53,8 @@ class BaseConfig:
     save_total_limit: int | None = field(default=None, metadata={"help": "keep at most N checkpoints"})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint folder, or 'latest' for the newest in output_dir"})
+    fsdp: str = field(
+        default="", metadata={"help": "Trainer FSDP mode, e.g. 'full_shard auto_wrap' (multi-GPU; untested here)"})
     seed: int = field(default=42, metadata={"help": "random seed (data order, masking, dropout)"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading processes"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})

@@ -146,6 +146,7 @@ def training_arguments(cfg, *, save: bool = True, **extra):
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         optim=cfg.optim,
+        fsdp=cfg.fsdp,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler_type,
         max_steps=cfg.max_steps,

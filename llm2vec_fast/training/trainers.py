@@ -44,6 +44,8 @@ class MNTPModel(nn.Module):
         super().__init__()
         self.model = model
         self.backend = backend
+        # FSDP's auto-wrap policy reads the decoder-layer class names from here
+        self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, position_ids=None):
         hf = unwrap_peft(self.model)
@@ -74,6 +76,7 @@ class ContrastiveModel(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
