@@ -80,7 +80,11 @@ def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
                 if only and only not in r["id"]:
                     continue
                 try:
-                    info = compile_for(kernel, sig, consts, cc, c.num_warps, c.num_stages)
+                    # As launched: 16-byte aligned pointers; token / head / batch strides of q, k, v and
+                    # their gradients are multiples of D (>= 32), so Triton specialises them as /16.
+                    div = set(ptrs) | {n for n in kernel.arg_names if n.startswith("stride_") and n[-1] in "bth"
+                                       and not n.startswith(("stride_l", "stride_m"))}
+                    info = compile_for(kernel, sig, consts, cc, c.num_warps, c.num_stages, divisible=div)
                     r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"],
                              wgmma="wgmma" in info["ptx"], limit=SMEM_LIMIT[cc])
                 except Exception as e:  # reported by the test, with the config's name
