@@ -596,8 +596,14 @@ class LLM2Vec(torch.nn.Module):
         return out
 
     def _is_patched(self) -> bool:
-        # patch_model keeps its undo state in this attribute of the transformers model
-        return getattr(self._base_model(), "_llm2vec_fast_patch", None) is not None
+        try:
+            from .hf.patch import is_patched
+        except ImportError:  # pragma: no cover - an older patch module
+            return getattr(self._base_model(), "_llm2vec_fast_patch", None) is not None
+        try:
+            return is_patched(self.model)
+        except ValueError:  # not a transformers model (a user's own module): never patched
+            return False
 
 
 def _worker_encode(spec, device, pairs, batch_size, n_threads, show_progress_bar):

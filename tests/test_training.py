@@ -246,3 +246,13 @@ def test_cli_mntp_lora_then_simcse_then_supervised(tmp_path, toy_dir):
     cfg = json.load(open(os.path.join(sup, "llm2vec_fast_config.json")))
     assert cfg.get("adapter_only") is not True
     assert LLM2Vec.from_pretrained(sup).encode([["answer", "a dog"]], convert_to_tensor=True).shape == (1, 64)
+
+
+def test_group_by_length_keeps_batches_homogeneous():
+    rows = [{"input_ids": list(range(n))} for n in (list(range(2, 40)) * 5)]
+    order = arrange_batches({"t": rows}, 10, steps=15, seed=1, length=lambda r: len(r["input_ids"]))
+    blocks = [order[i : i + 10] for i in range(0, len(order), 10)]
+    spread = [max(len(r["input_ids"]) for r in b) - min(len(r["input_ids"]) for r in b) for b in blocks]
+    assert max(spread) <= 3, spread
+    firsts = [len(b[0]["input_ids"]) for b in blocks]
+    assert firsts != sorted(firsts), "block order must still be shuffled"

@@ -59,6 +59,8 @@ class BaseConfig:
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading processes"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    group_by_length: bool = field(
+        default=False, metadata={"help": "batch texts of similar length together (less padding, faster steps)"})
 
     def validate(self) -> None:
         """Raise ValueError naming the field for values no run could use."""

@@ -218,7 +218,8 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
     block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
     if len(rows) < block:
         raise ValueError(f"per_device_batch_size: {block} texts per step but only {len(rows)} training rows")
-    arranged = arrange_batches({"train": rows}, block, cfg.max_steps, cfg.seed)
+    arranged = arrange_batches({"train": rows}, block, cfg.max_steps, cfg.seed,
+                               length=(lambda r: len(r["input_ids"])) if cfg.group_by_length else None)
     # a seed per position: masks independent of ranks, batches and resumes
     train = ListDataset([{"input_ids": r["input_ids"], "mask_seed": cfg.seed * 1_000_003 + i}
                          for i, r in enumerate(arranged)])
@@ -324,7 +325,10 @@ def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=No
                                    pooling_mode=cfg.pooling_mode, hard_negatives=hard)
     block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
     data = datasets if datasets is not None else {"train": [{"text": t} for t in examples]}
-    train = ListDataset(arrange_batches(data, block, cfg.max_steps, cfg.seed))
+    length = None
+    if cfg.group_by_length:  # characters of the longest text of the example: a cheap proxy for tokens
+        length = lambda e: max(len(v) for k, v in e.items() if k != "instruction" and isinstance(v, str))  # noqa: E731
+    train = ListDataset(arrange_batches(data, block, cfg.max_steps, cfg.seed, length=length))
     args = training_arguments(cfg, save=save_checkpoints)
     trainer = ContrastiveTrainer(
         model=ContrastiveModel(model), args=args, train_dataset=train, data_collator=collator,

@@ -130,7 +130,9 @@ class _BaseTrainer(Trainer):
             logs["rows_per_second"] = round((self._samples - s0) / dt, 2)
             self._last_log = (now, self._tokens, self._samples)
         super().log(logs, *args, **kwargs)
-        if self.is_world_process_zero() and self.args.output_dir and os.path.isdir(self.args.output_dir):
+        if self.is_world_process_zero() and self.args.output_dir:
+            # training has started, so every input check has passed: the folder may exist now
+            os.makedirs(self.args.output_dir, exist_ok=True)
             rec = {"step": self.state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
