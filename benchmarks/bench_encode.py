@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 PRESETS = {
-    "cpu": dict(model="smollm2-135m", n_texts=32, batch_size=8, reps=2, dtype="float32", threads=2),
+    "cpu": dict(model="smollm2-135m", n_texts=16, batch_size=8, reps=2, dtype="float32", threads=2),
     "gpu-quick": dict(model="llama-1b", n_texts=512, batch_size=64, reps=3, dtype="bfloat16", threads=None),
     "gpu-full": dict(model="llama-1b", n_texts=2048, batch_size=64, reps=5, dtype="bfloat16", threads=None),
 }

@@ -146,6 +146,10 @@ def table_for(name: str, rows: list[dict]) -> list[str]:
             + (f", preset {newest['preset']}" if newest.get("preset") else "") + "."
         )
         lines.append("")
+        if dev.startswith("cpu") and name not in ("e2e", "encode"):
+            lines.append("CPU rows check the harness, not speed: without a GPU the Triton providers run under the "
+                         "Triton interpreter (TRITON_INTERPRET=1) or are skipped.")
+            lines.append("")
         has_tflops = any("tflops" in r for r in drows)
         head = ["case", "ours", "ours ms"]
         if has_tflops:
