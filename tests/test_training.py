@@ -12,7 +12,8 @@ from llm2vec_fast.training.config import MNTPConfig, SimCSEConfig, SupervisedCon
 from llm2vec_fast.training.data import arrange_batches
 from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
 
-FAST = dict(progress=False, logging_steps=1, save_steps=0, max_seq_length=24)
+# bf16 off: on a CUDA machine the default would switch to bf16 autocast; these tests check fp32 numbers
+FAST = dict(progress=False, logging_steps=1, save_steps=0, max_seq_length=24, bf16=False)
 
 
 def _losses(trainer):
@@ -77,13 +78,13 @@ def test_resume_from_checkpoint_continues_with_the_same_losses(tmp_path, stage):
         torch.manual_seed(0)  # the model-building RNG does not matter: toy_model is seeded
         if stage == "mntp":
             cfg = make_config(MNTPConfig, dict(FAST, output_dir=out, max_steps=6, per_device_batch_size=8,
-                                               learning_rate=1e-3, use_lora=False, save_steps=3,
+                                               learning_rate=1e-3, use_lora=False, save_steps=3, backend="torch",
                                                resume_from_checkpoint=resume))
             _, tr = train_mntp(toy_model(True, seed=5), tok, texts, cfg)
         else:
             cfg = make_config(SimCSEConfig, dict(FAST, output_dir=out, max_steps=6, per_device_batch_size=6,
                                                  learning_rate=1e-3, use_lora=True, save_steps=3, temperature=0.3,
-                                                 attention_dropout=0.2, mini_batch_size=4,
+                                                 attention_dropout=0.2, mini_batch_size=4, backend="torch",
                                                  resume_from_checkpoint=resume))
             _, tr = train_contrastive(toy_model(False, seed=5), tok, texts, cfg, mode="simcse")
         return {h["step"]: h["loss"] for h in tr.state.log_history if "loss" in h}, tr._samples

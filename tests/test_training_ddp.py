@@ -34,7 +34,7 @@ def _train(out_dir, per_device, mini_batch_size, result_file):
     cfg = make_config(SimCSEConfig, dict(
         output_dir=out_dir, max_steps=STEPS, per_device_batch_size=per_device, learning_rate=0.5, optim="sgd", use_lora=False,
         attention_dropout=0.0, temperature=0.2, logging_steps=1, progress=False, max_seq_length=16, seed=7,
-        cross_rank=True, mini_batch_size=mini_batch_size, backend="torch"))
+        cross_rank=True, mini_batch_size=mini_batch_size, backend="torch", bf16=False))
     model, trainer = train_contrastive(toy_model(False, seed=4, initializer_range=0.3), toy_tokenizer(),
                                        toy_texts(64, seed=3), cfg, mode="simcse", save_checkpoints=False)
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
