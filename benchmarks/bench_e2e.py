@@ -21,6 +21,9 @@ memory (``ru_maxrss``) belongs to that provider alone; on CUDA peak memory is
 the part above what was allocated before the step). Both providers of a pair run from the same
 seed on the same data, so their first-step losses must agree (``loss0`` in the rows).
 
+On the CPU, ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment makes peak RSS follow the live
+tensors instead of including glibc's retained blocks (rows then carry ``malloc_mmap_threshold``).
+
 Tokens per second count the non-padding tokens that go through the model in one step
 (SimCSE: both views).
 
@@ -278,6 +281,11 @@ def worker(a) -> dict:
         steps=len(ts), ms=ms, ms_p20=ts[int(0.2 * (len(ts) - 1))], ms_p80=ts[int(0.8 * (len(ts) - 1))],
         cpu_ms=statistics.median(cpu_times), tokens_per_s=ntok / (ms / 1e3), loss0=loss0,
     )
+    if not cuda and os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        # glibc keeps freed mid-size blocks mapped (its mmap threshold grows with use), so by
+        # default peak RSS includes allocator retention; a fixed small threshold makes RSS
+        # track the live tensors. Recorded, since it changes what the peak means.
+        row["malloc_mmap_threshold"] = int(os.environ["MALLOC_MMAP_THRESHOLD_"])
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         row.update(peak_mem_mb=peak / 2**20, step_mem_mb=(peak - base) / 2**20, mem_kind="cuda_max_allocated")
