@@ -171,6 +171,8 @@ def main() -> None:
                    help="comma-separated impl:dtype runs per round, in this order")
     p.add_argument("--limit", type=int, default=None, help="first N pairs only (a smoke run; not recorded)")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--record-from-log", default=None,
+                   help="record the runs printed to a log by an interrupted driver (rows, summary) and exit")
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -185,6 +187,12 @@ def main() -> None:
     import numpy as np
 
     configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    if args.record_from_log:
+        with open(args.record_from_log) as f:
+            runs = [json.loads(line) for line in f if line.startswith('{"impl"')]
+        configs = [c for c in configs if any(r["impl"] == c[0] and r["dtype"] == c[1] for r in runs)]
+        args.rounds = 1 + max(r["round"] for r in runs)
+        return record(runs, configs, args)
     runs = []
     with tempfile.TemporaryDirectory(prefix="cmp_encode_") as tmp:
         texts_path, model_dir, rows = prepare(tmp, args.limit)
@@ -207,9 +215,14 @@ def main() -> None:
                 runs.append(res)
                 print(json.dumps(res), flush=True)
 
+    record(runs, configs, args)
+
+
+def record(runs, configs, args) -> None:
+    """Print the summary (medians and per-round ratios) and append runs + summary as rows."""
     summary = {"kind": "summary", "threads": args.threads, "batch_size": args.batch_size, "rounds": args.rounds,
                "n_texts": runs[0]["n_texts"], "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised)",
-               "attention": "bidirectional", "pooling": "mean"}
+               "attention": "bidirectional (fast-causal: causal)", "pooling": "mean"}
     for impl, dtype in configs:
         key = f"{impl}_{dtype}"
         rs = [x for x in runs if x["impl"] == impl and x["dtype"] == dtype]
@@ -223,6 +236,8 @@ def main() -> None:
                     for a in runs if a["impl"] == impl and a["dtype"] == dtype
                     for b in runs if b["impl"] == "original" and b["dtype"] == "float32" and b["round"] == a["round"]
                 ]
+                if not ratios:
+                    continue
                 summary[f"speedup_fast_{dtype}_vs_original_float32"] = statistics.median(ratios)
                 summary[f"speedup_fast_{dtype}_per_round"] = ratios
                 summary[f"cpu_time_speedup_fast_{dtype}_vs_original_float32"] = statistics.median(
@@ -230,6 +245,8 @@ def main() -> None:
                     for a in runs if a["impl"] == impl and a["dtype"] == dtype
                     for b in runs if b["impl"] == "original" and b["dtype"] == "float32" and b["round"] == a["round"]
                 )
+    if "fast_bfloat16_spearman" in summary and "fast_float32_spearman" in summary:
+        summary["bf16_spearman_change"] = summary["fast_bfloat16_spearman"] - summary["fast_float32_spearman"]
     print(json.dumps(summary, indent=1))
     if not args.no_record and args.limit is None:
         sys.path.insert(0, HERE)
