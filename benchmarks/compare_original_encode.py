@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--configs", default="original:float32,fast:float32,fast:bfloat16",
                    help="comma-separated impl:dtype runs per round, in this order")
-    p.add_argument("--limit", type=int, default=None, help="first N pairs only (a smoke run; not recorded)")
+    p.add_argument("--limit", type=int, default=None, help="first N pairs only (recorded with the limit in the row)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--record-from-log", default=None,
                    help="record the runs printed to a log by an interrupted driver (rows, summary) and exit")
@@ -248,7 +248,8 @@ def record(runs, configs, args) -> None:
     if "fast_bfloat16_spearman" in summary and "fast_float32_spearman" in summary:
         summary["bf16_spearman_change"] = summary["fast_bfloat16_spearman"] - summary["fast_float32_spearman"]
     print(json.dumps(summary, indent=1))
-    if not args.no_record and args.limit is None:
+    summary["limit_pairs"] = args.limit
+    if not args.no_record:
         sys.path.insert(0, HERE)
         from common import append_rows
 
