@@ -607,3 +607,16 @@ def test_custom_4d_mask_and_kv_cache_run_the_eager_fallback(monkeypatch):
         step = model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
                      past_key_values=cache, use_cache=True).last_hidden_state
     assert step.shape == (2, 1, 64) and torch.isfinite(step).all()
+
+
+def test_patched_model_runs_under_inference_mode_with_an_int_mask():
+    # Inference tensors carry no version counter: the once-per-forward cache must cope.
+    model = patch_model(tiny_model("llama"), backend="torch")
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with torch.inference_mode():
+        ids_i, mask_i = ids.clone(), mask.clone()
+        got = model(input_ids=ids_i, attention_mask=mask_i).last_hidden_state
+    assert torch.equal(got[mask.bool()], want.detach()[mask.bool()])

@@ -87,14 +87,20 @@ _MASK_SLOT: list = [None]
 _POS_SLOT: list = [None]
 
 
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors (created under torch.inference_mode) track no version counter; they
+    # cannot be modified in place outside inference mode either, so 0 is a safe constant.
+    return 0 if t.is_inference() else t._version
+
+
 def _cached(slot: list, key: torch.Tensor, build):
     entry = slot[0]
     if entry is not None:
         ref, version, value = entry
-        if ref() is key and version == key._version:
+        if ref() is key and version == _version(key):
             return value
     value = build()
-    slot[0] = (weakref.ref(key), key._version, value)
+    slot[0] = (weakref.ref(key), _version(key), value)
     return value
 
 
