@@ -620,3 +620,18 @@ def test_patched_model_runs_under_inference_mode_with_an_int_mask():
         ids_i, mask_i = ids.clone(), mask.clone()
         got = model(input_ids=ids_i, attention_mask=mask_i).last_hidden_state
     assert torch.equal(got[mask.bool()], want.detach()[mask.bool()])
+
+
+def test_patched_model_trains_under_bf16_autocast():
+    # Rotary embeddings hand fp32 q/k to attention while v comes from a bf16 autocast matmul.
+    model = patch_model(tiny_model("llama"), backend="torch")
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rel = (out.float() - ref).abs().max() / ref.abs().max()
+    assert rel < 0.1, f"bf16 autocast output differs from fp32 by {float(rel):.3f} (relative)"

@@ -122,6 +122,14 @@ def llm2vec_attention(
     backend = getattr(module, BACKEND_ATTR, "auto")
     be = resolve_backend("patch_model attention", backend, query, allowed=_BACKENDS)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast the rotary embedding returns fp32 q/k while v comes from an autocast
+        # matmul: run attention in the autocast dtype, as SDPA does under autocast.
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    elif not (q.dtype == k.dtype == v.dtype):
+        q, k = q.to(v.dtype), k.to(v.dtype)
 
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         attention_mask = padding_info(attention_mask)
