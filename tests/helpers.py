@@ -78,9 +78,40 @@ def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, 
     return dict(ptx=out.asm["ptx"], shared=int(out.metadata.shared), registers=max(reg or [0]), local=max(local or [0]))
 
 
-def check_compiled(info: dict, cc: int, *, want_wgmma: bool, what: str):
-    """Fail on spills, on shared memory over the chip's limit, or on a missing wgmma (sm_90)."""
-    assert info["local"] == 0, f"{what} sm_{cc}: {info['local']} bytes of register spills (LOCAL)"
-    assert info["shared"] <= SMEM_LIMIT[cc], f"{what} sm_{cc}: shared memory {info['shared']} > {SMEM_LIMIT[cc]}"
-    if want_wgmma and cc == 90:
-        assert "wgmma" in info["ptx"], f"{what} sm_90: PTX has no wgmma instruction"
+def run_compile_worker(test_file: str, *args) -> list[dict]:
+    """Run a compile test file as a script (its ``__main__`` worker) and return its JSON results.
+
+    The worker runs without ``TRITON_INTERPRET``: under the interpreter ``@triton.jit`` gives
+    objects the GPU compiler cannot take. Each result is a dict with ``id``, ``ok`` and either
+    ``error`` or ``shared`` / ``registers`` / ``local`` / ``limit`` (and, for matmul kernels,
+    ``wgmma`` and ``fp32``).
+    """
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=here)
+    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results, "no configuration compiled"
+    return results
+
+
+def assert_compile_results(results: list[dict], cc: int) -> None:
+    """Fail on compile errors, register spills, shared memory over the chip's limit, and (sm_90,
+    results carrying a ``wgmma`` flag, non-fp32) PTX without wgmma."""
+    bad = []
+    for r in results:
+        if not r["ok"]:
+            bad.append(f"{r['id']}: {r['error']}")
+            continue
+        if r["local"] > 0:
+            bad.append(f"{r['id']}: {r['local']} bytes of register spills (LOCAL)")
+        if r["shared"] > r["limit"]:
+            bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
+        if cc == 90 and "wgmma" in r and not r.get("fp32") and not r["wgmma"]:
+            bad.append(f"{r['id']}: sm_90 PTX has no wgmma")
+    summary = "\n".join(f"{r['id']}: regs={r.get('registers')} smem={r.get('shared')}" for r in results if r["ok"])
+    assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary

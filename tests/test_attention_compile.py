@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -113,25 +112,9 @@ def test_config_lists_cover_every_head_dim():
 
 @pytest.mark.parametrize("kind,cc", GROUPS, ids=[f"{k}-sm{cc}" for k, cc in GROUPS])
 def test_compile_configs(kind, cc):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, str(cc)], capture_output=True, text=True, env=env, cwd=here)
-    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results, "no configuration compiled"
-    bad = []
-    for r in results:
-        if not r["ok"]:
-            bad.append(f"{r['id']}: {r['error']}")
-            continue
-        if r["local"] > 0:
-            bad.append(f"{r['id']}: {r['local']} bytes of register spills (LOCAL)")
-        if r["shared"] > r["limit"]:
-            bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
-        if cc == 90 and not r["fp32"] and not r["wgmma"]:
-            bad.append(f"{r['id']}: sm_90 PTX has no wgmma")
-    summary = "\n".join(f"{r['id']}: regs={r.get('registers')} smem={r.get('shared')}" for r in results if r["ok"])
-    assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary
+    from helpers import assert_compile_results, run_compile_worker
+
+    assert_compile_results(run_compile_worker(__file__, kind, cc), cc)
 
 
 if __name__ == "__main__":  # the worker: python tests/test_attention_compile.py KIND CC

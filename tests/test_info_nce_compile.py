@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -94,23 +93,11 @@ def test_launchers_use_the_listed_blocks():
 
 @pytest.mark.parametrize("cc", [90, 80], ids=["sm90", "sm80"])
 def test_compile_configs(cc):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(cc)], capture_output=True, text=True,
-                          env=env, cwd=here)
-    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    from helpers import assert_compile_results, run_compile_worker
+
+    results = run_compile_worker(__file__, cc)
     assert len(results) == len(configs())
-    bad = []
-    for r in results:
-        if not r["ok"]:
-            bad.append(f"{r['id']}: {r['error']}")
-        elif r["local"] > 0:
-            bad.append(f"{r['id']}: {r['local']} bytes of register spills (LOCAL)")
-        elif r["shared"] > r["limit"]:
-            bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
-    summary = "\n".join(f"{r['id']}: regs={r.get('registers')} smem={r.get('shared')}" for r in results if r["ok"])
-    assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary
+    assert_compile_results(results, cc)
 
 
 if __name__ == "__main__":  # the worker: python tests/test_info_nce_compile.py CC
