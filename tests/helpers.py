@@ -48,6 +48,22 @@ def cuobjdump_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def triton_signature(kernel, constexprs: dict, pointers: dict, floats, elem: str) -> dict:
+    """ASTSource signature of ``kernel``: constexprs, pointers (``"*E"`` becomes ``"*" + elem``),
+    fp32 scalars named in ``floats``, and i32 for every other argument."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + elem if pointers[name] == "*E" else pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
 def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, num_stages: int, divisible=()):
     """Compile one configuration of a ``@triton.jit`` kernel for compute capability ``cc``.
 

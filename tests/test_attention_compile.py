@@ -44,12 +44,12 @@ def _case_id(kind, hd, fp32, c, cc):
 
 def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
     """Compile every (head dim, dtype, config) of one kernel for one chip; runs without the interpreter."""
-    from helpers import SMEM_LIMIT, compile_for
+    from helpers import SMEM_LIMIT, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import attention as tk
 
     kernel, cfgs = _kinds()[kind]
-    ptrs = {n: "*ELEM" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    ptrs = {n: "*E" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8")
     results, seen = [], set()
     for hd in HEAD_DIMS:
@@ -65,16 +65,7 @@ def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
                     DOT_PREC="ieee" if fp32 else "tf32", BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"],
                 )
                 elem = "fp32" if fp32 else "bf16"
-                sig = {}
-                for name in kernel.arg_names:
-                    if name in consts:
-                        sig[name] = "constexpr"
-                    elif name in ptrs:
-                        sig[name] = ptrs[name].replace("ELEM", elem)
-                    elif name in ("sm_scale", "softcap"):
-                        sig[name] = "fp32"
-                    else:
-                        sig[name] = "i32"
+                sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap"), elem)
                 r = dict(id=_case_id(kind, hd, fp32, c, cc), fp32=fp32)
                 if only and only not in r["id"]:
                     continue

@@ -29,20 +29,6 @@ PTRS = {
 FLOATS = ("inv_t", "coef_r", "coef_c")
 
 
-def _sig(kernel, consts, elem):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in PTRS:
-            sig[name] = PTRS[name].replace("E", elem) if PTRS[name] == "*E" else PTRS[name]
-        elif name in FLOATS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def configs():
     from llm2vec_fast.kernels.triton import info_nce as tk
 
@@ -64,7 +50,7 @@ def configs():
 
 
 def _compile_all(cc: int) -> list[dict]:
-    from helpers import SMEM_LIMIT, compile_for
+    from helpers import SMEM_LIMIT, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import info_nce as tk
 
@@ -75,7 +61,7 @@ def _compile_all(cc: int) -> list[dict]:
         rid = f"{kind}-{elem}-" + "-".join(f"{k}{int(v)}" for k, v in consts.items()) + f"-sm{cc}"
         r = dict(id=rid, limit=SMEM_LIMIT[cc])
         try:
-            info = compile_for(kernels[kind], _sig(kernels[kind], consts, elem), consts, cc, warps, 1,
+            info = compile_for(kernels[kind], triton_signature(kernels[kind], consts, PTRS, FLOATS, elem), consts, cc, warps, 1,
                                divisible=set(PTRS))  # 16-byte aligned pointers, as launched
             r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"])
         except Exception as e:

@@ -36,7 +36,7 @@ DIVISIBLE = set(PTRS) | {"C", "stride_h", "stride_w", "stride_dz", "split_cols",
 
 
 def _compile_all(cc: int) -> list[dict]:
-    from helpers import SMEM_LIMIT, compile_for
+    from helpers import SMEM_LIMIT, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
@@ -56,16 +56,7 @@ def _compile_all(cc: int) -> list[dict]:
             )
             if kind == "fwd":
                 consts["HAS_SMOOTH"] = True
-            sig = {}
-            for name in kernel.arg_names:
-                if name in consts:
-                    sig[name] = "constexpr"
-                elif name in PTRS:
-                    sig[name] = PTRS[name].replace("E", elem) if PTRS[name] == "*E" else PTRS[name]
-                elif name in FLOATS:
-                    sig[name] = "fp32"
-                else:
-                    sig[name] = "i32"
+            sig = triton_signature(kernel, consts, PTRS, FLOATS, elem)
             rid = (
                 f"{kind}-{elem}-m{c['BLOCK_M']}n{c['BLOCK_N']}k{c['BLOCK_K']}"
                 f"w{c['num_warps']}s{c['num_stages']}{'' if even_k else '-maskK'}-sm{cc}"
