@@ -5,7 +5,9 @@ Tolerance (STYLE.md): ``|fast - oracle| <= 2 x |ref_native - oracle| + atol`` fo
 reference computed in the input dtype (``pool_ref(upcast=False)``; the loss itself is fp32
 in every implementation). Odd shapes (B = 1, 3, 5; T = 1, 17, 19; C = 48, 80, 200 so the
 channel blocks are ragged), left and right padding, instruction (embed) masks, rows with an
-empty region, packed input with an empty sequence.
+empty region, packed input with an empty sequence. The L2 normalisation (fused into the
+pooling kernels, and on raw embeddings) is also checked where F.normalize divides by eps:
+pooled vectors that are zero or have a norm below 1e-12.
 """
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ def test_pool_strided_hidden(device):
     assert max_err(out, ref.pool_ref(h.double(), attn, None, "weighted_mean")) < 1e-5
 
 
-def test_pool_kernels_write_every_element(device):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pool_kernels_write_every_element(normalize, device):
     """NaN-poisoned outputs: the forward writes all of E and the backward all of d hidden."""
     tk = _tk()
     B, T, C = 3, 17, 80
@@ -134,14 +137,171 @@ def test_pool_kernels_write_every_element(device):
     region = tk._region(h, attn, embed, None)
     for mode in MODES:
         E = poison_(torch.empty(B, C, device=device))
-        _, ssq, den, sel = tk.pool_forward(h, region, None, mode, out=E)
-        assert torch.isfinite(E).all() and torch.isfinite(ssq).all()
-        assert max_err(E, ref.pool_ref(h.double(), attn, embed, mode)) < 1e-5
-        assert max_err(ssq, (E.double() ** 2).sum(1)) < 1e-4
+        _, nrm, den, sel = tk.pool_forward(h, region, None, mode, out=E, normalize=normalize)
+        assert torch.isfinite(E).all()
+        want = ref.pool_ref(h.double(), attn, embed, mode)
+        if normalize:
+            assert max_err(nrm, want.norm(dim=1)) < 1e-5
+            want = F.normalize(want, dim=-1)
+        else:
+            assert nrm is None
+        assert max_err(E, want) < 1e-5
         dh = poison_(torch.empty(B, T, C, device=device))
-        tk.pool_backward(torch.randn(B, C, device=device), h.shape, h.dtype, region, None, den, sel, mode, dh=dh)
+        tk.pool_backward(torch.randn(B, C, device=device), h.shape, h.dtype, region, None, den, sel, mode, dh=dh,
+                         en=E if normalize else None, nrm=nrm)
         assert torch.isfinite(dh).all()
         assert (dh[~(attn.bool() & embed)] == 0).all()
+
+
+# --------------------------------------------------------------------------------------
+# L2 normalisation (pooled and on embeddings), the eps branch included
+# --------------------------------------------------------------------------------------
+
+
+def _rows_of(h, cu, texts):
+    """Bool over d hidden's first dim: True on the tokens (padded: the rows) of ``texts``."""
+    if cu is None:
+        ids = torch.arange(h.shape[0])
+    else:
+        lens = (cu[1:] - cu[:-1]).long().cpu()
+        ids = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    return torch.isin(ids, torch.tensor(sorted(texts), dtype=torch.long)).to(h.device)
+
+
+def _assert_grad_split(df, d64, dn, rows, dtype, name):
+    """STYLE.md's gradient rule, separately on rows whose pooled vector has a norm below eps
+    (``rows``) and on the others, so the ~1e12 gradients of the former (F.normalize divides
+    by eps there) cannot hide the errors of the latter. In fp16 1e12 overflows: the eps rows
+    must then equal the fp64 oracle rounded to fp16 (+-inf on the region, 0 off it)."""
+    assert torch.isfinite(dn[~rows]).all(), "the reference's own gradient is not finite: the budget is vacuous"
+    assert_close_rule(df[~rows], d64[~rows], dn[~rows], factor=3.0, atol=ATOL[dtype], name=name)
+    if dtype == torch.float32:
+        assert_close_rule(df[rows], d64[rows], dn[rows], factor=3.0, atol=ATOL[dtype], name=f"{name} (norm < eps)")
+    else:
+        torch.testing.assert_close(df[rows].double(), d64[rows].to(dtype).double(), rtol=1e-2, atol=0)
+
+
+def _eps_case(layout, C, dtype, device):
+    """Six texts, three of them pooling to a vector of norm < eps: one with all-zero hidden
+    states, one scaled by 1e-15 (0 < norm < eps in fp32; underflows to zero in fp16) and one
+    with an empty region. Packed puts them last: the packed reference gathers each text's
+    padding positions from the following texts, so an inf (fp16) there would reach them.
+    Returns ``(h, attn, embed, cu, eps_texts)``."""
+    B, T = 6, 19
+    if layout == "padded":
+        h = torch.randn(B, T, C, device=device)
+        attn, embed = _padded_masks(B, T, device, empty_row=True)  # text 2: empty region
+        zero, tiny, eps_texts = 0, 1, {0, 1, 2}
+        embed[3:, -1] = True  # the ordinary texts pool at least one token
+        attn[3:, -1] = 1
+        cu = None
+    else:
+        lens = torch.tensor([7, 19, 1, 5, 12, 0])  # text 5: empty
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = lens.cumsum(0)
+        h = torch.randn(int(cu[-1]), C, device=device)
+        embed = torch.rand(h.shape[0], device=device) > 0.2
+        embed[cu[:3].long()] = True
+        attn, zero, tiny, eps_texts = None, 3, 4, {3, 4, 5}
+        cu = cu.to(device)
+    rows = _rows_of(h, cu, {zero}), _rows_of(h, cu, {tiny})
+    h[rows[0]] = 0.0
+    h[rows[1]] *= 1e-15
+    return h.to(dtype), attn, embed, cu, eps_texts
+
+
+def _native_normalized(h, attn, embed, mode, cu):
+    """The reference in the input dtype, normalised in fp32 and cast back, as the torch
+    backend of ``pool(normalize=True)`` does (F.normalize in fp16 turns eps into 0)."""
+    p = ref.pool_ref(h, attn, embed, mode, cu_seqlens=cu, upcast=False)
+    return F.normalize(p.float(), dim=-1).to(p.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("mode", MODES + ("eos_token",))
+@pytest.mark.parametrize("C", [48, 200])
+def test_pool_normalize_eps_rows(C, mode, layout, dtype, device):
+    """Normalised pooling where some pooled vectors are zero or below eps, in every mode."""
+    h, attn, embed, cu, eps_texts = _eps_case(layout, C, dtype, device)
+    h64 = h.detach().double().requires_grad_()
+    hn = h.detach().clone().requires_grad_()
+    hf = h.detach().clone().requires_grad_()
+    oracle = _ref_pool(h64, attn, embed, mode, cu, True, True)
+    pooled64 = ref.pool_ref(h64.detach(), attn, embed, mode, cu_seqlens=cu)
+    small = (pooled64.norm(dim=1) < 1e-12).nonzero().flatten().tolist()
+    assert set(small) == eps_texts, small  # the case is what it claims to be
+    native = _native_normalized(hn, attn, embed, mode, cu)
+    fast = L.pool(hf, attn, embed, mode, cu_seqlens=cu, normalize=True, backend="triton")
+    assert fast.dtype == dtype and fast.shape == oracle.shape
+    assert_close_rule(fast, oracle, native, atol=ATOL[dtype], name="normalised")
+    if dtype == torch.float32:
+        tiny = min(eps_texts) + 1  # the 1e-15 text: x / eps, not x / ||x||
+        assert 0 < float(fast[tiny].detach().norm()) < 1
+    g = torch.randn(oracle.shape, device=device, dtype=torch.float64)
+    (d64,) = torch.autograd.grad(oracle, h64, g)
+    (dn,) = torch.autograd.grad(native, hn, g.to(dtype))
+    (df,) = torch.autograd.grad(fast, hf, g.to(dtype))
+    assert df.dtype == dtype and df.shape == h.shape
+    _assert_grad_split(df, d64, dn, _rows_of(h, cu, eps_texts), dtype, "d hidden")
+
+
+def test_pool_normalize_many_channel_blocks(device):
+    """C = 8300: 65 pooled partials per row (more than one NORM_BLOCK_S = 64 chunk) and nine
+    normalisation blocks, the last ragged."""
+    tk = _tk()
+    B, T, C = 2, 3, 8300
+    assert -(-C // tk.pool_block_c(C)) > tk.NORM_BLOCK_S and -(-C // tk.norm_block_c(C)) == 9
+    h = torch.randn(B, T, C, device=device, requires_grad=True)
+    attn = torch.ones(B, T, dtype=torch.bool, device=device)
+    attn[1, 2] = False
+    h64 = h.detach().double().requires_grad_()
+    oracle = F.normalize(ref.pool_ref(h64, attn, None, "weighted_mean"), dim=-1)
+    native = F.normalize(ref.pool_ref(h, attn, None, "weighted_mean", upcast=False), dim=-1)
+    fast = L.pool(h, attn, None, "weighted_mean", normalize=True, backend="triton")
+    assert_close_rule(fast, oracle, native, atol=1e-6, name="normalised")
+    g = torch.randn(B, C, device=device, dtype=torch.float64)
+    (d64,) = torch.autograd.grad(oracle, h64, g)
+    (dn,) = torch.autograd.grad(native, h, g.float())
+    (df,) = torch.autograd.grad(fast, h, g.float())
+    assert_close_rule(df, d64, dn, factor=3.0, atol=1e-6, name="d hidden")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("C", [1, 48, 1300])  # 1300: a full and a ragged 1024-wide block
+def test_l2norm_matches_reference(C, dtype, device):
+    """The embeddings' normalisation: rows with norm 0 and (fp32) below eps, a row-strided
+    input, NaN-poisoned outputs; against F.normalize in fp64 (oracle) and on the fp32
+    upcast, which is what the reference loss does (``info_nce_ref``)."""
+    tk = _tk()
+    R = 7
+    base = torch.randn(2 * R, C, device=device)
+    base[0] = 0.0
+    base[2] *= 1e-15
+    x = base.to(dtype)[::2]  # row stride 2C
+    x64 = x.detach().double().requires_grad_()
+    xn = x.detach().clone().requires_grad_()
+    oracle = F.normalize(x64, dim=-1)
+    native = F.normalize(xn.float(), dim=-1)
+    y = poison_(torch.empty(R, C, device=device))
+    _, nrm = tk.l2norm_forward(x, out=y)
+    assert_close_rule(y, oracle, native, atol=1e-6, name="y")
+    assert max_err(nrm, x64.detach().norm(dim=1)) <= 1e-6 * (1 + float(x64.detach().norm(dim=1).max()))
+    g = torch.randn(R, C, device=device, dtype=torch.float64)
+    (d64,) = torch.autograd.grad(oracle, x64, g)
+    (dn,) = torch.autograd.grad(native, xn, g.float())
+    dx = poison_(torch.empty(R, C, device=device, dtype=dtype))
+    tk.l2norm_backward(g.float(), y, nrm, dtype, dx=dx)
+    assert not torch.isnan(dx).any()
+    eps_rows = x64.detach().norm(dim=1) < 1e-12
+    assert eps_rows[:2].all() and not eps_rows[2:].any()
+    _assert_grad_split(dx, d64, dn, eps_rows, dtype, "dx")
+    # Through autograd (the path info_nce takes), the same numbers.
+    xf = x.detach().clone().requires_grad_()
+    yf = tk._L2NormFn.apply(xf)
+    (dxf,) = torch.autograd.grad(yf, xf, g.float())
+    assert yf.dtype == torch.float32 and dxf.dtype == dtype
+    assert max_err(yf, y) == 0 and max_err(dxf, dx) == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -254,6 +414,32 @@ def test_pooled_info_nce_matches_reference(pooling, M, symmetric, layout, dtype,
         assert_close_rule(x, y, z, factor=3.0, atol=ATOL[dtype], name=f"d hidden_{p}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("pooling,symmetric", [("mean", True), ("last_token", False)])
+def test_pooled_info_nce_eps_rows(pooling, symmetric, layout, dtype, device):
+    """The pooled loss with queries and documents whose pooled vectors are zero or below eps
+    (their normalised embedding is x / eps; their d hidden ~1e12, inf in fp16), plus
+    ordinary hard negatives; loss and every d hidden against the fp64 reference."""
+    C = 80
+    q, d = _eps_case(layout, C, dtype, device), _eps_case(layout, C, dtype, device)
+    neg = _pool_case(layout, 3, 13, C, dtype, device, empty_row=False)
+    inputs = {"q": q[:4], "d": d[:4], "neg": neg}
+    h64 = [inputs[p][0].detach().double().requires_grad_() for p in ("q", "d", "neg")]
+    hn = [inputs[p][0].detach().clone().requires_grad_() for p in ("q", "d", "neg")]
+    hf = [inputs[p][0].detach().clone().requires_grad_() for p in ("q", "d", "neg")]
+    oracle = _call(ref.pooled_info_nce_ref, inputs, h64, temperature=0.05, pooling=pooling, symmetric=symmetric)
+    native = _native_pooled(inputs, hn, pooling, symmetric)
+    fast = _call(L.pooled_info_nce, inputs, hf, temperature=0.05, pooling=pooling, symmetric=symmetric,
+                 backend="triton")
+    assert torch.isfinite(fast)
+    assert_close_rule(fast, oracle, native, atol=1e-5, name="loss")
+    g64, gn, gf = (torch.autograd.grad(x, h) for x, h in ((oracle, h64), (native, hn), (fast, hf)))
+    for i, (p, case) in enumerate((("q", q), ("d", d))):
+        _assert_grad_split(gf[i], g64[i], gn[i], _rows_of(case[0], case[3], case[4]), dtype, f"d hidden_{p}")
+    assert_close_rule(gf[2], g64[2], gn[2], factor=3.0, atol=ATOL[dtype], name="d hidden_neg")
+
+
 def test_pooled_info_nce_cross_rank_without_group_is_local(device):
     """cross_rank=True with no process group: the fast pooling + reference loss, same value."""
     inputs = _pooled_inputs("padded", 3, 2, 9, 48, torch.float32, device)
@@ -274,14 +460,15 @@ def test_pool_property(device):
 
     @hyp.settings(max_examples=12, deadline=None, derandomize=True)
     @hyp.given(B=st.integers(1, 4), T=st.integers(1, 40), C=st.integers(1, 150), mode=st.sampled_from(MODES),
-               seed=st.integers(0, 2**16))
-    def check(B, T, C, mode, seed):
+               normalize=st.booleans(), seed=st.integers(0, 2**16))
+    def check(B, T, C, mode, normalize, seed):
         g = torch.Generator().manual_seed(seed)
         h = torch.randn(B, T, C, generator=g).to(device)
         attn = (torch.rand(B, T, generator=g) > 0.4).to(device)
         embed = (torch.rand(B, T, generator=g) > 0.2).to(device)
-        out = L.pool(h, attn, embed, mode, backend="triton")
-        assert max_err(out, ref.pool_ref(h.double(), attn, embed, mode)) < 1e-5
+        out = L.pool(h, attn, embed, mode, normalize=normalize, backend="triton")
+        want = ref.pool_ref(h.double(), attn, embed, mode)
+        assert max_err(out, F.normalize(want, dim=-1) if normalize else want) < 1e-5
 
     check()
 

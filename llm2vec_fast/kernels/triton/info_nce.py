@@ -10,12 +10,25 @@ the host as a ``(B, T)`` uint8 tensor, ``1/T`` of the hidden traffic); the weigh
 mode are derived in the kernel from it (``weighted_mean``'s 1..n ranks by a running
 ``tl.cumsum``; ``last``/``bos`` by a scan of the mask and then a single row load), so
 nothing of size ``B x T`` beyond the region is materialised. Sums are fp32 whatever the
-hidden dtype. The forward writes the fp32 pooled vector ``E (B, C)`` (and per-block partial
-sums of squares, returned as ``ssq (B,)`` for checks); the backward writes ``d hidden``
-directly in hidden's dtype (``w_t / den * dE``): no fp32 copy of the hidden states exists at
-any point. The L2 normalisation is ``F.normalize`` on the fp32 ``(B, C)`` result (autograd
-does its backward): ``B x C`` work, ``1/T`` of the pooling traffic, so it is not fused into
-the token loop (a (B, C / BLOCK_C) grid has no program that sees a whole row).
+hidden dtype. The forward writes the fp32 pooled vector ``E (B, C)`` and per-block partial
+sums of squares ``(B, NCB)``; the backward writes ``d hidden`` directly in hidden's dtype
+(``w_t / den * dE``): no fp32 copy of the hidden states exists at any point.
+
+L2 normalisation (``x / max(||x||, 1e-12)``, F.normalize's definition, fp32): no program of
+the ``(B, NCB)`` pooling grid sees a whole row, so the norm comes from the partial sums the
+pooling kernel already wrote, and ``_l2norm_fwd_kernel`` (tiles of ``NORM_BLOCK_C``
+elements) adds up its rows' partials and scales its tile of ``E`` in place: one read and
+one write of ``B x C`` fp32 (``1/T`` of the pooling traffic), no pass to compute norms.
+The backward of the normalisation is folded into ``_pool_bwd_kernel``:
+``_l2norm_dot_kernel`` first writes per-block partials of ``<E_n, dE_n>`` (two ``B x C``
+fp32 reads), then each scatter program adds its row's partials and turns its block of
+``dE_n`` into ``(dE_n - E_n <E_n, dE_n>) / ||E||`` (``dE_n / eps`` below eps, where the
+clamp passes no gradient) before scattering it to the tokens. No ``(B, C)`` gradient of
+the unnormalised ``E`` is materialised and the normalisation adds no autograd op (what
+stays at ``B x C`` in autograd is ``pool``'s cast to hidden's dtype and the loss's ``cat``
+of documents and negatives), at the price of two small launches each way. The same kernels
+normalise raw embeddings for :func:`info_nce_triton` (``_l2norm_ssq_kernel`` computes the
+partial sums, ``_l2norm_bwd_kernel`` writes ``d x`` in the input's dtype).
 
 Loss: the similarity ``S = q_n @ [d_n; neg_n]^T`` (fp32, ``B x N``) is one cuBLAS matmul,
 then ``_ce_lse_kernel`` computes scaled row log-sum-exps (and, for the symmetric loss,
@@ -48,8 +61,219 @@ CE_BLOCK_N = 256
 CE_BWD_BLOCK_M = 32
 CE_BWD_BLOCK_N = 128
 CE_WARPS = 4
+# L2 normalisation: tiles of 1024 fp32 elements (8 per thread over 4 warps, two 128-bit
+# accesses), 1 row x 1024 channels at LLM sizes or 1024 / C rows when C is smaller, so B x C
+# work is a few hundred programs, not tens of thousands of 128-wide ones; a row's partial
+# sums are added up 64 at a time (64 / rows per tile when a tile holds several rows).
+NORM_BLOCK_C = 1024
+NORM_BLOCK_S = 64
+NORM_WARPS = 4
 
-_EPS = 1e-12  # F.normalize's eps
+# F.normalize's eps, 1e-12, is written out in the kernels (a Triton global must be a constexpr).
+
+
+# --------------------------------------------------------------------------------------
+# L2 normalisation (x / max(||x||, eps), F.normalize's definition) and its backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_sum(P, row, NCB, BLOCK_S: tl.constexpr):
+    """Sum of the ``NCB`` fp32 partials ``P[row, :]`` of a row-major ``(rows, NCB)`` buffer,
+    always in the same order (no atomics: the result does not depend on scheduling)."""
+    offs = tl.arange(0, BLOCK_S)
+    base = P + row.to(tl.int64) * NCB
+    acc = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, NCB, BLOCK_S):
+        acc += tl.load(base + s0 + offs, mask=s0 + offs < NCB, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _row_sums(P, offs_r, rm, NCB, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``_row_sum`` for the ``BLOCK_R`` rows ``offs_r`` (masked by ``rm``): a ``(BLOCK_R,)`` vector."""
+    offs = tl.arange(0, BLOCK_S)
+    base = P + offs_r.to(tl.int64)[:, None] * NCB
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, NCB, BLOCK_S):
+        acc += tl.load(base + (s0 + offs)[None, :], mask=rm[:, None] & (s0 + offs < NCB)[None, :], other=0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _l2norm_grad(y, dy, dot, nrm):
+    """d x of ``y = x / max(||x||, eps)`` from ``y``, ``dy``, ``dot = <y, dy>`` and ``nrm = ||x||``.
+
+    ``||x|| >= eps``: ``(dy - y <y, dy>) / ||x||``. Below eps the divisor is the constant eps
+    (``clamp_min`` passes no gradient to the norm), so it is ``dy / eps``: the projection is
+    dropped, not the division (a zero row gets ``dy * 1e12``, as with F.normalize).
+    """
+    proj = tl.where(nrm >= 1e-12, dot, 0.0)
+    return tl.div_rn(dy - y * proj, tl.maximum(nrm, 1e-12))
+
+
+# The normalisation kernels work on (BLOCK_R rows) x (BLOCK_C channels) tiles: one row per
+# program at LLM hidden sizes, several when C is small (no grid of thousands of 16-wide programs).
+
+
+@triton.jit
+def _l2norm_ssq_kernel(X, SSQ, R, C, stride_x, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partial sums of squares ``SSQ[r, pc]`` (fp32) of channel block ``pc`` of the rows of ``X``."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pc = tl.program_id(1)
+    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = offs_r < R
+    x = tl.load(X + offs_r.to(tl.int64)[:, None] * stride_x + offs_c[None, :],
+                mask=rm[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+    tl.store(SSQ + offs_r * NCB + pc, tl.sum(x * x, axis=1), mask=rm)
+
+
+@triton.jit
+def _l2norm_fwd_kernel(
+    X, Y, SSQ, NRM, R, C, stride_x, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """``Y[r, block] = X[r, block] / max(||X[r]||, eps)`` in fp32, ``||X[r]||^2`` the sum of the
+    row's ``NCB`` partials in ``SSQ``; ``NRM[r] = ||X[r]||``. ``X`` may be ``Y`` (in place: each
+    element is read and written by the same program). ``Y`` rows are contiguous, stride C."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pc = tl.program_id(1)
+    rm = offs_r < R
+    nrm = tl.sqrt_rn(_row_sums(SSQ, offs_r, rm, NCB, BLOCK_R, BLOCK_S))
+    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = rm[:, None] & (offs_c < C)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + offs_c[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + r64 * C + offs_c[None, :], tl.div_rn(x, tl.maximum(nrm, 1e-12)[:, None]), mask=m)
+    if pc == 0:
+        tl.store(NRM + offs_r, nrm, mask=rm)
+
+
+@triton.jit
+def _l2norm_dot_kernel(Y, DY, DOT, R, C, stride_dy, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partial row dots ``DOT[r, pc] = <Y[r, block], DY[r, block]>`` (fp32) for the backward."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pc = tl.program_id(1)
+    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = offs_r < R
+    m = rm[:, None] & (offs_c < C)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    y = tl.load(Y + r64 * C + offs_c[None, :], mask=m, other=0.0)
+    dy = tl.load(DY + r64 * stride_dy + offs_c[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DOT + offs_r * NCB + pc, tl.sum(y * dy, axis=1), mask=rm)
+
+
+@triton.jit
+def _l2norm_bwd_kernel(
+    Y, DY, DOT, NRM, DX, R, C, stride_dy, stride_dx, NCB,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """``DX[r, block]`` (in DX's dtype) of the normalisation, from the fp32 output ``Y``."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pc = tl.program_id(1)
+    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = offs_r < R
+    m = rm[:, None] & (offs_c < C)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    y = tl.load(Y + r64 * C + offs_c[None, :], mask=m, other=0.0)
+    dy = tl.load(DY + r64 * stride_dy + offs_c[None, :], mask=m, other=0.0).to(tl.float32)
+    dot = _row_sums(DOT, offs_r, rm, NCB, BLOCK_R, BLOCK_S)
+    nrm = tl.load(NRM + offs_r, mask=rm, other=1.0)
+    dx = _l2norm_grad(y, dy, dot[:, None], nrm[:, None])
+    tl.store(DX + r64 * stride_dx + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m)
+
+
+def norm_block_c(C: int) -> int:
+    """``NORM_BLOCK_C`` channels per normalisation program; a power of two >= 16 below that."""
+    return NORM_BLOCK_C if C >= NORM_BLOCK_C else max(16, triton.next_power_of_2(C))
+
+
+def _norm_tile(R, C):
+    """``(BLOCK_R, BLOCK_C, BLOCK_S, ncb, grid)`` of the normalisation kernels: ``NORM_BLOCK_C``
+    elements per tile, as many rows as fit when ``C`` is smaller; the ``BLOCK_R x BLOCK_S``
+    tile of row partials stays at ``NORM_BLOCK_S`` elements (a row has at most
+    ``C / POOL_BLOCK_C <= 8`` partials when ``BLOCK_R > 1``, still one pass, and 64 rows x 64
+    partials would cost 200 registers a thread for nothing)."""
+    bc = norm_block_c(C)
+    br = NORM_BLOCK_C // bc
+    ncb = triton.cdiv(C, bc)
+    return br, bc, max(1, NORM_BLOCK_S // br), ncb, (triton.cdiv(R, br), ncb)
+
+
+def _normalize_rows(x, ssq, out):
+    """``out (R, C)`` fp32 = rows of ``x`` over ``max(||row||, eps)``; ``ssq (R, k)`` fp32 holds
+    the rows' partial sums of squares (any ``k``). ``out`` may be ``x``. Returns ``nrm (R,)``."""
+    R, C = x.shape
+    nrm = torch.empty(R, device=x.device, dtype=torch.float32)
+    if R > 0 and C > 0:
+        br, bc, bs, _, grid = _norm_tile(R, C)
+        _l2norm_fwd_kernel[grid](
+            x, out, ssq, nrm, R, C, x.stride(0), ssq.shape[1],
+            BLOCK_R=br, BLOCK_C=bc, BLOCK_S=bs, num_warps=NORM_WARPS,
+        )
+    else:
+        nrm.zero_()
+    return nrm
+
+
+def _row_dots(y, dy):
+    """Partial row dots ``(R, ncb)`` fp32 of ``y (R, C)`` fp32 contiguous and ``dy (R, C)``
+    (last dim contiguous); R, C > 0."""
+    R, C = y.shape
+    br, bc, _, ncb, grid = _norm_tile(R, C)
+    dot = torch.empty(R, ncb, device=y.device, dtype=torch.float32)
+    _l2norm_dot_kernel[grid](y, dy, dot, R, C, dy.stride(0), ncb, BLOCK_R=br, BLOCK_C=bc, num_warps=NORM_WARPS)
+    return dot
+
+
+def l2norm_forward(x, out=None):
+    """``x (R, C)`` (fp32 / fp16 / bf16, any row stride) -> ``y = x / max(||x||, eps)`` fp32
+    ``(R, C)`` (into ``out`` when given, contiguous) and ``nrm (R,)`` fp32 row norms (sums of
+    squares in fp32)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    R, C = x.shape
+    y = out if out is not None else torch.empty(R, C, device=x.device, dtype=torch.float32)
+    if R == 0 or C == 0:
+        return y, torch.zeros(R, device=x.device, dtype=torch.float32)
+    br, bc, _, ncb, grid = _norm_tile(R, C)
+    ssq = torch.empty(R, ncb, device=x.device, dtype=torch.float32)
+    _l2norm_ssq_kernel[grid](x, ssq, R, C, x.stride(0), ncb, BLOCK_R=br, BLOCK_C=bc, num_warps=NORM_WARPS)
+    return y, _normalize_rows(x, ssq, y)
+
+
+def l2norm_backward(dy, y, nrm, dtype, dx=None):
+    """``dx (R, C)`` in ``dtype`` from ``dy (R, C)``, the fp32 output ``y`` (contiguous) and
+    ``nrm``. Every element of ``dx`` is written (it may be passed in, e.g. NaN-poisoned)."""
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    R, C = y.shape
+    if dx is None:
+        dx = torch.empty(R, C, device=y.device, dtype=dtype)
+    if R > 0 and C > 0:
+        dot = _row_dots(y, dy)
+        br, bc, bs, ncb, grid = _norm_tile(R, C)
+        _l2norm_bwd_kernel[grid](
+            y, dy, dot, nrm, dx, R, C, dy.stride(0), dx.stride(0), ncb,
+            BLOCK_R=br, BLOCK_C=bc, BLOCK_S=bs, num_warps=NORM_WARPS,
+        )
+    return dx
+
+
+class _L2NormFn(torch.autograd.Function):
+    """``x (R, C)`` any float dtype -> fp32 ``x / max(||x||, eps)``; d x in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y, nrm = l2norm_forward(x)
+        ctx.save_for_backward(y, nrm)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, nrm = ctx.saved_tensors
+        return l2norm_backward(dy, y, nrm, ctx.dtype)
+
 
 
 # --------------------------------------------------------------------------------------
@@ -139,10 +363,10 @@ def _pool_fwd_kernel(
 
 @triton.jit
 def _pool_bwd_kernel(
-    DE, DH, REG, CU, DEN, SEL,
-    T, C, stride_hb, stride_ht, stride_rb,
-    POOL_MODE: tl.constexpr, PACKED: tl.constexpr, HAS_REG: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    DE, DH, REG, CU, DEN, SEL, EN, DOT, NRM,
+    T, C, stride_hb, stride_ht, stride_rb, NCB,
+    POOL_MODE: tl.constexpr, PACKED: tl.constexpr, HAS_REG: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     pc = tl.program_id(1)
@@ -157,8 +381,14 @@ def _pool_bwd_kernel(
         L = T
         h_base = DH + b.to(tl.int64) * stride_hb
         r_base = REG + b.to(tl.int64) * stride_rb
+    g = tl.load(DE + b.to(tl.int64) * C + offs_c, mask=cm, other=0.0)
+    if NORMALIZE:
+        # DE is the gradient of the normalised EN: the normalisation's backward happens here,
+        # on this block of channels, with the row's <EN, DE> summed from NCB partials.
+        en = tl.load(EN + b.to(tl.int64) * C + offs_c, mask=cm, other=0.0)
+        g = _l2norm_grad(en, g, _row_sum(DOT, b, NCB, BLOCK_S), tl.load(NRM + b))
     # The 1/den of the forward is folded into the per-text gradient once.
-    g = tl.load(DE + b.to(tl.int64) * C + offs_c, mask=cm, other=0.0) / tl.load(DEN + b)
+    g = g / tl.load(DEN + b)
     sel = tl.load(SEL + b)
     arange_t = tl.arange(0, BLOCK_T)
     cnt = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -197,14 +427,15 @@ def _region(hidden, attention_mask, embed_mask, cu_seqlens):
     return m.to(device=hidden.device).contiguous().view(torch.uint8)
 
 
-def pool_forward(hidden, region, cu_seqlens, mode: str, out: torch.Tensor | None = None):
-    """Launch the pooling forward.
+def pool_forward(hidden, region, cu_seqlens, mode: str, out: torch.Tensor | None = None, normalize: bool = False):
+    """Launch the pooling forward (and, with ``normalize``, the L2 normalisation in place).
 
     hidden ``(B, T, C)`` (last dim contiguous) or packed ``(total, C)`` with ``cu_seqlens``
     ``(B+1,)`` int32; region uint8 ``(B, T)`` / ``(total,)`` or None. Returns ``E (B, C)``
-    fp32 (into ``out`` when given, a row-slice of a larger buffer is fine), ``ssq (B,)``
-    fp32 squared norms, ``den (B,)`` fp32 pooling denominators and ``sel (B,)`` int64
-    selected token (last/bos modes; -1 = empty region).
+    fp32 (into ``out`` when given, a row-slice of a larger buffer is fine; divided by
+    ``max(||E||, eps)`` when ``normalize``), ``nrm (B,)`` fp32 norms of the pooled vectors
+    before normalisation (None without ``normalize``), ``den (B,)`` fp32 pooling
+    denominators and ``sel (B,)`` int64 selected token (last/bos modes; -1 = empty region).
     """
     packed = cu_seqlens is not None
     C = hidden.shape[-1]
@@ -233,14 +464,21 @@ def pool_forward(hidden, region, cu_seqlens, mode: str, out: torch.Tensor | None
             POOL_MODE=POOL_MODE_IDS[mode], PACKED=packed, HAS_REG=region is not None,
             BLOCK_T=POOL_BLOCK_T, BLOCK_C=block_c, num_warps=POOL_WARPS,
         )
-    return E, ssq.sum(1), den, sel
+    # The pooling kernel left per-block partial sums of squares: the norm costs no extra pass
+    # over E, and normalising is one read and one write of B x C fp32.
+    nrm = _normalize_rows(E, ssq, E) if normalize else None
+    return E, nrm, den, sel
 
 
-def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, mode: str, dh=None):
+def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, mode: str, dh=None, en=None, nrm=None):
     """d hidden ``hidden_shape`` in ``hidden_dtype`` from ``dE (B, C)`` fp32 (grad of the fp32 pooled E).
 
-    Every element of ``dh`` is written (zeros outside the pooled region), so it is allocated
-    uninitialised (or passed in, contiguous, e.g. NaN-poisoned by the tests).
+    With ``en`` (the normalised ``(B, C)`` fp32 output of ``pool_forward(normalize=True)``) and
+    its ``nrm (B,)``, ``dE`` is the gradient of ``en`` and the normalisation's backward is
+    applied inside the scatter kernel (after a small kernel of per-block ``<en, dE>``
+    partials): no ``(B, C)`` gradient of the unnormalised E is materialised. Every element
+    of ``dh`` is written (zeros outside the pooled region), so it is allocated uninitialised
+    (or passed in, contiguous, e.g. NaN-poisoned by the tests).
     """
     packed = cu_seqlens is not None
     C = hidden_shape[-1]
@@ -255,11 +493,16 @@ def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, 
     block_c = pool_block_c(C)
     dummy = torch.empty(1, device=dev, dtype=torch.int32)
     if B > 0 and dh.numel() > 0:
+        dE = dE.contiguous()
+        normalize = en is not None
+        dot = _row_dots(en, dE) if normalize else None
+        fdummy = torch.empty(1, device=dev, dtype=torch.float32)
         _pool_bwd_kernel[(B, triton.cdiv(C, block_c))](
-            dE.contiguous(), dh, region if region is not None else dummy, cu_seqlens if packed else dummy,
-            den, sel, T, C, sb, st, rb,
-            POOL_MODE=POOL_MODE_IDS[mode], PACKED=packed, HAS_REG=region is not None,
-            BLOCK_T=POOL_BLOCK_T, BLOCK_C=block_c, num_warps=POOL_WARPS,
+            dE, dh, region if region is not None else dummy, cu_seqlens if packed else dummy,
+            den, sel, en if normalize else fdummy, dot if normalize else fdummy, nrm if normalize else fdummy,
+            T, C, sb, st, rb, dot.shape[1] if normalize else 1,
+            POOL_MODE=POOL_MODE_IDS[mode], PACKED=packed, HAS_REG=region is not None, NORMALIZE=normalize,
+            BLOCK_T=POOL_BLOCK_T, BLOCK_C=block_c, BLOCK_S=NORM_BLOCK_S, num_warps=POOL_WARPS,
         )
     return dh
 
@@ -270,32 +513,30 @@ def pool_block_c(C: int) -> int:
 
 
 class _PoolFn(torch.autograd.Function):
-    """hidden -> fp32 pooled ``E (B, C)`` (not normalised). Saves only the tiny per-text state."""
+    """hidden -> fp32 pooled ``E (B, C)``, L2-normalised when ``normalize``. Saves the tiny
+    per-text state, and with ``normalize`` the fp32 output and its norms (``B x C``)."""
 
     @staticmethod
-    def forward(ctx, hidden, region, cu_seqlens, mode):
-        E, ssq, den, sel = pool_forward(hidden, region, cu_seqlens, mode)
-        ctx.save_for_backward(region, cu_seqlens, den, sel)
+    def forward(ctx, hidden, region, cu_seqlens, mode, normalize):
+        E, nrm, den, sel = pool_forward(hidden, region, cu_seqlens, mode, normalize=normalize)
+        ctx.save_for_backward(region, cu_seqlens, den, sel, E if normalize else None, nrm)
         ctx.cfg = (tuple(hidden.shape), hidden.dtype, mode)
-        ctx.mark_non_differentiable(ssq)
-        return E, ssq
+        return E
 
     @staticmethod
-    def backward(ctx, dE, _dssq):
-        region, cu_seqlens, den, sel = ctx.saved_tensors
+    def backward(ctx, dE):
+        region, cu_seqlens, den, sel, en, nrm = ctx.saved_tensors
         shape, dtype, mode = ctx.cfg
-        dh = pool_backward(dE.float(), shape, dtype, region, cu_seqlens, den, sel, mode)
-        return dh, None, None, None
+        dh = pool_backward(dE.float(), shape, dtype, region, cu_seqlens, den, sel, mode, en=en, nrm=nrm)
+        return dh, None, None, None, None
 
 
 def _pool_fp32(hidden, attention_mask, embed_mask, mode, cu_seqlens, normalize):
+    """fp32 ``(B, C)`` pooled (and, with ``normalize``, L2-normalised) embeddings, differentiable."""
     region = _region(hidden, attention_mask, embed_mask, cu_seqlens)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=hidden.device, dtype=torch.int32).contiguous()
-    E, ssq = _PoolFn.apply(hidden, region, cu_seqlens, mode)
-    if normalize:
-        E = torch.nn.functional.normalize(E, dim=-1)
-    return E
+    return _PoolFn.apply(hidden, region, cu_seqlens, mode, bool(normalize))
 
 
 def pool_triton(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, normalize=False):
@@ -303,7 +544,8 @@ def pool_triton(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, no
 
     hidden ``(B, T, C)`` or packed ``(total, C)`` (fp16 / bf16 / fp32), attention_mask
     ``(B, T)`` (None when packed), embed_mask ``(B, T)`` / ``(total,)`` or None,
-    cu_seqlens ``(B+1,)`` int32. Returns ``(B, C)`` in hidden's dtype, differentiable.
+    cu_seqlens ``(B+1,)`` int32. ``normalize``: divide by ``max(||E||, 1e-12)`` in fp32, in
+    Triton (forward and backward). Returns ``(B, C)`` in hidden's dtype, differentiable.
     """
     E = _pool_fp32(hidden, attention_mask, embed_mask, mode, cu_seqlens, normalize)
     return E.to(hidden.dtype)
@@ -421,22 +663,18 @@ class _SimCEFn(torch.autograd.Function):
         return dq, dcols, None, None
 
 
-def _up(t):
-    return t if t.dtype == torch.float32 else t.float()
-
-
 def info_nce_triton(emb_q, emb_d, emb_neg=None, *, temperature=0.05, symmetric=False):
     """InfoNCE on embeddings; see :func:`llm2vec_fast.info_nce`.
 
-    emb_q ``(B, C)``, emb_d ``(B, C)``, emb_neg ``(M, C)`` or None, any float dtype but fp64.
-    Returns the mean loss, a 0-d fp32 tensor; gradients flow to every embedding.
+    emb_q ``(B, C)``, emb_d ``(B, C)``, emb_neg ``(M, C)`` or None, fp32 / fp16 / bf16. Rows are
+    L2-normalised in fp32 by the Triton normalisation kernels (gradients come back in each
+    input's dtype). Returns the mean loss, a 0-d fp32 tensor; gradients flow to every embedding.
     """
-    F = torch.nn.functional
-    q = F.normalize(_up(emb_q), dim=-1)
-    cols = F.normalize(_up(emb_d), dim=-1)
+    q = _L2NormFn.apply(emb_q)
+    cols = _L2NormFn.apply(emb_d)
     if emb_neg is not None:
-        cols = torch.cat([cols, F.normalize(_up(emb_neg), dim=-1)], 0)
-    return _SimCEFn.apply(q.contiguous(), cols.contiguous(), 1.0 / float(temperature), bool(symmetric))
+        cols = torch.cat([cols, _L2NormFn.apply(emb_neg)], 0)
+    return _SimCEFn.apply(q, cols, 1.0 / float(temperature), bool(symmetric))
 
 
 def pooled_info_nce_triton(
@@ -444,7 +682,7 @@ def pooled_info_nce_triton(
     mask_neg=None, embed_mask_neg=None, cu_seqlens_q=None, cu_seqlens_d=None, cu_seqlens_neg=None,
     temperature=0.05, pooling="mean", symmetric=False,
 ):
-    """Pool (fp32 sums, Triton) -> L2 normalise (fp32) -> similarity (cuBLAS) -> CE (Triton).
+    """Pool + L2 normalise (fp32, Triton) -> similarity (cuBLAS) -> CE (Triton).
 
     hidden_* ``(B, T, C)`` padded or ``(total, C)`` packed with ``cu_seqlens_*`` ``(B+1,)``
     int32; ``mask_*`` ``(B, T)``; ``embed_mask_*`` ``(B, T)`` / ``(total,)``. The fp32
@@ -452,10 +690,8 @@ def pooled_info_nce_triton(
     are read once in the forward and ``d hidden`` written once, in the input dtype.
     Returns the mean loss, 0-d fp32.
     """
-    F = torch.nn.functional
-    q = F.normalize(_pool_fp32(hidden_q, mask_q, embed_mask_q, pooling, cu_seqlens_q, False), dim=-1)
-    cols = F.normalize(_pool_fp32(hidden_d, mask_d, embed_mask_d, pooling, cu_seqlens_d, False), dim=-1)
+    q = _pool_fp32(hidden_q, mask_q, embed_mask_q, pooling, cu_seqlens_q, True)
+    cols = _pool_fp32(hidden_d, mask_d, embed_mask_d, pooling, cu_seqlens_d, True)
     if hidden_neg is not None:
-        n = F.normalize(_pool_fp32(hidden_neg, mask_neg, embed_mask_neg, pooling, cu_seqlens_neg, False), dim=-1)
-        cols = torch.cat([cols, n], 0)
-    return _SimCEFn.apply(q, cols.contiguous(), 1.0 / float(temperature), bool(symmetric))
+        cols = torch.cat([cols, _pool_fp32(hidden_neg, mask_neg, embed_mask_neg, pooling, cu_seqlens_neg, True)], 0)
+    return _SimCEFn.apply(q, cols, 1.0 / float(temperature), bool(symmetric))
