@@ -116,6 +116,56 @@ def test_pool_gpu(mode, layout, dtype, backend):
     assert_close_rule(df, d64, dn, factor=3.0, atol=ATOL[dtype], name=f"{backend} d hidden")
 
 
+def _token_rows(h, cu, texts):
+    """Bool over hidden's first dim: the rows (padded) or tokens (packed) of ``texts``."""
+    if cu is None:
+        ids = torch.arange(h.shape[0], device=h.device)
+    else:
+        ids = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=h.device), (cu[1:] - cu[:-1]).long())
+    return torch.isin(ids, torch.tensor(sorted(texts), device=h.device))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_pool_normalize_eps_rows_gpu(layout, mode):
+    """bf16 normalised pooling (Triton: the normalisation fused into the pooling kernels) with
+    pooled vectors of norm < eps: an all-zero text, one scaled by 1e-15 and an empty region
+    (last texts, so the packed reference's gathers never read their huge gradients). Their
+    d hidden is ~1e12 (F.normalize divides by eps; finite in bf16), so the rule is applied to
+    them and to the other texts separately."""
+    B, T, C, dtype = 33, 300, 1000, torch.bfloat16
+    h, attn, embed, cu = _case(layout, B, T, C, torch.float32)
+    if layout == "padded":
+        embed[:, -1] = True
+        attn[:, -1] = True  # every text pools at least its last token ...
+        embed[B - 1] = False  # ... but the last: an empty region
+    else:
+        embed[cu[:-1].long().clamp(max=h.shape[0] - 1)] = True
+        embed[cu[B - 1]:] = False
+    h[_token_rows(h, cu, {B - 3})] = 0.0
+    h[_token_rows(h, cu, {B - 2})] *= 1e-15
+    h = h.to(dtype)
+    eps_texts = {B - 3, B - 2, B - 1}
+    h64 = h.detach().double().requires_grad_()
+    hn = h.detach().clone().requires_grad_()
+    hf = h.detach().clone().requires_grad_()
+    p64 = ref.pool_ref(h64, attn, embed, mode, cu_seqlens=cu)
+    assert set((p64.detach().norm(dim=1) < 1e-12).nonzero().flatten().tolist()) == eps_texts
+    oracle = F.normalize(p64, dim=-1)
+    native = F.normalize(ref.pool_ref(hn, attn, embed, mode, cu_seqlens=cu, upcast=False).float(), dim=-1).to(dtype)
+    fast = L.pool(hf, attn, embed, mode, cu_seqlens=cu, normalize=True, backend="triton")
+    assert fast.dtype == dtype
+    assert_close_rule(fast, oracle, native, atol=ATOL[dtype], name="normalised")
+    g = torch.randn(B, C, device="cuda", dtype=torch.float64)
+    (d64,) = torch.autograd.grad(oracle, h64, g)
+    (dn,) = torch.autograd.grad(native, hn, g.to(dtype))
+    (df,) = torch.autograd.grad(fast, hf, g.to(dtype))
+    rows = _token_rows(h, cu, eps_texts)
+    for sel, name in ((~rows, "d hidden"), (rows, "d hidden (norm < eps)")):
+        assert torch.isfinite(dn[sel]).all() and torch.isfinite(df[sel]).all()
+        assert_close_rule(df[sel], d64[sel], dn[sel], factor=3.0, atol=ATOL[dtype], name=name)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("pooling,M,symmetric", [("mean", 0, False), ("mean", 64, True), ("last_token", 32, False)])
