@@ -1,8 +1,8 @@
 """Benchmark: pooled InfoNCE (pool + L2 normalise + similarity + cross-entropy), forward and backward.
 
 Providers, side by side in one run on the same inputs:
-  ours_triton    llm2vec_fast.pooled_info_nce(backend="triton"): Triton pooling (fp32 sums, d hidden
-                 written once in the input dtype) + cuBLAS similarity + Triton softmax-CE
+  ours_triton    llm2vec_fast.pooled_info_nce(backend="triton"): Triton pooling and L2 normalisation
+                 (fp32 sums, d hidden written once in the input dtype) + cuBLAS similarity + Triton softmax-CE
   ours_cuda      backend="cuda": the csrc/ pooling kernels (JIT-built before its timing) + the same loss
   eager          the PyTorch reference (llm2vec_fast.kernels.reference.pooled_info_nce_ref)
   torch_compile  torch.compile of that reference (compile time excluded: warmed up first)
