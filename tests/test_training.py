@@ -59,8 +59,19 @@ def test_simcse_steps_lower_the_loss_lora(tmp_path):
     model, trainer = train_contrastive(toy_model(False, seed=2, initializer_range=0.3), toy_tokenizer(),
                                        toy_texts(300, seed=2), cfg, mode="simcse", save_checkpoints=False)
     losses = _losses(trainer)
-    assert len(losses) == 16
-    assert sum(losses[-4:]) / 4 < 0.97 * sum(losses[:4]) / 4, losses
+    assert len(losses) == 16 and all(x == x for x in losses)
+    # The training losses see fresh dropout views each step (too noisy to compare a few
+    # steps); the loss of one fixed batch in eval mode does not. peft starts lora_B at zero,
+    # so the model with its adapter disabled is the model training started from.
+    texts = toy_texts(300, seed=2)
+    batch = trainer.data_collator([{"text": t} for t in texts[:48]])
+    tm = trainer.model
+    tm.eval()
+    with torch.no_grad():
+        after = float(trainer.compute_loss(tm, batch))
+        with model.disable_adapter():
+            before = float(trainer.compute_loss(tm, batch))
+    assert after < 0.985 * before, (before, after)  # measured: 0.958-0.972 over 3 seeds, fused or not
     assert hasattr(model, "peft_config")
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)

@@ -13,7 +13,10 @@ What patching does, all of it undone exactly by :func:`unpatch_model`:
    bool once (so every layer and every mask type reuse one padding structure) and
    defaults ``use_cache`` to False (a KV cache is meaningless for a bidirectional encoder);
 4. with ``mntp=True`` on an ``XForCausalLM``, replaces the instance's ``forward`` with
-   one computing the MNTP loss by :func:`llm2vec_fast.masked_linear_cross_entropy`.
+   one computing the MNTP loss by :func:`llm2vec_fast.masked_linear_cross_entropy`;
+5. with ``fuse_lora=True`` (the default), gives gated MLPs and peft LoRA projections
+   instance ``forward`` methods that keep less for the backward (:mod:`llm2vec_fast.hf.lora`);
+   LoRA modules peft adds after patching are picked up by the pre-hook of (3).
 
 No modeling code is copied and no private transformers function is called. Sliding-window
 configs get full bidirectional attention (the original LLM2Vec's behaviour).
@@ -38,14 +41,17 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 BACKENDS = ("auto", "torch", "triton", "flash_attn")
 _STATE_ATTR = "_llm2vec_fast_patch"
+_FUSION_ATTR = "_llm2vec_fast_fusion"
 
 
 class _PatchState:
     """Everything needed to undo a patch exactly."""
 
-    def __init__(self, backend, mntp):
+    def __init__(self, backend, mntp, fuse_lora):
         self.backend = backend
         self.mntp = mntp
+        self.fuse_lora = fuse_lora
+        self.lora = None
         self.attn_impl = None
         self.had_is_causal = False
         self.config_is_causal = None
@@ -107,6 +113,9 @@ def _make_positions_hook(base):
         return args
 
     def hook(module, args, kwargs):
+        fusion = module.__dict__.get(_FUSION_ATTR)  # looked up on the module: right in a deepcopy
+        if fusion is not None:
+            fusion.sync()
         mask = get(args, kwargs, "attention_mask", i_mask)
         if kwargs.get("use_cache") is None:
             kwargs["use_cache"] = False
@@ -134,7 +143,7 @@ def _set_impl(hf, name):
         hf.config._attn_implementation = name
 
 
-def patch_model(model, *, backend: str = "auto", mntp: bool = False):
+def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: bool = True):
     """Make every attention layer of ``model`` bidirectional, in place, and return ``model``.
 
     Args:
@@ -144,6 +153,11 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
             elsewhere), ``"torch"``, ``"triton"`` or ``"flash_attn"`` (when importable).
         mntp: also compute ``XForCausalLM``'s loss with the fused masked cross-entropy
             (only labelled rows reach the LM head; ``logits`` is None when labels are given).
+        fuse_lora: in training (autograd recording, no autocast), run gated MLPs and vanilla
+            peft LoRA projections on frozen weights through autograd functions that save
+            about a third of what peft's modules save, with dropout masks regenerated from
+            seeds (see :mod:`llm2vec_fast.hf.lora`). Results equal peft's up to rounding;
+            dropout draws differ from peft's (same distribution). Other cases run unchanged.
 
     Inputs the patched model handles: padded batches (``attention_mask (B, T)``, left or
     right padding; positions derived from the mask when ``position_ids`` is not given),
@@ -160,6 +174,8 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if not isinstance(mntp, bool):
         raise ValueError(f"mntp: expected a bool, got {mntp!r}")
+    if not isinstance(fuse_lora, bool):
+        raise ValueError(f"fuse_lora: expected a bool, got {fuse_lora!r}")
     hf = _unwrap(model)
     _check_supported(hf)
     if backend == "flash_attn":
@@ -172,7 +188,7 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
         raise ValueError(f"mntp=True: expected an XForCausalLM with an LM head, got {type(hf).__name__}")
     old = getattr(hf, _STATE_ATTR, None)
     if old is not None:
-        if old.backend == backend and old.mntp == mntp:
+        if old.backend == backend and old.mntp == mntp and old.fuse_lora == fuse_lora:
             return model
         unpatch_model(model)
 
@@ -180,7 +196,7 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
     from .mntp import make_mntp_forward
 
     attn.register()
-    state = _PatchState(backend, mntp)
+    state = _PatchState(backend, mntp, fuse_lora)
     config = hf.config
     state.attn_impl = config._attn_implementation
     state.had_is_causal = "is_causal" in config.__dict__
@@ -196,6 +212,11 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False):
         for m, _ in state.module_is_causal:
             m.is_causal = False
             setattr(m, attn.BACKEND_ATTR, backend)
+        if fuse_lora:
+            from .lora import LoraFusion
+
+            state.lora = LoraFusion(hf)
+            object.__setattr__(base, _FUSION_ATTR, state.lora)
         state.hook = base.register_forward_pre_hook(_make_positions_hook(base), with_kwargs=True)
         if mntp:
             state.had_forward_attr = "forward" in hf.__dict__
@@ -235,6 +256,9 @@ def unpatch_model(model):
 
     if state.hook is not None:
         state.hook.remove()
+    if state.lora is not None:
+        state.lora.remove()
+        hf.base_model.__dict__.pop(_FUSION_ATTR, None)
     if state.mntp and "forward" in hf.__dict__:
         if state.had_forward_attr:
             hf.forward = state.forward_attr

@@ -1,0 +1,315 @@
+"""patch_model(fuse_lora=True): memory-lean LoRA projections, gated MLPs and RMSNorms.
+
+Oracles: the same model without fusion (peft's modules, transformers' norms) in fp64, with
+the fp32 unfused run setting the error budget (STYLE.md); for dropout, explicit formulas
+built from the very masks the fused code draws (``keep_mask`` with the replayed seeds).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import assert_close_rule
+from llm2vec_fast import patch_model, unpatch_model
+from llm2vec_fast.hf import lora as fl
+from tiny_models import SUPPORTED, VOCAB, tiny_model
+
+peft = pytest.importorskip("peft")
+
+TARGETS = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(model_type, *, fuse, dropout=0.0, dtype=torch.float64, order="patch-first", width=None,
+                **lora_kw):
+    extra = {} if width is None else {"intermediate_size": width}
+    model = tiny_model(model_type, causal_lm=True, dtype=dtype, **extra)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                          target_modules=TARGETS.get(model_type, DEFAULT_TARGETS), **lora_kw)
+    if order == "patch-first":
+        patch_model(model, mntp=True, fuse_lora=fuse)
+        model = peft.get_peft_model(model, cfg)
+    else:
+        model = peft.get_peft_model(model, cfg)
+        patch_model(model, mntp=True, fuse_lora=fuse)
+    g = torch.Generator().manual_seed(7)
+    for n, p in model.named_parameters():
+        if "lora_A" in n or "lora_B" in n:  # the same values in every dtype; B not zero (peft's
+            with torch.no_grad():           # start), so every LoRA gradient is non-trivial
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.2)
+    model.train()
+    return model
+
+
+def _batch(B=3, T=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    labels = torch.where(torch.rand(B, T, generator=g) < 0.4, ids, torch.full_like(ids, -100))
+    labels[0, 2] = ids[0, 2]
+    return ids, mask, labels
+
+
+def _loss_and_grads(model, batch):
+    ids, mask, labels = batch
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads, out.loss.grad_fn
+
+
+def _graph_names(fn) -> set[str]:
+    seen, stack, names = set(), [fn], set()
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        names.add(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    return names
+
+
+def _fused_nodes(names):
+    return {n for n in names if n.startswith(("_LoraLinearFn", "_GatedMLPFn", "_RMSNormFn"))}
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_fused_matches_peft(model_type):
+    """Loss and every LoRA gradient against peft's own path (fp64 oracle, fp32 budget)."""
+    batch = _batch()
+    order = "peft-first" if model_type in ("llama", "gemma") else "patch-first"
+    oracle_loss, oracle_g, _ = _loss_and_grads(_lora_model(model_type, fuse=False, order=order), batch)
+    native_loss, native_g, _ = _loss_and_grads(
+        _lora_model(model_type, fuse=False, dtype=torch.float32, order=order), batch)
+    fused = _lora_model(model_type, fuse=True, dtype=torch.float32, order=order)
+    loss, g, fn = _loss_and_grads(fused, batch)
+    names = _graph_names(fn)
+    assert "_LoraLinearFnBackward" in names or "_GatedMLPFnBackward" in names, "fast path did not run"
+    assert "_RMSNormFnBackward" in names
+    if model_type != "phi3":  # phi3's fused gate_up_proj MLP runs through the per-projection path
+        assert "_GatedMLPFnBackward" in names
+    assert_close_rule(loss, oracle_loss.float(), native_loss, name="loss")
+    assert set(g) == set(oracle_g) and len(g) > 0
+    for n in oracle_g:
+        assert_close_rule(g[n], oracle_g[n].float(), native_g[n], factor=3.0, name=n)
+
+
+def test_fused_matches_in_both_patch_orders():
+    batch = _batch(seed=3)
+    a = _loss_and_grads(_lora_model("llama", fuse=True, dtype=torch.float32, order="patch-first"), batch)
+    b = _loss_and_grads(_lora_model("llama", fuse=True, dtype=torch.float32, order="peft-first"), batch)
+    assert torch.equal(a[0], b[0])
+    for n in a[1]:
+        assert torch.equal(a[1][n], b[1][n]), n
+
+
+def _rand(*shape, g, dtype=torch.float64):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def test_lora_linear_dropout_equals_explicit_formula():
+    """Forward and the grads of x, A and B against the formula with the mask of the seed
+    (fp64 throughout: this checks the math and the mask replay, not rounding)."""
+    g = torch.Generator().manual_seed(11)
+    N, cin, cout, r, p, s, seed = 37, 24, 40, 4, 0.3, 1.7, 12345
+    x = _rand(2, N, cin, g=g).requires_grad_()
+    W, b = _rand(cout, cin, g=g), _rand(cout, g=g)
+    A, B = _rand(r, cin, g=g).requires_grad_(), _rand(cout, r, g=g).requires_grad_()
+    y = fl._LoraLinearFn.apply(x, W, b, A, B, s, p, seed)
+    dy = _rand(*y.shape, g=g)
+    y.backward(dy)
+    got = (y.detach(), x.grad, A.grad, B.grad)
+    # The reference, in fp64 with the same mask (a fresh tensor, not the scratch buffer).
+    keep = fl.keep_mask((2 * N, cin), p, seed, "cpu", role=None).view(2, N, cin)
+    assert 0 < int((~keep).sum()) < keep.numel()
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    y64 = x64 @ W.double().t() + b.double() + ((x64 * keep / (1 - p)) @ A64.t()) @ B64.t() * s
+    y64.backward(dy.double())
+    want = (y64.detach(), x64.grad, A64.grad, B64.grad)
+    for name, a, w in zip(("y", "dx", "dA", "dB"), got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("lora_on", [(True, True, True), (True, False, True), (False, False, True)])
+def test_gated_mlp_dropout_equals_explicit_formula(kind, lora_on):
+    g = torch.Generator().manual_seed(5)
+    N, C, I, r, p = 29, 16, 40, 4, 0.25
+    x = _rand(N, C, g=g).requires_grad_()
+    shapes = [(I, C), (I, C), (C, I)]
+    proj, cfg = [], []
+    for (o, i), on in zip(shapes, lora_on):
+        W = _rand(o, i, g=g)
+        A = _rand(r, i, g=g).requires_grad_() if on else None
+        B = _rand(o, r, g=g).requires_grad_() if on else None
+        proj.append((W, None, A, B))
+        cfg.append((0.5 + len(cfg), p))
+    torch.manual_seed(99)
+    y = fl._GatedMLPFn.apply(x, kind, tuple(cfg), *[t for pr in proj for t in pr])
+    dy = _rand(*y.shape, g=g)
+    y.backward(dy)
+    torch.manual_seed(99)  # replay the seeds the forward drew (one per LoRA'd projection)
+    seeds = [fl.new_seed() if on else None for on in lora_on]
+
+    act = (lambda t: torch.nn.functional.silu(t)) if kind == "silu" else (
+        lambda t: torch.nn.functional.gelu(t, approximate="tanh"))
+    x64 = x.detach().double().requires_grad_()
+    leaves = []
+
+    def lin(inp, i):
+        W, _, A, B = proj[i]
+        out = inp @ W.double().t()
+        if A is None:
+            return out
+        A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+        leaves.extend([(A, A64), (B, B64)])
+        keep = fl.keep_mask(inp.shape, p, seeds[i], "cpu", role=None)
+        return out + ((inp * keep / (1 - p)) @ A64.t()) @ B64.t() * cfg[i][0]
+
+    y64 = lin(act(lin(x64, 0)) * lin(x64, 1), 2)
+    y64.backward(dy.double())
+    torch.testing.assert_close(y.detach().double(), y64.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-10, atol=1e-10)
+    for t32, t64 in leaves:
+        torch.testing.assert_close(t32.grad.double(), t64.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_keep_mask_statistics_and_determinism():
+    n = 1_000_000
+    for p in (0.05, 0.3):
+        m = fl.keep_mask((n,), p, 42, "cpu", role=None)
+        frac = float(m.float().mean())
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(frac - (1 - p)) < 5 * sigma, (p, frac)
+    a = fl.keep_mask((1000,), 0.5, 1, "cpu", role=None)
+    assert torch.equal(a, fl.keep_mask((1000,), 0.5, 1, "cpu", role=None))
+    assert not torch.equal(a, fl.keep_mask((1000,), 0.5, 2, "cpu", role=None))
+
+
+def test_dropout_masks_replay_under_gradient_checkpointing():
+    """Checkpointing re-runs each layer's forward: the replayed RNG gives the same seeds, so
+    the loss and gradients equal those of the same step without checkpointing."""
+    batch = _batch(seed=4)
+    runs = []
+    for ckpt in (False, True):
+        model = _lora_model("llama", fuse=True, dropout=0.2, dtype=torch.float32)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(2024)
+        runs.append(_loss_and_grads(model, batch))
+    (l0, g0, _), (l1, g1, _) = runs
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+    # ...and dropout is on: another seed gives another loss.
+    model = _lora_model("llama", fuse=True, dropout=0.2, dtype=torch.float32)
+    torch.manual_seed(7)
+    assert float((_loss_and_grads(model, batch)[0] - l0).abs()) > 1e-6
+
+
+def _saved_bytes(model, batch) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids, mask, labels = batch
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    return sum(seen.values())
+
+
+def test_fused_layers_save_less_than_half():
+    """The point of the fusion: with LoRA dropout on every projection (the recipe), what the
+    backward keeps shrinks below half of what peft's modules and transformers' layers keep
+    (an MLP three times wider than the model, like real checkpoints)."""
+    batch = _batch(B=4, T=32, seed=2)
+    plain = _saved_bytes(_lora_model("llama", fuse=False, dropout=0.05, dtype=torch.float32, width=192), batch)
+    fused = _saved_bytes(_lora_model("llama", fuse=True, dropout=0.05, dtype=torch.float32, width=192), batch)
+    assert fused < 0.5 * plain, (fused, plain)
+
+
+def test_fallbacks_run_peft_unchanged():
+    """DoRA, autocast, no grad and disabled adapters take peft's own forward (exact results)."""
+    batch = _batch(seed=6)
+    ids, mask, labels = batch
+    # DoRA: not vanilla LoRA, so no _LoraLinearFn / _GatedMLPFn (the norms still fuse).
+    dora_f = _lora_model("llama", fuse=True, dtype=torch.float32, use_dora=True)
+    dora_p = _lora_model("llama", fuse=False, dtype=torch.float32, use_dora=True)
+    lf, gf, fn = _loss_and_grads(dora_f, batch)
+    lp, gp, _ = _loss_and_grads(dora_p, batch)
+    assert not {n for n in _graph_names(fn) if n.startswith(("_LoraLinearFn", "_GatedMLPFn"))}
+    torch.testing.assert_close(lf, lp, rtol=1e-6, atol=1e-6)
+    model = _lora_model("llama", fuse=True, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not _fused_nodes(_graph_names(out.loss.grad_fn))
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    ref = _lora_model("llama", fuse=False, dtype=torch.float32)
+    with torch.no_grad():
+        b = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(a, b)
+    with model.disable_adapter():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not {n for n in _graph_names(out.loss.grad_fn) if n.startswith(("_LoraLinearFn", "_GatedMLPFn"))}
+
+
+def _loss_from_embeds(model, batch):
+    """Loss with the input embeddings as a leaf that needs grad (so a merged model, whose
+    parameters are all frozen, still records a graph)."""
+    ids, mask, labels = batch
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+    return model(inputs_embeds=emb, attention_mask=mask, labels=labels).loss
+
+
+def test_merged_adapters_deepcopy_and_unpatch():
+    model = _lora_model("llama", fuse=True, dtype=torch.float32)
+    batch = _batch(seed=8)
+    before = _loss_from_embeds(model, batch)
+    assert {"_LoraLinearFnBackward", "_GatedMLPFnBackward"} <= _graph_names(before.grad_fn)
+    # A deep copy keeps working on its own modules.
+    twin = copy.deepcopy(model)
+    again = _loss_from_embeds(twin, batch)
+    assert {"_LoraLinearFnBackward", "_GatedMLPFnBackward"} <= _graph_names(again.grad_fn)
+    torch.testing.assert_close(again, before, rtol=0, atol=0)
+    model.merge_adapter()
+    merged = _loss_from_embeds(model, batch)
+    assert not {n for n in _graph_names(merged.grad_fn) if n.startswith(("_LoraLinearFn", "_GatedMLPFn"))}
+    torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    unpatch_model(model)
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+    assert not _fused_nodes(_graph_names(_loss_from_embeds(model, batch).grad_fn))
+
+
+def test_bf16_base_with_fp32_adapters():
+    """A bf16 model with peft's fp32 adapters: the LoRA branch runs in fp32 as peft's does."""
+    batch = _batch(seed=9)
+    oracle = _loss_and_grads(_lora_model("llama", fuse=False), batch)
+    native = _loss_and_grads(_lora_model("llama", fuse=False, dtype=torch.bfloat16), batch)
+    fused_model = _lora_model("llama", fuse=True, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for n, p in fused_model.named_parameters() if "lora_" in n)
+    fused = _loss_and_grads(fused_model, batch)
+    assert _fused_nodes(_graph_names(fused[2]))
+    assert_close_rule(fused[0].float(), oracle[0].float(), native[0].float(), name="loss")
+    for n in oracle[1]:
+        assert_close_rule(fused[1][n].float(), oracle[1][n].float(), native[1][n].float(), factor=3.0, name=n)
+
+
+def test_fuse_lora_argument_is_checked():
+    with pytest.raises(ValueError, match="fuse_lora"):
+        patch_model(tiny_model("llama"), fuse_lora="yes")
