@@ -2,7 +2,7 @@
 
 Oracles: the same model without fusion (peft's modules, transformers' norms) in fp64, with
 the fp32 unfused run setting the error budget (STYLE.md); for dropout, explicit formulas
-built from the very masks the fused code draws (``keep_mask`` with the replayed seeds).
+built from the very masks the fused code draws (``dropout_keep`` with the replayed seeds).
 """
 from __future__ import annotations
 
@@ -115,11 +115,12 @@ def _rand(*shape, g, dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 
 
-def test_lora_linear_dropout_equals_explicit_formula():
+@pytest.mark.parametrize("p", [0.1, 0.3])  # sparse (dropped positions) and dense masks on the CPU
+def test_lora_linear_dropout_equals_explicit_formula(p):
     """Forward and the grads of x, A and B against the formula with the mask of the seed
     (fp64 throughout: this checks the math and the mask replay, not rounding)."""
     g = torch.Generator().manual_seed(11)
-    N, cin, cout, r, p, s, seed = 37, 24, 40, 4, 0.3, 1.7, 12345
+    N, cin, cout, r, s, seed = 37, 24, 40, 4, 1.7, 12345
     x = _rand(2, N, cin, g=g).requires_grad_()
     W, b = _rand(cout, cin, g=g), _rand(cout, g=g)
     A, B = _rand(r, cin, g=g).requires_grad_(), _rand(cout, r, g=g).requires_grad_()
@@ -128,7 +129,7 @@ def test_lora_linear_dropout_equals_explicit_formula():
     y.backward(dy)
     got = (y.detach(), x.grad, A.grad, B.grad)
     # The reference, in fp64 with the same mask (a fresh tensor, not the scratch buffer).
-    keep = fl.keep_mask((2 * N, cin), p, seed, "cpu", role=None).view(2, N, cin)
+    keep = fl.dropout_keep((2 * N, cin), p, seed).view(2, N, cin)
     assert 0 < int((~keep).sum()) < keep.numel()
     x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
     y64 = x64 @ W.double().t() + b.double() + ((x64 * keep / (1 - p)) @ A64.t()) @ B64.t() * s
@@ -138,11 +139,11 @@ def test_lora_linear_dropout_equals_explicit_formula():
         torch.testing.assert_close(a.double(), w, rtol=1e-10, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("kind,p", [("silu", 0.1), ("gelu_tanh", 0.1), ("silu", 0.4)])
 @pytest.mark.parametrize("lora_on", [(True, True, True), (True, False, True), (False, False, True)])
-def test_gated_mlp_dropout_equals_explicit_formula(kind, lora_on):
+def test_gated_mlp_dropout_equals_explicit_formula(kind, p, lora_on):
     g = torch.Generator().manual_seed(5)
-    N, C, I, r, p = 29, 16, 40, 4, 0.25
+    N, C, I, r = 29, 16, 40, 4
     x = _rand(N, C, g=g).requires_grad_()
     shapes = [(I, C), (I, C), (C, I)]
     proj, cfg = [], []
@@ -171,7 +172,7 @@ def test_gated_mlp_dropout_equals_explicit_formula(kind, lora_on):
             return out
         A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
         leaves.extend([(A, A64), (B, B64)])
-        keep = fl.keep_mask(inp.shape, p, seeds[i], "cpu", role=None)
+        keep = fl.dropout_keep(inp.shape, p, seeds[i])
         return out + ((inp * keep / (1 - p)) @ A64.t()) @ B64.t() * cfg[i][0]
 
     y64 = lin(act(lin(x64, 0)) * lin(x64, 1), 2)
@@ -183,15 +184,45 @@ def test_gated_mlp_dropout_equals_explicit_formula(kind, lora_on):
 
 
 def test_keep_mask_statistics_and_determinism():
-    n = 1_000_000
-    for p in (0.05, 0.3):
+    """Even and odd elements use the two halves of one random int32: each half must keep
+    1 - p of its elements on its own, and neighbours must be independent."""
+    n = 2_000_001  # odd: the last int32 decides one element
+    for p in (0.05, 0.3, 0.9):
         m = fl.keep_mask((n,), p, 42, "cpu", role=None)
-        frac = float(m.float().mean())
+        assert m.shape == (n,) and m.dtype == torch.bool
+        for part in (m[0::2], m[1::2]):
+            k = part.numel()
+            sigma = (p * (1 - p) / k) ** 0.5
+            assert abs(float(part.float().mean()) - (1 - p)) < 5 * sigma, p
+        both = (m[0:-1:2] & m[1::2]).float().mean()  # P(keep, keep) = (1 - p)^2 if independent
+        assert abs(float(both) - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / (n // 2)) ** 0.5
+    assert bool(fl.keep_mask((1000,), 0.0, 3, "cpu", role=None).all())
+    a = fl.keep_mask((10, 100), 0.5, 1, "cpu", role=None)
+    assert torch.equal(a, fl.keep_mask((10, 100), 0.5, 1, "cpu", role=None))
+    assert torch.equal(a, fl.keep_mask((10, 100), 0.5, 1, "cpu"))  # scratch buffer, same values
+    assert not torch.equal(a, fl.keep_mask((10, 100), 0.5, 2, "cpu", role=None))
+
+
+def test_dropped_positions_are_an_iid_bernoulli_mask():
+    """Geometric gaps between drops: the drop rate, independence of neighbours, the edges."""
+    n = 1_000_003
+    for p in (0.003, 0.05, 0.25):
+        pos = fl.dropped_positions(n, p, 9)
+        assert pos.dtype == torch.int64 and bool((pos[1:] > pos[:-1]).all())
+        assert int(pos[0]) >= 0 and int(pos[-1]) < n
         sigma = (p * (1 - p) / n) ** 0.5
-        assert abs(frac - (1 - p)) < 5 * sigma, (p, frac)
-    a = fl.keep_mask((1000,), 0.5, 1, "cpu", role=None)
-    assert torch.equal(a, fl.keep_mask((1000,), 0.5, 1, "cpu", role=None))
-    assert not torch.equal(a, fl.keep_mask((1000,), 0.5, 2, "cpu", role=None))
+        assert abs(pos.numel() / n - p) < 5 * sigma, p
+        keep = fl.dropout_keep((n,), p, 9)
+        assert int((~keep).sum()) == pos.numel()
+        both = float((~keep[:-1] & ~keep[1:]).float().mean())  # P(drop, drop) = p^2
+        assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5, p
+        # position classes mod 7 (a row of length 7) are dropped alike: no periodic bias
+        counts = torch.bincount(pos % 7, minlength=7).float()
+        assert float((counts - counts.mean()).abs().max()) < 5 * float(counts.mean()) ** 0.5
+    assert torch.equal(fl.dropped_positions(5000, 0.05, 1), fl.dropped_positions(5000, 0.05, 1))
+    assert not torch.equal(fl.dropped_positions(5000, 0.05, 1), fl.dropped_positions(5000, 0.05, 2))
+    for n in (1, 2, 17):
+        assert bool((fl.dropped_positions(n, 0.2, 3) < n).all())
 
 
 def test_dropout_masks_replay_under_gradient_checkpointing():
