@@ -1,7 +1,9 @@
 """Compile every attention configuration the autotuner may pick, for sm_90 and sm_80, without a GPU.
 
 Fails on a compile error, register spills, shared memory over the chip's limit, and (sm_90,
-fp16 / bf16) on PTX without wgmma. The configurations come from the module's own lists
+fp16 / bf16) on PTX without wgmma. Every configuration is compiled twice: without and with
+attention dropout (``DROPOUT``, whose Philox code adds registers; its configurations come
+from the same functions with ``dropout=True``). The configurations come from the module's own lists
 (``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs``, the lists the autotuner
 prunes to), so a config added there is compiled here. Head dims 80 and 96 share
 ``BLOCK_D = 128`` and its footprint, so 80 stands for both (it also compiles the head-dim
@@ -38,23 +40,25 @@ def _kinds():
     }
 
 
-def _case_id(kind, hd, fp32, c, cc):
-    return f"{kind}-d{hd}-{'fp32' if fp32 else 'bf16'}-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}-sm{cc}"
+def _case_id(kind, hd, fp32, c, cc, dropout=False):
+    return (f"{kind}-d{hd}-{'fp32' if fp32 else 'bf16'}{'-dropout' if dropout else ''}"
+            f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}-sm{cc}")
 
 
-def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
-    """Compile every (head dim, dtype, config) of one kernel for one chip; runs without the interpreter."""
+def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None = None) -> list[dict]:
+    """Compile every (head dim, dtype, config) of one kernel for one chip, with or without the
+    dropout code (``DROPOUT``, from its own config lists); runs without the interpreter."""
     from helpers import SMEM_LIMIT, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import attention as tk
 
     kernel, cfgs = _kinds()[kind]
     ptrs = {n: "*E" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8")
+    ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64")
     results, seen = [], set()
     for hd in HEAD_DIMS:
         for fp32 in (False, True) if hd in FP32_HEAD_DIMS and cc == 90 else (False,):
-            for c in cfgs(hd, fp32):
+            for c in cfgs(hd, fp32, dropout):
                 key = (hd, fp32, str(c))
                 if key in seen:
                     continue
@@ -63,10 +67,11 @@ def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
                 consts = dict(
                     HEAD_DIM=hd, BLOCK_D=tk._block_d(hd), IS_VARLEN=False, HAS_MASK=True, HAS_SOFTCAP=True,
                     DOT_PREC="ieee" if fp32 else "tf32", BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"],
+                    DROPOUT=dropout, ROUNDS=tk.PHILOX_ROUNDS,
                 )
                 elem = "fp32" if fp32 else "bf16"
-                sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap"), elem)
-                r = dict(id=_case_id(kind, hd, fp32, c, cc), fp32=fp32)
+                sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
+                r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout), fp32=fp32)
                 if only and only not in r["id"]:
                     continue
                 try:
@@ -83,7 +88,9 @@ def _compile_group(kind: str, cc: int, only: str | None = None) -> list[dict]:
     return results
 
 
-GROUPS = [(k, cc) for k in ("fwd", "dq", "dkdv") for cc in (90, 80)]
+# The DROPOUT=True kernels are separate compilations (the Philox code only exists there):
+# their own groups, so pytest -n 2 spreads them too.
+GROUPS = [(k, cc, d) for k in ("fwd", "dq", "dkdv") for cc in (90, 80) for d in (False, True)]
 
 
 def test_config_lists_cover_every_head_dim():
@@ -91,23 +98,24 @@ def test_config_lists_cover_every_head_dim():
 
     for hd in tk.SUPPORTED_HEAD_DIMS:
         for fp32 in (False, True):
-            for f in (tk.fwd_configs, tk.bwd_dq_configs, tk.bwd_dkdv_configs):
-                assert f(hd, fp32), f"{f.__name__}({hd}, fp32={fp32}) is empty"
-            for kind in ("fwd", "dq", "dkdv"):
-                for cuda in (True, False):
-                    for s in (64, 4096):
-                        c = tk.heuristic_config(kind, hd, fp32, s, cuda)
-                        if cuda:  # the heuristic picks from the compiled list
-                            assert str(c) in {str(x) for x in tk._configs(kind, hd, fp32)}
+            for dropout in (False, True):
+                for f in (tk.fwd_configs, tk.bwd_dq_configs, tk.bwd_dkdv_configs):
+                    assert f(hd, fp32, dropout), f"{f.__name__}({hd}, fp32={fp32}, dropout={dropout}) is empty"
+                for kind in ("fwd", "dq", "dkdv"):
+                    for cuda in (True, False):
+                        for s in (64, 4096):
+                            c = tk.heuristic_config(kind, hd, fp32, s, cuda, dropout)
+                            if cuda:  # the heuristic picks from the compiled list
+                                assert str(c) in {str(x) for x in tk._configs(kind, hd, fp32, dropout)}
 
 
-@pytest.mark.parametrize("kind,cc", GROUPS, ids=[f"{k}-sm{cc}" for k, cc in GROUPS])
-def test_compile_configs(kind, cc):
+@pytest.mark.parametrize("kind,cc,dropout", GROUPS, ids=[f"{k}-sm{cc}{'-dropout' if d else ''}" for k, cc, d in GROUPS])
+def test_compile_configs(kind, cc, dropout):
     from helpers import assert_compile_results, run_compile_worker
 
-    assert_compile_results(run_compile_worker(__file__, kind, cc), cc)
+    assert_compile_results(run_compile_worker(__file__, kind, cc, int(dropout)), cc)
 
 
-if __name__ == "__main__":  # the worker: python tests/test_attention_compile.py KIND CC
+if __name__ == "__main__":  # the worker: python tests/test_attention_compile.py KIND CC DROPOUT [ONLY]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    print(json.dumps(_compile_group(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])))
+    print(json.dumps(_compile_group(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])), *sys.argv[4:5])))

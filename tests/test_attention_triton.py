@@ -209,7 +209,7 @@ def test_backward_is_deterministic(device):
 
 def test_gpu_tiles_in_interpreter(monkeypatch, device):
     # The heuristic's CUDA tiles (64 / 128 rows, the unmasked full-block path) run here too.
-    def big(kind, head_dim, fp32, max_seqlen, on_cuda):
+    def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False):
         return tk._cfg(64, 128, 4, 1) if kind == "dkdv" else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1)
 
     monkeypatch.setattr(tk, "heuristic_config", big)
@@ -221,7 +221,7 @@ def test_unsupported_falls_back_with_warning(device):
     q = torch.randn(5, 2, 48, device=device)
     cu = _cu([5], device)
     assert tk.unsupported_reason(q) is not None
-    assert tk.unsupported_reason(q[..., :32].contiguous(), dropout_p=0.1) == "dropout_p > 0"
+    assert tk.unsupported_reason(q[..., :32].contiguous(), dropout_p=0.1) is None  # dropout runs in the kernels
     assert tk.unsupported_reason(q.double()[..., :32]) is not None
     with pytest.warns(RuntimeWarning, match="does not support"):
         out = flash_attn_varlen_noncausal(q, q, q, cu, cu, 5, 5, backend="triton")
@@ -242,7 +242,248 @@ def test_fake_shapes_for_torch_compile(device):
         assert out.shape == qp.shape and lse.shape == (2, 4, 9)
         dq, dk, dv = torch.ops.llm2vec_fast.attn_bwd(qp, qp, qp, qp, qp, lse, None, None, None, 9, 9, 0.125, 0.0)
         assert dq.shape == qp.shape
+        seed = torch.empty(1, dtype=torch.int64)  # dropout: the seed tensor travels through both ops
+        out, lse = torch.ops.llm2vec_fast.attn_fwd(qp, qp, qp, None, None, None, 9, 9, 0.125, 0.0, 0.3, seed)
+        assert out.shape == qp.shape and lse.shape == (2, 4, 9)
+        dq, dk, dv = torch.ops.llm2vec_fast.attn_bwd(qp, qp, qp, qp, qp, lse, None, None, None, 9, 9, 0.125, 0.0, 0.3, seed)
+        assert dv.shape == qp.shape
     del mode
+
+
+# --------------------------------------------------------------------------------------
+# Attention dropout in the kernels
+# --------------------------------------------------------------------------------------
+
+
+def _next_seed(device):
+    """The seed the next dropout call will draw: the same draw from a forked RNG state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return tk.dropout_seed(device)
+
+
+def _masked_attention(q, k, v, key_mask, keep, p, scale, softcap, upcast):
+    """Padded attention with an explicit dropout keep mask: ``O = (P * keep / (1 - p)) V``.
+
+    q ``(B, S, H, D)``, k / v ``(B, S, Hkv, D)``, key_mask ``(B, S)`` bool or None, keep
+    ``(B, H, S, S)`` bool. The lse is the undropped softmax's; padded query rows (and rows
+    of a sequence without keys) are 0 with lse ``-inf``, as in ``attention_padded_ref``.
+    Computes in fp32 / fp64 with ``upcast`` (fp64 stays fp64), else in the input dtype.
+    """
+    B, S, H, D = q.shape
+    Hkv = k.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
+    qh = q.to(cdt).permute(0, 2, 1, 3)
+    kh = k.to(cdt).permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)
+    vh = v.to(cdt).permute(0, 2, 1, 3).repeat_interleave(H // Hkv, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", qh, kh) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if key_mask is not None:
+        m = key_mask | ~key_mask.any(dim=-1, keepdim=True)
+        s = s.masked_fill(~m[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    probs = torch.exp(s - lse[..., None]) * keep.to(cdt) / (1.0 - p)
+    o = torch.einsum("bhqk,bhkd->bhqd", probs, vh)
+    lse = lse.float()
+    if key_mask is not None:
+        o = o * key_mask[:, None, :, None].to(cdt)
+        lse = lse.masked_fill(~key_mask[:, None, :], float("-inf"))
+    return o.permute(0, 2, 1, 3).to(q.dtype), lse
+
+
+def _masked_attention_varlen(q, k, v, lens, keep, p, scale, softcap, upcast):
+    """Varlen attention with the explicit mask ``keep (B, H, max_len, max_len)``, per sequence."""
+    outs, lses, t = [], [], 0
+    H = q.shape[1]
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        sl = slice(t, t + n)
+        o, lse = _masked_attention(q[None, sl], k[None, sl], v[None, sl], None, keep[b:b + 1, :, :n, :n], p, scale, softcap, upcast)
+        outs.append(o[0])
+        lses.append(lse[0].reshape(H, n))
+        t += n
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def _dropout_varlen_case(lens, H, Hkv, D, dtype, device, p, softcap=0.0):
+    cu = _cu(lens, device)
+    T, mx = sum(lens), max(lens)
+    q, k, v = (torch.randn(T, h, D, device=device) for h in (H, Hkv, Hkv))
+    scale = 1.0 / math.sqrt(D)
+    keep = tk.dropout_keep_mask(_next_seed(device), len(lens), H, mx, mx, p)
+
+    def fast(q_, k_, v_):
+        return flash_attn_varlen_noncausal(q_, k_, v_, cu, cu, mx, mx, scale, softcap, backend="triton", dropout_p=p, return_lse=True)
+
+    def reference(q_, k_, v_, upcast):
+        return _masked_attention_varlen(q_, k_, v_, lens, keep, p, scale, softcap, upcast)
+
+    _check(fast, reference, q, k, v, dtype, name=f"dropout {p} varlen lens={lens} H={H}/{Hkv} D={D} {dtype}")
+    return keep
+
+
+def _dropout_padded_case(mode, B, S, H, Hkv, D, dtype, device, p, softcap=0.0):
+    mask = _mask(mode, B, S, device)
+    q = torch.randn(B, S, H, D, device=device)
+    k, v = torch.randn(B, S, Hkv, D, device=device), torch.randn(B, S, Hkv, D, device=device)
+    scale = 1.0 / math.sqrt(D)
+    keep = tk.dropout_keep_mask(_next_seed(device), B, H, S, S, p)
+
+    def fast(q_, k_, v_):
+        return flash_attn_noncausal(q_, k_, v_, mask, scale, softcap, backend="triton", dropout_p=p, return_lse=True)
+
+    def reference(q_, k_, v_, upcast):
+        return _masked_attention(q_, k_, v_, mask, keep, p, scale, softcap, upcast)
+
+    out, lse, grads = _check(fast, reference, q, k, v, dtype, name=f"dropout {p} padded {mode} H={H}/{Hkv} D={D} {dtype}")
+    if mask is not None:
+        assert (out[~mask] == 0).all() and all((g[~mask] == 0).all() for g in grads)
+
+
+def test_masked_reference_without_dropout_is_the_reference(device):
+    # The test's explicit-mask oracle, with every entry kept, is the library's reference.
+    B, S, H, Hkv, D = 2, 23, 4, 2, 32
+    q = torch.randn(B, S, H, D, dtype=torch.float64)
+    k, v = torch.randn(B, S, Hkv, D, dtype=torch.float64), torch.randn(B, S, Hkv, D, dtype=torch.float64)
+    mask = _mask("random", B, S, "cpu")
+    keep = torch.ones(B, H, S, S, dtype=torch.bool)
+    o, lse = _masked_attention(q, k, v, mask, keep, 0.0, 0.2, 4.0, True)
+    o_ref, lse_ref = ref.attention_padded_ref(q, k, v, mask, 0.2, 4.0, return_lse=True)
+    assert max_err(o, o_ref) < 1e-12 and max_err(lse, lse_ref) < 1e-12
+
+
+# (lens, H, Hkv, D, dtype, softcap): GQA 1 / 2 / 4, the masked 80-wide head dim, softcap,
+# empty and length-1 sequences, lengths crossing the interpreter's 32-wide tiles.
+DROPOUT_VARLEN = [
+    ([1, 40, 0, 17], 2, 1, 32, torch.float32, 0.0),
+    ([33, 5], 4, 1, 64, torch.float16, 5.0),
+    ([37], 2, 2, 80, torch.float32, 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "lens,H,Hkv,D,dtype,softcap", DROPOUT_VARLEN, ids=[f"{c[0]}-g{c[1] // c[2]}-d{c[3]}-{str(c[4])[6:]}" for c in DROPOUT_VARLEN]
+)
+def test_dropout_varlen_matches_explicit_mask(lens, H, Hkv, D, dtype, softcap, device):
+    _dropout_varlen_case(lens, H, Hkv, D, dtype, device, 0.3, softcap)
+
+
+# Holes (and a row without any valid token), left padding with softcap, right padding,
+# no mask at all (p = 0.5).
+DROPOUT_PADDED = [
+    ("random", torch.float16, 0.0), ("left", torch.float32, 3.0), ("third", torch.float32, 0.0), ("none", torch.float16, 0.0),
+]
+
+
+@pytest.mark.parametrize("mode,dtype,softcap", DROPOUT_PADDED, ids=[f"{m}-{str(t)[6:]}" for m, t, _ in DROPOUT_PADDED])
+def test_dropout_padded_matches_explicit_mask(mode, dtype, softcap, device):
+    _dropout_padded_case(mode, 2, 40, 2, 1, 32, dtype, device, 0.5 if mode == "none" else 0.3, softcap)
+
+
+@pytest.mark.parametrize("D", [32, 64])
+def test_dropout_mask_does_not_depend_on_tiles(D, monkeypatch, device):
+    # The CUDA dropout tiles (fwd 64 / 128 rows, dQ 64 x 32, dK/dV 16 / 32 query rows)
+    # regenerate the mask the 32 x 32 debug kernel wrote: the RNG counters are positions,
+    # not block indices.
+    def cuda_tiles(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False):
+        c = tk._configs(kind, head_dim, False, True)[0]
+        return tk._cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 4, 1)
+
+    monkeypatch.setattr(tk, "heuristic_config", cuda_tiles)
+    _dropout_varlen_case([130, 1], 2, 1, D, torch.float32, device, 0.2)
+
+
+def _grads_of(fn, q, k, v, do):
+    q, k, v = (_leaf(t) for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+def test_dropout_seed_reproducibility(device):
+    from llm2vec_fast.training.gradcache import RandContext
+
+    lens = [20, 9]
+    cu = _cu(lens, device)
+    q, k, v = (torch.randn(29, 2, 32, device=device, dtype=torch.float16) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def f(q_, k_, v_):
+        return flash_attn_varlen_noncausal(q_, k_, v_, cu, cu, 20, 20, backend="triton", dropout_p=0.3)
+
+    torch.manual_seed(3)
+    a = _grads_of(f, q, k, v, do)
+    torch.manual_seed(3)
+    b = _grads_of(f, q, k, v, do)
+    for x, y in zip(a, b):  # same seed: bit-identical output and gradients
+        assert torch.equal(x, y)
+    ctx = RandContext(device)  # GradCache's record / replay of the RNG state
+    c = _grads_of(f, q, k, v, do)
+    d = _grads_of(f, q, k, v, do)  # the generator moved on: a new mask
+    with ctx.replay():
+        e = _grads_of(f, q, k, v, do)
+    assert not torch.equal(c[0], d[0]) and not torch.equal(a[0], c[0])
+    for x, y in zip(c, e):
+        assert torch.equal(x, y)
+
+
+def test_dropout_p0_is_the_no_dropout_path(device):
+    # p = 0 runs the DROPOUT=False kernels and draws no seed: bit-identical, RNG untouched.
+    B, S, H, D = 2, 37, 2, 32
+    q, k, v = (torch.randn(B, S, H, D, device=device, dtype=torch.float16) for _ in range(3))
+    mask = _mask("random", B, S, device)
+    do = torch.randn_like(q)
+    a = _grads_of(lambda *t: flash_attn_noncausal(*t, mask, backend="triton"), q, k, v, do)
+    state = torch.get_rng_state()
+    b = _grads_of(lambda *t: flash_attn_noncausal(*t, mask, backend="triton", dropout_p=0.0), q, k, v, do)
+    assert torch.equal(state, torch.get_rng_state())
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert tk.dropout_keep_mask(tk.dropout_seed(device), 1, 1, 3, 3, 0.0).all()
+
+
+def test_dropout_under_torch_compile(device):
+    # The seed is drawn outside the custom op and passed in: a whole graph (fullgraph), the
+    # mask reproducible under torch.manual_seed, gradients through both ops.
+    B, S, H, D = 2, 37, 2, 32
+    q, k, v = (torch.randn(B, S, H, D, device=device, requires_grad=True) for _ in range(3))
+    mask = _mask("third", B, S, device)
+
+    def f(q_, k_, v_):
+        return flash_attn_noncausal(q_, k_, v_, mask, backend="triton", dropout_p=0.3).sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    a = cf(q, k, v)
+    a.backward()
+    torch.manual_seed(1)
+    assert torch.equal(a, cf(q, k, v)) and not torch.equal(a, cf(q, k, v))
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.9])
+def test_dropout_keep_statistics(p, device):
+    B, H, S = 2, 3, 96
+    keep = tk.dropout_keep_mask(tk.dropout_seed(device), B, H, S, S, p).double()
+    n = keep.numel()
+    sd = math.sqrt(p * (1 - p) / n)
+    assert abs(float(keep.mean()) - (1 - p)) < 5 * sd
+    # Neighbours (next key, next query row, next head, next sequence) are independent:
+    # P(both kept) = (1 - p)^2; the streams of different heads and sequences differ.
+    pairs = ((keep[..., 1:], keep[..., :-1]), (keep[:, :, 1:], keep[:, :, :-1]), (keep[:, 1:], keep[:, :-1]), (keep[1:], keep[:-1]))
+    for a, b in pairs:
+        both = float((a * b).mean())
+        assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / a.numel()) + 1e-3
+    # The kernel drops what the mask says, at that rate: with V = 1 every output is
+    # sum_j P_ij keep_ij / (1 - p), whose mean over many rows is 1.
+    T, D = 96, 32
+    q = torch.randn(T, 2, D, device=device) * 0.1
+    v = torch.ones(T, 1, D, device=device)
+    cu = _cu([T], device)
+    out = flash_attn_varlen_noncausal(q, q[:, :1], v, cu, cu, T, T, backend="triton", dropout_p=p)
+    row = out[..., 0].double()
+    assert abs(float(row.mean()) - 1.0) < 6 * math.sqrt(p / ((1 - p) * T * T * 2)) + 1e-3
+    assert (row > 0).all() or p > 0.5
 
 
 # --------------------------------------------------------------------------------------

@@ -521,20 +521,44 @@ def test_unpadded_varlen_layout_matches_padded(monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_triton_backend_with_dropout_falls_back_with_a_warning(monkeypatch):
+def test_triton_backend_runs_dropout_in_the_kernels(monkeypatch):
+    """Training with attention dropout on backend="triton": the kernels drop (no fallback,
+    no warning), the two SimCSE views differ, gradients reach every layer, eval is exact."""
     _triton_attention_or_skip()
+    import warnings
+
     import llm2vec_fast.ops._dispatch as dispatch
+    from llm2vec_fast.kernels.triton import attention as tk
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
+    seen = []
+    real_fwd = tk.attention_forward
+
+    def spy(*args, **kw):
+        seen.append(args[10] if len(args) > 10 else kw.get("dropout_p", 0.0))
+        return real_fwd(*args, **kw)
+
+    monkeypatch.setattr(tk, "attention_forward", spy)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = patch_model(tiny_model("llama", head_dim=32, attention_dropout=0.3).to(device), backend="triton")
     model.train()
     ids, mask = batch([6, 4], "right")
-    with pytest.warns(RuntimeWarning, match="dropout"):
-        a = hidden(model, ids.to(device), mask.to(device))
-    b = hidden(model, ids.to(device), mask.to(device))
-    m = mask.bool().to(device)
-    assert float((a[m] - b[m]).abs().max()) > 1e-4  # the reference ran dropout
+    ids, mask = ids.to(device), mask.to(device)
+    m = mask.bool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = hidden(model, ids, mask)
+    assert seen and all(p == 0.3 for p in seen)  # every layer ran the Triton forward with dropout
+    assert float((h.detach()[m] - b[m]).abs().max()) > 1e-4  # two dropout views differ
+    h[m].pow(2).sum().backward()
+    for name, prm in model.named_parameters():
+        if "layers." in name and "proj" in name:
+            assert prm.grad is not None and torch.isfinite(prm.grad).all() and prm.grad.abs().sum() > 0, name
+    model.eval()
+    seen.clear()
+    c, d = hidden(model, ids, mask), hidden(model, ids, mask)
+    assert torch.equal(c, d) and seen and all(p == 0.0 for p in seen)
 
 
 # --------------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ def llm2vec_attention(
         query: ``(B, H, S, D)``; key, value: ``(B, Hkv, Sk, D)``, fp16 / bf16 / fp32 / fp64.
         attention_mask: a :class:`PaddingInfo`, None, a ``(B, Sk)`` 2-d mask or a custom
             4-d mask (the latter runs an eager fallback with a one-time warning).
-        dropout: attention-probability dropout (nonzero only in training).
+        dropout: attention-probability dropout (nonzero only in training); the Triton
+            backend drops inside its kernels, the eager fallback with ``F.dropout``.
         scaling: softmax scale (defaults to ``1/sqrt(D)``); softcap: Gemma2's score softcap.
         kwargs: ``position_ids (B or 1, S)`` (packed rows when positions restart) and
             ``cu_seq_lens_q / cu_seq_lens_k (n + 1,)``, ``max_length_q / max_length_k``

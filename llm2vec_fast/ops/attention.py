@@ -84,7 +84,11 @@ def flash_attn_varlen_noncausal(
         softcap: ``softcap * tanh(s / softcap)`` on the scaled scores when > 0 (Gemma2).
         backend: ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"torch"``,
             ``"triton"`` or ``"flash_attn"`` (when importable).
-        dropout_p: attention-probability dropout (training); the reference runs it.
+        dropout_p: attention-probability dropout (training), in ``[0, 1)``. On the Triton
+            backend the kernels drop in place (a Philox mask keyed by a seed drawn from
+            torch's generator of q's device on each call, regenerated in the backward; the
+            lse stays that of the undropped softmax); the torch backend uses
+            ``F.dropout`` / SDPA's dropout. Either way ``torch.manual_seed`` reproduces it.
         return_lse: also return the log-sum-exp ``(H, total_q)`` fp32.
         deterministic: Triton backward without atomics (bit-reproducible).
 
@@ -125,7 +129,7 @@ def flash_attn_varlen_noncausal(
         if tk is not None:
             return tk.flash_attn_varlen_triton(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
-                return_lse=return_lse, deterministic=deterministic,
+                dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic,
             )
     return ref.attention_varlen_ref(
         q, k, v, cu_seqlens_q, cu_seqlens_k, scale, softcap, dropout_p, upcast=True, return_lse=return_lse
@@ -179,7 +183,8 @@ def flash_attn_noncausal(
         tk = _triton_or_fallback("flash_attn_noncausal", q, softcap, dropout_p)
         if tk is not None:
             return tk.flash_attn_padded_triton(
-                q, k, v, key_padding_mask, scale, softcap, return_lse=return_lse, deterministic=deterministic
+                q, k, v, key_padding_mask, scale, softcap, dropout_p=dropout_p, return_lse=return_lse,
+                deterministic=deterministic,
             )
     if not return_lse and not softcap and q.dtype != torch.float64:
         # SDPA (fused on CPU) with a boolean padding mask: the fast reference path.

@@ -28,6 +28,18 @@ S = 2048, lengths 30-100 %, 32 / 8 heads): forward 315 (varlen entry 401) agains
 FlexAttention 331 and transformers' SDPA-with-mask 113. The mask-free loops for hole-free
 padding came after that run and are not yet measured on a GPU.
 
+Attention dropout (``DROPOUT`` constexpr; the kernels without it compile as before): the
+forward multiplies the probabilities of each tile by a keep mask ``Z`` before ``P V`` and
+rescales the output by ``1 / (1 - p)``; the saved lse is that of the undropped softmax.
+The mask is never stored: each element's bit comes from a Philox-4x32 draw keyed by a
+per-call seed (drawn from torch's generator, :func:`dropout_seed`) with counters (key
+position, query position // 4, ``b * H + h``), so both backward kernels regenerate it
+whatever their tiles: ``dV = (P * Z)^T dO / (1 - p)``, ``dP = Z * (dO V^T) / (1 - p)``,
+``dS = P * (dP - delta)`` with the same ``delta = rowsum(dO * O)`` (``O`` being the
+dropped output). :func:`dropout_keep_mask` writes the mask out, for tests. Cost: one
+10-round Philox evaluation per four probabilities in each of the three kernels, and
+dropout has its own tile lists (``DROPOUT_*_CONFIGS``); not yet measured on a GPU.
+
 Invariants: a query row with no valid key (empty sequence, fully padded row, a padded
 query position) gets output 0 and lse ``-inf``; the backward reads such an lse as ``+inf``
 so its probabilities are exactly 0 and no NaN can appear.
@@ -49,9 +61,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported_reason(q: torch.Tensor, *, softcap: float = 0.0, dropout_p: float = 0.0) -> str | None:
-    """A short reason why the Triton kernels cannot run this case, or None when they can."""
-    if dropout_p and dropout_p > 0:
-        return "dropout_p > 0"
+    """A short reason why the Triton kernels cannot run this case, or None when they can.
+
+    Every ``softcap`` and every ``dropout_p`` in ``[0, 1)`` is supported; the keywords stay
+    so callers need not know which cases the kernels cover.
+    """
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype}"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
@@ -69,6 +83,33 @@ def _tanh(x):
     # 1 - 2 / (e^{2x} + 1): exact limits +-1 when e^{2x} overflows or underflows, and no
     # dependence on libdevice (the interpreter has none).
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, row0, cols, drop_thresh, BLOCK_M: tl.constexpr, ROUNDS: tl.constexpr, K_AXIS: tl.constexpr):
+    """The keep mask of attention dropout for query rows ``row0 + [0, BLOCK_M)`` x keys ``cols``.
+
+    Element (query row ``i``, key ``j``) of sequence ``b``, query head ``h`` is decided by
+    output word ``i % 4`` of one Philox-4x32 evaluation with counters ``(j, i // 4,
+    b * H + h, 0)`` and the 64-bit ``seed`` as its key (positions counted inside the
+    sequence): one evaluation serves four query rows, and a bit depends only on (seed,
+    sequence, head, row, key), never on the tiles, so the forward, both backward kernels
+    and :func:`dropout_keep_mask` regenerate the same mask. ``row0`` must be a multiple of
+    4. Kept when the word, read as unsigned, is ``>= round(p * 2**32)``; compared as signed
+    after flipping the sign bit, with ``drop_thresh = round(p * 2**32) - 2**31`` (int32).
+    ``K_AXIS`` 0 returns ``(keys, rows)`` (the dK/dV kernel's tiles), 1 ``(rows, keys)``.
+    """
+    groups = row0 // 4 + tl.arange(0, BLOCK_M // 4)
+    c0 = cols[:, None] + groups[None, :] * 0
+    c1 = groups[None, :] + cols[:, None] * 0
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + bh, zero, ROUNDS)
+    # Rows 4g, 4g+1, 4g+2, 4g+3 take words 0, 1, 2, 3 of group g: (keys, BLOCK_M).
+    r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    keep = (r.to(tl.int32, bitcast=True) ^ -2147483648) >= drop_thresh
+    if K_AXIS == 1:
+        keep = tl.trans(keep)
+    return keep
 
 
 @triton.jit
@@ -110,9 +151,9 @@ def _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN: tl.constexpr, HAS_MASK: tl.con
 @triton.jit
 def _fwd_block(
     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
-    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     cols = start_n + offs_n
     if BOUNDS:
@@ -143,6 +184,10 @@ def _fwd_block(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        # The normaliser l_i (and so the lse) sums the undropped probabilities; only the
+        # product with V sees the mask. The 1 / (1 - p) rescale is applied once, at the end.
+        p = tl.where(_dropout_keep(seed, bh, start_m, cols, drop_thresh, BLOCK_M, ROUNDS, 1), p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -150,31 +195,31 @@ def _fwd_block(
 @triton.jit
 def _fwd_loop(
     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Full key blocks first without bounds checks, then one masked tail block.
     end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, end_full, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
-            offs_n, offs_d, qk_scale, cap_in, cap_out,
-            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
+            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
         )
     if end_full < hi_k:
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
-            offs_n, offs_d, qk_scale, cap_in, cap_out,
-            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
+            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
         )
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, RANGE, MASK,
-    sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
+    Q, K, V, O, LSE, CU_Q, CU_K, RANGE, MASK, SEED,
+    sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -182,8 +227,14 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: one query block of one head."""
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: one query block of one head.
+
+    With ``DROPOUT``: ``O = (P * Z / (1 - p)) V`` for the keep mask ``Z`` of
+    :func:`_dropout_keep` (``SEED`` one int64, ``drop_scale = 1 / (1 - p)``); the lse is
+    that of the undropped softmax ``P``, which is what the backward needs.
+    """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -204,6 +255,12 @@ def _attn_fwd_kernel(
     l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q0
     mask_base = MASK + b.to(tl.int64) * stride_mb
 
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    bh = b * tl.num_programs(1) + h  # the RNG stream of (sequence, query head)
+
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -219,23 +276,29 @@ def _attn_fwd_kernel(
             if holes:
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-                    offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC,
+                    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
                 )
             else:
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-                    offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC,
+                    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
                 )
         else:
             acc, l_i, m_i = _fwd_loop(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-                offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC,
+                offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
             )
     qvalid = (l_i > 0.0) & (offs_m >= lo) & (offs_m < hi_q)
     if HAS_MASK:
         qvalid = qvalid & (tl.load(mask_base + offs_m, mask=rmask, other=0) != 0)
     l_safe = tl.where(qvalid, l_i, 1.0)
-    out = tl.where(qvalid[:, None], acc / l_safe[:, None], 0.0)
+    if DROPOUT:
+        out = tl.where(qvalid[:, None], acc * (drop_scale / l_safe)[:, None], 0.0)
+    else:
+        out = tl.where(qvalid[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(qvalid, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
     tl.store(l_base + offs_m, lse, mask=rmask)
@@ -276,9 +339,9 @@ def _load_lse2(l_ptrs, rmask):
 @triton.jit
 def _dq_block(
     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
-    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     cols = start_n + offs_n
     if BOUNDS:
@@ -297,6 +360,11 @@ def _dq_block(
     qk = tl.dot(q, kT, input_precision=DOT_PREC)
     p, dcap = _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, BOUNDS or HAS_MASK, 1)
     dp = tl.dot(do, vT, input_precision=DOT_PREC)
+    if DROPOUT:
+        # dO V^T is the gradient of the dropped probabilities P * Z / (1 - p); the chain
+        # rule through the mask gives dP = Z * (dO V^T) / (1 - p). delta = rowsum(dO * O)
+        # is still rowsum(P * dP), because O already is the dropped output.
+        dp = tl.where(_dropout_keep(seed, bh, start_m, cols, drop_thresh, BLOCK_M, ROUNDS, 1), dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * dcap
@@ -306,28 +374,30 @@ def _dq_block(
 @triton.jit
 def _dq_loop(
     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-    offs_n, offs_d, qk_scale, cap_in, cap_out,
+    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
     for start_n in range(lo, end_full, BLOCK_N):
         dq = _dq_block(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
-            offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
+            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
         )
     if end_full < hi_k:
         dq = _dq_block(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
-            offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
+            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
         )
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK,
-    sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
+    Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED,
+    sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -337,10 +407,12 @@ def _attn_bwd_dq_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta too.
 
-    ``dS = P * (dP - delta)`` with ``dP = dO V^T``; ``dQ = scale * (dS * softcap') K``.
+    ``dS = P * (dP - delta)`` with ``dP = dO V^T`` (with ``DROPOUT``: ``dP = Z * (dO V^T) /
+    (1 - p)``, the forward's mask regenerated); ``dQ = scale * (dS * softcap') K``.
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -370,6 +442,11 @@ def _attn_bwd_dq_kernel(
     do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    bh = b * tl.num_programs(1) + h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if (start_m + BLOCK_M > lo) & (start_m < hi_q):
         q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md, other=0.0)
@@ -381,17 +458,20 @@ def _attn_bwd_dq_kernel(
             if holes:
                 dq = _dq_loop(
                     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-                    offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC,
+                    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
                 )
             else:
                 dq = _dq_loop(
                     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-                    offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC,
+                    offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
                 )
         else:
             dq = _dq_loop(
                 dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
-                offs_n, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC,
+                offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
             )
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md)
@@ -401,18 +481,28 @@ def _attn_bwd_dq_kernel(
 def _dkdv_loop(
     dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
     stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-    offs_m, offs_d, qk_scale, cap_in, cap_out,
+    offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     dmask = offs_d < HEAD_DIM
+    if DROPOUT:
+        # _dropout_keep serves four query rows per Philox call from a multiple of 4, so the
+        # query blocks start there; rows below lo (padding) are masked like those past hi_q.
+        m_lo = lo - lo % 4
+    else:
+        m_lo = lo
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
         do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
         l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
-        for start_m in range(lo, hi_q, BLOCK_M):
+        for start_m in range(m_lo, hi_q, BLOCK_M):
             rows = start_m + offs_m
-            rmask = rows < hi_q
+            if DROPOUT:
+                rmask = (rows >= lo) & (rows < hi_q)
+            else:
+                rmask = rows < hi_q
             # Rows past hi_q load as zeros with lse = +inf: their probabilities are exactly 0.
             qT = tl.load(q_base + offs_d[:, None] + rows[None, :] * stride_qt, mask=dmask[:, None] & rmask[None, :], other=0.0)
             do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -420,8 +510,16 @@ def _dkdv_loop(
             delta = tl.load(DELTA + l_off + rows, mask=rmask, other=0.0)
             qkT = tl.dot(k, qT, input_precision=DOT_PREC)
             pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if DROPOUT:
+                # The forward's mask, transposed: dV = (P * Z)^T dO / (1 - p) (the rescale is
+                # applied once, after the loops) and dP = Z * (dO V^T) / (1 - p).
+                keepT = _dropout_keep(seed, bh0 + g, start_m, offs_n, drop_thresh, BLOCK_M, ROUNDS, 0)
+                dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            else:
+                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:
                 dsT = dsT * dcap
@@ -431,8 +529,8 @@ def _dkdv_loop(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, RANGE, MASK,
-    sm_scale, softcap, SEQ, GROUP, seqlen_bucket,
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED,
+    sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -442,11 +540,13 @@ def _attn_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hkv, B)``: dK, dV of one key block of one K/V head.
 
     Loops over every query block of the ``G`` query heads that share the K/V head, so the
-    GQA sum happens in registers: ``dV = P^T dO``, ``dK = scale * (dS * softcap')^T Q``.
+    GQA sum happens in registers: ``dV = P^T dO``, ``dK = scale * (dS * softcap')^T Q``
+    (with ``DROPOUT``: ``dV = (P * Z)^T dO / (1 - p)``, ``dS`` as in the dQ kernel).
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -479,22 +579,52 @@ def _attn_bwd_dkdv_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
+        if DROPOUT:
+            seed = tl.load(SEED)
+        else:
+            seed = 0
+        bh0 = (b * tl.num_programs(1) + hk) * GROUP  # query head hk * G + g of sequence b: bh0 + g
         # Interior key blocks of a hole-free span need no key mask in the inner loop.
         if holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-                offs_m, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC,
+                offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
+                HEAD_DIM, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
             )
         else:
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-                offs_m, offs_d, qk_scale, cap_in, cap_out, HEAD_DIM, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC,
+                offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
+                HEAD_DIM, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
             )
+    if DROPOUT:
+        dv = dv * drop_scale
     dk = dk * sm_scale
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    SEED, KEEP, drop_thresh, len_q, len_k, stride_kb, stride_kh, stride_km,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr,
+):
+    """Grid ``(cdiv(len_q, BLOCK_M), H, B)``: writes the keep mask the attention kernels use
+    (:func:`_dropout_keep`, same counters) as uint8 into ``KEEP (B, H, len_q, len_k)``."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    seed = tl.load(SEED)
+    bh = b * tl.num_programs(1) + h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = KEEP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    for start_n in range(0, len_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, pid_m * BLOCK_M, cols, drop_thresh, BLOCK_M, ROUNDS, 1)
+        tl.store(base + rows[:, None].to(tl.int64) * stride_km + cols[None, :], keep.to(tl.uint8),
+                 mask=(rows < len_q)[:, None] & (cols < len_k)[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -535,42 +665,74 @@ BWD_DKDV_CONFIGS = {
 }
 FP32_CONFIGS = {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(32, 32, 4, 1)], 128: [_cfg(32, 32, 4, 1)], 256: [_cfg(16, 16, 4, 1)]}
 _TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS}
+# Dropout's own lists. The Philox words (interleaved over query rows, then transposed in
+# the forward and dQ kernels) add registers and 4-16 KB of shared memory, so the tables
+# above would spill or, for the 128 x 128 forward tile, exceed shared memory. Chosen by
+# compiling candidates for sm_90 and sm_80 (with and without softcap) and counting spill
+# stores (STL) in the SASS (spills show in cuobjdump's STACK, not LOCAL). sm_90: none,
+# all with wgmma, except dK/dV at BLOCK_D 256 (~80 STL; the table above spills ~1000
+# there, and the spill-free 32 x 32 tile has no wgmma). sm_80: none at BLOCK_D 32 / 64 and
+# for the BLOCK_D 128 forward and dK/dV; no candidate was spill-free for dQ at 128 (~160
+# STL) and 256 (~480), the 256 forward (~140) and dK/dV (~15), each fewer than the tables
+# above spill there without dropout. Not yet timed on a GPU.
+DROPOUT_FWD_CONFIGS = {
+    32: [_cfg(64, 64, 4, 3)],
+    64: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    128: [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 4)],
+    256: [_cfg(64, 16, 8, 2)],
+}
+DROPOUT_DQ_CONFIGS = {
+    32: [_cfg(64, 64, 4, 2)],
+    64: [_cfg(64, 32, 4, 2)],
+    128: [_cfg(64, 32, 8, 2)],
+    256: [_cfg(64, 16, 8, 2)],
+}
+DROPOUT_DKDV_CONFIGS = {
+    32: [_cfg(32, 64, 4, 2)],
+    64: [_cfg(16, 64, 4, 2)],
+    128: [_cfg(16, 64, 8, 2)],
+    256: [_cfg(16, 64, 8, 2)],
+}
+_DROPOUT_TABLES = {"fwd": DROPOUT_FWD_CONFIGS, "dq": DROPOUT_DQ_CONFIGS, "dkdv": DROPOUT_DKDV_CONFIGS}
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(kind: str, head_dim: int, fp32: bool) -> list[triton.Config]:
+def _configs(kind: str, head_dim: int, fp32: bool, dropout: bool = False) -> list[triton.Config]:
     bd = _block_d(head_dim)
-    return list(FP32_CONFIGS[bd] if fp32 else _TABLES[kind][bd])
+    return list(FP32_CONFIGS[bd] if fp32 else (_DROPOUT_TABLES if dropout else _TABLES)[kind][bd])
 
 
-def fwd_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
+def fwd_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
     """Every forward configuration the autotuner may pick for this head dim and input kind."""
-    return _configs("fwd", head_dim, fp32)
+    return _configs("fwd", head_dim, fp32, dropout)
 
 
-def bwd_dq_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
+def bwd_dq_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
     """Every dQ configuration the autotuner may pick."""
-    return _configs("dq", head_dim, fp32)
+    return _configs("dq", head_dim, fp32, dropout)
 
 
-def bwd_dkdv_configs(head_dim: int, fp32: bool = False) -> list[triton.Config]:
+def bwd_dkdv_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
     """Every dK/dV configuration the autotuner may pick."""
-    return _configs("dkdv", head_dim, fp32)
+    return _configs("dkdv", head_dim, fp32, dropout)
 
 
-def heuristic_config(kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool) -> triton.Config:
+def heuristic_config(
+    kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool, dropout: bool = False
+) -> triton.Config:
     """The configuration used when not autotuning (no CUDA, or LLM2VEC_FAST_AUTOTUNE=0).
 
-    On CUDA: the list's first entry (the autotuner's winner at S = 4k / 8k on an H200);
-    sequences of at most 256 take the smallest tile so that short batches still fill the
-    SMs. No benchmarking, so the first call costs only the compile. Without
+    On CUDA: the list's first entry (the autotuner's winner at S = 4k / 8k on an H200,
+    measured without dropout; with ``dropout`` the first entry of the dropout list, the
+    same tile, not tuned for it); sequences of at most 256 take the smallest tile so that
+    short batches still fill the SMs. No benchmarking, so the first call costs only the compile. Without
     CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
     sequences cross several blocks and a tail, and the interpreter stays fast.
     """
-    cands = _configs(kind, head_dim, fp32)
+    cands = _configs(kind, head_dim, fp32, dropout)
     if not on_cuda:
         return _cfg(32, 32, 4, 1) if _block_d(head_dim) < 256 else _cfg(16, 16, 4, 1)
     if max_seqlen <= 256:
@@ -584,21 +746,22 @@ def _autotune_on() -> bool:
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
 # Tuned once per kernel, tile table and sequence-length bucket (and, by Triton, per dtype).
-_AUTOTUNE_KEY = ["seqlen_bucket", "IS_VARLEN", "HAS_MASK", "HAS_SOFTCAP"]
+_AUTOTUNE_KEY = ["seqlen_bucket", "IS_VARLEN", "HAS_MASK", "HAS_SOFTCAP", "DROPOUT"]
 
 
 @functools.cache
-def _tuned(kind: str, head_dim: int, fp32: bool):
-    return triton.autotune(configs=_configs(kind, head_dim, fp32), key=_AUTOTUNE_KEY)(_KERNELS[kind])
+def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool):
+    return triton.autotune(configs=_configs(kind, head_dim, fp32, dropout), key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
 
 def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool):
     blk = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    dropout = bool(consts["DROPOUT"])
     if on_cuda and _autotune_on():
         grid = lambda meta: (triton.cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
-        _tuned(kind, head_dim, fp32)[grid](*args, **consts)
+        _tuned(kind, head_dim, fp32, dropout)[grid](*args, **consts)
         return
-    c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda)
+    c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda, dropout)
     grid = (triton.cdiv(grid_len, c.kwargs[blk]),) + grid_rest
     _KERNELS[kind][grid](*args, **consts, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -652,11 +815,67 @@ def _seq_bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 16))
 
 
-def attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float):
+# Philox rounds per dropout element: 10 is the Random123 authors' recommended count for
+# Philox-4x32 (and tl.rand's default); fewer is faster and weaker.
+PHILOX_ROUNDS = 10
+
+
+def dropout_seed(device) -> torch.Tensor:
+    """A fresh Philox key for one attention call: ``(1,)`` int64 on ``device``.
+
+    Drawn from torch's default generator of that device (the CUDA generator on a GPU, no
+    host sync), so ``torch.manual_seed`` makes dropout reproducible and restoring the RNG
+    state (``torch.utils.checkpoint``, GradCache's replay) reproduces the masks.
+    """
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def _dropout_args(dropout_p: float, seed, dummy: torch.Tensor):
+    """(seed tensor, drop_thresh int32, drop_scale) for the kernels; see :func:`_dropout_keep`.
+
+    Without dropout the kernels never read ``SEED``: ``dummy`` stands in, no allocation.
+    """
+    if not dropout_p:
+        return dummy, 0, 1.0
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != dummy.device:
+        raise ValueError(f"seed: expected a (1,) int64 tensor on {dummy.device} (dropout_seed), got {seed!r}")
+    thresh = min(round(dropout_p * 2**32), 2**32 - 1) - 2**31
+    return seed, int(thresh), 1.0 / (1.0 - dropout_p)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, len_q: int, len_k: int, dropout_p: float) -> torch.Tensor:
+    """The dropout keep mask the kernels use for ``seed``: ``(B, H, len_q, len_k)`` bool.
+
+    Element ``[b, h, i, j]`` says whether query ``i`` of sequence ``b`` (position inside
+    the sequence: the row of the padded layout, or ``i`` rows after ``cu_seqlens[b]``),
+    query head ``h``, keeps its probability on key ``j``; padding positions have entries
+    too, never used. For tests and debugging: the same RNG function as the kernels, so an
+    explicit-mask reference reproduces their output and gradients exactly.
+    """
+    if not dropout_p:
+        return torch.ones((batch, heads, len_q, len_k), dtype=torch.bool, device=seed.device)
+    seed_t, thresh, _ = _dropout_args(dropout_p, seed, seed)
+    keep = torch.zeros((batch, heads, len_q, len_k), dtype=torch.uint8, device=seed.device)
+    if keep.numel():
+        bm = 32
+        grid = (triton.cdiv(len_q, bm), heads, batch)
+        _dropout_mask_kernel[grid](
+            seed_t, keep, thresh, len_q, len_k, *keep.stride()[:3], BLOCK_M=bm, BLOCK_N=32, ROUNDS=PHILOX_ROUNDS
+        )
+    return keep.bool()
+
+
+def attention_forward(
+    q, k, v, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+):
     """Launch the forward kernel. Varlen when ``cu_q`` is given, else padded.
 
-    Returns ``out`` (q's shape and dtype) and ``lse`` fp32: ``(H, T_q)`` varlen,
-    ``(B, H, S)`` padded.
+    ``dropout_p > 0`` needs ``seed`` (:func:`dropout_seed`); the same seed gives the same
+    mask. Returns ``out`` (q's shape and dtype) and ``lse`` fp32 (of the undropped
+    softmax): ``(H, T_q)`` varlen, ``(B, H, S)`` padded.
     """
     varlen = cu_q is not None
     q, k, v = _lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v)
@@ -684,24 +903,31 @@ def attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k
     else:
         mask_u8, rng, stride_mb = dummy, dummy, 0
     fp32 = q.dtype == torch.float32
+    seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     args = [
         q, k, v, out, lse,
-        cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8,
-        float(softmax_scale), float(softcap) if softcap else 1.0, S, H // Hkv, _seq_bucket(max(max_seqlen_q, S)),
+        cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t,
+        float(softmax_scale), float(softcap) if softcap else 1.0, dscale, S, H // Hkv, thresh,
+        _seq_bucket(max(max_seqlen_q, S)),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *lse_strides, stride_mb,
     ]
     consts = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), DOT_PREC="ieee" if fp32 else "tf32",
+        DROPOUT=bool(dropout_p), ROUNDS=PHILOX_ROUNDS,
     )
     _launch("fwd", grid_len, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float):
+def attention_backward(
+    do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+    softcap: float, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+):
     """Launch the dQ kernel (which writes delta) and then the dK/dV kernel.
 
+    ``dropout_p`` and ``seed`` must be the forward's: the kernels regenerate its mask.
     Returns ``dq, dk, dv`` with the shapes and dtypes of ``q, k, v``.
     """
     varlen = cu_q is not None
@@ -731,12 +957,17 @@ def attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: in
     else:
         mask_u8, rng, stride_mb = dummy, dummy, 0
     fp32 = q.dtype == torch.float32
+    seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     consts = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), DOT_PREC="ieee" if fp32 else "tf32",
+        DROPOUT=bool(dropout_p), ROUNDS=PHILOX_ROUNDS,
     )
-    common = [float(softmax_scale), float(softcap) if softcap else 1.0, S, H // Hkv, _seq_bucket(max(max_seqlen_q, max_seqlen_k, S))]
-    cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8]
+    common = [
+        float(softmax_scale), float(softcap) if softcap else 1.0, dscale, S, H // Hkv, thresh,
+        _seq_bucket(max(max_seqlen_q, max_seqlen_k, S)),
+    ]
+    cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t]
     if len_q > 0:
         args = [
             q, k, v, out, do, dq, lse, delta, *cus, *common,
@@ -764,12 +995,13 @@ def _attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+    return attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap):
+def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None):
     H = q.shape[-2]
     if cu_q is not None:
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
@@ -783,27 +1015,33 @@ def _attn_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+    return attention_backward(
+        do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed
+    )
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap):
+def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap = inputs
+    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask)
-    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, softcap)
+    # The seed (not the mask) is what backward needs to regenerate the forward's dropout mask.
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, seed)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, mask = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd_op(dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, lse, cu_q, cu_k, mask, seed = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(
+        dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args, seed
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -814,29 +1052,46 @@ _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------
 
 
+def _seed_for(dropout_p: float, q: torch.Tensor):
+    return dropout_seed(q.device) if dropout_p > 0 else None
+
+
 def flash_attn_varlen_triton(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
-    *, return_lse=False, deterministic=False,
+    *, dropout_p=0.0, return_lse=False, deterministic=False,
 ):
     """Varlen non-causal attention (arguments validated by ops/attention.py).
 
     q ``(T_q, H, D)``, k/v ``(T_k, Hkv, D)`` fp16 / bf16 / fp32, cu_seqlens ``(B+1,)`` int32,
-    max_seqlen Python ints (upper bounds). Returns out ``(T_q, H, D)`` in q's dtype and,
-    with ``return_lse``, lse ``(H, T_q)`` fp32 (not differentiable). Differentiable w.r.t.
-    q, k, v; the backward is deterministic whatever ``deterministic`` says (no atomics).
+    max_seqlen Python ints (upper bounds). ``dropout_p`` in ``[0, 1)``: attention dropout
+    in the kernels, its seed drawn from torch's generator of q's device on each call
+    (:func:`dropout_seed`). Returns out ``(T_q, H, D)`` in q's dtype and, with
+    ``return_lse``, lse ``(H, T_q)`` fp32 of the undropped softmax (not differentiable).
+    Differentiable w.r.t. q, k, v; the backward is deterministic whatever
+    ``deterministic`` says (no atomics).
     """
-    out, lse = _attn_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale), float(softcap or 0.0))
+    dropout_p = float(dropout_p or 0.0)
+    out, lse = _attn_fwd_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
+        float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q),
+    )
     return (out, lse) if return_lse else out
 
 
-def flash_attn_padded_triton(q, k, v, key_padding_mask, softmax_scale, softcap, *, return_lse=False, deterministic=False):
+def flash_attn_padded_triton(
+    q, k, v, key_padding_mask, softmax_scale, softcap, *, dropout_p=0.0, return_lse=False, deterministic=False
+):
     """Padded non-causal attention with any key padding pattern, read by the kernels directly.
 
     q ``(B, S, H, D)``, k/v ``(B, S, Hkv, D)``, key_padding_mask ``(B, S)`` bool / 0-1 ints
-    (True = valid) or None. Returns out ``(B, S, H, D)`` (padded query rows 0) and, with
-    ``return_lse``, lse ``(B, H, S)`` fp32 (``-inf`` on padding).
+    (True = valid) or None; ``dropout_p`` as in :func:`flash_attn_varlen_triton`. Returns
+    out ``(B, S, H, D)`` (padded query rows 0) and, with ``return_lse``, lse ``(B, H, S)``
+    fp32 (``-inf`` on padding).
     """
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     S = q.shape[1]
-    out, lse = _attn_fwd_op(q, k, v, None, None, mask, S, S, float(softmax_scale), float(softcap or 0.0))
+    dropout_p = float(dropout_p or 0.0)
+    out, lse = _attn_fwd_op(
+        q, k, v, None, None, mask, S, S, float(softmax_scale), float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q)
+    )
     return (out, lse) if return_lse else out
