@@ -1,5 +1,5 @@
 """GPU tests of the Triton attention (marker ``gpu``): bf16 (wrong in the interpreter), the
-compiled autotuned kernels, long sequences, torch.compile and determinism.
+compiled autotuned kernels, long sequences, torch.compile, determinism and dropout.
 
 Tolerance: STYLE.md's rule against the fp32 reference (oracle), budget from the reference
 run in bf16 (``upcast=False``): 2x for outputs, 3x for gradients.
@@ -137,3 +137,128 @@ def test_heuristic_path_matches_autotuned(monkeypatch):
     monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "0")
     b = padded(q, k, v, backend="triton")
     assert max_err(a, b) <= 2e-2
+
+
+# --------------------------------------------------------------------------------------
+# Attention dropout: the kernels against an explicit-mask reference, in bf16
+# --------------------------------------------------------------------------------------
+
+
+def _dropout_seed_and_mask(B, H, S, p):
+    """The seed the next dropout call draws (from a forked CUDA RNG state) and its mask."""
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        seed = tk.dropout_seed(torch.device(DEV))
+    return tk.dropout_keep_mask(seed, B, H, S, S, p)
+
+
+@pytest.mark.parametrize("D,H,Hkv,softcap", [(128, 8, 2, 0.0), (64, 4, 4, 20.0), (256, 4, 1, 0.0)])
+def test_bf16_dropout_matches_explicit_mask(D, H, Hkv, softcap):
+    from test_attention_triton import _masked_attention
+
+    padded, _ = _ops()
+    B, S, p = 3, 333, 0.3
+    mask = torch.rand(B, S, device=DEV) > 0.2
+    mask[1, 150:] = False
+    mask[2, :7] = False  # a span that starts off a multiple of 4
+    q = torch.randn(B, S, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, S, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, S, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    scale = 1.0 / math.sqrt(D)
+    keep = _dropout_seed_and_mask(B, H, S, p)
+    out, lse = padded(q, k, v, mask, scale, softcap, backend="triton", dropout_p=p, return_lse=True)
+    assert not torch.isnan(out).any()
+    do = torch.randn_like(out)
+    g = _grads(out, (q, k, v), do)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    o_or, l_or = _masked_attention(q32, k32, v32, mask, keep, p, scale, softcap, True)
+    g_or = _grads(o_or, (q32, k32, v32), do.float())
+    o_nat, l_nat = _masked_attention(q, k, v, mask, keep, p, scale, softcap, False)
+    g_nat = _grads(o_nat, (q, k, v), do)
+    assert_close_rule(out, o_or, o_nat, atol=1e-3, name="out")
+    assert_close_rule(lse, l_or, l_nat, atol=1e-3, name="lse")
+    for n, a, b, c in zip("qkv", g, g_or, g_nat):
+        assert_close_rule(a, b, c, factor=3.0, atol=1e-3, name=f"d{n}")
+
+
+def test_bf16_dropout_varlen_matches_explicit_mask():
+    from test_attention_triton import _masked_attention_varlen
+
+    _, varlen = _ops()
+    lens, H, Hkv, D, p = [1, 130, 0, 517, 64], 8, 2, 128, 0.3
+    T, mx = sum(lens), max(lens)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=DEV)
+    cu[1:] = torch.cumsum(torch.tensor(lens, device=DEV), 0)
+    q = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(T, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(T, Hkv, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    scale = 1.0 / math.sqrt(D)
+    keep = _dropout_seed_and_mask(len(lens), H, mx, p)
+    out = varlen(q, k, v, cu, cu, mx, mx, scale, backend="triton", dropout_p=p)
+    do = torch.randn_like(out)
+    g = _grads(out, (q, k, v), do)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    o_or, _ = _masked_attention_varlen(q32, k32, v32, lens, keep, p, scale, 0.0, True)
+    g_or = _grads(o_or, (q32, k32, v32), do.float())
+    o_nat, _ = _masked_attention_varlen(q, k, v, lens, keep, p, scale, 0.0, False)
+    g_nat = _grads(o_nat, (q, k, v), do)
+    assert_close_rule(out, o_or, o_nat, atol=1e-3, name="out")
+    for n, a, b, c in zip("qkv", g, g_or, g_nat):
+        assert_close_rule(a, b, c, factor=3.0, atol=1e-3, name=f"d{n}")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_bf16_dropout_statistics(p):
+    # The keep rate of a large mask, and what the kernels do with it: with V = 1 each output
+    # is sum_j P_ij keep_ij / (1 - p), whose mean over 32 heads x 4096 rows is 1.
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    padded, _ = _ops()
+    keep = tk.dropout_keep_mask(tk.dropout_seed(torch.device(DEV)), 2, 8, 1024, 1024, p)
+    n = keep.numel()
+    assert abs(keep.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    S, H = 4096, 32
+    q = (torch.randn(1, S, H, 128, device=DEV) * 0.1).to(torch.bfloat16)
+    v = torch.ones(1, S, 1, 128, device=DEV, dtype=torch.bfloat16)
+    out = padded(q, q[:, :, :1], v, backend="triton", dropout_p=p)[..., 0].double()
+    assert abs(out.mean().item() - 1.0) < 6 * math.sqrt(p / ((1 - p) * S * S * H)) + 4e-3
+    torch.manual_seed(11)
+    a = padded(q, q[:, :, :1], v, backend="triton", dropout_p=p)
+    torch.manual_seed(11)
+    b = padded(q, q[:, :, :1], v, backend="triton", dropout_p=p)
+    assert torch.equal(a, b)
+
+
+def test_dropout_autotuned_matches_heuristic(monkeypatch):
+    # Every dropout configuration regenerates the same mask: the autotuner's pick and the
+    # heuristic's agree for the same seed (output and gradients).
+    padded, _ = _ops()
+    q = torch.randn(2, 1000, 8, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 1000, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 1000, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn_like(q)
+    res = []
+    for tune in ("1", "0"):
+        monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", tune)
+        torch.manual_seed(3)
+        out = padded(q, k, v, backend="triton", dropout_p=0.3)
+        res.append((out, *_grads(out, (q, k, v), do)))
+    for a, b in zip(*res):
+        assert max_err(a, b) <= 2e-2 * max(1.0, float(b.abs().max()))
+
+
+def test_torch_compile_with_dropout():
+    padded, _ = _ops()
+
+    def f(q, k, v, m):
+        return padded(q, k, v, m, backend="triton", dropout_p=0.3).float().sum()
+
+    q = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    m = torch.ones(2, 128, dtype=torch.bool, device=DEV)
+    m[1, 100:] = False
+    cf = torch.compile(f, fullgraph=True)
+    cf(q, k, v, m).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
