@@ -154,7 +154,7 @@ def test_gated_mlp_dropout_equals_explicit_formula(kind, p, lora_on):
         proj.append((W, None, A, B))
         cfg.append((0.5 + len(cfg), p))
     torch.manual_seed(99)
-    y = fl._GatedMLPFn.apply(x, kind, tuple(cfg), *[t for pr in proj for t in pr])
+    y = fl._GatedMLPFn.apply(x, kind, tuple(cfg), None, *[t for pr in proj for t in pr])
     dy = _rand(*y.shape, g=g)
     y.backward(dy)
     torch.manual_seed(99)  # replay the seeds the forward drew (one per LoRA'd projection)
@@ -181,6 +181,42 @@ def test_gated_mlp_dropout_equals_explicit_formula(kind, p, lora_on):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-10, atol=1e-10)
     for t32, t64 in leaves:
         torch.testing.assert_close(t32.grad.double(), t64.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_norm_output_is_recomputed_not_saved():
+    """A projection fed by the fused RMSNorm keeps the norm's input (kept by the norm anyway)
+    instead of its output and recomputes it: same gradients, less saved, and an output
+    changed in place after the norm is saved as it is (the recompute would be wrong)."""
+    g = torch.Generator().manual_seed(3)
+    h = _rand(5, 7, 32, g=g, dtype=torch.float32).requires_grad_()
+    wn = _rand(32, g=g, dtype=torch.float32)
+    W, A, B = (_rand(*sh, g=g, dtype=torch.float32) for sh in ((48, 32), (4, 32), (48, 4)))
+    A.requires_grad_()
+    dy = _rand(5, 7, 48, g=g, dtype=torch.float32)
+
+    def run(linked: bool, bump: bool = False):
+        h.grad = A.grad = None
+        x = fl._RMSNormFn.apply(h, wn, 1e-6, False)
+        if bump:
+            x = x * 1.0  # a new tensor: not the norm's output any more
+        src = fl._norm_source(x)
+        assert (src is not None) == (not bump)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fl._LoraLinearFn.apply(x, W, None, A, B, 2.0, 0.1, 77, src if linked else None)
+        y.backward(dy)
+        ptrs = {t.untyped_storage().data_ptr() for t in saved}
+        return h.grad.clone(), A.grad.clone(), x.untyped_storage().data_ptr() in ptrs
+
+    h_l, a_l, x_kept_l = run(True)
+    h_u, a_u, x_kept_u = run(False)
+    assert torch.equal(h_l, h_u) and torch.equal(a_l, a_u)
+    assert x_kept_u and not x_kept_l
+    *_, x_kept_b = run(True, bump=True)
+    assert x_kept_b
+    x = fl._RMSNormFn.apply(h, wn, 1e-6, False)
+    x.mul_(2.0)  # in place on the norm's output: its history is rebased, no longer linked
+    assert fl._norm_source(x) is None
 
 
 def test_keep_mask_statistics_and_determinism():

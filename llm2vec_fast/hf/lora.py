@@ -284,24 +284,51 @@ def _lora_bwd(g2, x2, W, lora, h, p, seed, need_dx: bool):
     return dx, dA, dB
 
 
+def _norm_source(x):
+    """``(h, rstd, w, gemma)`` when ``x`` is, untouched, the output of :class:`_RMSNormFn`
+    (its input, ``rstd`` and weight are then kept by that node anyway), else None."""
+    fn = x.grad_fn
+    if fn is None or type(fn) is not _RMSNormFn._backward_cls or x._version != fn.out_version:
+        return None
+    h, rstd, w = fn.saved_tensors
+    return h, rstd, w, fn.gemma
+
+
+def _x_saved(ctx, x, src):
+    """What to save for ``x``: the norm's input and rstd when ``x`` is a norm output."""
+    if src is None:
+        ctx.norm = None
+        return (x, None, None)
+    ctx.norm = (src[3], x.dtype)
+    return (src[0], src[1], src[2])
+
+
+def _x_restored(ctx, a, b, c):
+    if ctx.norm is None:
+        return a
+    gemma, _ = ctx.norm
+    return _norm_apply(a, b, c, gemma)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W, b, A, B, s, p, seed):
+    def forward(ctx, x, W, b, A, B, s, p, seed, src=None):
         x2 = x.reshape(-1, x.shape[-1])
         y, h = _lora_fwd(x2, W, b, (A, B, s), p, seed)
-        ctx.save_for_backward(x, W, A, B, h)
-        ctx.cfg = (s, p, seed)
+        ctx.save_for_backward(*_x_saved(ctx, x, src), W, A, B, h)
+        ctx.cfg = (s, p, seed, x.shape)
         return y.view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x, W, A, B, h = ctx.saved_tensors
-        s, p, seed = ctx.cfg
+        xa, xb, xc, W, A, B, h = ctx.saved_tensors
+        s, p, seed, shape = ctx.cfg
+        x2 = _x_restored(ctx, xa, xb, xc).reshape(-1, shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
-        dx, dA, dB = _lora_bwd(g2, x.reshape(-1, x.shape[-1]), W, (A, B, s), h, p, seed, ctx.needs_input_grad[0])
+        dx, dA, dB = _lora_bwd(g2, x2, W, (A, B, s), h, p, seed, ctx.needs_input_grad[0])
         if dx is not None:
-            dx = dx.view(x.shape)
-        return dx, None, None, dA, dB, None, None, None
+            dx = dx.view(shape)
+        return dx, None, None, dA, dB, None, None, None, None
 
 
 class _GatedMLPFn(torch.autograd.Function):
@@ -312,7 +339,7 @@ class _GatedMLPFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, kind, cfg, *tensors):
+    def forward(ctx, x, kind, cfg, src, *tensors):
         # tensors: per projection W, b, A, B -> 12 tensors (None where absent)
         proj = [tensors[4 * i: 4 * i + 4] for i in range(3)]
         seeds = [new_seed() if (c[1] > 0 and proj[i][2] is not None) else None for i, c in enumerate(cfg)]
@@ -331,21 +358,20 @@ class _GatedMLPFn(torch.autograd.Function):
         y, hd = _lora_fwd(a, W, b, lora, cfg[2][1], seeds[2])
         del a
         hs.append(hd)
-        ctx.save_for_backward(x, g, u, *hs, *tensors)
-        ctx.meta = (kind, cfg, seeds)
+        ctx.save_for_backward(*_x_saved(ctx, x, src), g, u, *hs, *tensors)
+        ctx.meta = (kind, cfg, seeds, x.shape)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        kind, cfg, seeds = ctx.meta
+        kind, cfg, seeds, shape = ctx.meta
         saved = ctx.saved_tensors
-        x, g, u = saved[:3]
-        hs = saved[3:6]
-        tensors = saved[6:]
+        g, u = saved[3:5]
+        hs = saved[5:8]
+        tensors = saved[8:]
         proj = [tensors[4 * i: 4 * i + 4] for i in range(3)]
         grads = [None] * 12
         dy2 = dy.reshape(-1, dy.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
 
         def lora_of(i):
             W, b, A, B = proj[i]
@@ -360,6 +386,7 @@ class _GatedMLPFn(torch.autograd.Function):
         dg = _act_bwd(kind, da.mul_(u), g)
         del da
         need_dx = ctx.needs_input_grad[0]
+        x2 = _x_restored(ctx, *saved[:3]).reshape(-1, shape[-1])
         dx = None
         for i, dz in ((0, dg), (1, du)):
             dxi, grads[4 * i + 2], grads[4 * i + 3] = _lora_bwd(
@@ -367,29 +394,40 @@ class _GatedMLPFn(torch.autograd.Function):
             if dxi is not None:
                 dx = dxi if dx is None else dx.add_(dxi)
         if dx is not None:
-            dx = dx.view(x.shape)
-        return (dx, None, None, *grads)
+            dx = dx.view(shape)
+        return (dx, None, None, None, *grads)
+
+
+def _norm_apply(x, rstd, w, gemma: bool) -> torch.Tensor:
+    """RMSNorm's output from its input and ``rstd``: the forward's formula, also used to
+    recompute a norm output in a backward (same ops, so the same bits)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    if gemma:
+        return (xf * rstd).mul_(1.0 + w.float()).to(x.dtype)
+    if x.dtype == torch.float32:
+        y = torch.mul(xf, rstd)
+        return y.mul_(w) if w.dtype == torch.float32 else w * y
+    return w * torch.mul(xf, rstd, out=_scratch.get("norm", xf.shape, torch.float32, xf.device)).to(x.dtype)
 
 
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm with a frozen weight: saves the input and ``rstd`` (as transformers' does) but
     makes one full-size temporary instead of three. ``gemma``: ``(x_hat * (1 + w)).to(dtype)``
-    (Gemma / Gemma2), else ``w * x_hat.to(dtype)`` (Llama, Mistral, Qwen2/3, Phi3)."""
+    (Gemma / Gemma2), else ``w * x_hat.to(dtype)`` (Llama, Mistral, Qwen2/3, Phi3).
+
+    The projections that consume its output (:class:`_LoraLinearFn`, :class:`_GatedMLPFn`)
+    save this node's input and ``rstd`` instead of the output and recompute it in their
+    backward (:func:`_norm_source`): the output itself is never kept."""
 
     @staticmethod
     def forward(ctx, x, w, eps, gemma):
         xf = x if x.dtype == torch.float32 else x.float()
         sq = torch.square(xf, out=_scratch.get("norm", xf.shape, torch.float32, xf.device))
         rstd = torch.rsqrt(sq.mean(-1, keepdim=True).add_(eps))
-        if gemma:
-            y = (xf * rstd).mul_(1.0 + w.float()).to(x.dtype)
-        elif x.dtype == torch.float32:
-            y = torch.mul(xf, rstd)
-            y = y.mul_(w) if w.dtype == torch.float32 else w * y
-        else:
-            y = w * torch.mul(xf, rstd, out=_scratch.get("norm", xf.shape, torch.float32, xf.device)).to(x.dtype)
+        y = _norm_apply(x, rstd, w, gemma)
         ctx.save_for_backward(x, rstd, w)
         ctx.gemma = gemma
+        ctx.out_version = y._version  # a later in-place change of the output shows here
         return y
 
     @staticmethod
@@ -485,7 +523,7 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     W, b, A, B, s, p = parts
     seed = new_seed() if p > 0 else None
-    return _LoraLinearFn.apply(x, W, b, A, B, s, p, seed)
+    return _LoraLinearFn.apply(x, W, b, A, B, s, p, seed, _norm_source(x))
 
 
 def make_gated_mlp_forward(mlp, kind: str):
@@ -499,7 +537,7 @@ def make_gated_mlp_forward(mlp, kind: str):
                     and any(pt[2] is not None for pt in parts):
                 cfg = tuple((pt[4], pt[5]) for pt in parts)
                 tensors = [t for pt in parts for t in pt[:4]]
-                return _GatedMLPFn.apply(x, kind, cfg, *tensors)
+                return _GatedMLPFn.apply(x, kind, cfg, _norm_source(x), *tensors)
         return orig(self, x)
 
     return types.MethodType(forward, mlp)
