@@ -8,8 +8,12 @@ up, down, AdamW on the adapter:
   (what llm2vec builds for its bidirectional models) and ``labels``: transformers computes the
   full ``(B, T, V)`` logits and the shifted cross-entropy.
 - ``patched`` MNTP: the same model after ``patch_model(model, mntp=True)``: bidirectional
-  attention on unpadded tokens and the loss through ``masked_linear_cross_entropy`` on the
-  labelled rows only (no full logits).
+  attention on unpadded tokens, the loss through ``masked_linear_cross_entropy`` on the
+  labelled rows only (no full logits), and (``fuse_lora=True``, the default) LoRA
+  projections, gated MLPs and RMSNorms through the memory-lean autograd functions of
+  ``llm2vec_fast.hf.lora`` (on the CPU LoRA dropout as sparse dropped positions).
+- ``patched_nofuse`` (optional, ``--providers stock,patched,patched_nofuse``): ``patched``
+  with ``fuse_lora=False``, to attribute the gain between the kernels and the fusion.
 - ``stock`` SimCSE: ``AutoModel`` with SDPA and the padding mask, the batch twice (dropout
   makes the two views), mean pooling by a Python loop over the batch, cosine similarity x 20,
   cross-entropy against ``arange(B)``.
@@ -186,10 +190,11 @@ def worker(a) -> dict:
     cls = AutoModelForCausalLM if a.task == "mntp" else AutoModel
     with dev:
         model = cls.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    if a.provider == "patched":
+    if a.provider in ("patched", "patched_nofuse"):
         from llm2vec_fast import patch_model
 
-        model = patch_model(model, mntp=True) if a.task == "mntp" else patch_model(model)
+        fuse = a.provider == "patched"
+        model = patch_model(model, mntp=a.task == "mntp", fuse_lora=fuse)
     if a.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS))
@@ -204,7 +209,7 @@ def worker(a) -> dict:
     if a.task == "mntp":
         if a.provider == "stock":
             kw = dict(input_ids=batch["input_ids"], attention_mask=padding_mask_4d(mask2d), labels=batch["labels"])
-        else:
+        else:  # patched, patched_nofuse
             kw = dict(input_ids=batch["input_ids"], attention_mask=mask2d, labels=batch["labels"])
 
         def loss_fn(scale=None):
@@ -443,14 +448,16 @@ def main(argv=None) -> int:
             failed += 1
             continue
         pair = {row["provider"]: dict(row, preset=preset) for row in got}
-        if "stock" in pair and "patched" in pair:
-            s, f = pair["stock"], pair["patched"]
+        for name in ("patched", "patched_nofuse"):
+            if "stock" not in pair or name not in pair:
+                continue
+            s, f = pair["stock"], pair[name]
             f["speedup_vs_stock"] = s["ms"] / f["ms"]
             f["mem_ratio_vs_stock"] = f["peak_mem_mb"] / s["peak_mem_mb"]
             f["step_mem_ratio_vs_stock"] = f["step_mem_mb"] / s["step_mem_mb"] if s["step_mem_mb"] > 0 else None
             f["loss0_diff_vs_stock"] = abs(f["loss0"] - s["loss0"])
             print(
-                f"[e2e] {config} {task} {B}x{T} ckpt={ckpt}: patched/stock time {f['ms'] / s['ms']:.2f}x "
+                f"[e2e] {config} {task} {B}x{T} ckpt={ckpt}: {name}/stock time {f['ms'] / s['ms']:.2f}x "
                 f"(cpu time {f['cpu_ms'] / s['cpu_ms']:.2f}x), peak memory {f['mem_ratio_vs_stock']:.2f}x "
                 f"(above the loaded model {f['step_mem_mb']:.0f} / {s['step_mem_mb']:.0f} MB), "
                 f"|loss0 diff| {f['loss0_diff_vs_stock']:.2e}",
