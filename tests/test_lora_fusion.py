@@ -261,17 +261,30 @@ def test_dropped_positions_are_an_iid_bernoulli_mask():
         assert bool((fl.dropped_positions(n, 0.2, 3) < n).all())
 
 
-def test_dropout_masks_replay_under_gradient_checkpointing():
+def test_dropout_masks_replay_under_gradient_checkpointing(monkeypatch):
     """Checkpointing re-runs each layer's forward: the replayed RNG gives the same seeds, so
-    the loss and gradients equal those of the same step without checkpointing."""
+    the loss and gradients equal those of the same step without checkpointing; and it re-runs
+    it once (looking up a norm's output in the forward must not trigger the recompute)."""
     batch = _batch(seed=4)
-    runs = []
+    runs, calls = [], []
+    fwd = fl._RMSNormFn.forward
+
+    def counted(ctx, *a):
+        calls[-1] += 1
+        return fwd(ctx, *a)
+
+    monkeypatch.setattr(fl._RMSNormFn, "forward", staticmethod(counted))
     for ckpt in (False, True):
         model = _lora_model("llama", fuse=True, dropout=0.2, dtype=torch.float32)
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(2024)
+        calls.append(0)
         runs.append(_loss_and_grads(model, batch))
+    # 2 layers: without checkpointing 4 fused norms run (layer 0's input norm gets no grad and
+    # runs unfused); checkpointing makes the embeddings' output require grad (5 fused norms)
+    # and re-runs the 4 inside the layers once in the backward.
+    assert calls == [4, 9], calls
     (l0, g0, _), (l1, g1, _) = runs
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     for n in g0:

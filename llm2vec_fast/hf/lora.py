@@ -33,6 +33,7 @@ import sys
 import threading
 import types
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +291,13 @@ def _norm_source(x):
     fn = x.grad_fn
     if fn is None or type(fn) is not _RMSNormFn._backward_cls or x._version != fn.out_version:
         return None
-    h, rstd, w = fn.saved_tensors
+    h_ref, rstd_ref, w_ref, eps = fn.src
+    h, w = h_ref(), w_ref()
+    if h is None or w is None:
+        return None
+    rstd = rstd_ref()
+    if rstd is None:
+        rstd = _norm_rstd(h, eps)
     return h, rstd, w, fn.gemma
 
 
@@ -398,6 +405,13 @@ class _GatedMLPFn(torch.autograd.Function):
         return (dx, None, None, None, *grads)
 
 
+@torch.no_grad()
+def _norm_rstd(x, eps: float) -> torch.Tensor:
+    xf = x if x.dtype == torch.float32 else x.float()
+    sq = torch.square(xf, out=_scratch.get("norm", xf.shape, torch.float32, xf.device))
+    return torch.rsqrt(sq.mean(-1, keepdim=True).add_(eps))
+
+
 def _norm_apply(x, rstd, w, gemma: bool) -> torch.Tensor:
     """RMSNorm's output from its input and ``rstd``: the forward's formula, also used to
     recompute a norm output in a backward (same ops, so the same bits)."""
@@ -421,13 +435,16 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, eps, gemma):
-        xf = x if x.dtype == torch.float32 else x.float()
-        sq = torch.square(xf, out=_scratch.get("norm", xf.shape, torch.float32, xf.device))
-        rstd = torch.rsqrt(sq.mean(-1, keepdim=True).add_(eps))
+        rstd = _norm_rstd(x, eps)
         y = _norm_apply(x, rstd, w, gemma)
         ctx.save_for_backward(x, rstd, w)
         ctx.gemma = gemma
         ctx.out_version = y._version  # a later in-place change of the output shows here
+        # Weak references for _norm_source: reading ctx.saved_tensors during the forward would
+        # make non-reentrant checkpointing recompute the whole region there and then. Under
+        # checkpointing nothing keeps rstd, so _norm_source recomputes it (the same bits):
+        # the link, hence what the consumers save, is the same in the forward and the recompute.
+        ctx.src = (weakref.ref(x), weakref.ref(rstd), weakref.ref(w), eps)
         return y
 
     @staticmethod
