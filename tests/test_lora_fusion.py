@@ -393,3 +393,33 @@ def test_bf16_base_with_fp32_adapters():
 def test_fuse_lora_argument_is_checked():
     with pytest.raises(ValueError, match="fuse_lora"):
         patch_model(tiny_model("llama"), fuse_lora="yes")
+
+
+@pytest.mark.gpu
+def test_fused_matches_peft_on_cuda():
+    """On a GPU the dense-mask dropout and the bf16-base / fp32-adapter path: loss and LoRA
+    gradients against peft's (fp64 oracle on the CPU, bf16 peft run on the GPU as the budget)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    batch = _batch(seed=12)
+    oracle = _loss_and_grads(_lora_model("llama", fuse=False), batch)
+    cuda_batch = tuple(t.cuda() for t in batch)
+    native = _loss_and_grads(_lora_model("llama", fuse=False, dtype=torch.bfloat16).cuda(), cuda_batch)
+    fused_model = _lora_model("llama", fuse=True, dtype=torch.bfloat16).cuda()
+    fused = _loss_and_grads(fused_model, cuda_batch)
+    assert _fused_nodes(_graph_names(fused[2]))
+    assert_close_rule(fused[0].float().cpu(), oracle[0].float(), native[0].float().cpu(), name="loss")
+    for n in oracle[1]:
+        assert_close_rule(fused[1][n].float().cpu(), oracle[1][n].float(), native[1][n].float().cpu(),
+                          factor=3.0, name=n)
+    # dropout on the GPU: the dense keep-mask path, statistics and replay under checkpointing
+    m = fl.keep_mask((1_000_000,), 0.1, 5, "cuda", role=None)
+    assert abs(float(m.float().mean()) - 0.9) < 5 * (0.09 / 1e6) ** 0.5
+    runs = []
+    for ckpt in (False, True):
+        model = _lora_model("llama", fuse=True, dropout=0.2, dtype=torch.float32).cuda()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(99)
+        runs.append(_loss_and_grads(model, cuda_batch))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)

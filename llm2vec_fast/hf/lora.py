@@ -35,6 +35,7 @@ calls peft's own forward (unchanged results, no warning needed: nothing is appro
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -114,6 +115,13 @@ def _thresholds(p: float) -> tuple[int, int]:
     return (lo, hi) if sys.byteorder == "little" else (hi, lo)
 
 
+@functools.lru_cache(maxsize=64)
+def _threshold_tensor(p: float, device: torch.device) -> torch.Tensor:
+    """The two thresholds as a device tensor, made once per (p, device): no host-to-device copy
+    per call."""
+    return torch.tensor(_thresholds(p), dtype=torch.int16, device=device)
+
+
 def keep_mask(shape, p: float, seed: int, device, role: str | None = "mask") -> torch.Tensor:
     """Bool keep-mask of ``shape`` fixed by ``seed``: ``P(keep) = 1 - p`` to 16-bit (even
     elements) and 15-bit (odd elements) resolution, i.e. within 3e-5 of ``p``.
@@ -135,7 +143,7 @@ def keep_mask(shape, p: float, seed: int, device, role: str | None = "mask") -> 
         r = _scratch.get("rand", (m,), torch.int32, device)
         out = _scratch.get(role, (m, 2), torch.bool, device)
     r.random_(generator=gen)
-    thr = torch.tensor(_thresholds(p), dtype=torch.int16, device=device)
+    thr = _threshold_tensor(p, device)
     torch.ge(r.view(torch.int16).view(m, 2), thr, out=out)
     return out.view(-1)[:n].view(shape)
 
