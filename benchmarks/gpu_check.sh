@@ -13,9 +13,9 @@
 # 4. regenerates benchmarks/results/SUMMARY.md, copies results/*.jsonl and SUMMARY.md to $OUT
 #    when set, and prints the summary last.
 #
-# Budget: under 8 minutes on an H100 (tests <= 210 s, benchmarks <= 240 s; the timeouts are the
-# worst case, the usual run is shorter). Override with GPU_CHECK_TEST_TIMEOUT and
-# GPU_CHECK_BENCH_TIMEOUTS="attention=60 masked_ce=45 info_nce=30 e2e=75 encode=30".
+# Budget: under 8 minutes on an H100 in the usual run (worst case: tests 210 s + benchmarks 285 s,
+# the sum of their timeouts). Override with GPU_CHECK_TEST_TIMEOUT and
+# GPU_CHECK_BENCH_TIMEOUTS="attention=60 masked_ce=45 info_nce=60 e2e=90 encode=30".
 # Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is
 # printed either way).
 set -u
@@ -32,7 +32,7 @@ done
 
 PY=${PYTHON:-python3}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-210}
-BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=60 masked_ce=45 info_nce=30 e2e=75 encode=30"}
+BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=60 masked_ce=45 info_nce=60 e2e=90 encode=30"}
 RESULTS=benchmarks/results
 START=$(date +%s)
 FAILED=()
@@ -62,7 +62,8 @@ EOF
 fi
 
 step "2/4 gpu tests (timeout ${TEST_TIMEOUT}s)"
-run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests || FAILED+=("gpu tests")
+# no -x: many GPU tests have not run on a GPU yet, and one failure must not hide the others
+run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -q -rf -p no:cacheprovider tests || FAILED+=("gpu tests")
 
 step "3/4 gpu-quick benchmarks"
 for spec in $BENCH_TIMEOUTS; do
