@@ -638,43 +638,66 @@ def _cfg(bm, bn, w, s):
 
 # H100-oriented tiles per BLOCK_D (sane on A100: every entry is compiled for sm_80 too and
 # kept under its 163 KB of shared memory by tests/test_attention_compile.py). The first
-# entry is the heuristic's choice for long sequences: the autotuner's winner on an H200
-# (same SMs and clocks as the H100) at S = 4k / 8k, bf16 (benchmarks/results). Forward:
-# 128-row query tiles (two warpgroups at D = 128); the backward kernels won with 64 x 64
-# tiles on one warpgroup (the dK/dV kernel holds two (BLOCK_N, BLOCK_D) fp32
-# accumulators, so larger tiles cost occupancy). BLOCK_D 256 leaves room only for
-# 64-row tiles. BLOCK_D 32 has one entry: small heads are rare and memory-bound. fp32 inputs run FMA dots ("ieee") on one small
-# tile: correct and rarely used, not tuned.
+# entry is the heuristic's choice for long sequences. Most first entries were the
+# autotuner's winner on an H200 (same SMs and clocks as the H100) at S = 4k / 8k, bf16
+# (benchmarks/results, kernels of daa7beb): forward 128-row query tiles (two warpgroups at
+# D = 128), backward 64 x 64 tiles on one warpgroup (the dK/dV kernel holds two (BLOCK_N,
+# BLOCK_D) fp32 accumulators, so larger tiles cost occupancy). Every entry is also free of
+# register spills where a spill-free tile with wgmma exists: the compile test counts spill
+# stores (STL) in the SASS, which cuobjdump's LOCAL never showed. That removed winners
+# that spill: the D = 64 forward's 128 x 64 on 4 warps (~8 STL on sm_90, ~6 on sm_80; the
+# same tile on 8 warps is clean) and the dK/dV 64 x 64 tile on 4 warps (~20 STL on sm_90
+# at D = 64, ~180 at D = 128; ~60 / ~450 on sm_80), replaced by 16- / 32-row query
+# steps over 64- or 128-row key blocks; also the 128 x 128 forward at D = 128 (37 STL on
+# sm_80), the 3-stage dQ at D = 64 (2 on sm_80) and the BLOCK_D 256 tiles (forward ~30 /
+# ~420 STL on sm_90 / sm_80, dQ ~13 / ~600, dK/dV ~1000 / ~3300). The replacements are not
+# yet timed on a GPU. Still spilling, with no spill-free alternative found (the test's
+# documented allowances): on sm_80 the dQ kernel at BLOCK_D 128 / 256 and the BLOCK_D 256
+# forward (every tile with the 64 query rows wgmma needs on sm_90 spills there), and dK/dV
+# at BLOCK_D 256 on both chips (16 x 64 on 8 warps: ~70 STL on sm_90, ~5 on sm_80, the
+# least of the tiles tried). BLOCK_D 32 has one entry: small heads are rare and
+# memory-bound.
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
-    64: [_cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
-    128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4)],
-    256: [_cfg(64, 64, 4, 2)],
+    64: [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
 BWD_DQ_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
-    64: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
+    64: [_cfg(64, 64, 4, 2)],
     128: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
-    256: [_cfg(64, 32, 4, 2)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)],
 }
 BWD_DKDV_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
-    64: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
-    128: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
-    256: [_cfg(32, 64, 4, 2)],
+    64: [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
+    128: [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2), _cfg(16, 128, 8, 2)],
+    256: [_cfg(16, 64, 8, 2)],
 }
-FP32_CONFIGS = {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(32, 32, 4, 1)], 128: [_cfg(32, 32, 4, 1)], 256: [_cfg(16, 16, 4, 1)]}
+# fp32 inputs run FMA dots ("ieee") on one small tile per kernel and BLOCK_D: correct and
+# rarely used, not timed. The FMA dot holds whole BLOCK_D rows per thread, so the former
+# 32 x 32 on 4 warps spilled hundreds to thousands of STL from D = 64 up (16 x 16 on 4
+# warps too); 16 x 16 on 8 warps spills least, and from BLOCK_D 128 up 2-3 stages spill
+# less than one. The dQ kernel still spills at BLOCK_D 128 / 256 (~60 / ~530 STL) and the
+# forward at 256 (~80), with and without dropout (the test's allowances); dK/dV has its own
+# tiles, spill-free except BLOCK_D 128 with dropout on sm_80 (2 STL).
+FP32_CONFIGS = {
+    "fwd": {32: [_cfg(16, 16, 8, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 2)], 256: [_cfg(16, 16, 8, 3)]},
+    "dq": {32: [_cfg(16, 16, 8, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 2)], 256: [_cfg(16, 16, 8, 2)]},
+    "dkdv": {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 3)], 256: [_cfg(16, 16, 8, 3)]},
+}
 _TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS}
 # Dropout's own lists. The Philox words (interleaved over query rows, then transposed in
 # the forward and dQ kernels) add registers and 4-16 KB of shared memory, so the tables
 # above would spill or, for the 128 x 128 forward tile, exceed shared memory. Chosen by
 # compiling candidates for sm_90 and sm_80 (with and without softcap) and counting spill
 # stores (STL) in the SASS (spills show in cuobjdump's STACK, not LOCAL). sm_90: none,
-# all with wgmma, except dK/dV at BLOCK_D 256 (~80 STL; the table above spills ~1000
-# there, and the spill-free 32 x 32 tile has no wgmma). sm_80: none at BLOCK_D 32 / 64 and
-# for the BLOCK_D 128 forward and dK/dV; no candidate was spill-free for dQ at 128 (~160
-# STL) and 256 (~480), the 256 forward (~140) and dK/dV (~15), each fewer than the tables
-# above spill there without dropout. Not yet timed on a GPU.
+# all with wgmma, except dK/dV at BLOCK_D 256 (~80 STL; the spill-free 32 x 32 tile has no
+# wgmma). sm_80: none at BLOCK_D 32 / 64 and for the BLOCK_D 128 forward and dK/dV; no
+# candidate was spill-free for dQ at 128 (~160 STL) and 256 (~480), the 256 forward (~140)
+# and dK/dV (~15): the compile test's documented allowances, about what the tables above
+# spill there without dropout. Not yet timed on a GPU.
 DROPOUT_FWD_CONFIGS = {
     32: [_cfg(64, 64, 4, 3)],
     64: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
@@ -702,7 +725,7 @@ def _block_d(head_dim: int) -> int:
 
 def _configs(kind: str, head_dim: int, fp32: bool, dropout: bool = False) -> list[triton.Config]:
     bd = _block_d(head_dim)
-    return list(FP32_CONFIGS[bd] if fp32 else (_DROPOUT_TABLES if dropout else _TABLES)[kind][bd])
+    return list(FP32_CONFIGS[kind][bd] if fp32 else (_DROPOUT_TABLES if dropout else _TABLES)[kind][bd])
 
 
 def fwd_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
@@ -725,10 +748,12 @@ def heuristic_config(
 ) -> triton.Config:
     """The configuration used when not autotuning (no CUDA, or LLM2VEC_FAST_AUTOTUNE=0).
 
-    On CUDA: the list's first entry (the autotuner's winner at S = 4k / 8k on an H200,
-    measured without dropout; with ``dropout`` the first entry of the dropout list, the
-    same tile, not tuned for it); sequences of at most 256 take the smallest tile so that
-    short batches still fill the SMs. No benchmarking, so the first call costs only the compile. Without
+    On CUDA: the list's first entry (the H200 autotuner's winner at S = 4k / 8k, measured
+    without dropout, unless that tile spills registers where another does not: then the
+    spill-free tile nearest to it, not timed; see the comment above ``FWD_CONFIGS``. Every
+    entry of a list is compiled and spill-checked by the compile test; with ``dropout`` the
+    first entry of the dropout list, not tuned for it); sequences of at most 256 take the
+    smallest tile so that short batches still fill the SMs. No benchmarking, so the first call costs only the compile. Without
     CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
     sequences cross several blocks and a tail, and the interpreter stays fast.
     """
