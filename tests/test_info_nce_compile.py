@@ -11,7 +11,9 @@ backward with and without the fused normalisation; the smaller channel blocks on
 normalisation kernels that read or write the input dtype (``X``, ``DX``) are compiled in
 bf16 and fp32 at the full tile, in fp32 at every smaller one. These kernels are
 bandwidth-bound reductions with no ``tl.dot``: no wgmma is expected.
-Fails on compile errors, register spills and shared memory over the chip's limit.
+Fails on compile errors, shared memory over the chip's limit and register spills (spill
+stores / loads, ``STL`` / ``LDL``, in the SASS or a ``STACK`` frame, counted by
+``helpers.cubin_usage``; cuobjdump's ``LOCAL`` stays 0 when ptxas spills). None is allowed.
 
 Under ``TRITON_INTERPRET=1`` ``@triton.jit`` gives interpreter objects, so each chip compiles
 in a subprocess without the interpreter (this file run as a script).
@@ -69,7 +71,7 @@ def configs():
 
 
 def _compile_all(cc: int) -> list[dict]:
-    from helpers import SMEM_LIMIT, compile_for, triton_signature
+    from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import info_nce as tk
 
@@ -83,7 +85,7 @@ def _compile_all(cc: int) -> list[dict]:
         try:
             info = compile_for(kernels[kind], triton_signature(kernels[kind], consts, PTRS, FLOATS, elem), consts, cc, warps, 1,
                                divisible=set(PTRS))  # 16-byte aligned pointers, as launched
-            r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"])
+            r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
         except Exception as e:
             r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
         res.append(r)

@@ -5,8 +5,10 @@ inputs, ``*_FP32`` for fp32), so a config added there is compiled here. Each com
 every optional feature on (bias, softcap, label smoothing): the largest epilogue, the most
 registers. 16-bit inputs stand for fp16 and bf16 (same footprint); ``EVEN_K`` is the real
 path (C % 64 == 0 for every LM this serves) and the masked-K variant is compiled for the
-first config of each kernel. Fails on compile errors, register spills, shared memory over
-the chip's limit, and a missing ``wgmma`` in the sm_90 PTX of the 16-bit matmul kernels.
+first config of each kernel. Fails on compile errors, register spills (spill stores / loads,
+``STL`` / ``LDL``, in the SASS or a ``STACK`` frame, counted by ``helpers.cubin_usage``;
+cuobjdump's ``LOCAL`` stays 0 when ptxas spills), shared memory over the chip's limit, and a
+missing ``wgmma`` in the sm_90 PTX of the 16-bit matmul kernels. No spill is allowed.
 
 Under ``TRITON_INTERPRET=1`` (set by conftest.py without a GPU) ``@triton.jit`` returns
 interpreter objects that cannot be compiled, so each (chip) group compiles in a subprocess
@@ -36,7 +38,7 @@ DIVISIBLE = set(PTRS) | {"C", "stride_h", "stride_w", "stride_dz", "split_cols",
 
 
 def _compile_all(cc: int) -> list[dict]:
-    from helpers import SMEM_LIMIT, compile_for, triton_signature
+    from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
@@ -64,8 +66,7 @@ def _compile_all(cc: int) -> list[dict]:
             r = dict(id=rid, fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
             try:
                 info = compile_for(kernel, sig, consts, cc, c["num_warps"], c["num_stages"], divisible=DIVISIBLE)
-                r.update(ok=True, shared=info["shared"], registers=info["registers"], local=info["local"],
-                         wgmma="wgmma" in info["ptx"])
+                r.update(ok=True, **{k: info[k] for k in USAGE_KEYS}, wgmma="wgmma" in info["ptx"])
             except Exception as e:  # reported by the test with the config's name
                 r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
             out.append(r)
