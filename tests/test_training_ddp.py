@@ -48,6 +48,14 @@ def _rank_main(rank, world, port, out_dir, mini_batch_size, result_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
     _train(out_dir, GLOBAL_BATCH // world, mini_batch_size, result_file)
+    # Tear the gloo group down before the interpreter exits: left to process exit, its threads
+    # can be destroyed while still joinable ("terminate called without an active exception",
+    # SIGABRT) when one rank finishes before the other.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mini_batch_size", [None, pytest.param(3, marks=pytest.mark.slow)])

@@ -59,4 +59,15 @@ def run(args) -> int:
         return 2
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
     print(f"{name}: done, model saved to {cfg.output_dir}; {shown}")
+    _end_distributed()
     return 0
+
+
+def _end_distributed():
+    """Under torchrun: wait for every rank, then tear the process group down, so no rank's
+    exit destroys communication threads another rank still uses (a gloo abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
