@@ -325,15 +325,14 @@ def _x_saved(ctx, x, src):
     if src is None:
         ctx.norm = None
         return (x, None, None)
-    ctx.norm = (src[3], x.dtype)
+    ctx.norm = src[3]  # the Gemma flag
     return (src[0], src[1], src[2])
 
 
 def _x_restored(ctx, a, b, c):
     if ctx.norm is None:
         return a
-    gemma, _ = ctx.norm
-    return _norm_apply(a, b, c, gemma)
+    return _norm_apply(a, b, c, ctx.norm)
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -360,8 +359,9 @@ class _LoraLinearFn(torch.autograd.Function):
 class _GatedMLPFn(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with optional LoRA on each of the three projections.
 
-    ``proj`` is a tuple of three ``(W, b, A, B, s, p)`` (A, B, s None without LoRA; p 0
-    without dropout); tensors arrive as positional arguments so autograd sees them.
+    ``cfg`` holds ``(scaling, p)`` per projection (p 0 without dropout); the tensors arrive as
+    positional arguments, ``W, b, A, B`` per projection (A, B None without LoRA), so autograd
+    sees them; ``src`` is :func:`_norm_source` of ``x`` or None.
     """
 
     @staticmethod
@@ -606,17 +606,17 @@ class LoraFusion:
     """
 
     def __init__(self, hf):
-        self.mlps: list[torch.nn.Module] = []
+        self.modules_patched: list[torch.nn.Module] = []  # MLPs and norms
         self.slots: list[tuple[torch.nn.Module, str]] = []
         self.installed: list[torch.nn.Module] = []
         for m in hf.modules():
             kind = gated_mlp_kind(m)
             if kind is not None and "forward" not in m.__dict__:
                 m.forward = make_gated_mlp_forward(m, kind)
-                self.mlps.append(m)
+                self.modules_patched.append(m)
             if type(m).__name__ in _NORMS and "forward" not in m.__dict__ and hasattr(m, "weight"):
                 m.forward = make_rms_norm_forward(m)
-                self.mlps.append(m)
+                self.modules_patched.append(m)
             for n in _LINEAR_NAMES:
                 if isinstance(getattr(m, n, None), torch.nn.Module):
                     self.slots.append((m, n))
@@ -630,6 +630,6 @@ class LoraFusion:
                 self.installed.append(child)
 
     def remove(self):
-        for m in self.mlps + self.installed:
+        for m in self.modules_patched + self.installed:
             m.__dict__.pop("forward", None)
-        self.mlps, self.installed = [], []
+        self.modules_patched, self.installed = [], []

@@ -149,17 +149,24 @@ def _l2norm_fwd_kernel(
 
 
 @triton.jit
-def _l2norm_dot_kernel(Y, DY, DOT, R, C, stride_dy, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partial row dots ``DOT[r, pc] = <Y[r, block], DY[r, block]>`` (fp32) for the backward."""
+def _y_dy_tile(Y, DY, R, C, stride_dy, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's ``BLOCK_R x BLOCK_C`` tile of the fp32 normalised ``Y`` (row stride C)
+    and of ``DY`` (as fp32), with its row / column offsets and masks."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    pc = tl.program_id(1)
-    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rm = offs_r < R
     m = rm[:, None] & (offs_c < C)[None, :]
     r64 = offs_r.to(tl.int64)[:, None]
     y = tl.load(Y + r64 * C + offs_c[None, :], mask=m, other=0.0)
     dy = tl.load(DY + r64 * stride_dy + offs_c[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(DOT + offs_r * NCB + pc, tl.sum(y * dy, axis=1), mask=rm)
+    return offs_r, rm, offs_c, m, r64, y, dy
+
+
+@triton.jit
+def _l2norm_dot_kernel(Y, DY, DOT, R, C, stride_dy, NCB, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partial row dots ``DOT[r, pc] = <Y[r, block], DY[r, block]>`` (fp32) for the backward."""
+    offs_r, rm, offs_c, m, r64, y, dy = _y_dy_tile(Y, DY, R, C, stride_dy, BLOCK_R, BLOCK_C)
+    tl.store(DOT + offs_r * NCB + tl.program_id(1), tl.sum(y * dy, axis=1), mask=rm)
 
 
 @triton.jit
@@ -168,14 +175,7 @@ def _l2norm_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """``DX[r, block]`` (in DX's dtype) of the normalisation, from the fp32 output ``Y``."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    pc = tl.program_id(1)
-    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    rm = offs_r < R
-    m = rm[:, None] & (offs_c < C)[None, :]
-    r64 = offs_r.to(tl.int64)[:, None]
-    y = tl.load(Y + r64 * C + offs_c[None, :], mask=m, other=0.0)
-    dy = tl.load(DY + r64 * stride_dy + offs_c[None, :], mask=m, other=0.0).to(tl.float32)
+    offs_r, rm, offs_c, m, r64, y, dy = _y_dy_tile(Y, DY, R, C, stride_dy, BLOCK_R, BLOCK_C)
     dot = _row_sums(DOT, offs_r, rm, NCB, BLOCK_R, BLOCK_S)
     nrm = tl.load(NRM + offs_r, mask=rm, other=1.0)
     dx = _l2norm_grad(y, dy, dot[:, None], nrm[:, None])
