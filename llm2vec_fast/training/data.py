@@ -46,13 +46,7 @@ def read_texts(path: str, what: str = "train_file") -> list[str]:
     lines = _open_lines(path, what)
     texts: list[str] = []
     if path.endswith((".jsonl", ".json")):
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{what}: {path}:{n} is not valid JSON ({e})") from e
+        for n, line, row in _json_lines(lines, path, what):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError(f"{what}: {path}:{n} expected an object with a string field 'text', got {line[:80]!r}")
             if row["text"].strip():
@@ -64,18 +58,24 @@ def read_texts(path: str, what: str = "train_file") -> list[str]:
     return texts
 
 
+def _json_lines(lines, path: str, what: str):
+    """``(line number, line, parsed row)`` of each non-blank JSONL line; a line that is not
+    JSON raises a ValueError naming ``what``, the file and the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, line, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what}: {path}:{n} is not valid JSON ({e})") from e
+
+
 def read_supervised_file(path: str, *, require_negative: bool = True) -> list[dict]:
     """Rows ``{query, positive, negative}`` (strings) of one JSONL file."""
     lines = _open_lines(path, "train_files")
     need = SUPERVISED_FIELDS if require_negative else SUPERVISED_FIELDS[:2]
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"train_files: {path}:{n} is not valid JSON ({e})") from e
+    for n, line, row in _json_lines(lines, path, "train_files"):
         if not isinstance(row, dict):
             raise ValueError(f"train_files: {path}:{n} expected a JSON object, got {type(row).__name__}")
         for k in need:
