@@ -173,16 +173,23 @@ def _fwd_block(
     if HAS_MASK:
         kvalid = kvalid & (tl.load(mask_base + cols, mask=kvalid, other=0) != 0)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)
+    # m_i starts finite (-1e30), so a row whose keys are all masked keeps alpha = 1, p = 0.
     if HAS_SOFTCAP:
         s = _tanh(qk * cap_in) * cap_out
+        if BOUNDS or HAS_MASK:
+            s = tl.where(kvalid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
     else:
-        s = qk * qk_scale
-    if BOUNDS or HAS_MASK:
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-    # m_i starts finite (-1e30), so a row whose keys are all masked keeps alpha = 1, p = 0.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        if BOUNDS or HAS_MASK:
+            qk = tl.where(kvalid[None, :], qk, float("-inf"))
+        # The row max of the raw scores, scaled once per row: max(qk) * c == max(qk * c)
+        # exactly for c > 0 (rounding is monotone), and the per-element scale folds into
+        # the exponent's FFMA. Scaling every score before the max cost 32 FMUL per thread
+        # and iteration of the 128 x 64 tile on 8 warps (~8% of the loop's SASS on sm_90).
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         # The normaliser l_i (and so the lse) sums the undropped probabilities; only the
