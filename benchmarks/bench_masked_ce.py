@@ -1,8 +1,11 @@
 """Benchmark: masked next-token cross-entropy fused with the LM head (the MNTP loss).
 
 Providers, side by side in one run on the same inputs:
-  ours          llm2vec_fast.masked_linear_cross_entropy(backend="triton")
-  ours_frozen_w the same with a frozen LM head (LoRA MNTP): no d weight   [gpu-full]
+  ours          llm2vec_fast.masked_linear_cross_entropy(backend="triton"), strategy "auto"
+  strategy-eager, strategy-two_pass
+                the same with the strategy forced (gradients made in the forward from
+                materialised chunks of logits, or the logits recomputed in the backward);
+                named as peers so the summary shows what auto's choice gained or lost
   ref_chunked   the chunked PyTorch reference (backend="torch")
   torch_full    full logits (hidden @ W.T in the input dtype, upcast to fp32) + F.cross_entropy,
                 what stock transformers does
@@ -11,9 +14,13 @@ Providers, side by side in one run on the same inputs:
   cce           cut-cross-entropy's linear_cross_entropy (when importable)
 Liger and CCE get the shifted rows flattened, all of them (ignored ones included), which is
 how they are called from a causal-LM head; ours and the reference take (B, T, C) with the
-shift inside and gather the labelled rows.
+shift inside and gather the labelled rows. Case ``w_grad``: with d weight (a trained LM
+head) or without (frozen head, the LoRA MNTP recipe); every provider gets the same.
 
 Modes: fwd (forward that builds the graph), bwd (backward alone, graph retained), full.
+Compare strategies on ``full`` only: the eager strategy does its gradient work in the
+forward, and a retained graph's repeated backward recomputes (two-pass), so its fwd / bwd
+rows do not split the same work as the two-pass ones.
 Time from triton.testing.do_bench medians (p20 / p80 too); peak memory is
 max_memory_allocated during one call above what was allocated before it (the inputs), so it
 includes the gradients each provider returns. Rows go to benchmarks/results/masked_ce.jsonl.
@@ -29,14 +36,15 @@ import sys
 
 PRESETS = {
     # tiny, under a minute on 2 CPU cores; ours runs under the Triton interpreter
-    "cpu": dict(C=[64], V=[1000, 4000], tokens=[512], frac=[0.2], modes=["full"],
-                providers=["ours", "ref_chunked", "torch_full"]),
-    # ~60 s on an H100: the acceptance shapes
-    "gpu-quick": dict(C=[4096], V=[32000, 128256], tokens=[16384], frac=[0.2], modes=["full"],
-                      providers=["ours", "torch_full", "liger", "cce"]),
+    "cpu": dict(C=[64], V=[1000, 4000], tokens=[512], frac=[0.2], modes=["full"], w_grad=[True, False],
+                providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full"]),
+    # ~60 s on an H100: the acceptance shapes, with a trained and a frozen LM head
+    "gpu-quick": dict(C=[4096], V=[32000, 128256], tokens=[16384], frac=[0.2], modes=["full"], w_grad=[True, False],
+                      providers=["ours", "strategy-eager", "strategy-two_pass", "torch_full", "liger", "cce"]),
     "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
-                     modes=["fwd", "bwd", "full"],
-                     providers=["ours", "ours_frozen_w", "ref_chunked", "torch_full", "torch_compile", "liger", "cce"]),
+                     modes=["fwd", "bwd", "full"], w_grad=[True, False],
+                     providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full",
+                                "torch_compile", "liger", "cce"]),
 }
 SEQ = 512  # tokens per sequence (the MNTP recipe's chunk length)
 
@@ -90,8 +98,9 @@ def main(argv=None) -> int:
         nonlocal compiled_ref
         if name == "ours":
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton")
-        if name == "ours_frozen_w":  # a detached head: the op sees no need for d weight
-            return lambda h, w, y: L.masked_linear_cross_entropy(h, w.detach(), y, backend="triton")
+        if name.startswith("strategy-"):
+            strategy = name.split("-", 1)[1]
+            return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy=strategy)
         if name == "ref_chunked":
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="torch")
         if name == "torch_full":
@@ -121,48 +130,49 @@ def main(argv=None) -> int:
         raise ValueError(name)
 
     rows = []
-    for C in cfg["C"]:
-        for V in cfg["V"]:
-            for T in cfg["tokens"]:
-                for frac in cfg["frac"]:
-                    g = torch.Generator(device=dev).manual_seed(0)
-                    B = max(1, T // SEQ)
-                    hidden = torch.randn(B, T // B, C, device=dev, dtype=dtype, generator=g).requires_grad_()
-                    weight = (torch.randn(V, C, device=dev, dtype=dtype, generator=g) / C**0.5).requires_grad_()
-                    labels = torch.randint(0, V, (B, T // B), device=dev, generator=g)
-                    labels[torch.rand(labels.shape, device=dev, generator=g) >= frac] = -100
-                    n_lab = int((labels[:, 1:] != -100).sum())
-                    for prov in cfg["providers"]:
-                        fn = make_fn(prov)
-                        if fn is None:
-                            continue
-                        params = [hidden] if prov == "ours_frozen_w" else [hidden, weight]
-                        for mode in cfg["modes"]:
-                            row = dict(op="masked_linear_cross_entropy", provider=prov, mode=mode, dtype=str(dtype).split(".")[-1],
-                                       C=C, V=V, tokens=T, labelled_frac=frac, n_labelled=n_lab, preset=preset)
-                            try:
-                                if mode == "fwd":
-                                    run = lambda: fn(hidden, weight, labels)  # noqa: E731
-                                elif mode == "full":
-                                    run = lambda: torch.autograd.grad(fn(hidden, weight, labels), params)  # noqa: E731
-                                else:
-                                    loss = fn(hidden, weight, labels)
-                                    run = lambda: torch.autograd.grad(loss, params, retain_graph=True)  # noqa: E731
-                                run()  # warm-up: autotuning, compilation
-                                row.update(bench(run, args.device, **({} if args.device == "cuda" else dict(warmup=1, rep=3))))
-                            except Exception as e:  # an OOM or a provider failure is a result too
-                                row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-                            finally:
-                                run = loss = None
-                                if args.device == "cuda":
-                                    torch.cuda.empty_cache()
-                            rows.append(row)
-                            ms = row.get("ms")
-                            mem = row.get("peak_mem_mb")
-                            print(f"{prov:14s} {mode:4s} C={C} V={V} T={T} frac={frac}: "
-                                  + (f"{ms:9.3f} ms" if ms is not None else row.get("error", "?"))
-                                  + (f"  peak {mem:9.1f} MiB" if mem is not None else ""), flush=True)
-                    del hidden, weight, labels
+    cases = [(C, V, T, frac, wg) for C in cfg["C"] for V in cfg["V"] for T in cfg["tokens"] for frac in cfg["frac"]
+             for wg in cfg.get("w_grad", [True])]
+    for C, V, T, frac, w_grad in cases:
+        g = torch.Generator(device=dev).manual_seed(0)
+        B = max(1, T // SEQ)
+        hidden = torch.randn(B, T // B, C, device=dev, dtype=dtype, generator=g).requires_grad_()
+        # w_grad=False: a frozen LM head, as the LoRA MNTP recipe trains (no d weight)
+        weight = (torch.randn(V, C, device=dev, dtype=dtype, generator=g) / C**0.5).requires_grad_(w_grad)
+        labels = torch.randint(0, V, (B, T // B), device=dev, generator=g)
+        labels[torch.rand(labels.shape, device=dev, generator=g) >= frac] = -100
+        n_lab = int((labels[:, 1:] != -100).sum())
+        for prov in cfg["providers"]:
+            fn = make_fn(prov)
+            if fn is None:
+                continue
+            params = [hidden, weight] if w_grad else [hidden]
+            for mode in cfg["modes"]:
+                row = dict(op="masked_linear_cross_entropy", provider=prov, mode=mode, dtype=str(dtype).split(".")[-1],
+                           C=C, V=V, tokens=T, labelled_frac=frac, n_labelled=n_lab, preset=preset,
+                           w_grad=w_grad)
+                try:
+                    if mode == "fwd":
+                        run = lambda: fn(hidden, weight, labels)  # noqa: E731
+                    elif mode == "full":
+                        run = lambda: torch.autograd.grad(fn(hidden, weight, labels), params)  # noqa: E731
+                    else:
+                        loss = fn(hidden, weight, labels)
+                        run = lambda: torch.autograd.grad(loss, params, retain_graph=True)  # noqa: E731
+                    run()  # warm-up: autotuning, compilation
+                    row.update(bench(run, args.device, **({} if args.device == "cuda" else dict(warmup=1, rep=3))))
+                except Exception as e:  # an OOM or a provider failure is a result too
+                    row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+                finally:
+                    run = loss = None
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                ms = row.get("ms")
+                mem = row.get("peak_mem_mb")
+                print(f"{prov:17s} {mode:4s} C={C} V={V} T={T} frac={frac} w_grad={w_grad}: "
+                      + (f"{ms:9.3f} ms" if ms is not None else row.get("error", "?"))
+                      + (f"  peak {mem:9.1f} MiB" if mem is not None else ""), flush=True)
+        del hidden, weight, labels
     path = append_rows("masked_ce", rows, args.device, out_dir=args.out_dir)
     print(f"{len(rows)} rows -> {path}")
     return 0

@@ -8,7 +8,9 @@ path (C % 64 == 0 for every LM this serves) and the masked-K variant is compiled
 first config of each kernel. Fails on compile errors, register spills (spill stores / loads,
 ``STL`` / ``LDL``, in the SASS or a ``STACK`` frame, counted by ``helpers.cubin_usage``;
 cuobjdump's ``LOCAL`` stays 0 when ptxas spills), shared memory over the chip's limit, and a
-missing ``wgmma`` in the sm_90 PTX of the 16-bit matmul kernels. No spill is allowed.
+missing ``wgmma`` in the sm_90 PTX of the 16-bit matmul kernels. No spill is allowed. The
+eager strategy's row kernel (``_mce_rows_kernel``, no matmul) is compiled at every
+``(BLOCK_V, num_warps)`` its launcher picks on CUDA.
 
 Under ``TRITON_INTERPRET=1`` (set by conftest.py without a GPU) ``@triton.jit`` returns
 interpreter objects that cannot be compiled, so each (chip) group compiles in a subprocess
@@ -68,6 +70,35 @@ def _compile_all(cc: int) -> list[dict]:
                 info = compile_for(kernel, sig, consts, cc, c["num_warps"], c["num_stages"], divisible=DIVISIBLE)
                 r.update(ok=True, **{k: info[k] for k in USAGE_KEYS}, wgmma="wgmma" in info["ptx"])
             except Exception as e:  # reported by the test with the config's name
+                r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+            out.append(r)
+    out += _compile_rows(cc)
+    return out
+
+
+# Vocabulary sizes that reach every (BLOCK_V, warps) the row kernel launches on CUDA.
+ROWS_VOCABS = (16, 200, 1000, 2048, 32000, 151936)
+
+
+def _compile_rows(cc: int) -> list[dict]:
+    """The eager strategy's row kernel (memory-bound, no tl.dot): every launch shape, dz in a
+    16-bit dtype and in fp32, all options on."""
+    from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
+
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    kernel = mce._mce_rows_kernel
+    ptrs = {"Z": "*fp32", "Bias": "*E", "Y": "*i32", "DZ": "*E", "Loss": "*fp32", "Lse": "*fp32", "Arg": "*i32"}
+    out = []
+    for bv, warps in sorted({mce._rows_block(V, True) for V in ROWS_VOCABS}):
+        for elem in ("bf16", "fp32"):
+            consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, BLOCK_V=bv)
+            sig = triton_signature(kernel, consts, ptrs, FLOATS, elem)
+            r = dict(id=f"rows-{elem}-v{bv}w{warps}-sm{cc}", fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+            try:
+                info = compile_for(kernel, sig, consts, cc, warps, mce.ROWS_STAGES, divisible=set(ptrs) | {"stride_z", "stride_dz"})
+                r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
+            except Exception as e:
                 r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
             out.append(r)
     return out

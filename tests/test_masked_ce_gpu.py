@@ -47,34 +47,50 @@ def _oracle(h, w, y, b, shift, softcap, label_smoothing, z_loss):
     return loss.reshape(ys.shape), correct, near, int(keep.sum())
 
 
-def _check(B, T, C, V, dtype, frac, use_bias, kw, seed=0):
+def _check(B, T, C, V, dtype, frac, use_bias, kw, seed=0, strategy="two_pass", repeats=1):
+    """Two-pass: per-position losses under a random per-row upstream gradient; eager (d weight
+    needs one factor for all rows): the summed loss under a random scalar. ``repeats`` runs
+    the fast path several times (a race in the eager row kernel's in-place dz would show)."""
     from llm2vec_fast.kernels.triton.masked_ce import masked_linear_cross_entropy_triton
 
     h, w, b, y = _inputs(B, T, C, V, dtype, frac, use_bias, seed)
     params = [h, w] + ([b] if use_bias else [])
     T_out = T - kw["shift"]
-    g_up = torch.rand(B, T_out, device="cuda", dtype=torch.float64) + 0.5
+    eager = strategy == "eager"
+    g_up = torch.rand(() if eager else (B, T_out), device="cuda", dtype=torch.float64) + 0.5
 
     def run(fn, ts, **extra):
         ts = [t.detach().clone().requires_grad_() for t in ts]
-        loss = fn(ts[0], ts[1], y, ts[2] if use_bias else None, reduction="none", **kw, **extra)
+        loss = fn(ts[0], ts[1], y, ts[2] if use_bias else None, reduction="sum" if eager else "none", **kw,
+                  strategy=strategy, **extra)
         grads = torch.autograd.grad((loss.double() * g_up).sum(), ts)
         return loss.detach(), grads
 
-    fast, fast_g = run(masked_linear_cross_entropy_triton, params)
+    runs = [run(masked_linear_cross_entropy_triton, params) for _ in range(repeats)]
     ref_native, ref_g = run(masked_linear_cross_entropy_ref, params, upcast=False)
     o = [t.detach().double().requires_grad_() for t in params]
     want, correct, near, n = _oracle(o[0], o[1], y, o[2] if use_bias else None, **kw)
+    if eager:
+        want = want.sum()
     oracle_g = torch.autograd.grad((want * g_up).sum(), o)
     want = want.detach()
+    for fast, fast_g in runs:
+        _assert_rule(fast, fast_g, want, oracle_g, ref_native, ref_g, dtype)
+    if eager:
+        return
+    ref_native = ref_native.sum()
+    want = want.sum()
 
+    loss, acc = masked_linear_cross_entropy_triton(h, w, y, b, return_accuracy=True, **kw)
+    assert_close_rule(loss, want / n, ref_native / n, atol=1e-5, name="mean loss")
+    assert abs(round(float(acc) * n) - correct) <= near
+
+
+def _assert_rule(fast, fast_g, want, oracle_g, ref_native, ref_g, dtype):
     assert_close_rule(fast, want, ref_native, atol=1e-5, name="loss")
     for name, a, r, og in zip(["d hidden", "d weight", "d bias"], fast_g, ref_g, oracle_g):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
         assert_close_rule(a, og, r, factor=3.0, atol=1e-5, name=name)
-    loss, acc = masked_linear_cross_entropy_triton(h, w, y, b, return_accuracy=True, **kw)
-    assert_close_rule(loss, want.sum() / n, ref_native.sum() / n, atol=1e-5, name="mean loss")
-    assert abs(round(float(acc) * n) - correct) <= near
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
@@ -87,16 +103,21 @@ def _check(B, T, C, V, dtype, frac, use_bias, kw, seed=0):
     ],
     ids=["plain", "all-options-maskK", "smollm-width-all-labelled"],
 )
-def test_gpu_matches_full_logits(dtype, B, T, C, V, frac, use_bias, kw):
-    _check(B, T, C, V, dtype, frac, use_bias, kw)
+@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
+def test_gpu_matches_full_logits(dtype, B, T, C, V, frac, use_bias, kw, strategy):
+    _check(B, T, C, V, dtype, frac, use_bias, kw, strategy=strategy)
 
 
-def test_gpu_acceptance_shape_bf16():
-    """C = 4096, V = 32000, 4096 tokens, 20% labelled, bf16: the benchmark's shape family."""
-    _check(8, 512, 4096, 32000, torch.bfloat16, 0.2, False, dict(shift=1, softcap=None, label_smoothing=0.0, z_loss=0.0))
+@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
+def test_gpu_acceptance_shape_bf16(strategy):
+    """C = 4096, V = 32000, 4096 tokens, 20% labelled, bf16: the benchmark's shape family;
+    eager three times over (several row chunks each, dz written over the fp32 logits)."""
+    _check(8, 512, 4096, 32000, torch.bfloat16, 0.2, False, dict(shift=1, softcap=None, label_smoothing=0.0, z_loss=0.0),
+           strategy=strategy, repeats=3 if strategy == "eager" else 1)
 
 
-def test_gpu_no_host_sync_after_the_gather():
+@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
+def test_gpu_no_host_sync_after_the_gather(strategy):
     """Forward and backward of the per-row function never synchronise with the host."""
     from llm2vec_fast.kernels.triton.masked_ce import MaskedLinearCEFunction
 
@@ -106,8 +127,8 @@ def test_gpu_no_host_sync_after_the_gather():
     params = [h_sel.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
 
     def step():
-        loss, correct = MaskedLinearCEFunction.apply(*params, y_sel, 20.0, 0.1, 1e-4)
-        grads = torch.autograd.grad(loss.sum() / loss.shape[0], params)
+        loss, correct = MaskedLinearCEFunction.apply(*params, y_sel, 20.0, 0.1, 1e-4, "mean", strategy)
+        grads = torch.autograd.grad(loss, params)
         return loss, correct, grads
 
     step()  # autotuning benchmarks (and syncs) on the first call only

@@ -83,33 +83,43 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape,C,V,shift,softcap,use_bias,smoothing,z_loss,frac", CASES)
-def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, softcap, use_bias, smoothing, z_loss, frac):
+def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, softcap, use_bias, smoothing, z_loss, frac,
+                             strategy):
     hidden, weight, bias, labels = _make(shape, C, V, dtype, device, frac, use_bias, shift)
-    # Even-indexed cases run the backward in 256-column vocabulary chunks (several launches,
-    # a partial last chunk), the others in one chunk.
+    # Even-indexed cases run the two-pass backward in 256-column vocabulary chunks (several
+    # launches, a partial last chunk) and the eager forward in 37-row chunks (dW accumulated
+    # over them, a partial last chunk); the others in one chunk.
     if V == 1000 and shift == 1:
         monkeypatch.setattr(mce, "MAX_CHUNK_ELEMS", 1)
+        monkeypatch.setattr(mce, "EAGER_CHUNK_ELEMS", 37 * V)
     kw = dict(shift=shift, softcap=softcap, label_smoothing=smoothing, z_loss=z_loss)
 
     with torch.no_grad():
         want, correct, near, n = _oracle(hidden, weight, labels, bias, **kw)
     params = [hidden, weight] + ([bias] if use_bias else [])
-    g_up = torch.rand(want.shape, device=device, dtype=torch.float64) + 0.5
+    # Two-pass: per-position losses under a random per-row upstream gradient. Eager (d weight
+    # needs one factor for all rows): the summed loss under a random scalar.
+    eager = strategy == "eager"
+    g_up = torch.rand(() if eager else want.shape, device=device, dtype=torch.float64) + 0.5
 
     def run(fn, tensors, **extra):
         ts = [t.detach().clone().requires_grad_() for t in tensors]
         b = ts[2] if use_bias else None
-        loss = fn(ts[0], ts[1], labels, b, reduction="none", **kw, **extra)
+        loss = fn(ts[0], ts[1], labels, b, reduction="sum" if eager else "none", **kw, **extra)
         (loss.double() * g_up).sum().backward()
         return loss.detach(), [t.grad for t in ts]
 
-    fast, fast_g = run(mce.masked_linear_cross_entropy_triton, params)
-    ref_native, ref_g = run(masked_linear_cross_entropy_ref, params, upcast=False)
+    fast, fast_g = run(mce.masked_linear_cross_entropy_triton, params, strategy=strategy)
+    ref_native, ref_g = run(masked_linear_cross_entropy_ref, params, upcast=False, strategy=strategy)
     # Gradient oracle: autograd through the full fp64 logits and F.cross_entropy.
     oracle_t = [t.detach().double().requires_grad_() for t in params]
     o_loss, _, _, _ = _oracle(oracle_t[0], oracle_t[1], labels, oracle_t[2] if use_bias else None, **kw)
+    if eager:
+        o_loss = o_loss.sum()
+        want = want.sum()
     (o_loss * g_up).sum().backward()
     oracle_g = [t.grad for t in oracle_t]
 
@@ -122,6 +132,12 @@ def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, sof
     # mean reduction and accuracy through the same kernels
     loss, acc = mce.masked_linear_cross_entropy_triton(hidden, weight, labels, bias, return_accuracy=True, **kw)
     assert_close_rule(loss, want.sum() / n, ref_native.sum() / n, atol=1e-5, name="mean loss")
+    if eager:  # the eager forward's own statistics (loss and accuracy from the row kernel)
+        h = hidden.clone().requires_grad_()
+        loss_e, acc_e = mce.masked_linear_cross_entropy_triton(h, weight, labels, bias, return_accuracy=True,
+                                                               strategy="eager", **kw)
+        assert_close_rule(loss_e.detach(), want.sum() / n, ref_native.sum() / n, atol=1e-5, name="eager mean loss")
+        assert abs(round(float(acc_e) * n) - correct) <= near, (float(acc_e), correct, n)
     assert acc.dtype == torch.float32 and acc.shape == ()
     assert abs(round(float(acc) * n) - correct) <= near, (float(acc), correct, n)
 
@@ -163,6 +179,101 @@ def test_frozen_weight_skips_its_gradient(device):
     masked_linear_cross_entropy_ref(h2, weight, labels).backward()
     assert weight.grad is None
     assert (h.grad - h2.grad).abs().max() < 1e-5
+
+
+def test_strategy_choice():
+    """auto: eager for a frozen head, eager with d weight only while the rows fit in a few chunks."""
+    V = 32000
+    r = mce.eager_row_chunk(V)
+    assert r * V <= mce.EAGER_CHUNK_ELEMS < (r + 1) * V
+    assert mce.choose_strategy("auto", 100_000, V, False, False) == "eager"  # d hidden scales per row
+    assert mce.choose_strategy("auto", r * mce.EAGER_MAX_W_CHUNKS, V, True, True) == "eager"
+    assert mce.choose_strategy("auto", r * mce.EAGER_MAX_W_CHUNKS + 1, V, True, True) == "two_pass"
+    assert mce.choose_strategy("eager", 100_000, V, True, True) == "eager"
+    assert mce.choose_strategy("auto", 10, V, True, False) == "two_pass"  # reduction 'none' with d weight
+    assert mce.choose_strategy("two_pass", 10, V, False, True) == "two_pass"
+    with pytest.raises(ValueError, match="strategy"):
+        mce.choose_strategy("eager", 10, V, True, False)
+
+
+def _spy(monkeypatch, names):
+    calls = {n: 0 for n in names}
+    for n in names:
+        real = getattr(mce, n)
+
+        def wrapped(*a, _real=real, _n=n, **k):
+            calls[_n] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mce, n, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["d-weight", "frozen-head"])
+def test_eager_makes_logits_once(device, monkeypatch, frozen):
+    """Eager: one logits GEMM per row chunk in the forward, none in the backward; two-pass: the
+    statistics forward and the recomputing backward. Both give the same gradients."""
+    monkeypatch.setattr(mce, "EAGER_CHUNK_ELEMS", 16 * 123)  # 16-row chunks
+    hidden, weight, bias, labels = _make((2, 30), 64, 123, torch.float32, device, 0.2, True)
+    calls = _spy(monkeypatch, ["_logits_fp32", "masked_ce_forward", "masked_ce_backward"])
+    grads = {}
+    for strategy in ("eager", "two_pass"):
+        for k in calls:
+            calls[k] = 0
+        ts = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen), bias.clone().requires_grad_()]
+        loss = mce.masked_linear_cross_entropy_triton(ts[0], ts[1], labels, ts[2], strategy=strategy)
+        loss.backward()
+        grads[strategy] = [t.grad for t in ts]
+        n = int((labels[:, 1:] != -100).sum())
+        if strategy == "eager":
+            assert calls == {"_logits_fp32": -(-n // 16), "masked_ce_forward": 0, "masked_ce_backward": 0}, calls
+        else:
+            assert calls == {"_logits_fp32": 0, "masked_ce_forward": 1, "masked_ce_backward": 1}, calls
+    for a, b in zip(grads["eager"], grads["two_pass"]):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-5)
+    assert (grads["eager"][1] is None) == frozen
+
+
+def test_eager_second_backward_recomputes(device, monkeypatch):
+    """retain_graph: the first backward takes the forward's gradients, a second one recomputes
+    them (two-pass) with its own upstream gradient."""
+    hidden, weight, _, labels = _make((2, 25), 64, 123, torch.float32, device, 0.3, False)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = mce.masked_linear_cross_entropy_triton(h, w, labels, strategy="eager")
+    calls = _spy(monkeypatch, ["masked_ce_backward"])
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    assert calls["masked_ce_backward"] == 0
+    g2 = torch.autograd.grad(loss * 3.0, (h, w))
+    assert calls["masked_ce_backward"] == 1
+    for a, b in zip(g1, g2):
+        assert (3.0 * a - b).abs().max() < 1e-5 * max(1.0, float(b.abs().max()))
+
+
+def test_eager_none_reduction_with_frozen_head(device):
+    """reduction='none' scales d hidden row by row: eager works for a frozen head."""
+    hidden, weight, _, labels = _make((3, 20), 64, 123, torch.float32, device, 0.3, False)
+    g_up = torch.rand(3, 19, device=device) + 0.5
+    out = []
+    for strategy in ("eager", "two_pass"):
+        h = hidden.clone().requires_grad_()
+        loss = mce.masked_linear_cross_entropy_triton(h, weight, labels, reduction="none", strategy=strategy)
+        (loss * g_up).sum().backward()
+        out.append((loss.detach(), h.grad))
+    assert (out[0][0] - out[1][0]).abs().max() < 1e-5 and (out[0][1] - out[1][1]).abs().max() < 1e-6
+
+
+def test_public_op_rejects_bad_strategy(device):
+    h = torch.randn(2, 9, 64, device=device)
+    w = torch.randn(123, 64, device=device, requires_grad=True)
+    y = torch.randint(0, 123, (2, 9), device=device)
+    with pytest.raises(ValueError, match="strategy"):
+        L.masked_linear_cross_entropy(h, w, y, strategy="fast", backend="triton")
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="strategy: 'eager'.*reduction"):
+            L.masked_linear_cross_entropy(h, w, y, reduction="none", strategy="eager", backend=backend)
+    # without gradients there is nothing to be eager about
+    with torch.no_grad():
+        L.masked_linear_cross_entropy(h, w, y, reduction="none", strategy="eager", backend="triton")
 
 
 def test_rows_scale_with_labelled_tokens(device, monkeypatch):

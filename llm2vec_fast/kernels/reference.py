@@ -208,18 +208,115 @@ def _block_logits(h, w_block, b_block, softcap):
     return z
 
 
-class ChunkedLinearCE(torch.autograd.Function):
-    """Per-row cross-entropy of ``h @ w.T + b`` over the vocabulary, in blocks.
+MCE_STRATEGIES = ("auto", "eager", "two_pass")
 
-    Never holds more than ``chunk_rows x chunk_vocab`` logits: the forward keeps an
-    online log-sum-exp, the target logit and the argmax; the backward recomputes each
-    block. Returns per-row loss ``(N,)`` fp32 and per-row correctness ``(N,)`` bool.
+
+def eager_allowed(strategy: str, need_wb: bool, uniform_g: bool) -> bool:
+    """Whether a masked-CE call that needs gradients may compute them in its forward.
+
+    The eager strategy materialises a chunk of full-vocabulary logits and turns it into the
+    gradients of ``sum(loss)`` at once, saving the backward's recomputation of the logits
+    (one GEMM of ``N x C x V`` of three or four). d hidden scales row by row with any
+    upstream gradient; d weight / d bias sum over rows, so they need one upstream factor
+    for all rows (reductions ``mean`` / ``sum``). ``strategy="eager"`` where that does not
+    hold raises ``ValueError``; ``"two_pass"`` never allows it.
+    """
+    if strategy == "two_pass":
+        return False
+    if need_wb and not uniform_g:
+        if strategy == "eager":
+            raise ValueError(
+                "strategy: 'eager' computes d weight / d bias in the forward and needs reduction 'mean' or "
+                "'sum' (one upstream factor for all rows); use 'two_pass' or 'auto' with reduction='none'"
+            )
+        return False
+    return True
+
+
+def _eager_linear_ce(h, w, b, y, softcap, label_smoothing, z_loss, rows, chunk_vocab, cdt, need_h, need_w, need_b):
+    """Per-row loss, lse, correctness and the gradients of ``sum(loss)``, chunk of rows by chunk.
+
+    Each chunk of ``rows`` rows holds its ``(rows, V)`` logits (in ``cdt``), built and used
+    ``chunk_vocab`` columns at a time, and turns them into ``dz`` in place.
+    """
+    N, V = h.shape[0], w.shape[0]
+    dev = h.device
+    loss_all = torch.empty(N, device=dev, dtype=cdt)
+    lse_all = torch.empty(N, device=dev, dtype=cdt)
+    correct = torch.empty(N, device=dev, dtype=torch.bool)
+    dh = torch.empty(h.shape, device=dev, dtype=cdt) if need_h else None
+    dw = torch.zeros(w.shape, device=dev, dtype=cdt) if need_w else None
+    db = torch.zeros(V, device=dev, dtype=cdt) if need_b else None
+    blocks = [(v0, min(V, v0 + chunk_vocab)) for v0 in range(0, V, chunk_vocab)]
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        hc = h[r0:r1].to(cdt)
+        yc = y[r0:r1]
+        z = torch.empty((r1 - r0, V), device=dev, dtype=cdt)
+        for v0, v1 in blocks:
+            z[:, v0:v1] = _block_logits(hc, w[v0:v1].to(cdt), None if b is None else b[v0:v1].to(cdt), softcap)
+        lse = torch.logsumexp(z, dim=1)
+        zy = z.gather(1, yc[:, None].long())[:, 0]
+        loss = (lse - zy) * (1.0 - label_smoothing)
+        if label_smoothing:
+            loss = loss + label_smoothing * (lse - z.sum(1) / V)
+        if z_loss:
+            loss = loss + z_loss * lse * lse
+        loss_all[r0:r1] = loss
+        lse_all[r0:r1] = lse
+        correct[r0:r1] = z.argmax(1) == yc
+        if not (need_h or need_w or need_b):
+            continue
+        dcap = 1.0 - (z / softcap) ** 2 if softcap else None
+        dz = z.sub_(lse[:, None]).exp_()
+        if z_loss:
+            dz.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+        if label_smoothing:
+            dz.sub_(label_smoothing / V)
+        dz[torch.arange(r1 - r0, device=dev), yc.long()] -= 1.0 - label_smoothing
+        if dcap is not None:
+            dz.mul_(dcap)
+        if need_h:
+            dh[r0:r1] = 0
+        for v0, v1 in blocks:
+            dzb = dz[:, v0:v1]
+            if need_h:
+                dh[r0:r1] += dzb @ w[v0:v1].to(cdt)
+            if need_w:
+                dw[v0:v1] += dzb.t() @ hc
+        if need_b:
+            db += dz.sum(0)
+    return loss_all, lse_all, correct, dh, dw, db
+
+
+class ChunkedLinearCE(torch.autograd.Function):
+    """Cross-entropy of ``h @ w.T + b`` over the vocabulary, in blocks.
+
+    Never holds more than ``chunk_rows x chunk_vocab`` logits (twice that with a softcap
+    in the eager strategy). Two-pass (``eager=False``): the forward keeps an online
+    log-sum-exp, the target logit and the argmax; the backward recomputes each block.
+    Eager: the forward holds whole rows of logits, ``chunk_rows * chunk_vocab // V`` at a
+    time, and computes the gradients of ``sum(loss)`` there (see :func:`eager_allowed`);
+    the backward only scales them. Returns the loss in ``cdt`` (0-d for ``mean`` / ``sum``,
+    per row ``(N,)`` for ``none``) and per-row correctness ``(N,)`` bool.
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt):
+    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt, reduction, eager):
         N, V = h.shape[0], w.shape[0]
         dev = h.device
+        ctx.cfg = (softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt, reduction)
+        ctx.eager = None
+        if eager:
+            need_b = ctx.needs_input_grad[2] and b is not None
+            loss_all, lse_all, correct, dh, dw, db = _eager_linear_ce(
+                h, w, b, y, softcap, label_smoothing, z_loss, max(1, chunk_rows * chunk_vocab // V), chunk_vocab, cdt,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b,
+            )
+            ctx.eager = (dh, dw, db)
+            ctx.save_for_backward(h, w, b, y, lse_all)
+            ctx.mark_non_differentiable(correct)
+            return _reduce_rows(loss_all, reduction), correct
         lse_all = torch.empty(N, device=dev, dtype=cdt)
         loss_all = torch.empty(N, device=dev, dtype=cdt)
         correct = torch.empty(N, device=dev, dtype=torch.bool)
@@ -254,20 +351,35 @@ class ChunkedLinearCE(torch.autograd.Function):
             loss_all[r0:r1] = loss
             correct[r0:r1] = arg == yc
         ctx.save_for_backward(h, w, b, y, lse_all)
-        ctx.cfg = (softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt)
         ctx.mark_non_differentiable(correct)
-        return loss_all, correct
+        return _reduce_rows(loss_all, reduction), correct
 
     @staticmethod
     def backward(ctx, g, _gc):
         h, w, b, y, lse_all = ctx.saved_tensors
-        softcap, eps, z_loss, chunk_rows, chunk_vocab, cdt = ctx.cfg
+        softcap, eps, z_loss, chunk_rows, chunk_vocab, cdt, reduction = ctx.cfg
         N, V = h.shape[0], w.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        none = (None,) * 9
+        g = g.to(cdt)
+        if reduction == "mean":
+            g = g / N
+        if ctx.eager is not None:
+            # The forward's gradients of sum(loss), scaled once and handed over; a second
+            # backward (retain_graph) recomputes below.
+            dh, dw, db = ctx.eager
+            ctx.eager = None
+            gr = g[:, None] if g.dim() else g
+            return (
+                dh.mul_(gr).to(h.dtype) if need_h and dh is not None else None,
+                dw.mul_(g).to(w.dtype) if need_w and dw is not None else None,
+                db.mul_(g).to(b.dtype) if need_b and db is not None else None,
+            ) + none
+        if g.dim() == 0:
+            g = g.expand(N)
         dh = torch.zeros(h.shape, device=h.device, dtype=cdt) if need_h else None
         dw = torch.zeros(w.shape, device=w.device, dtype=cdt) if need_w else None
         db = torch.zeros(V, device=w.device, dtype=cdt) if (need_b and b is not None) else None
-        g = g.to(cdt)
         for r0 in range(0, N, chunk_rows):
             r1 = min(N, r0 + chunk_rows)
             hc = h[r0:r1].to(cdt)
@@ -298,8 +410,17 @@ class ChunkedLinearCE(torch.autograd.Function):
             dh.to(h.dtype) if dh is not None else None,
             dw.to(w.dtype) if dw is not None else None,
             db.to(b.dtype) if db is not None else None,
-            None, None, None, None, None, None, None,
-        )
+        ) + none
+
+
+def _reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    """mean / sum / none of per-row losses, summed in fp32 (fp64 stays fp64)."""
+    per_row = per_row.to(torch.float64 if per_row.dtype == torch.float64 else torch.float32)
+    if reduction == "mean":
+        return per_row.sum() / per_row.shape[0]
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
 
 
 def masked_linear_cross_entropy_ref(
@@ -318,11 +439,15 @@ def masked_linear_cross_entropy_ref(
     chunk_rows: int = 2048,
     chunk_vocab: int = 8192,
     upcast: bool = True,
+    strategy: str = "auto",
 ):
     """Chunked reference of :func:`llm2vec_fast.masked_linear_cross_entropy` (same contract).
 
     Only labelled rows reach the LM head; at most ``chunk_rows x chunk_vocab`` logits
-    exist at once, in the forward and in the backward.
+    exist at once (twice that with a softcap when eager). ``strategy``: ``"two_pass"``
+    recomputes the logits in the backward; ``"eager"`` computes the gradients in the
+    forward from whole rows of logits (one GEMM fewer; see :func:`eager_allowed`);
+    ``"auto"`` is eager whenever gradients are wanted and it is allowed.
     """
     h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index)
     cdt = _compute_dtype(hidden.dtype, upcast)
@@ -337,19 +462,20 @@ def masked_linear_cross_entropy_ref(
             loss = zero
         acc = torch.zeros((), device=hidden.device)
         return (loss, acc) if return_accuracy else loss
-    per_row, correct = ChunkedLinearCE.apply(
+    need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
+    eager = (
+        torch.is_grad_enabled() and (hidden.requires_grad or need_wb)
+        and eager_allowed(strategy, need_wb, reduction != "none")
+    )
+    loss, correct = ChunkedLinearCE.apply(
         h_sel, weight, bias, y_sel, softcap or 0.0, float(label_smoothing), float(z_loss),
-        chunk_rows, chunk_vocab, cdt,
+        chunk_rows, chunk_vocab, cdt, reduction, eager,
     )
     out_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    per_row = per_row.to(out_dt)
-    if reduction == "mean":
-        loss = per_row.sum() / n
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
+    loss = loss.to(out_dt)
+    if reduction == "none":
         full = torch.zeros(shape.numel(), device=hidden.device, dtype=out_dt)
-        loss = full.index_put((index,), per_row).reshape(shape)
+        loss = full.index_put((index,), loss).reshape(shape)
     if return_accuracy:
         return loss, correct.float().mean()
     return loss

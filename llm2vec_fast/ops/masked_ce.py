@@ -12,7 +12,7 @@ from ..kernels import reference as ref
 from ._dispatch import resolve_backend, warn_once
 
 
-def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss):
+def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss, strategy):
     check_tensor("hidden", hidden, ndims=(2, 3), float_=True)
     check_tensor("weight", weight, ndims=2, float_=True)
     check_same("hidden", hidden, "weight", weight)
@@ -34,6 +34,10 @@ def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smo
     if not isinstance(shift, int) or shift < 0 or (shift >= T and T > 0):
         raise ValueError(f"shift: expected an int in [0, {max(T - 1, 0)}] (tokens per sequence {T}), got {shift!r}")
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_choice("strategy", strategy, ref.MCE_STRATEGIES)
+    need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and need_wb:
+        ref.eager_allowed(strategy, need_wb, reduction != "none")  # raises for eager with 'none'
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap: expected a float > 0 or None, got {softcap!r}")
     if not (0.0 <= label_smoothing < 1.0):
@@ -63,6 +67,7 @@ def masked_linear_cross_entropy(
     z_loss: float = 0.0,
     return_accuracy: bool = False,
     backend: str = "auto",
+    strategy: str = "auto",
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` on labelled rows only, without full logits.
 
@@ -80,6 +85,15 @@ def masked_linear_cross_entropy(
         z_loss: adds ``z_loss * logsumexp(z)**2`` per row.
         return_accuracy: also return the argmax accuracy over labelled rows (0-d fp32).
         backend: ``"auto"``, ``"torch"`` (the chunked reference) or ``"triton"``.
+        strategy: how gradients are made when they are wanted. ``"two_pass"``: the forward
+            keeps only per-row statistics and the backward recomputes the logits (4 GEMMs of
+            labelled rows x C x V with d weight, 3 without). ``"eager"``: the forward
+            materialises bounded chunks of whole-vocabulary logits (64 MB on the Triton
+            backend) and computes the gradients there; the backward only scales them (3
+            GEMMs, 2 without d weight); d weight / d bias then need reduction mean or sum.
+            ``"auto"``: eager for a frozen LM head (LoRA MNTP) and, on the Triton backend,
+            with d weight when the labelled rows fit in a few chunks; always eager on the
+            torch backend (each chunk's dW update is cheap next to the saved GEMM on a CPU).
 
     Returns:
         The loss (fp32), and the accuracy when asked. Every label ignored gives a loss of 0
@@ -88,10 +102,11 @@ def masked_linear_cross_entropy(
     Synchronisation: gathering the labelled rows (``torch.nonzero``) syncs once because
     every later shape depends on their number; the label range check syncs once more.
 
-    Raises ``ValueError`` for bad ranks / shapes / dtypes and labels outside ``[0, V)``
-    other than ``ignore_index``.
+    Raises ``ValueError`` for bad ranks / shapes / dtypes, labels outside ``[0, V)`` other
+    than ``ignore_index``, an unknown ``strategy``, and ``strategy="eager"`` with
+    ``reduction="none"`` when weight or bias requires grad.
     """
-    _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss)
+    _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss, strategy)
     _check_label_range(labels, weight.shape[0], ignore_index)
     be = resolve_backend("masked_linear_cross_entropy", backend, hidden)
     if be == "triton":
@@ -104,8 +119,10 @@ def masked_linear_cross_entropy(
             return tk.masked_linear_cross_entropy_triton(
                 hidden, weight, labels, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
                 softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
+                strategy=strategy,
             )
     return ref.masked_linear_cross_entropy_ref(
         hidden, weight, labels, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
         softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
+        strategy=strategy,
     )

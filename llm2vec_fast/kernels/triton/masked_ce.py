@@ -29,6 +29,21 @@ Design (why it is built this way):
   and reusing it for ``dH``, ``dW`` and ``db`` costs 4 GEMMs of ``N x C x V`` per step
   (forward, recompute, dH, dW); weights that need no gradient (a frozen LM head under
   LoRA) skip the dW GEMM.
+* Eager strategy (``masked_ce_eager``; ``strategy="eager"``, or ``"auto"`` when it pays):
+  when gradients will be wanted, the forward computes them at once from materialised
+  logits, saving the backward's recompute GEMM. Per chunk of ``R = EAGER_CHUNK_ELEMS // V``
+  rows (64 MB of fp32 logits, never ``[N, V]``): ``Z = h_c @ w.T`` on cuBLAS with fp32
+  output, ``_mce_rows_kernel`` (one program per row, two passes over it: statistics, then
+  ``dz`` written over ``Z``'s own storage), then ``dH_c = dz @ w`` and ``dW += dz.T @ h_c``
+  on cuBLAS. That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM
+  head, the LoRA MNTP recipe) instead of 4 and 3. The gradients are those of ``sum(loss)``
+  (unit scale keeps fp16 ``dz`` out of the subnormals); the backward multiplies them by the
+  upstream gradient (and mean's ``1 / N``) in place. d weight sums over rows, so eager with
+  d weight needs reduction mean / sum, and each extra row chunk re-reads and re-writes
+  ``dW`` (one more rounding in 16 bits): ``"auto"`` takes eager for a frozen head, and with
+  d weight only up to ``EAGER_MAX_W_CHUNKS`` chunks. Untimed on a GPU so far: the
+  two-pass rows below are the only measured ones, and ``bench_masked_ce.py`` times both
+  strategies side by side (providers ``strategy-eager`` / ``strategy-two_pass``).
 * Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee"`` so
   the CPU interpreter and the GPU agree with the fp32 oracle. bf16 ``tl.dot`` is wrong in
   the interpreter, so bf16 is tested on the GPU only.
@@ -49,7 +64,6 @@ Design (why it is built this way):
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -241,6 +255,86 @@ def _mce_bwd_kernel(
     tl.store(out, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _mce_rows_kernel(
+    Z, Bias, Y, DZ, Loss, Lse, Arg,
+    V, stride_z, stride_dz, softcap, smoothing, z_loss,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row of materialised fp32 logits: its loss, lse, argmax and ``d loss / d z``.
+
+    Program r reads ``Z[r, :V]`` (raw ``h @ w.T``; bias and softcap are applied here) twice:
+    pass 1 keeps the online log-sum-exp, the target and summed logits and the argmax, pass 2
+    writes dz in DZ's dtype to ``DZ[r, :V]``. DZ may alias Z's storage (the eager strategy
+    writes dz over each fp32 row: in place for fp32, over the row's first half for 16 bits).
+    That is safe because a program only touches its own row, every store of pass 2's block
+    ``j`` lands in fp32 columns ``< (j + 1) * BLOCK_V`` (16-bit column c lies in fp32 column
+    c / 2), which every thread has read by then, and the barrier before each block's store
+    makes "every thread": without it one warp could overwrite block j (or the target logit)
+    before another warp has loaded it. Later blocks' loads never meet earlier stores.
+    """
+    r = tl.program_id(0)
+    z_row = Z + r.to(tl.int64) * stride_z
+    dz_row = DZ + r.to(tl.int64) * stride_dz
+    y = tl.load(Y + r)
+    offs = tl.arange(0, BLOCK_V)
+    m_i = float("-inf")
+    s_i = 0.0
+    zsum = 0.0
+    best = float("-inf")
+    arg = 0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = tl.load(z_row + cols, mask=ok, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+        if HAS_SMOOTH:
+            zsum += tl.sum(tl.where(ok, z, 0.0), axis=0)
+        z = tl.where(ok, z, float("-inf"))
+        blk_max = tl.max(z, axis=0)
+        # Every block has >= 1 valid column: m_new is finite, exp(m_i - m_new) is 0 at first.
+        m_new = tl.maximum(m_i, blk_max)
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m_i = m_new
+        blk_arg = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int32) + v0
+        # strict '>' keeps the earliest column on ties, as torch.argmax does
+        arg = tl.where(blk_max > best, blk_arg, arg)
+        best = tl.maximum(best, blk_max)
+    lse = m_i + tl.log(s_i)
+    zy = tl.load(z_row + y)
+    if HAS_BIAS:
+        zy += tl.load(Bias + y).to(tl.float32)
+    if HAS_SOFTCAP:
+        zy = softcap * (1.0 - 2.0 / (tl.exp(2.0 * zy / softcap) + 1.0))
+    loss = (lse - zy) * (1.0 - smoothing)
+    if HAS_SMOOTH:
+        loss += smoothing * (lse - zsum / V)
+    loss += z_loss * lse * lse
+    tl.store(Loss + r, loss)
+    tl.store(Lse + r, lse)
+    tl.store(Arg + r, arg)
+    coef = 1.0 + 2.0 * z_loss * lse
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        ok = cols < V
+        z = tl.load(z_row + cols, mask=ok, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
+            z = softcap * t
+        dz = tl.exp(z - lse) * coef - smoothing / V
+        dz -= tl.where(cols == y, 1.0 - smoothing, 0.0)
+        if HAS_SOFTCAP:
+            dz = dz * (1.0 - t * t)
+        dz = dz.to(DZ.dtype.element_ty)
+        tl.debug_barrier()  # all warps hold this block (and the target logit) before DZ overwrites Z
+        tl.store(dz_row + cols, dz, mask=ok)
+
+
 # Autotune keys leave N out on purpose: the number of labelled rows changes every batch and
 # re-tuning each time would cost seconds; the best tile depends on C and V.
 _FWD_KEY = ["C", "V", "HAS_BIAS", "HAS_SOFTCAP", "HAS_SMOOTH"]
@@ -395,33 +489,170 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
     )
 
 
+# The eager strategy holds one (rows, V) fp32 logits chunk of at most this many elements
+# (64 MB): the same budget as the two-pass backward's dZ buffer plus its fp32 dH accumulator.
+EAGER_CHUNK_ELEMS = 1 << 24
+# With d weight, each row chunk re-reads and re-writes all of dW (V x C): beyond this many
+# chunks that traffic (and the extra roundings of a 16-bit dW) outweighs the saved GEMM and
+# the two-pass strategy runs instead.
+EAGER_MAX_W_CHUNKS = 4
+
+
+# The row kernel streams its row twice with 16 fp32 per thread in flight; no software pipeline.
+ROWS_STAGES = 1
+
+
+def _rows_block(V: int, on_cuda: bool) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernel: 16 fp32 per thread on a GPU, one block for small V."""
+    bv = min(4096 if on_cuda else 1024, triton.next_power_of_2(max(V, 16)))
+    return bv, (8 if bv >= 2048 else 4)
+
+
+def eager_row_chunk(V: int) -> int:
+    """Rows per chunk of the eager strategy (its fp32 logits chunk holds <= EAGER_CHUNK_ELEMS)."""
+    return max(1, EAGER_CHUNK_ELEMS // max(V, 1))
+
+
+def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool) -> str:
+    """``"eager"`` or ``"two_pass"`` for a call that needs gradients.
+
+    Where the reference allows eager (``reference.eager_allowed``), ``"auto"`` takes it when
+    only d hidden is wanted (a frozen LM head: two GEMMs instead of three) or when the rows
+    fit in at most ``EAGER_MAX_W_CHUNKS`` chunks (three GEMMs instead of four).
+    """
+    if not ref.eager_allowed(strategy, need_wb, uniform_g):
+        return "two_pass"
+    if strategy == "eager" or not need_wb:
+        return "eager"
+    return "eager" if triton.cdiv(N, eager_row_chunk(V)) <= EAGER_MAX_W_CHUNKS else "two_pass"
+
+
+def _logits_fp32(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 ``hc @ w.T`` with fp32 accumulation: cuBLAS's ``out_dtype`` for 16-bit inputs on
+    CUDA, fp32 operands elsewhere (the interpreter tests' CPU path)."""
+    if hc.dtype == torch.float32:
+        return hc @ w.t()
+    if hc.is_cuda:
+        return torch.mm(hc, w.t(), out_dtype=torch.float32)
+    return hc.float() @ w.float().t()
+
+
+def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
+    """Loss, lse, correctness and the gradients of ``sum(loss)``, in one pass over the logits.
+
+    Per chunk of ``R = eager_row_chunk(V)`` rows: ``Z = h_c @ w.T`` on cuBLAS into an fp32
+    ``(R, V)`` buffer, ``_mce_rows_kernel`` turns each row into its statistics and writes
+    dz (input dtype) over the buffer, then ``dH_c = dz @ w`` (rows of dH are disjoint: written
+    once, in the input dtype), ``dW += dz.T @ h_c`` and ``db += sum(dz)``. Three GEMMs of
+    ``N x C x V`` with d weight (two without) instead of the two-pass strategy's four (three).
+    Returns ``loss, lse, correct, dh, dw, db`` (None where not needed); ``dw`` accumulates
+    in the weight's dtype across the ``cdiv(N, R)`` chunks (one rounding per chunk).
+    """
+    N, C = h.shape
+    V = w.shape[0]
+    dev = h.device
+    R = min(N, eager_row_chunk(V))
+    loss = _alloc((N,), torch.float32, dev)
+    lse = _alloc((N,), torch.float32, dev)
+    arg = _alloc((N,), torch.int32, dev)
+    dh = _alloc((N, C), h.dtype, dev) if need_h else None
+    dw = _alloc((V, C), w.dtype, dev) if need_w else None
+    db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
+    bv, warps = _rows_block(V, h.is_cuda)
+    consts = dict(
+        HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
+        num_warps=warps, num_stages=ROWS_STAGES,
+    )
+    for r0 in range(0, N, R):
+        r1 = min(N, r0 + R)
+        hc = h[r0:r1]
+        z = _logits_fp32(hc, w)
+        # dz over z's own storage: the same positions in fp32, the first half of each row in 16 bits
+        dz = z if h.dtype == torch.float32 else z.view(h.dtype)[:, :V]
+        _mce_rows_kernel[(r1 - r0,)](
+            z, b if b is not None else z, y[r0:r1], dz, loss[r0:r1], lse[r0:r1], arg[r0:r1],
+            V, z.stride(0), dz.stride(0), float(softcap or 1.0), float(label_smoothing), float(z_loss),
+            **consts,
+        )
+        if need_h:
+            torch.mm(dz, w, out=dh[r0:r1])
+        if need_w:
+            if r0 == 0:
+                torch.mm(dz.t(), hc, out=dw)
+            else:
+                dw.addmm_(dz.t(), hc)
+        if need_b:
+            db += dz.sum(0, dtype=torch.float32)
+    return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None)
+
+
 class MaskedLinearCEFunction(torch.autograd.Function):
-    """Per-row masked linear cross-entropy over gathered rows (Triton forward and backward).
+    """Masked linear cross-entropy over gathered rows (Triton forward and backward).
 
     forward(h (N, C), w (V, C), b (V,) or None, y (N,) int32, softcap, label_smoothing,
-    z_loss) -> (loss (N,) fp32, correct (N,) bool, not differentiable).
+    z_loss, reduction, strategy) -> (loss, correct (N,) bool, not differentiable); loss is
+    0-d fp32 for ``mean`` / ``sum`` and the per-row ``(N,)`` fp32 losses for ``none``.
+    ``strategy`` is ``None`` when no gradient will be asked for (the statistics-only forward,
+    one GEMM), else ``"eager"`` (gradients computed here, scaled by the upstream gradient in
+    backward) or ``"two_pass"`` (logits recomputed in backward).
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss):
-        loss, lse, correct = masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss)
+    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy):
+        N = h.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and b is not None
+        ctx.eager = None
+        if strategy == "eager":
+            # Gradients of sum(loss): unit scale keeps fp16 dz out of the subnormals (mean's
+            # 1 / N is applied with the upstream gradient, after the GEMMs).
+            per_row, lse, correct, dh, dw, db = masked_ce_eager(
+                h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b,
+            )
+            ctx.eager = (dh, dw, db)
+        else:
+            per_row, lse, correct = masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss)
         ctx.save_for_backward(h, w, b, y, lse)
-        ctx.cfg = (softcap, label_smoothing, z_loss)
+        ctx.cfg = (softcap, label_smoothing, z_loss, reduction)
         ctx.mark_non_differentiable(correct)
-        return loss, correct
+        if reduction == "mean":
+            return per_row.sum() / N, correct
+        if reduction == "sum":
+            return per_row.sum(), correct
+        return per_row, correct
 
     @staticmethod
     def backward(ctx, g, _gc):
         h, w, b, y, lse = ctx.saved_tensors
-        softcap, eps, zl = ctx.cfg
+        softcap, eps, zl, reduction = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b is not None
+        none = (None,) * 6
         if not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None
+            return (None, None, None) + none
+        g = g.float()
+        N = h.shape[0]
+        if ctx.eager is not None:
+            # The forward's gradients, for a unit upstream gradient: scaled in place (no copy
+            # of dW) and handed over once. A second backward (retain_graph) recomputes below.
+            dh, dw, db = ctx.eager
+            ctx.eager = None
+            if reduction == "mean":
+                g = g / N
+            gr = g[:, None] if g.dim() else g
+            if dh is not None:
+                dh = dh.mul_(gr) if need_h else None
+            if dw is not None:
+                dw = dw.mul_(g) if need_w else None
+            if db is not None:
+                db = db.mul_(g) if need_b else None
+            return (dh, dw, db) + none
+        if g.dim() == 0:
+            g = (g / N if reduction == "mean" else g).expand(N)
         dh, dw, db = masked_ce_backward(
-            h, w, b, y, lse, g.float().contiguous(), softcap, eps, zl, need_h, need_w, need_b,
+            h, w, b, y, lse, g.contiguous(), softcap, eps, zl, need_h, need_w, need_b,
         )
-        return dh, dw, db, None, None, None, None
+        return (dh, dw, db) + none
 
 
 def masked_linear_cross_entropy_triton(
@@ -437,6 +668,7 @@ def masked_linear_cross_entropy_triton(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_accuracy: bool = False,
+    strategy: str = "auto",
 ):
     """Triton masked linear cross-entropy; the contract of ``reference.masked_linear_cross_entropy_ref``.
 
@@ -460,16 +692,17 @@ def masked_linear_cross_entropy_triton(
         return (loss, acc) if return_accuracy else loss
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    per_row, correct = MaskedLinearCEFunction.apply(
-        h_sel.contiguous(), w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss)
+    plan = None
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
+        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none")
+    loss, correct = MaskedLinearCEFunction.apply(
+        h_sel.contiguous(), w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
+        reduction, plan,
     )
-    if reduction == "mean":
-        loss = per_row.sum() / n
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
+    if reduction == "none":
         full = torch.zeros(shape.numel(), device=hidden.device, dtype=torch.float32)
-        loss = full.index_put((index,), per_row).reshape(shape)
+        loss = full.index_put((index,), loss).reshape(shape)
     if return_accuracy:
         return loss, correct.float().mean()
     return loss
