@@ -162,6 +162,32 @@ def test_padded_modes(mode, dtype, softcap, device):
             assert (g[pad] == 0).all(), "padded positions must get zero gradient"
 
 
+def test_mask_spans_built_once_per_mask(device, monkeypatch):
+    """The per-row [lo, hi, holes] of a padding mask are built once for the mask object (every
+    layer's forward and backward reuse them) and rebuilt for a new mask or an in-place change."""
+    builds = []
+    real = tk._build_mask_range
+    monkeypatch.setattr(tk, "_build_mask_range", lambda m: builds.append(1) or real(m))
+    monkeypatch.setattr(tk, "_RANGE_SLOT", [None])
+    B, S, H, D = 2, 40, 2, 32
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    mask[0, 30:] = False
+    q, k, v = (torch.randn(B, S, H, D, device=device, requires_grad=True) for _ in range(3))
+
+    def layer(m):
+        return flash_attn_noncausal(q, k, v, key_padding_mask=m, backend="triton")
+
+    out = layer(mask)
+    out = layer(mask) + out  # a second layer, same mask object
+    out.sum().backward()
+    assert len(builds) == 1
+    mask[1, :5] = False  # in place: the spans change
+    want = ref.attention_padded_ref(q.detach(), k.detach(), v.detach(), mask, 1 / math.sqrt(D))
+    assert max_err(layer(mask).detach(), want) < 1e-4 and len(builds) == 2
+    layer(mask.clone())
+    assert len(builds) == 3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_varlen_softcap_and_empty_sequences(dtype, device):
     # Length-0 sequences anywhere, length 1, and max_seqlen an upper bound, not exact.

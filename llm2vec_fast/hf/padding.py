@@ -14,9 +14,9 @@ tensor, and the model passes the very same mask object to every layer.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from .._tensor_cache import cached as _cached
 
 
 class PaddingInfo:
@@ -85,23 +85,6 @@ class PaddingInfo:
 # A weak reference, so the cache never keeps a batch alive after its forward.
 _MASK_SLOT: list = [None]
 _POS_SLOT: list = [None]
-
-
-def _version(t: torch.Tensor) -> int:
-    # Inference tensors (created under torch.inference_mode) track no version counter; they
-    # cannot be modified in place outside inference mode either, so 0 is a safe constant.
-    return 0 if t.is_inference() else t._version
-
-
-def _cached(slot: list, key: torch.Tensor, build):
-    entry = slot[0]
-    if entry is not None:
-        ref, version, value = entry
-        if ref() is key and version == _version(key):
-            return value
-    value = build()
-    slot[0] = (weakref.ref(key), _version(key), value)
-    return value
 
 
 def padding_info(mask: torch.Tensor) -> PaddingInfo:

@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._tensor_cache import cached
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -824,12 +826,21 @@ def _strides3(t: torch.Tensor, varlen: bool):
     return (t.stride(0), t.stride(1), t.stride(2))
 
 
+_RANGE_SLOT: list = [None]
+
+
 def _mask_range(mask: torch.Tensor):
     """uint8 mask (B, S) and int32 ``(B, 3)`` rows ``[lo, hi, holes]`` for the kernels.
 
     ``[lo, hi)`` spans the row's True entries (``[0, 0)`` for a row with none); ``holes``
-    is 1 when a False entry lies inside the span. Computed on the device, no host sync.
+    is 1 when a False entry lies inside the span. Computed on the device, no host sync,
+    once per mask: a patched model passes the same mask object to every layer's forward
+    and backward, so the ~12 small ops run once per batch, not twice per layer.
     """
+    return cached(_RANGE_SLOT, mask, lambda: _build_mask_range(mask))
+
+
+def _build_mask_range(mask: torch.Tensor):
     m = mask.to(torch.bool)
     S = m.shape[1]
     mi = m.to(torch.int32)
