@@ -194,6 +194,11 @@ def test_strategy_choice():
     assert mce.choose_strategy("two_pass", 10, V, False, True) == "two_pass"
     with pytest.raises(ValueError, match="strategy"):
         mce.choose_strategy("eager", 10, V, True, False)
+    # without an fp32-output GEMM (16-bit CUDA inputs on a torch that lacks it) eager cannot run
+    assert mce.choose_strategy("auto", 10, V, False, True, fp32_logits=False) == "two_pass"
+    with pytest.raises(ValueError, match="out_dtype"):
+        mce.choose_strategy("eager", 10, V, False, True, fp32_logits=False)
+    assert mce.fp32_logits_available(torch.zeros(1, dtype=torch.float16))  # CPU: upcast operands
 
 
 def _spy(monkeypatch, names):

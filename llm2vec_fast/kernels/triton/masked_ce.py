@@ -513,18 +513,40 @@ def eager_row_chunk(V: int) -> int:
     return max(1, EAGER_CHUNK_ELEMS // max(V, 1))
 
 
-def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool) -> str:
+def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool, fp32_logits: bool = True) -> str:
     """``"eager"`` or ``"two_pass"`` for a call that needs gradients.
 
     Where the reference allows eager (``reference.eager_allowed``), ``"auto"`` takes it when
     only d hidden is wanted (a frozen LM head: two GEMMs instead of three) or when the rows
     fit in at most ``EAGER_MAX_W_CHUNKS`` chunks (three GEMMs instead of four).
+    ``fp32_logits`` False (no fp32-output GEMM, see :func:`fp32_logits_available`): auto
+    stays two-pass and ``strategy="eager"`` raises ``ValueError``.
     """
     if not ref.eager_allowed(strategy, need_wb, uniform_g):
+        return "two_pass"
+    if not fp32_logits:
+        if strategy == "eager":
+            raise ValueError("strategy: 'eager' needs torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA "
+                             "inputs, which this torch lacks; use 'two_pass' or 'auto'")
         return "two_pass"
     if strategy == "eager" or not need_wb:
         return "eager"
     return "eager" if triton.cdiv(N, eager_row_chunk(V)) <= EAGER_MAX_W_CHUNKS else "two_pass"
+
+
+def fp32_logits_available(h: torch.Tensor) -> bool:
+    """Whether :func:`_logits_fp32` can run for h's device and dtype: 16-bit inputs on CUDA need
+    cuBLAS's fp32-output GEMM (``torch.mm(..., out_dtype=torch.float32)``), probed once."""
+    if h.dtype == torch.float32 or not h.is_cuda:
+        return True
+    key = (h.device.type, h.dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            t = torch.ones(16, 16, device=h.device, dtype=h.dtype)
+            _MM_OUT_DTYPE[key] = torch.mm(t, t, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
 
 
 def _logits_fp32(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -695,7 +717,7 @@ def masked_linear_cross_entropy_triton(
     plan = None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
-        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none")
+        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(h_sel))
     loss, correct = MaskedLinearCEFunction.apply(
         h_sel.contiguous(), w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
         reduction, plan,
