@@ -8,8 +8,8 @@ was found are listed in ``SPILL_ALLOWANCES`` with their spill-store count, which
 grow. Every configuration is compiled twice: without and with attention dropout
 (``DROPOUT``, whose Philox code adds registers; its configurations come from the same
 functions with ``dropout=True``). The configurations come from the module's own lists
-(``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs``, the lists the autotuner
-prunes to), so a config added there is compiled here. Head dims 80 and 96 share
+(``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs`` for each chip, the lists
+the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
 ``BLOCK_D = 128`` and its footprint, so 80 stands for both (it also compiles the head-dim
 mask); bf16 stands for fp16 (same footprint). fp32 is compiled for every head dim on
 both chips.
@@ -41,32 +41,17 @@ FP32_HEAD_DIMS = HEAD_DIMS
 # A spill is any STL / LDL in the SASS or a STACK frame (cuobjdump's LOCAL stays 0 when
 # ptxas spills; see helpers.cubin_usage). Each row: kernel, case (head dim, dtype, dropout
 # as in the result ids), chip, the most spill stores (STL) any listed configuration of that
-# case may have (today's count, so any growth fails), and why. The lists are shared by both
-# chips, and sm_90 needs 64 rows per warpgroup in the wgmma's M (query rows for the forward
-# and dQ, key rows for dK/dV), so a tile that is spill-free only with fewer rows does not
-# count as an alternative. Counts of candidates tried are the tiles (BLOCK_M, BLOCK_N,
-# warps, stages) compiled while choosing the lists in attention.py.
+# case may have (today's count, so any growth fails), and why. sm_90 needs 64 rows per
+# warpgroup in the wgmma's M (query rows for the forward and dQ, key rows for dK/dV), so a
+# tile that is spill-free only with fewer rows does not count as an alternative there. sm_80
+# has no such constraint, and where the shared lists spilled on sm_80 it has its own
+# spill-free tiles (attention.SM80_CONFIGS): no 16-bit allowance is left for it. Counts of
+# candidates tried are the tiles (BLOCK_M, BLOCK_N, warps, stages) compiled while choosing.
 SPILL_ALLOWANCES = [
     # kernel, case, cc, max STL, reason
-    ("fwd", "d256-bf16", 80, 228, "no tile with 64 query rows is spill-free on sm_80 among 10 tried "
-     "(64-128 x 16-64, 4-8 warps, 1-3 stages); the list is spill-free on sm_90"),
-    ("dq", "d80-bf16", 80, 265, "no tile with 64+ query rows is spill-free on sm_80 among 14 tried; only 16-32-row "
-     "tiles are, and they have no wgmma on sm_90; keeps the H200 winner 64 x 64 (spill-free on sm_90)"),
-    ("dq", "d256-bf16", 80, 454, "no tile with 64 query rows is spill-free on sm_80 among 10 tried; only 16 x 16 "
-     "is, without wgmma on sm_90; the list is spill-free on sm_90"),
-    ("dkdv", "d256-bf16", 80, 5, "no tile is spill-free on either chip among 10 tried (16-32 x 64-128, 4-16 warps, "
-     "1-3 stages); 16 x 64 on 8 warps spills least on both"),
-    ("dkdv", "d256-bf16", 90, 71, "as on sm_80: no spill-free tile among 10 tried (the former 32 x 64 on 4 warps "
-     "spilled 1023 STL)"),
-    ("fwd", "d256-bf16-dropout", 80, 140, "no spill-free tile on sm_80 among the dropout search's candidates and "
-     "3 more (64 x 16-32, 4-8 warps); spill-free on sm_90"),
-    ("dq", "d80-bf16-dropout", 80, 157, "no tile with 64 query rows is spill-free on sm_80 among the dropout "
-     "search's candidates and 4 more; spill-free on sm_90"),
-    ("dq", "d256-bf16-dropout", 80, 474, "no tile with 64 query rows is spill-free on sm_80 among the dropout "
-     "search's candidates and 2 more; spill-free on sm_90"),
-    ("dkdv", "d256-bf16-dropout", 80, 17, "no spill-free tile with 64 key rows among the dropout search's "
-     "candidates and 4 more (16-32 x 64, 4-16 warps, 1-2 stages)"),
-    ("dkdv", "d256-bf16-dropout", 90, 83, "as on sm_80; the spill-free 32 x 32 tile has no wgmma"),
+    ("dkdv", "d256-bf16", 90, 71, "no spill-free tile with 64 key rows among 10 tried (the former 32 x 64 on 4 "
+     "warps spilled 1023 STL); 16 x 64 on 8 warps spills least"),
+    ("dkdv", "d256-bf16-dropout", 90, 83, "as without dropout; the spill-free 32 x 32 tile has no wgmma"),
     # fp32 (FMA dots, compiled here for sm_90 and sm_80): 16 x 16 is the smallest tl.dot tile and
     # 8 warps with 2-3 stages spill least; tried 16-32 x 16-32 tiles on 1-16 warps, 1-3 stages.
     ("fwd", "d256-fp32", 90, 70, "FMA dot over 256-wide rows; no spill-free tile among 11 tried"),
@@ -147,7 +132,7 @@ def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None =
     results, seen = [], set()
     for hd in HEAD_DIMS:
         for fp32 in (False, True) if hd in FP32_HEAD_DIMS else (False,):
-            for c in cfgs(hd, fp32, dropout):
+            for c in cfgs(hd, fp32, dropout, cc):
                 key = (hd, fp32, str(c))
                 if key in seen or (only and only not in _case_id(kind, hd, fp32, c, cc, dropout)):
                     continue
@@ -173,17 +158,21 @@ GROUPS = [(k, cc, d) for k in ("fwd", "dq", "dkdv") for cc in (90, 80) for d in 
 def test_config_lists_cover_every_head_dim():
     from llm2vec_fast.kernels.triton import attention as tk
 
+    for key in tk.SM80_CONFIGS:  # every sm_80 replacement names a real list
+        kind, bd, dropout = key
+        assert bd in (tk._DROPOUT_TABLES if dropout else tk._TABLES)[kind], key
     for hd in tk.SUPPORTED_HEAD_DIMS:
         for fp32 in (False, True):
             for dropout in (False, True):
-                for f in (tk.fwd_configs, tk.bwd_dq_configs, tk.bwd_dkdv_configs):
-                    assert f(hd, fp32, dropout), f"{f.__name__}({hd}, fp32={fp32}, dropout={dropout}) is empty"
-                for kind in ("fwd", "dq", "dkdv"):
-                    for cuda in (True, False):
-                        for s in (64, 4096):
-                            c = tk.heuristic_config(kind, hd, fp32, s, cuda, dropout)
-                            if cuda:  # the heuristic picks from the compiled list
-                                assert str(c) in {str(x) for x in tk._configs(kind, hd, fp32, dropout)}
+                for chip in tk.CHIPS:
+                    for f in (tk.fwd_configs, tk.bwd_dq_configs, tk.bwd_dkdv_configs):
+                        assert f(hd, fp32, dropout, chip), f"{f.__name__}({hd}, fp32={fp32}, dropout={dropout}, {chip}) is empty"
+                    for kind in ("fwd", "dq", "dkdv"):
+                        for cuda in (True, False):
+                            for s in (64, 4096):
+                                c = tk.heuristic_config(kind, hd, fp32, s, cuda, dropout, chip)
+                                if cuda:  # the heuristic picks from the list compiled for that chip
+                                    assert str(c) in {str(x) for x in tk._configs(kind, hd, fp32, dropout, chip)}
 
 
 def test_spill_check_sees_spills():

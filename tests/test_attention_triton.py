@@ -235,7 +235,7 @@ def test_backward_is_deterministic(device):
 
 def test_gpu_tiles_in_interpreter(monkeypatch, device):
     # The heuristic's CUDA tiles (64 / 128 rows, the unmasked full-block path) run here too.
-    def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False):
+    def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90):
         return tk._cfg(64, 128, 4, 1) if kind == "dkdv" else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1)
 
     monkeypatch.setattr(tk, "heuristic_config", big)
@@ -412,7 +412,7 @@ def test_dropout_mask_does_not_depend_on_tiles(D, monkeypatch, device):
     # The CUDA dropout tiles (fwd 64 / 128 rows, dQ 64 x 32, dK/dV 16 / 32 query rows)
     # regenerate the mask the 32 x 32 debug kernel wrote: the RNG counters are positions,
     # not block indices.
-    def cuda_tiles(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False):
+    def cuda_tiles(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90):
         c = tk._configs(kind, head_dim, False, True)[0]
         return tk._cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 4, 1)
 

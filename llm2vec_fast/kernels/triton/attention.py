@@ -660,15 +660,17 @@ def _cfg(bm, bn, w, s):
 # steps over 64- or 128-row key blocks; also the 128 x 128 forward at D = 128 (37 STL on
 # sm_80), the 3-stage dQ at D = 64 (2 on sm_80) and the BLOCK_D 256 tiles (forward ~30 /
 # ~420 STL on sm_90 / sm_80, dQ ~13 / ~600, dK/dV ~1000 / ~3300). The replacements are not
-# yet timed on a GPU. Still spilling, with no spill-free alternative found (the test's
-# documented allowances): on sm_80 the dQ kernel at BLOCK_D 128 / 256 and the BLOCK_D 256
-# forward (every tile with the 64 query rows wgmma needs on sm_90 spills there), and dK/dV
-# at BLOCK_D 256 on both chips (16 x 64 on 8 warps: ~70 STL on sm_90, ~5 on sm_80, the
-# least of the tiles tried). BLOCK_D 32 has one entry: small heads are rare and
-# memory-bound.
+# yet timed on a GPU. Where every tile with the 64 rows wgmma needs spills on sm_80 (dQ at
+# BLOCK_D 128 / 256, the BLOCK_D 256 forward, dK/dV at 256), the A100 gets its own
+# spill-free tiles (SM80_CONFIGS below). Still spilling (the compile test's allowance): dK/dV
+# at BLOCK_D 256 on sm_90 (16 x 64 on 8 warps, ~70 STL, the least of the tiles tried).
+# D = 64's fourth forward entry, 128 x 128 on 8 warps (spill-free on both chips), is an
+# autotune candidate only: the per-key instruction count of the forward's inner loop is ~20%
+# lower at 128 x 128 than at 128 x 64 in the sm_90 SASS, untimed. BLOCK_D 32 has one entry:
+# small heads are rare and memory-bound.
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
-    64: [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    64: [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3)],
     128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
@@ -697,6 +699,23 @@ FP32_CONFIGS = {
     "dkdv": {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 3)], 256: [_cfg(16, 16, 8, 3)]},
 }
 _TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS}
+# The A100 (sm_80) runs mma.sync, which has no 64-row warpgroup tile to keep: where every
+# tile of the shared lists spills there, a 16- / 32-row tile that does not replaces the list
+# on sm_80 only (16-bit inputs; key: kind, BLOCK_D, dropout). Each was the largest spill-free
+# tile among 4-10 compiled per case (tiles of 16-64 x 16-128, 4-8 warps, 1-3 stages); the
+# lists they replace spilled 5-474 STL on sm_80 (see the compile test's allowances before
+# this table). sm_90 keeps the shared lists. Untimed on an A100.
+SM80_CONFIGS = {
+    ("fwd", 256, False): [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)],
+    ("fwd", 256, True): [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)],
+    ("dq", 128, False): [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3)],
+    ("dq", 128, True): [_cfg(32, 32, 8, 2)],
+    ("dq", 256, False): [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 2)],
+    ("dq", 256, True): [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 2)],
+    ("dkdv", 256, False): [_cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)],
+    ("dkdv", 256, True): [_cfg(16, 32, 8, 1), _cfg(16, 16, 4, 2)],
+}
+CHIPS = (90, 80)
 # Dropout's own lists. The Philox words (interleaved over query rows, then transposed in
 # the forward and dQ kernels) add registers and 4-16 KB of shared memory, so the tables
 # above would spill or, for the 128 x 128 forward tile, exceed shared memory. Chosen by
@@ -732,28 +751,38 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(kind: str, head_dim: int, fp32: bool, dropout: bool = False) -> list[triton.Config]:
+def chip_of(device: torch.device) -> int:
+    """The config family of a CUDA device: 90 from compute capability 9 up (wgmma), else 80."""
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _configs(kind: str, head_dim: int, fp32: bool, dropout: bool = False, chip: int = 90) -> list[triton.Config]:
     bd = _block_d(head_dim)
-    return list(FP32_CONFIGS[kind][bd] if fp32 else (_DROPOUT_TABLES if dropout else _TABLES)[kind][bd])
+    if fp32:
+        return list(FP32_CONFIGS[kind][bd])
+    if chip == 80 and (kind, bd, dropout) in SM80_CONFIGS:
+        return list(SM80_CONFIGS[kind, bd, dropout])
+    return list((_DROPOUT_TABLES if dropout else _TABLES)[kind][bd])
 
 
-def fwd_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
-    """Every forward configuration the autotuner may pick for this head dim and input kind."""
-    return _configs("fwd", head_dim, fp32, dropout)
+def fwd_configs(head_dim: int, fp32: bool = False, dropout: bool = False, chip: int = 90) -> list[triton.Config]:
+    """Every forward configuration the autotuner may pick for this head dim, input kind and
+    chip family (``chip_of``: 90 for H100, 80 for A100)."""
+    return _configs("fwd", head_dim, fp32, dropout, chip)
 
 
-def bwd_dq_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
+def bwd_dq_configs(head_dim: int, fp32: bool = False, dropout: bool = False, chip: int = 90) -> list[triton.Config]:
     """Every dQ configuration the autotuner may pick."""
-    return _configs("dq", head_dim, fp32, dropout)
+    return _configs("dq", head_dim, fp32, dropout, chip)
 
 
-def bwd_dkdv_configs(head_dim: int, fp32: bool = False, dropout: bool = False) -> list[triton.Config]:
+def bwd_dkdv_configs(head_dim: int, fp32: bool = False, dropout: bool = False, chip: int = 90) -> list[triton.Config]:
     """Every dK/dV configuration the autotuner may pick."""
-    return _configs("dkdv", head_dim, fp32, dropout)
+    return _configs("dkdv", head_dim, fp32, dropout, chip)
 
 
 def heuristic_config(
-    kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool, dropout: bool = False
+    kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool, dropout: bool = False, chip: int = 90
 ) -> triton.Config:
     """The configuration used when not autotuning (no CUDA, or LLM2VEC_FAST_AUTOTUNE=0).
 
@@ -766,7 +795,7 @@ def heuristic_config(
     CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
     sequences cross several blocks and a tail, and the interpreter stays fast.
     """
-    cands = _configs(kind, head_dim, fp32, dropout)
+    cands = _configs(kind, head_dim, fp32, dropout, chip)
     if not on_cuda:
         return _cfg(32, 32, 4, 1) if _block_d(head_dim) < 256 else _cfg(16, 16, 4, 1)
     if max_seqlen <= 256:
@@ -784,18 +813,19 @@ _AUTOTUNE_KEY = ["seqlen_bucket", "IS_VARLEN", "HAS_MASK", "HAS_SOFTCAP", "DROPO
 
 
 @functools.cache
-def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool):
-    return triton.autotune(configs=_configs(kind, head_dim, fp32, dropout), key=_AUTOTUNE_KEY)(_KERNELS[kind])
+def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool, chip: int):
+    return triton.autotune(configs=_configs(kind, head_dim, fp32, dropout, chip), key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
 
 def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool):
     blk = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     dropout = bool(consts["DROPOUT"])
+    chip = chip_of(args[0].device) if on_cuda else 90
     if on_cuda and _autotune_on():
         grid = lambda meta: (triton.cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
-        _tuned(kind, head_dim, fp32, dropout)[grid](*args, **consts)
+        _tuned(kind, head_dim, fp32, dropout, chip)[grid](*args, **consts)
         return
-    c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda, dropout)
+    c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda, dropout, chip)
     grid = (triton.cdiv(grid_len, c.kwargs[blk]),) + grid_rest
     _KERNELS[kind][grid](*args, **consts, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
