@@ -181,9 +181,14 @@ def test_frozen_weight_skips_its_gradient(device):
     assert (h.grad - h2.grad).abs().max() < 1e-5
 
 
-def test_strategy_choice():
-    """auto: eager for a frozen head, eager with d weight only while the rows fit in a few chunks."""
+def test_strategy_choice(monkeypatch):
+    """auto: eager for a frozen head, eager with d weight only while the rows fit in a few chunks
+    (once EAGER_AUTO is on; while it is off, auto is two-pass)."""
     V = 32000
+    monkeypatch.setattr(mce, "EAGER_AUTO", False)
+    assert mce.choose_strategy("auto", 100, V, False, True) == "two_pass"
+    assert mce.choose_strategy("eager", 100, V, False, True) == "eager"
+    monkeypatch.setattr(mce, "EAGER_AUTO", True)
     r = mce.eager_row_chunk(V)
     assert r * V <= mce.EAGER_CHUNK_ELEMS < (r + 1) * V
     assert mce.choose_strategy("auto", 100_000, V, False, False) == "eager"  # d hidden scales per row
