@@ -7,6 +7,9 @@ Providers, side by side in one run on the same inputs:
                 materialised chunks of logits, or the logits recomputed in the backward);
                 named as peers so the summary shows what auto's choice gained or lost
   ref_chunked   the chunked PyTorch reference (backend="torch")
+  ours_torch, torch-two_pass
+                the reference as our CPU path runs it (backend="torch", strategy "auto",
+                eager there) and with the two-pass strategy forced (a peer)   [cpu-smollm]
   torch_full    full logits (hidden @ W.T in the input dtype, upcast to fp32) + F.cross_entropy,
                 what stock transformers does
   torch_compile torch.compile of the chunked reference                      [gpu-full]
@@ -27,6 +30,7 @@ includes the gradients each provider returns. Rows go to benchmarks/results/mask
 
     python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu   # Triton interpreted
+    python benchmarks/bench_masked_ce.py --device cpu --preset cpu-smollm   # our CPU path (torch backend)
 """
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ PRESETS = {
     # tiny, under a minute on 2 CPU cores; ours runs under the Triton interpreter
     "cpu": dict(C=[64], V=[1000, 4000], tokens=[512], frac=[0.2], modes=["full"], w_grad=[True, False],
                 providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full"]),
+    # our CPU path (the torch backend) at the CPU end-to-end MNTP step's LM head: SmolLM2-135M
+    # (C = 576, V = 49152), 8 x 128 tokens, 20% labelled, fp32; ~1 min on 2 cores
+    "cpu-smollm": dict(C=[576], V=[49152], tokens=[1024], frac=[0.2], modes=["full"], w_grad=[False, True],
+                       providers=["ours_torch", "torch-two_pass", "torch_full"], dtype="fp32", seq=128, rep=7),
     # ~60 s on an H100: the acceptance shapes, with a trained and a frozen LM head
     "gpu-quick": dict(C=[4096], V=[32000, 128256], tokens=[16384], frac=[0.2], modes=["full"], w_grad=[True, False],
                       providers=["ours", "strategy-eager", "strategy-two_pass", "torch_full", "liger", "cce"]),
@@ -74,9 +82,10 @@ def main(argv=None) -> int:
         return 2
     dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if args.device == "cuda" else "fp16")
+        args.dtype or PRESETS[preset].get("dtype") or ("bf16" if args.device == "cuda" else "fp16")
     ]
     cfg = PRESETS[preset]
+    seq = cfg.get("seq", SEQ)
 
     liger = cce = None
     try:
@@ -101,8 +110,10 @@ def main(argv=None) -> int:
         if name.startswith("strategy-"):
             strategy = name.split("-", 1)[1]
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy=strategy)
-        if name == "ref_chunked":
+        if name in ("ref_chunked", "ours_torch"):
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="torch")
+        if name == "torch-two_pass":
+            return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="torch", strategy="two_pass")
         if name == "torch_full":
             def full(h, w, y):
                 z = (h @ w.t()).float()
@@ -134,7 +145,7 @@ def main(argv=None) -> int:
              for wg in cfg.get("w_grad", [True])]
     for C, V, T, frac, w_grad in cases:
         g = torch.Generator(device=dev).manual_seed(0)
-        B = max(1, T // SEQ)
+        B = max(1, T // seq)
         hidden = torch.randn(B, T // B, C, device=dev, dtype=dtype, generator=g).requires_grad_()
         # w_grad=False: a frozen LM head, as the LoRA MNTP recipe trains (no d weight)
         weight = (torch.randn(V, C, device=dev, dtype=dtype, generator=g) / C**0.5).requires_grad_(w_grad)
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
                         loss = fn(hidden, weight, labels)
                         run = lambda: torch.autograd.grad(loss, params, retain_graph=True)  # noqa: E731
                     run()  # warm-up: autotuning, compilation
-                    row.update(bench(run, args.device, **({} if args.device == "cuda" else dict(warmup=1, rep=3))))
+                    row.update(bench(run, args.device, **({} if args.device == "cuda" else dict(warmup=1, rep=cfg.get("rep", 3)))))
                 except Exception as e:  # an OOM or a provider failure is a result too
                     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
                 finally:
