@@ -147,8 +147,9 @@ def table_for(name: str, rows: list[dict]) -> list[str]:
         )
         lines.append("")
         if dev.startswith("cpu") and name not in ("e2e", "encode"):
-            lines.append("CPU rows check the harness, not speed: without a GPU the Triton providers run under the "
-                         "Triton interpreter (TRITON_INTERPRET=1) or are skipped.")
+            lines.append("CPU rows of the Triton providers check the harness, not speed: without a GPU they run "
+                         "under the Triton interpreter (TRITON_INTERPRET=1) or are skipped. Rows whose ours is a "
+                         "torch-backend provider (``ours_torch``) are this CPU's speed.")
             lines.append("")
         has_tflops = any("tflops" in r for r in drows)
         head = ["case", "ours", "ours ms"]
