@@ -169,8 +169,14 @@ def main(argv=None) -> int:
                     else:
                         loss = fn(hidden, weight, labels)
                         run = lambda: torch.autograd.grad(loss, params, retain_graph=True)  # noqa: E731
+                    tk = sys.modules.get("llm2vec_fast.kernels.triton.masked_ce")
+                    if tk is not None:
+                        tk.LAST_TILES.clear()
                     run()  # warm-up: autotuning, compilation
                     row.update(bench(run, args.device, **({} if args.device == "cuda" else dict(warmup=1, rep=cfg.get("rep", 3)))))
+                    tk = sys.modules.get("llm2vec_fast.kernels.triton.masked_ce")
+                    if args.device == "cuda" and tk is not None and tk.LAST_TILES:
+                        row["tiles"] = dict(tk.LAST_TILES)  # the autotuners' picks
                 except Exception as e:  # an OOM or a provider failure is a result too
                     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
                 finally:

@@ -26,7 +26,7 @@ CONTEXT_KEYS = {"device", "torch", "triton", "transformers", "git", "time", "pre
 MEASURE_KEYS = {
     "ms", "ms_p20", "ms_p80", "peak_mem_mb", "step_mem_mb", "mem_kind", "tflops", "tokens_per_s", "texts_per_s",
     "cpu_ms", "loss0", "steps", "speedup_vs_stock", "mem_ratio_vs_stock", "loss0_diff_vs_stock", "max_err",
-    "note", "gbps", "seconds", "threads",
+    "note", "gbps", "seconds", "threads", "tiles",
 }
 MEASURE_SUFFIXES = ("_ms", "_mb", "_per_s", "_vs_stock", "_err", "_diff", "_ratio", "_speedup")
 OURS_PREFIXES = ("ours", "patched", "llm2vec_fast", "llm2vec-fast", "triton", "fast")

@@ -817,15 +817,29 @@ def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool, chip: int):
     return triton.autotune(configs=_configs(kind, head_dim, fp32, dropout, chip), key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
 
+# The tile each kernel kind last launched with ("fwd" / "dq" / "dkdv" -> "128x64 w8 s3"), so a
+# benchmark row can say which configuration the autotuner (or the heuristic) picked.
+LAST_TILES: dict = {}
+
+
+def tile_name(c: triton.Config) -> str:
+    k = c.kwargs
+    return "x".join(str(k[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in k) + f" w{c.num_warps} s{c.num_stages}"
+
+
 def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool):
     blk = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     dropout = bool(consts["DROPOUT"])
     chip = chip_of(args[0].device) if on_cuda else 90
     if on_cuda and _autotune_on():
         grid = lambda meta: (triton.cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
-        _tuned(kind, head_dim, fp32, dropout, chip)[grid](*args, **consts)
+        tuner = _tuned(kind, head_dim, fp32, dropout, chip)
+        tuner[grid](*args, **consts)
+        if getattr(tuner, "best_config", None) is not None:
+            LAST_TILES[kind] = tile_name(tuner.best_config)
         return
     c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda, dropout, chip)
+    LAST_TILES[kind] = tile_name(c)
     grid = (triton.cdiv(grid_len, c.kwargs[blk]),) + grid_rest
     _KERNELS[kind][grid](*args, **consts, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
