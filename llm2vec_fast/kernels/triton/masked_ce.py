@@ -258,6 +258,19 @@ def _mce_bwd_kernel(
 
 
 @triton.jit
+def _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Logits at ``cols`` of one materialised row (bias and softcap applied) and tanh(z / cap)."""
+    z = tl.load(z_row + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
+    t = z
+    if HAS_SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
+        z = softcap * t
+    return z, t
+
+
+@triton.jit
 def _mce_rows_kernel(
     Z, Bias, Y, DZ, Loss, Lse, Arg,
     V, stride_z, stride_dz, softcap, smoothing, z_loss,
@@ -288,11 +301,7 @@ def _mce_rows_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         ok = cols < V
-        z = tl.load(z_row + cols, mask=ok, other=0.0)
-        if HAS_BIAS:
-            z += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+        z, _t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
         if HAS_SMOOTH:
             zsum += tl.sum(tl.where(ok, z, 0.0), axis=0)
         z = tl.where(ok, z, float("-inf"))
@@ -306,11 +315,7 @@ def _mce_rows_kernel(
         arg = tl.where(blk_max > best, blk_arg, arg)
         best = tl.maximum(best, blk_max)
     lse = m_i + tl.log(s_i)
-    zy = tl.load(z_row + y)
-    if HAS_BIAS:
-        zy += tl.load(Bias + y).to(tl.float32)
-    if HAS_SOFTCAP:
-        zy = softcap * (1.0 - 2.0 / (tl.exp(2.0 * zy / softcap) + 1.0))
+    zy, _ty = _row_logits(z_row, Bias, y, y >= 0, softcap, HAS_BIAS, HAS_SOFTCAP)
     loss = (lse - zy) * (1.0 - smoothing)
     if HAS_SMOOTH:
         loss += smoothing * (lse - zsum / V)
@@ -322,12 +327,7 @@ def _mce_rows_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         ok = cols < V
-        z = tl.load(z_row + cols, mask=ok, other=0.0)
-        if HAS_BIAS:
-            z += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
-            z = softcap * t
+        z, t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
         dz = tl.exp(z - lse) * coef - smoothing / V
         dz -= tl.where(cols == y, 1.0 - smoothing, 0.0)
         if HAS_SOFTCAP:
