@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             return cc
         raise ValueError(name)
 
-    rows = []
+    rows, n_saved, path = [], 0, None
     cases = [(C, V, T, frac, wg) for C in cfg["C"] for V in cfg["V"] for T in cfg["tokens"] for frac in cfg["frac"]
              for wg in cfg.get("w_grad", [True])]
     for C, V, T, frac, w_grad in cases:
@@ -190,8 +190,10 @@ def main(argv=None) -> int:
                       + (f"{ms:9.3f} ms" if ms is not None else row.get("error", "?"))
                       + (f"  peak {mem:9.1f} MiB" if mem is not None else ""), flush=True)
         del hidden, weight, labels
-    path = append_rows("masked_ce", rows, args.device, out_dir=args.out_dir)
-    print(f"{len(rows)} rows -> {path}")
+        # per case, so a run stopped by a time limit (gpu_check.sh) keeps what it measured
+        path = append_rows("masked_ce", rows[n_saved:], args.device, out_dir=args.out_dir)
+        n_saved = len(rows)
+    print(f"{len(rows)} rows -> {path if rows else '(nothing)'}")
     return 0
 
 
