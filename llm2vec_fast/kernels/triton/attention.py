@@ -339,10 +339,14 @@ def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.con
 
 
 @triton.jit
-def _load_lse2(l_ptrs, rmask):
-    lse = tl.load(l_ptrs, mask=rmask, other=float("-inf"))
+def _lse2(lse):
     # -inf marks a row without keys: +inf makes every probability of that row exactly 0.
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _load_lse2(l_ptrs, rmask):
+    return _lse2(tl.load(l_ptrs, mask=rmask, other=float("-inf")))
 
 
 @triton.jit
@@ -487,52 +491,104 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_block(
+    dk, dv, k, v, kvalid, q_base, do_base, lse_base, delta_base, start_m, lo, hi_q, stride_qt, stride_dot,
+    offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh, offs_n, drop_thresh, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
+    ROWMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr,
+    ROUNDS: tl.constexpr,
+):
+    """One query block's share of dK and dV. ``ROWMASK`` False: every row of the block lies in
+    ``[lo, hi_q)``, so q, dO, lse and delta load without a row mask (the loop's full blocks)."""
+    rows = start_m + offs_m
+    q_ptrs = q_base + offs_d[:, None] + rows[None, :] * stride_qt
+    do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+    dmask = offs_d < HEAD_DIM
+    if ROWMASK:
+        if DROPOUT:
+            rmask = (rows >= lo) & (rows < hi_q)
+        else:
+            rmask = rows < hi_q
+        # Rows outside load as zeros with lse = +inf: their probabilities are exactly 0.
+        qT = tl.load(q_ptrs, mask=dmask[:, None] & rmask[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
+        lse2 = _load_lse2(lse_base + rows, rmask)
+        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+    else:
+        if BLOCK_D != HEAD_DIM:
+            qT = tl.load(q_ptrs, mask=dmask[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=dmask[None, :], other=0.0)
+        else:
+            qT = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        lse2 = _lse2(tl.load(lse_base + rows))
+        delta = tl.load(delta_base + rows)
+    qkT = tl.dot(k, qT, input_precision=DOT_PREC)
+    pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+    if DROPOUT:
+        # The forward's mask, transposed: dV = (P * Z)^T dO / (1 - p) (the rescale is
+        # applied once, after the loops) and dP = Z * (dO V^T) / (1 - p).
+        keepT = _dropout_keep(seed, bh, start_m, offs_n, drop_thresh, BLOCK_M, ROUNDS, 0)
+        dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+    else:
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:
+        dsT = dsT * dcap
+    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_loop(
     dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
     stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
     offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
 ):
-    dmask = offs_d < HEAD_DIM
-    if DROPOUT:
-        # _dropout_keep serves four query rows per Philox call from a multiple of 4, so the
-        # query blocks start there; rows below lo (padding) are masked like those past hi_q.
-        m_lo = lo - lo % 4
-    else:
-        m_lo = lo
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
         do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
         l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
-        for start_m in range(m_lo, hi_q, BLOCK_M):
-            rows = start_m + offs_m
-            if DROPOUT:
-                rmask = (rows >= lo) & (rows < hi_q)
-            else:
-                rmask = rows < hi_q
-            # Rows past hi_q load as zeros with lse = +inf: their probabilities are exactly 0.
-            qT = tl.load(q_base + offs_d[:, None] + rows[None, :] * stride_qt, mask=dmask[:, None] & rmask[None, :], other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            lse2 = _load_lse2(LSE + l_off + rows, rmask)
-            delta = tl.load(DELTA + l_off + rows, mask=rmask, other=0.0)
-            qkT = tl.dot(k, qT, input_precision=DOT_PREC)
-            pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
-            if DROPOUT:
-                # The forward's mask, transposed: dV = (P * Z)^T dO / (1 - p) (the rescale is
-                # applied once, after the loops) and dP = Z * (dO V^T) / (1 - p).
-                keepT = _dropout_keep(seed, bh0 + g, start_m, offs_n, drop_thresh, BLOCK_M, ROUNDS, 0)
-                dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
-                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
-            else:
-                dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            if HAS_SOFTCAP:
-                dsT = dsT * dcap
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+        if DROPOUT or BLOCK_D != 64 or DOT_PREC == "ieee":
+            # One masked loop. With dropout: _dropout_keep serves four query rows per Philox
+            # call from a multiple of 4, so the query blocks start there and rows below lo
+            # (padding) are masked like those past hi_q, in every block. At every BLOCK_D
+            # but 64 and for fp32 the split below adds registers enough to spill (32 x 64 on
+            # 8 warps at D = 128: 212 -> 255 registers and 25 STL on sm_90; 64 x 64 on 4 warps
+            # at D = 32: 2 STL on sm_80).
+            m_lo = lo - lo % 4 if DROPOUT else lo
+            for start_m in range(m_lo, hi_q, BLOCK_M):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, start_m, lo, hi_q,
+                    stride_qt, stride_dot, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
+                    DROPOUT, ROUNDS,
+                )
+        else:
+            # Full query blocks first without row masks, then one masked tail block, as the
+            # forward does for keys: the inner loop's sm_90 SASS at D = 64 (32 x 64, 4 warps)
+            # drops from 313 to 260 instructions (280 -> 228 without the key mask).
+            end_full = lo + ((hi_q - lo) // BLOCK_M) * BLOCK_M
+            for start_m in range(lo, end_full, BLOCK_M):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, start_m, lo, hi_q,
+                    stride_qt, stride_dot, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, False, HAS_SOFTCAP, DOT_PREC,
+                    DROPOUT, ROUNDS,
+                )
+            if end_full < hi_q:
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, end_full, lo, hi_q,
+                    stride_qt, stride_dot, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
+                    DROPOUT, ROUNDS,
+                )
     return dk, dv
 
 
@@ -599,14 +655,14 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
                 offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
+                HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
             )
         else:
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
                 offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
+                HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
             )
     if DROPOUT:
         dv = dv * drop_scale
