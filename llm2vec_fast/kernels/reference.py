@@ -297,8 +297,8 @@ class ChunkedLinearCE(torch.autograd.Function):
     log-sum-exp, the target logit and the argmax; the backward recomputes each block.
     Eager: the forward holds whole rows of logits, ``chunk_rows * chunk_vocab // V`` at a
     time, and computes the gradients of ``sum(loss)`` there (see :func:`eager_allowed`);
-    the backward only scales them. Returns the loss in ``cdt`` (0-d for ``mean`` / ``sum``,
-    per row ``(N,)`` for ``none``) and per-row correctness ``(N,)`` bool.
+    the backward only scales them. Returns the loss in fp32 (fp64 for fp64 inputs; 0-d for
+    ``mean`` / ``sum``, per row ``(N,)`` for ``none``) and per-row correctness ``(N,)`` bool.
     """
 
     @staticmethod
