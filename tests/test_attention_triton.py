@@ -240,7 +240,10 @@ def test_gpu_tiles_in_interpreter(monkeypatch, device):
 
     monkeypatch.setattr(tk, "heuristic_config", big)
     monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "0")
+    tk.LAST_TILES.clear()
     _varlen_case([130, 64, 1], 4, 1, 64, torch.float16, device)
+    # benchmark rows name the tiles each kernel launched with
+    assert tk.LAST_TILES == {"fwd": "128x64 w4 s1", "dq": "64x64 w4 s1", "dkdv": "64x128 w4 s1"}
 
 
 def test_unsupported_falls_back_with_warning(device):
