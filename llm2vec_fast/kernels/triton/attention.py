@@ -809,7 +809,12 @@ def _block_d(head_dim: int) -> int:
 
 def chip_of(device: torch.device) -> int:
     """The config family of a CUDA device: 90 from compute capability 9 up (wgmma), else 80."""
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return _chip_of_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _chip_of_index(index: int) -> int:  # once per device, not on every launch
+    return 90 if torch.cuda.get_device_capability(index)[0] >= 9 else 80
 
 
 def _configs(kind: str, head_dim: int, fp32: bool, dropout: bool = False, chip: int = 90) -> list[triton.Config]:
