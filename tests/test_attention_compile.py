@@ -175,6 +175,19 @@ def test_config_lists_cover_every_head_dim():
                                     assert str(c) in {str(x) for x in tk._configs(kind, hd, fp32, dropout, chip)}
 
 
+def test_chip_family(monkeypatch):
+    """Compute capability 9+ takes the shared (wgmma) lists, anything older the sm_80 ones."""
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    for cap, chip in (((9, 0), 90), ((10, 0), 90), ((8, 0), 80), ((8, 9), 80)):
+        tk._chip_of_index.cache_clear()
+        monkeypatch.setattr(tk.torch.cuda, "get_device_capability", lambda index, cap=cap: cap)
+        assert tk.chip_of(tk.torch.device("cuda", 0)) == chip, cap
+    tk._chip_of_index.cache_clear()
+    assert tk._configs("dq", 128, False, False, 80) == tk.SM80_CONFIGS["dq", 128, False]
+    assert tk._configs("dq", 128, False, False, 90) == tk.BWD_DQ_CONFIGS[128]
+
+
 def test_spill_check_sees_spills():
     """cuobjdump's LOCAL is 0 for a kernel that spills; the check must see STACK and STL."""
     from helpers import assert_compile_results, run_compile_worker
