@@ -109,17 +109,21 @@ def test_deterministic_backward():
         assert torch.equal(a, b)
 
 
+def _compile_inputs():
+    """bf16 q, k, v (2, 128, 4, 64) needing grad and a mask whose second row pads from 100."""
+    q, k, v = (torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    m = torch.ones(2, 128, dtype=torch.bool, device=DEV)
+    m[1, 100:] = False
+    return q, k, v, m
+
+
 def test_torch_compile_no_graph_break():
     padded, _ = _ops()
 
     def f(q, k, v, m):
         return padded(q, k, v, m, backend="triton").float().sum()
 
-    q = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    m = torch.ones(2, 128, dtype=torch.bool, device=DEV)
-    m[1, 100:] = False
+    q, k, v, m = _compile_inputs()
     cf = torch.compile(f, fullgraph=True)
     loss = cf(q, k, v, m)
     loss.backward()
@@ -254,11 +258,7 @@ def test_torch_compile_with_dropout():
     def f(q, k, v, m):
         return padded(q, k, v, m, backend="triton", dropout_p=0.3).float().sum()
 
-    q = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(2, 128, 4, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    m = torch.ones(2, 128, dtype=torch.bool, device=DEV)
-    m[1, 100:] = False
+    q, k, v, m = _compile_inputs()
     cf = torch.compile(f, fullgraph=True)
     cf(q, k, v, m).backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
