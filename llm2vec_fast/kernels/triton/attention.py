@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from ..._tensor_cache import cached
+from ._tiles import record_tile, tile_name
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -883,11 +884,6 @@ def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool, chip: int):
 LAST_TILES: dict = {}
 
 
-def tile_name(c: triton.Config) -> str:
-    k = c.kwargs
-    return "x".join(str(k[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in k) + f" w{c.num_warps} s{c.num_stages}"
-
-
 def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool):
     blk = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     dropout = bool(consts["DROPOUT"])
@@ -896,8 +892,7 @@ def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict
         grid = lambda meta: (triton.cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
         tuner = _tuned(kind, head_dim, fp32, dropout, chip)
         tuner[grid](*args, **consts)
-        if getattr(tuner, "best_config", None) is not None:
-            LAST_TILES[kind] = tile_name(tuner.best_config)
+        record_tile(LAST_TILES, kind, tuner)
         return
     c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda, dropout, chip)
     LAST_TILES[kind] = tile_name(c)

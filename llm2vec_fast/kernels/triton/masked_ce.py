@@ -72,6 +72,7 @@ import triton
 import triton.language as tl
 
 from .. import reference as ref
+from ._tiles import record_tile
 
 # Splits are cut in multiples of this many columns, a multiple of every BLOCK_N below.
 SPLIT_ALIGN = 256
@@ -358,13 +359,6 @@ ALL_CONFIGS = (
 LAST_TILES: dict = {}
 
 
-def _record_tile(kind: str, tuner) -> None:
-    c = getattr(tuner, "best_config", None)
-    if c is not None:
-        k = c.kwargs
-        LAST_TILES[kind] = f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
-
-
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Uninitialised buffer for a kernel to fill (tests replace this to poison it with NaN)."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -416,7 +410,7 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
     if h.is_cuda:
         tuned = _fwd_tuned_fp32 if h.dtype == torch.float32 else _fwd_tuned
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), S)](*args, EVEN_K=C % 64 == 0, **common)  # every BLOCK_K divides 64
-        _record_tile("fwd", tuned)
+        record_tile(LAST_TILES, "fwd", tuned)
     else:
         cfg = INTERPRET_CONFIG
         _mce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), S)](
@@ -486,7 +480,7 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
             tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))](
                 *args, EVEN_K=C % 64 == 0, **common
             )
-            _record_tile("bwd", tuned)
+            record_tile(LAST_TILES, "bwd", tuned)
         else:
             cfg = INTERPRET_CONFIG
             _mce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))](
