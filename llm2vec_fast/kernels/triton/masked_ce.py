@@ -668,25 +668,21 @@ class MaskedLinearCEFunction(torch.autograd.Function):
         none = (None,) * 6
         if not (need_h or need_w or need_b):
             return (None, None, None) + none
-        g = g.float()
         N = h.shape[0]
+        g = g.float() / N if reduction == "mean" else g.float()
         if ctx.eager is not None:
-            # The forward's gradients, for a unit upstream gradient: scaled in place (no copy
-            # of dW) and handed over once. A second backward (retain_graph) recomputes below.
+            # The forward's gradients of sum(loss) (None where not needed): scaled in place (no
+            # copy of dW) and handed over once. A second backward (retain_graph) recomputes below.
             dh, dw, db = ctx.eager
             ctx.eager = None
-            if reduction == "mean":
-                g = g / N
             gr = g[:, None] if g.dim() else g
-            if dh is not None:
-                dh = dh.mul_(gr) if need_h else None
-            if dw is not None:
-                dw = dw.mul_(g) if need_w else None
-            if db is not None:
-                db = db.mul_(g) if need_b else None
-            return (dh, dw, db) + none
+            return (
+                dh.mul_(gr) if dh is not None else None,
+                dw.mul_(g) if dw is not None else None,
+                db.mul_(g) if db is not None else None,
+            ) + none
         if g.dim() == 0:
-            g = (g / N if reduction == "mean" else g).expand(N)
+            g = g.expand(N)
         dh, dw, db = masked_ce_backward(
             h, w, b, y, lse, g.contiguous(), softcap, eps, zl, need_h, need_w, need_b,
         )
