@@ -1,0 +1,131 @@
+"""Time each attention kernel at fixed tiles, one kernel kind at a time (GPU only).
+
+The autotuner only reports its winner; this script says how far apart the candidates are,
+so a tile list can be chosen (and a spill-free tile weighed against a faster one that
+spills) from measurements. For each kind it replaces that kind's tile list by one tile,
+with autotuning off (``LLM2VEC_FAST_AUTOTUNE=0``, so the heuristic launches the list's
+first entry), and times ``flash_attn_noncausal(backend="triton")`` on an unpadded bf16
+batch: the forward alone for ``fwd``, forward + backward for ``dq`` / ``dkdv`` (the other
+backward kernel stays on its default tile, so differences between rows are the swept
+kernel's). Tiles that fail to compile or launch are reported and skipped.
+
+    python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv,dq
+    python benchmarks/sweep_attention_tiles.py --d 64 --kinds dkdv --tiles 64x64w4s2,32x64w4s3
+
+Rows (one per kind and tile, provider ``ours <tile>``; ``ms`` is the forward alone for
+``fwd`` and forward + backward otherwise, ``bwd_ms`` the latter less the default forward) go to benchmarks/results/attention_tiles.jsonl with the
+device, versions and git revision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+os.environ["LLM2VEC_FAST_AUTOTUNE"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+# Candidates per (kind, BLOCK_D): the current lists plus tiles dropped earlier for spills.
+DEFAULT_TILES = {
+    ("fwd", 128): "128x64w8s3,128x64w8s4,128x128w8s2,128x128w8s3,64x128w4s3",
+    ("fwd", 64): "128x64w8s3,128x128w8s3,128x64w4s3,128x32w4s3",
+    ("dq", 128): "64x64w4s2,64x64w4s3,128x64w8s2,128x32w4s2,64x128w8s2",
+    ("dq", 64): "64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
+    ("dkdv", 128): "32x64w8s2,16x128w8s2,64x64w4s2,64x64w4s3,32x128w8s2,64x128w8s2,32x64w4s2,64x64w8s2",
+    ("dkdv", 64): "32x64w4s3,64x64w4s2,32x128w8s2,64x128w8s2,64x64w4s3",
+}
+TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)$")
+
+
+def parse_tile(s: str):
+    import triton
+
+    m = TILE_RE.match(s.strip())
+    if m is None:
+        raise ValueError(f"--tiles: expected entries like 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages), got {s!r}")
+    bm, bn, w, st = map(int, m.groups())
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--d", type=int, default=128, help="head dim")
+    ap.add_argument("--b", type=int, default=4)
+    ap.add_argument("--s", type=int, default=4096)
+    ap.add_argument("--h", type=int, default=32)
+    ap.add_argument("--kinds", default="dkdv,dq,fwd")
+    ap.add_argument("--tiles", default=None, help="comma list for every kind (default: DEFAULT_TILES)")
+    ap.add_argument("--rep", type=int, default=40, help="do_bench rep, ms")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention_tiles.jsonl"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_attention_tiles: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+    import triton.testing
+
+    from llm2vec_fast.kernels.triton import attention as att
+    from llm2vec_fast.kernels.triton._tiles import tile_name
+    from llm2vec_fast.ops.attention import flash_attn_noncausal
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    B, S, H, D = a.b, a.s, a.h, a.d
+    q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16)
+    fwd_flops = 4.0 * B * H * S * S * D
+    bd = att._block_d(D)
+    tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS}
+    base = {kind: list(t[bd]) for kind, t in tables.items()}
+    meta = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "git": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bench": "attention_tiles", "B": B, "S": S, "H": H, "D": D, "dtype": "bfloat16",
+    }
+
+    def save(row):
+        with open(a.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    # The forward alone, once on the default tiles, so backward rows can subtract it.
+    with torch.no_grad():
+        t_fwd0 = triton.testing.do_bench(lambda: flash_attn_noncausal(q, k, v, backend="triton"), rep=a.rep)
+    print(f"default forward {t_fwd0:.3f} ms ({fwd_flops / t_fwd0 / 1e9:.1f} TFLOP/s)", flush=True)
+    for kind in a.kinds.split(","):
+        tiles = (a.tiles or DEFAULT_TILES.get((kind, bd), "")).split(",")
+        for spec in filter(None, tiles):
+            cfg = parse_tile(spec)
+            tables[kind][bd] = [cfg]
+            try:
+                if kind == "fwd":
+                    def step():
+                        with torch.no_grad():
+                            flash_attn_noncausal(q, k, v, backend="triton")
+                else:
+                    def step():
+                        o = flash_attn_noncausal(q, k, v, backend="triton")
+                        torch.autograd.grad(o, (q, k, v), g)
+                step()
+                torch.cuda.synchronize()
+                ms = triton.testing.do_bench(step, rep=a.rep)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"{kind:5s} {spec:12s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                save({**meta, "kind": kind, "provider": f"ours {spec}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                continue
+            finally:
+                tables[kind][bd] = list(base[kind])
+            bwd_ms = ms - t_fwd0 if kind != "fwd" else None
+            tf = fwd_flops / ms / 1e9 if kind == "fwd" else 2.5 * fwd_flops / bwd_ms / 1e9
+            print(f"{kind:5s} {spec:12s} {ms:8.3f} ms  {'bwd ' + format(bwd_ms, '.3f') + ' ms ' if bwd_ms else ''}"
+                  f"{tf:6.1f} TFLOP/s ({'fwd' if kind == 'fwd' else 'bwd, others on defaults'})", flush=True)
+            save({**meta, "kind": kind, "provider": f"ours {spec}", "ms": ms, "bwd_ms": bwd_ms, "tflops": tf,
+                  "defaults": {kk: tile_name(v[0]) for kk, v in base.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
