@@ -37,7 +37,8 @@ HEAD_DIMS = (32, 64, 80, 256)  # one per distinct BLOCK_D; 80 also covers 96 and
 FP32_HEAD_DIMS = HEAD_DIMS
 
 
-# Register spills the test allows: the cases where no spill-free configuration was found.
+# Register spills the test allows: the cases where no spill-free configuration was found, or
+# where the spill-free ones measured much slower on a GPU (one case, said in its row).
 # A spill is any STL / LDL in the SASS or a STACK frame (cuobjdump's LOCAL stays 0 when
 # ptxas spills; see helpers.cubin_usage). Each row: kernel, case (head dim, dtype, dropout
 # as in the result ids), chip, the most spill stores (STL) any listed configuration of that
@@ -49,6 +50,8 @@ FP32_HEAD_DIMS = HEAD_DIMS
 # candidates tried are the tiles (BLOCK_M, BLOCK_N, warps, stages) compiled while choosing.
 SPILL_ALLOWANCES = [
     # kernel, case, cc, max STL, reason
+    ("dkdv", "d80-bf16", 90, 146, "measured, not for want of a spill-free tile: 64 x 128 on 8 warps ran the H200 "
+     "backward at 336 TFLOP/s against 154-202 for the spill-free 16- / 32-row tiles (attention_tiles.jsonl)"),
     ("dkdv", "d256-bf16", 90, 71, "no spill-free tile with 64 key rows among 10 tried (the former 32 x 64 on 4 "
      "warps spilled 1023 STL); 16 x 64 on 8 warps spills least"),
     ("dkdv", "d256-bf16-dropout", 90, 83, "as without dropout; the spill-free 32 x 32 tile has no wgmma"),

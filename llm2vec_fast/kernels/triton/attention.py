@@ -704,31 +704,31 @@ def _cfg(bm, bn, w, s):
 
 # H100-oriented tiles per BLOCK_D (sane on A100: every entry is compiled for sm_80 too and
 # kept under its 163 KB of shared memory by tests/test_attention_compile.py). The first
-# entry is the heuristic's choice for long sequences. Most first entries were the
-# autotuner's winner on an H200 (same SMs and clocks as the H100) at S = 4k / 8k, bf16
-# (benchmarks/results, kernels of daa7beb): forward 128-row query tiles (two warpgroups at
-# D = 128), backward 64 x 64 tiles on one warpgroup (the dK/dV kernel holds two (BLOCK_N,
-# BLOCK_D) fp32 accumulators, so larger tiles cost occupancy). Every entry is also free of
-# register spills where a spill-free tile with wgmma exists: the compile test counts spill
-# stores (STL) in the SASS, which cuobjdump's LOCAL never showed. That removed winners
-# that spill: the D = 64 forward's 128 x 64 on 4 warps (~8 STL on sm_90, ~6 on sm_80; the
-# same tile on 8 warps is clean) and the dK/dV 64 x 64 tile on 4 warps (~20 STL on sm_90
-# at D = 64, ~180 at D = 128; ~60 / ~450 on sm_80), replaced by 16- / 32-row query
-# steps over 64- or 128-row key blocks; also the 128 x 128 forward at D = 128 (37 STL on
-# sm_80), the 3-stage dQ at D = 64 (2 on sm_80) and the BLOCK_D 256 tiles (forward ~30 /
-# ~420 STL on sm_90 / sm_80, dQ ~13 / ~600, dK/dV ~1000 / ~3300). The replacements are not
-# yet timed on a GPU. Where every tile with the 64 rows wgmma needs spills on sm_80 (dQ at
-# BLOCK_D 128 / 256, the BLOCK_D 256 forward, dK/dV at 256), the A100 gets its own
-# spill-free tiles (SM80_CONFIGS below). Still spilling (the compile test's allowance): dK/dV
-# at BLOCK_D 256 on sm_90 (16 x 64 on 8 warps, ~70 STL, the least of the tiles tried).
-# D = 64's fourth forward entry, 128 x 128 on 8 warps (spill-free on both chips), is an
-# autotune candidate only: the per-key instruction count of the forward's inner loop is ~20%
-# lower at 128 x 128 than at 128 x 64 in the sm_90 SASS, untimed. BLOCK_D 32 has one entry:
-# small heads are rare and memory-bound.
+# entry is the heuristic's choice for long sequences. The BLOCK_D 64 / 128 lists come from
+# per-kernel tile sweeps on an H200 (same SMs and clocks as the H100; bf16, B = 4, S = 4096,
+# H = 32, benchmarks/sweep_attention_tiles.py, rows in benchmarks/results/attention_tiles.jsonl,
+# git 71fe4ae): forward 128 x 128 on 8 warps at D = 128 (~494-518 TFLOP/s against ~480-494
+# for 128 x 64; at D = 64 128 x 128 was 15% slower than 128 x 64, so not listed there);
+# dK/dV 64 x 128 on 8 warps at D = 128 (336 TFLOP/s for the whole backward, against 154-202
+# for the spill-free 16- / 32-row tiles that replaced 64 x 64 earlier and 239-249 for 64 x 64
+# on 4 warps); dQ at D = 128 within 2% across 64 x 64 w4, 128 x 64 w8 and 128 x 128 w8.
+# Spills: the compile test counts spill stores (STL) in the SASS (cuobjdump's LOCAL never
+# showed them) against allowances. Most entries are spill-free; the D = 128 dK/dV list is
+# not (64 x 128 spills ~150 STL on sm_90 in its masked, softcapped variant), because the
+# spill-free tiles measured 1.7-2.2x slower: speed is what the list is for, and the
+# allowance pins the count. Spill-free replacements of earlier spilling winners, untimed
+# except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
+# on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
+# (2 STL on sm_80) and the BLOCK_D 256 tiles (forward ~30 / ~420 STL on sm_90 / sm_80, dQ
+# ~13 / ~600, dK/dV ~1000 / ~3300). Where the shared lists spill on sm_80 (dQ at BLOCK_D
+# 128 / 256, the forward at 128 / 256, dK/dV at 128 / 256), the A100 gets its own tiles
+# (SM80_CONFIGS below). Still spilling on sm_90 (the compile test's allowances): dK/dV at
+# BLOCK_D 128 (above) and 256 (16 x 64 on 8 warps, ~70 STL, the least of the tiles tried).
+# BLOCK_D 32 has one entry: small heads are rare and memory-bound.
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
-    64: [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3)],
-    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
+    64: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
 BWD_DQ_CONFIGS = {
@@ -740,7 +740,7 @@ BWD_DQ_CONFIGS = {
 BWD_DKDV_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
     64: [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
-    128: [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2), _cfg(16, 128, 8, 2)],
+    128: [_cfg(64, 128, 8, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
     256: [_cfg(16, 64, 8, 2)],
 }
 # fp32 inputs run FMA dots ("ieee") on one small tile per kernel and BLOCK_D: correct and
@@ -756,13 +756,16 @@ FP32_CONFIGS = {
     "dkdv": {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 3)], 256: [_cfg(16, 16, 8, 3)]},
 }
 _TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS}
-# The A100 (sm_80) runs mma.sync, which has no 64-row warpgroup tile to keep: where every
-# tile of the shared lists spills there, a 16- / 32-row tile that does not replaces the list
-# on sm_80 only (16-bit inputs; key: kind, BLOCK_D, dropout). Each was the largest spill-free
-# tile among 4-10 compiled per case (tiles of 16-64 x 16-128, 4-8 warps, 1-3 stages); the
-# lists they replace spilled 5-474 STL on sm_80 (see the compile test's allowances before
-# this table). sm_90 keeps the shared lists. Untimed on an A100.
+# The A100 (sm_80) runs mma.sync, which has no 64-row warpgroup tile to keep: where the
+# shared lists spill there, tiles that do not replace the list on sm_80 only (16-bit
+# inputs; key: kind, BLOCK_D, dropout). At BLOCK_D 128 the forward and dK/dV keep the
+# spill-free lists sm_90 used before its sweep (the sweep's 128 x 128 forward spills 37 STL
+# on sm_80, the 64 x 128 dK/dV ~1100). The others were the largest spill-free tile among
+# 4-10 compiled per case (tiles of 16-64 x 16-128, 4-8 warps, 1-3 stages); the lists they
+# replace spilled 5-474 STL on sm_80. sm_90 keeps the shared lists. Untimed on an A100.
 SM80_CONFIGS = {
+    ("fwd", 128, False): [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
+    ("dkdv", 128, False): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2), _cfg(16, 128, 8, 2)],
     ("fwd", 256, False): [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)],
     ("fwd", 256, True): [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)],
     ("dq", 128, False): [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3)],
@@ -848,12 +851,12 @@ def heuristic_config(
 ) -> triton.Config:
     """The configuration used when not autotuning (no CUDA, or LLM2VEC_FAST_AUTOTUNE=0).
 
-    On CUDA: the list's first entry (the H200 autotuner's winner at S = 4k / 8k, measured
-    without dropout, unless that tile spills registers where another does not: then the
-    spill-free tile nearest to it, not timed; see the comment above ``FWD_CONFIGS``. Every
-    entry of a list is compiled and spill-checked by the compile test; with ``dropout`` the
-    first entry of the dropout list, not tuned for it); sequences of at most 256 take the
-    smallest tile so that short batches still fill the SMs. No benchmarking, so the first call costs only the compile. Without
+    On CUDA: the list's first entry (the fastest tile of the H200 measurements at S = 4k,
+    without dropout, where a sweep or the autotuner measured it; see the comment above
+    ``FWD_CONFIGS``. Every entry of a list is compiled and spill-checked by the compile
+    test; with ``dropout`` the first entry of the dropout list, not tuned for it); sequences
+    of at most 256 take the smallest tile so that short batches still fill the SMs. No
+    benchmarking, so the first call costs only the compile. Without
     CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
     sequences cross several blocks and a tail, and the interpreter stays fast.
     """
