@@ -182,18 +182,29 @@ def test_frozen_weight_skips_its_gradient(device):
 
 
 def test_strategy_choice(monkeypatch):
-    """auto: eager for a frozen head, eager with d weight only while the rows fit in a few chunks
-    (once EAGER_AUTO is on; while it is off, auto is two-pass)."""
+    """auto: eager for a frozen head; with d weight eager for one chunk, or for at most
+    EAGER_MAX_W_CHUNKS chunks of at least EAGER_MIN_W_ROWS rows (the H200 measurements:
+    V = 32000 eager, V = 128256 two-pass at 16k tokens x 20%); EAGER_AUTO off: two-pass."""
     V = 32000
+    assert mce.EAGER_AUTO  # on since the H200 run (benchmarks/results/masked_ce.jsonl)
     monkeypatch.setattr(mce, "EAGER_AUTO", False)
     assert mce.choose_strategy("auto", 100, V, False, True) == "two_pass"
     assert mce.choose_strategy("eager", 100, V, False, True) == "eager"
     monkeypatch.setattr(mce, "EAGER_AUTO", True)
     r = mce.eager_row_chunk(V)
     assert r * V <= mce.EAGER_CHUNK_ELEMS < (r + 1) * V
+    assert r >= mce.EAGER_MIN_W_ROWS
     assert mce.choose_strategy("auto", 100_000, V, False, False) == "eager"  # d hidden scales per row
+    assert mce.choose_strategy("auto", 3277, V, True, True) == "eager"  # the benchmark's case: 7 chunks
     assert mce.choose_strategy("auto", r * mce.EAGER_MAX_W_CHUNKS, V, True, True) == "eager"
     assert mce.choose_strategy("auto", r * mce.EAGER_MAX_W_CHUNKS + 1, V, True, True) == "two_pass"
+    big = 128256  # chunks of 130 rows: eager only while the rows fit in one chunk
+    rb = mce.eager_row_chunk(big)
+    assert rb < mce.EAGER_MIN_W_ROWS
+    assert mce.choose_strategy("auto", rb, big, True, True) == "eager"
+    assert mce.choose_strategy("auto", rb + 1, big, True, True) == "two_pass"
+    assert mce.choose_strategy("auto", 3277, big, True, True) == "two_pass"
+    assert mce.choose_strategy("auto", 3277, big, False, True) == "eager"
     assert mce.choose_strategy("eager", 100_000, V, True, True) == "eager"
     assert mce.choose_strategy("auto", 10, V, True, False) == "two_pass"  # reduction 'none' with d weight
     assert mce.choose_strategy("two_pass", 10, V, False, True) == "two_pass"

@@ -41,11 +41,11 @@ Design (why it is built this way):
   upstream gradient (and mean's ``1 / N``) in place. d weight sums over rows, so eager with
   d weight needs reduction mean / sum, and each extra row chunk re-reads and re-writes
   ``dW`` (one more rounding in 16 bits): ``"auto"`` takes eager for a frozen head, and with
-  d weight only up to ``EAGER_MAX_W_CHUNKS`` chunks, once ``EAGER_AUTO`` is on. It is off:
-  eager has never run on a GPU (only interpreted and compiled here), so ``"auto"`` stays on
-  the two-pass path measured below until ``test_masked_ce_gpu.py`` passes its eager cases
-  and ``bench_masked_ce.py`` (providers ``strategy-eager`` / ``strategy-two_pass``) shows it
-  faster.
+  d weight where the chunks are few and large enough to repay that traffic (``choose_strategy``:
+  ``EAGER_MIN_W_ROWS``, ``EAGER_MAX_W_CHUNKS``). Measured on an H200 (bf16, C = 4096, 16k
+  tokens, 20% labelled, git 71fe4ae): V = 32000 eager 6.1 ms vs two-pass 8.3 with d weight
+  (4.1x full logits, 3.0x Liger), 3.9 vs 7.0 frozen (5.2x, 3.3x); V = 128256 frozen 18.0 vs
+  24.6, with d weight two-pass (29.0 vs eager's 40.8: 26 chunks of 130 rows).
 * Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee"`` so
   the CPU interpreter and the GPU agree with the fp32 oracle. bf16 ``tl.dot`` is wrong in
   the interpreter, so bf16 is tested on the GPU only.
@@ -502,15 +502,22 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
 # The eager strategy holds one (rows, V) fp32 logits chunk of at most this many elements
 # (64 MB): the same budget as the two-pass backward's dZ buffer plus its fp32 dH accumulator.
 EAGER_CHUNK_ELEMS = 1 << 24
-# With d weight, each row chunk re-reads and re-writes all of dW (V x C): beyond this many
-# chunks that traffic (and the extra roundings of a 16-bit dW) outweighs the saved GEMM and
-# the two-pass strategy runs instead.
-EAGER_MAX_W_CHUNKS = 4
-# Whether "auto" may pick the eager strategy here. Off until a GPU run has passed
-# test_masked_ce_gpu.py's eager cases and bench_masked_ce.py has timed both strategies
-# (no GPU was available when eager was written): until then the default stays on the
-# two-pass path measured on the H200, and eager runs only when asked for by name.
-EAGER_AUTO = False
+# With d weight, each row chunk after the first re-reads and re-writes all of dW (V x C, in
+# the weight's dtype: one more rounding in 16 bits). "auto" takes eager with d weight when
+# the rows fit in one chunk, or when a chunk holds at least EAGER_MIN_W_ROWS rows (the saved
+# GEMM, 2 x rows x C x V FLOPs, then outweighs the chunk's 4 x V x C bytes of dW traffic:
+# rows > 2 x FLOP rate / bandwidth, ~250 on an H200) and there are at most
+# EAGER_MAX_W_CHUNKS chunks (bounds dW's roundings). Measured on an H200 (bf16, C = 4096,
+# 3277 labelled rows, benchmarks/results/masked_ce.jsonl, git 71fe4ae): V = 32000 (524 rows
+# per chunk, 7 chunks) eager 6.1 ms vs two-pass 8.3; V = 128256 (130 rows, 26 chunks) 40.8
+# vs 29.0. d weight within the STYLE.md rule at 7 chunks (test_masked_ce_gpu.py).
+EAGER_MIN_W_ROWS = 256
+EAGER_MAX_W_CHUNKS = 8
+# Whether "auto" may pick the eager strategy. On since the H200 run above: eager passed
+# test_masked_ce_gpu.py (bf16 / fp16 / fp32, the acceptance shape, no host sync) and was
+# faster wherever the rule above takes it (frozen head: 3.9 vs 7.0 ms at V = 32000, 18.0 vs
+# 24.6 at V = 128256).
+EAGER_AUTO = True
 
 
 # The row kernel streams its row twice with 16 fp32 per thread in flight; no software pipeline.
@@ -533,8 +540,9 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
 
     Where the reference allows eager (``reference.eager_allowed``) and ``EAGER_AUTO`` is on,
     ``"auto"`` takes it when only d hidden is wanted (a frozen LM head: two GEMMs instead of
-    three) or when the rows fit in at most ``EAGER_MAX_W_CHUNKS`` chunks (three GEMMs
-    instead of four); with ``EAGER_AUTO`` off (today) ``"auto"`` is two-pass.
+    three), and with d weight (three GEMMs instead of four) when the rows fit in one chunk or
+    in at most ``EAGER_MAX_W_CHUNKS`` chunks of at least ``EAGER_MIN_W_ROWS`` rows each;
+    with ``EAGER_AUTO`` off ``"auto"`` is two-pass.
     ``fp32_logits`` False (no fp32-output GEMM, see :func:`fp32_logits_available`): auto
     stays two-pass and ``strategy="eager"`` raises ``ValueError``.
     """
@@ -547,7 +555,9 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
         return "two_pass"
     if strategy == "eager" or not need_wb:
         return "eager"
-    return "eager" if triton.cdiv(N, eager_row_chunk(V)) <= EAGER_MAX_W_CHUNKS else "two_pass"
+    rows = eager_row_chunk(V)
+    chunks = triton.cdiv(N, rows)
+    return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
 
 
 def fp32_logits_available(h: torch.Tensor) -> bool:
