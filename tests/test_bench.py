@@ -86,7 +86,7 @@ def test_gpu_check_dry_run_lists_everything_and_runs_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     s = r.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in s
-    assert "-m pytest -m gpu -q" in s and "timeout" in s
+    assert "-m pytest -m gpu -v" in s and "timeout" in s
     assert "bench_e2e.py --preset gpu-quick --device cuda" in s
     assert "bench_encode.py --preset gpu-quick --device cuda" in s
     assert "benchmarks/summary.py" in s and f"{out}/results" in s

@@ -73,8 +73,31 @@ def _graph_names(fn) -> set[str]:
             continue
         seen.add(n)
         names.add(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
+        try:
+            stack.extend(f for f, _ in n.next_functions)
+        except RuntimeError:
+            # torch 2.11 on CUDA (H200 run): a custom Function's node reached from a released
+            # graph refuses next_functions ("legacy access pattern"); it ends the walk there.
+            names.add(type(n).__name__ + "<unwalked>")
     return names
+
+
+FUSED_FNS = ("_LoraLinearFn", "_GatedMLPFn", "_RMSNormFn")
+
+
+def _count_fused_calls(monkeypatch) -> dict[str, int]:
+    """Spy on the fused autograd functions' forwards: name -> calls (a graph-free check)."""
+    calls = dict.fromkeys(FUSED_FNS, 0)
+    for name in FUSED_FNS:
+        fn = getattr(fl, name)
+        fwd = fn.forward
+
+        def spy(ctx, *args, _fwd=fwd, _name=name, **kw):
+            calls[_name] += 1
+            return _fwd(ctx, *args, **kw)
+
+        monkeypatch.setattr(fn, "forward", staticmethod(spy))
+    return calls
 
 
 def _fused_nodes(names):
@@ -395,8 +418,18 @@ def test_fuse_lora_argument_is_checked():
         patch_model(tiny_model("llama"), fuse_lora="yes")
 
 
+def test_fused_call_spy(monkeypatch):
+    """The spy the GPU test relies on: counts fused forwards, none without fusion."""
+    batch = _batch()
+    calls = _count_fused_calls(monkeypatch)
+    _loss_and_grads(_lora_model("llama", fuse=False), batch)
+    assert not any(calls.values()), calls
+    _loss_and_grads(_lora_model("llama", fuse=True), batch)
+    assert calls["_LoraLinearFn"] and calls["_GatedMLPFn"], calls
+
+
 @pytest.mark.gpu
-def test_fused_matches_peft_on_cuda():
+def test_fused_matches_peft_on_cuda(monkeypatch):
     """On a GPU the dense-mask dropout and the bf16-base / fp32-adapter path: loss and LoRA
     gradients against peft's (fp64 oracle on the CPU, bf16 peft run on the GPU as the budget)."""
     if not torch.cuda.is_available():
@@ -406,8 +439,9 @@ def test_fused_matches_peft_on_cuda():
     cuda_batch = tuple(t.cuda() for t in batch)
     native = _loss_and_grads(_lora_model("llama", fuse=False, dtype=torch.bfloat16).cuda(), cuda_batch)
     fused_model = _lora_model("llama", fuse=True, dtype=torch.bfloat16).cuda()
+    calls = _count_fused_calls(monkeypatch)
     fused = _loss_and_grads(fused_model, cuda_batch)
-    assert _fused_nodes(_graph_names(fused[2]))
+    assert calls["_LoraLinearFn"] and calls["_GatedMLPFn"], calls
     assert_close_rule(fused[0].float().cpu(), oracle[0].float(), native[0].float().cpu(), name="loss")
     for n in oracle[1]:
         assert_close_rule(fused[1][n].float().cpu(), oracle[1][n].float(), native[1][n].float().cpu(),
