@@ -257,6 +257,30 @@ def test_unsupported_falls_back_with_warning(device):
     assert max_err(out, ref.attention_varlen_ref(q, q, q, cu, cu)) < 1e-5
 
 
+def test_eager_calls_skip_the_custom_op(device, monkeypatch):
+    """Eager mode runs the plain autograd function (the custom op's dispatch cost 2/3 of the
+    per-call glue on a host-bound step), no-grad calls the bare launcher; torch.compile keeps
+    the custom op (the compile tests below). Same numbers either way."""
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    calls = []
+    real = tk._attn_fwd_op
+    monkeypatch.setattr(tk, "_attn_fwd_op", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (torch.randn(1, 19, 2, 32, device=device, requires_grad=True) for _ in range(3))
+    out = flash_attn_noncausal(q, k, v, backend="triton")
+    assert type(out.grad_fn).__name__ == "_AttnFnBackward"
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    with torch.no_grad():
+        out_ng = flash_attn_noncausal(q, k, v, backend="triton")
+    assert out_ng.grad_fn is None and not calls
+    op_out = real(q, k, v, None, None, None, 19, 19, 32 ** -0.5, 0.0)[0]
+    torch.testing.assert_close(out, op_out, rtol=0, atol=0)
+    torch.testing.assert_close(out_ng, op_out, rtol=0, atol=0)
+    for a, b in zip(grads, torch.autograd.grad(op_out, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_fake_shapes_for_torch_compile(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
