@@ -9,11 +9,13 @@ up, down, AdamW on the adapter:
   full ``(B, T, V)`` logits and the shifted cross-entropy.
 - ``patched`` MNTP: the same model after ``patch_model(model, mntp=True)``: bidirectional
   attention on unpadded tokens, the loss through ``masked_linear_cross_entropy`` on the
-  labelled rows only (no full logits), and (``fuse_lora=True``, the default) LoRA
-  projections, gated MLPs and RMSNorms through the memory-lean autograd functions of
-  ``llm2vec_fast.hf.lora`` (on the CPU LoRA dropout as sparse dropped positions).
-- ``patched_nofuse`` (optional, ``--providers stock,patched,patched_nofuse``): ``patched``
-  with ``fuse_lora=False``, to attribute the gain between the kernels and the fusion.
+  labelled rows only (no full logits), and patch_model's default ``fuse_lora="auto"``: on
+  the CPU LoRA projections, gated MLPs and RMSNorms through the memory-lean autograd
+  functions of ``llm2vec_fast.hf.lora`` (LoRA dropout as sparse dropped positions), on CUDA
+  peft's own modules.
+- optional (``--providers stock,patched,patched_nofuse,patched_fuse``): ``patched_nofuse``
+  (``fuse_lora=False``) and ``patched_fuse`` (``fuse_lora=True``, the fusion on CUDA too), to
+  attribute the gain between the kernels and the fusion.
 - ``stock`` SimCSE: ``AutoModel`` with SDPA and the padding mask, the batch twice (dropout
   makes the two views), mean pooling by a Python loop over the batch, cosine similarity x 20,
   cross-entropy against ``arange(B)``.
@@ -48,6 +50,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# patched providers -> patch_model's fuse_lora
+PATCHED = {"patched": "auto", "patched_nofuse": False, "patched_fuse": True}
 
 # Llama-shaped configs with random weights. SmolLM2-135M's is copied from its config.json
 # (the GGUF holds the same numbers); the 1B class is Llama-3.2-1B's shape and the 7B class
@@ -190,10 +194,10 @@ def worker(a) -> dict:
     cls = AutoModelForCausalLM if a.task == "mntp" else AutoModel
     with dev:
         model = cls.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    if a.provider in ("patched", "patched_nofuse"):
+    if a.provider in PATCHED:
         from llm2vec_fast import patch_model
 
-        fuse = a.provider == "patched"
+        fuse = PATCHED[a.provider]
         model = patch_model(model, mntp=a.task == "mntp", fuse_lora=fuse)
     if a.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -209,7 +213,7 @@ def worker(a) -> dict:
     if a.task == "mntp":
         if a.provider == "stock":
             kw = dict(input_ids=batch["input_ids"], attention_mask=padding_mask_4d(mask2d), labels=batch["labels"])
-        else:  # patched, patched_nofuse
+        else:  # the patched providers
             kw = dict(input_ids=batch["input_ids"], attention_mask=mask2d, labels=batch["labels"])
 
         def loss_fn(scale=None):
@@ -448,7 +452,7 @@ def main(argv=None) -> int:
             failed += 1
             continue
         pair = {row["provider"]: dict(row, preset=preset) for row in got}
-        for name in ("patched", "patched_nofuse"):
+        for name in PATCHED:
             if "stock" not in pair or name not in pair:
                 continue
             s, f = pair["stock"], pair[name]

@@ -418,6 +418,29 @@ def test_fuse_lora_argument_is_checked():
         patch_model(tiny_model("llama"), fuse_lora="yes")
 
 
+def test_fuse_lora_auto_is_cpu_only(monkeypatch):
+    """The default ("auto") fuses CPU inputs (as True does) and leaves other devices to peft:
+    on an H200 the fused, host-bound step was slower (benchmarks/results/e2e.jsonl)."""
+    import inspect
+
+    assert inspect.signature(patch_model).parameters["fuse_lora"].default == "auto"
+    batch = _batch()
+    calls = _count_fused_calls(monkeypatch)
+    auto = _loss_and_grads(_lora_model("llama", fuse="auto"), batch)
+    assert calls["_LoraLinearFn"] and calls["_GatedMLPFn"] and calls["_RMSNormFn"], calls
+    fused = _loss_and_grads(_lora_model("llama", fuse=True), batch)
+    torch.testing.assert_close(auto[0], fused[0], rtol=0, atol=0)
+    # the device gate itself (a meta tensor stands in for CUDA, which this machine lacks)
+    x = torch.empty(4, 8, device="meta")
+    assert not fl._fast_ok(x, cpu_only=True)
+    assert fl._fast_ok(torch.empty(4, 8), cpu_only=True)
+    model = _lora_model("llama", fuse="auto")
+    _loss_and_grads(model, batch)  # peft's modules get their forwards at the first forward
+    fusion = next(getattr(m, "_llm2vec_fast_fusion") for m in model.modules() if hasattr(m, "_llm2vec_fast_fusion"))
+    assert fusion.cpu_only and fusion.installed
+    assert all(getattr(m.forward, "func", None) is not None for m in fusion.installed)  # partial(_cpu_only=True)
+
+
 def test_fused_call_spy(monkeypatch):
     """The spy the GPU test relies on: counts fused forwards, none without fusion."""
     batch = _batch()

@@ -1,4 +1,4 @@
-"""Memory-lean LoRA training paths for patched models (``patch_model(..., fuse_lora=True)``).
+"""Memory-lean LoRA training paths for patched models (``patch_model(..., fuse_lora=...)``).
 
 peft computes a LoRA projection as ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with
 ordinary autograd, which keeps, per projection, the dropped copy of ``x`` (for the grad of
@@ -27,6 +27,13 @@ drawn from torch's default CPU generator, so ``torch.manual_seed`` reproduces a 
 gradient checkpointing and GradCache, which replay the RNG state, redraw the same masks: the
 statistics of peft's masks, not the same draws. CPU temporaries live in per-thread scratch
 buffers (:class:`_Scratch`), since glibc keeps the holes freed temporaries leave.
+
+Where: ``fuse_lora="auto"`` (patch_model's default) fuses CPU inputs only. On an H200 the
+fused step was slower than peft's (llama-1b config, bf16, MNTP 8 x 512, gradient
+checkpointing: 304 vs 255 ms per step for 3652 vs 3811 MB peak; benchmarks/results/e2e.jsonl,
+git 71fe4ae): such a step is bound by the host's launches, and the functions' dense-mask
+dropout and Python-issued backward add launches there. ``fuse_lora=True`` fuses on every
+device (the memory saving).
 
 The fast path runs only when autograd is recording, no autocast is active, the base
 weights are frozen and each LoRA module is vanilla (one active adapter, no DoRA / variant,
@@ -493,13 +500,13 @@ _NORMS = {
 }
 
 
-def make_rms_norm_forward(norm):
+def make_rms_norm_forward(norm, cpu_only: bool = False):
     """An instance ``forward`` running :class:`_RMSNormFn` in training with a frozen weight."""
     orig = type(norm).forward
     eps_attr, gemma = _NORMS[type(norm).__name__]
 
     def forward(self, x):
-        if _fast_ok(x) and not self.weight.requires_grad and x.requires_grad:
+        if _fast_ok(x, cpu_only) and not self.weight.requires_grad and x.requires_grad:
             return _RMSNormFn.apply(x, self.weight, float(getattr(self, eps_attr)), gemma)
         return orig(self, x)
 
@@ -552,13 +559,14 @@ def lora_parts(module):
     return base.weight, base.bias, A.weight, B.weight, float(module.scaling[name]), p
 
 
-def _fast_ok(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+def _fast_ok(x: torch.Tensor, cpu_only: bool = False) -> bool:
+    return (not (cpu_only and x.device.type != "cpu") and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type))
 
 
-def _fast_lora_forward(self, x, *args, **kwargs):
+def _fast_lora_forward(self, x, *args, _cpu_only: bool = False, **kwargs):
     """Instance ``forward`` of a peft LoRA ``Linear``: :class:`_LoraLinearFn` when it applies."""
-    parts = None if (args or kwargs or not _fast_ok(x)) else lora_parts(self)
+    parts = None if (args or kwargs or not _fast_ok(x, _cpu_only)) else lora_parts(self)
     if parts is None or parts[2] is None or x.dtype != parts[0].dtype:
         return type(self).forward(self, x, *args, **kwargs)
     W, b, A, B, s, p = parts
@@ -566,12 +574,12 @@ def _fast_lora_forward(self, x, *args, **kwargs):
     return _LoraLinearFn.apply(x, W, b, A, B, s, p, seed, _norm_source(x))
 
 
-def make_gated_mlp_forward(mlp, kind: str):
+def make_gated_mlp_forward(mlp, kind: str, cpu_only: bool = False):
     """An instance ``forward`` for a gated MLP (``gate_proj`` / ``up_proj`` / ``down_proj``)."""
     orig = type(mlp).forward
 
     def forward(self, x):
-        if _fast_ok(x):
+        if _fast_ok(x, cpu_only):
             parts = [lora_parts(getattr(self, n)) for n in ("gate_proj", "up_proj", "down_proj")]
             if all(pt is not None for pt in parts) and all(pt[0].dtype == x.dtype for pt in parts) \
                     and any(pt[2] is not None for pt in parts):
@@ -605,17 +613,19 @@ class LoraFusion:
     reads for a 30-layer model) and a LoRA module without the fast forward gets it then.
     """
 
-    def __init__(self, hf):
+    def __init__(self, hf, cpu_only: bool = False):
+        # cpu_only (patch_model's fuse_lora="auto"): CUDA inputs take peft's own forwards
+        self.cpu_only = cpu_only
         self.modules_patched: list[torch.nn.Module] = []  # MLPs and norms
         self.slots: list[tuple[torch.nn.Module, str]] = []
         self.installed: list[torch.nn.Module] = []
         for m in hf.modules():
             kind = gated_mlp_kind(m)
             if kind is not None and "forward" not in m.__dict__:
-                m.forward = make_gated_mlp_forward(m, kind)
+                m.forward = make_gated_mlp_forward(m, kind, cpu_only)
                 self.modules_patched.append(m)
             if type(m).__name__ in _NORMS and "forward" not in m.__dict__ and hasattr(m, "weight"):
-                m.forward = make_rms_norm_forward(m)
+                m.forward = make_rms_norm_forward(m, cpu_only)
                 self.modules_patched.append(m)
             for n in _LINEAR_NAMES:
                 if isinstance(getattr(m, n, None), torch.nn.Module):
@@ -626,7 +636,8 @@ class LoraFusion:
         for parent, name in self.slots:
             child = getattr(parent, name)
             if "forward" not in child.__dict__ and hasattr(child, "lora_A") and hasattr(child, "base_layer"):
-                child.forward = types.MethodType(_fast_lora_forward, child)
+                fwd = functools.partial(_fast_lora_forward, _cpu_only=True) if self.cpu_only else _fast_lora_forward
+                child.forward = types.MethodType(fwd, child)
                 self.installed.append(child)
 
     def remove(self):

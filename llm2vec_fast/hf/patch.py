@@ -14,8 +14,9 @@ What patching does, all of it undone exactly by :func:`unpatch_model`:
    defaults ``use_cache`` to False (a KV cache is meaningless for a bidirectional encoder);
 4. with ``mntp=True`` on an ``XForCausalLM``, replaces the instance's ``forward`` with
    one computing the MNTP loss by :func:`llm2vec_fast.masked_linear_cross_entropy`;
-5. with ``fuse_lora=True`` (the default), gives gated MLPs and peft LoRA projections
-   instance ``forward`` methods that keep less for the backward (:mod:`llm2vec_fast.hf.lora`);
+5. with ``fuse_lora`` ``"auto"`` (the default: CPU inputs only) or True (every device), gives
+   gated MLPs, RMSNorms and peft LoRA projections instance ``forward`` methods that keep less
+   for the backward (:mod:`llm2vec_fast.hf.lora`);
    LoRA modules peft adds after patching are picked up by the pre-hook of (3).
 
 No modeling code is copied and no private transformers function is called. Sliding-window
@@ -143,7 +144,7 @@ def _set_impl(hf, name):
         hf.config._attn_implementation = name
 
 
-def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: bool = True):
+def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: bool | str = "auto"):
     """Make every attention layer of ``model`` bidirectional, in place, and return ``model``.
 
     Args:
@@ -153,11 +154,14 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: 
             elsewhere), ``"torch"``, ``"triton"`` or ``"flash_attn"`` (when importable).
         mntp: also compute ``XForCausalLM``'s loss with the fused masked cross-entropy
             (only labelled rows reach the LM head; ``logits`` is None when labels are given).
-        fuse_lora: in training (autograd recording, no autocast), run gated MLPs and vanilla
-            peft LoRA projections on frozen weights through autograd functions that save
-            about a third of what peft's modules save, with dropout masks regenerated from
-            seeds (see :mod:`llm2vec_fast.hf.lora`). Results equal peft's up to rounding;
-            dropout draws differ from peft's (same distribution). Other cases run unchanged.
+        fuse_lora: ``True``: in training (autograd recording, no autocast), run gated MLPs,
+            RMSNorms and vanilla peft LoRA projections on frozen weights through autograd
+            functions that save about a third of what peft's modules save, with dropout
+            masks regenerated from seeds (see :mod:`llm2vec_fast.hf.lora`). Results equal
+            peft's up to rounding; dropout draws differ from peft's (same distribution).
+            Other cases run unchanged. ``"auto"`` (default): the same for CPU inputs only
+            (on the CPU it cut MNTP peak memory 0.45x and time 0.8x; on an H200 the host-bound
+            step ran 1.19x slower fused). ``False``: never.
 
     Inputs the patched model handles: padded batches (``attention_mask (B, T)``, left or
     right padding; positions derived from the mask when ``position_ids`` is not given),
@@ -174,8 +178,8 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: 
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if not isinstance(mntp, bool):
         raise ValueError(f"mntp: expected a bool, got {mntp!r}")
-    if not isinstance(fuse_lora, bool):
-        raise ValueError(f"fuse_lora: expected a bool, got {fuse_lora!r}")
+    if not (isinstance(fuse_lora, bool) or fuse_lora == "auto"):
+        raise ValueError(f"fuse_lora: expected True, False or 'auto', got {fuse_lora!r}")
     hf = _unwrap(model)
     _check_supported(hf)
     if backend == "flash_attn":
@@ -215,7 +219,7 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: 
         if fuse_lora:
             from .lora import LoraFusion
 
-            state.lora = LoraFusion(hf)
+            state.lora = LoraFusion(hf, cpu_only=fuse_lora == "auto")
             object.__setattr__(base, _FUSION_ATTR, state.lora)
         state.hook = base.register_forward_pre_hook(_make_positions_hook(base), with_kwargs=True)
         if mntp:
