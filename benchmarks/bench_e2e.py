@@ -279,6 +279,9 @@ def worker(a) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
             cpu_times.append((time.process_time() - c0) * 1e3)
             _reply(f"{times[-1]:.3f}")
+        elif cmd.startswith("profile "):
+            profile_step(step, sync, cuda, cmd[len("profile "):], f"{a.config} {a.task} {a.provider} {B}x{T}")
+            _reply("profiled")
         elif cmd == "done":
             break
     ts = sorted(times)
@@ -302,6 +305,39 @@ def worker(a) -> dict:
         peak = peak_rss_mb()
         row.update(peak_mem_mb=peak, step_mem_mb=peak - rss_before, mem_kind="peak_rss_subprocess")
     return row
+
+
+def profile_step(step, sync, cuda: bool, path: str, tag: str):
+    """One more step under torch.profiler, summarised into ``path`` (appended): wall time, the
+    device's busy time (sum of kernel times), counts of aten ops, kernel launches and
+    host-device syncs, and the top host / device ops. Says where a step's time goes, in
+    particular whether it is bound by the host's launches (device busy << wall)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        wall = (time.perf_counter() - t0) * 1e3
+    ev = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ev if e.device_type.name == "CUDA") / 1e3 if cuda else 0.0
+    n_aten = sum(e.count for e in ev if e.key.startswith("aten::"))
+    n_launch = sum(e.count for e in ev if "LaunchKernel" in e.key or e.key in ("cuLaunchKernelEx", "cudaLaunchKernelExC"))
+    syncs = {e.key: e.count for e in ev if any(w in e.key for w in (
+        "Synchronize", "_local_scalar_dense", "aten::nonzero", "aten::item", "DtoH", "cudaMemcpy"))}
+    lines = [
+        f"=== {tag}: wall {wall:.1f} ms, device busy {busy:.1f} ms ({busy / wall:.0%}), {n_aten} aten ops, "
+        f"{n_launch} kernel launches, syncs / copies {syncs}",
+        ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60),
+    ]
+    if cuda:
+        lines.append(ev.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(lines[0], file=sys.stderr, flush=True)
 
 
 def _reply(msg: str):
@@ -370,6 +406,9 @@ def run_pair(args, config, task, B, T, ckpt, p, providers) -> list[dict]:
         for i in range(steps):
             for w in (workers if i % 2 == 0 else workers[::-1]):
                 w.ask("step")
+        if getattr(args, "profile", None):
+            for w in workers:
+                w.ask(f"profile {os.path.abspath(args.profile)}")
         for w in workers:
             rows.append(json.loads(w.ask("done")))
     finally:
@@ -405,6 +444,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default="preset", choices=["preset", "on", "off"],
                     help="gradient checkpointing for both providers (default: each case's, from the preset)")
     ap.add_argument("--no-save", action="store_true", help="print rows, write nothing")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="after timing, profile one more step per provider (torch.profiler) and append a summary "
+                         "to FILE: wall vs device-busy time, launches, syncs, top ops")
     # worker-only
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)

