@@ -11,10 +11,12 @@ kernel's). Tiles that fail to compile or launch are reported and skipped.
 
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv,dq
     python benchmarks/sweep_attention_tiles.py --d 64 --kinds dkdv --tiles 64x64w4s2,32x64w4s3
+    python benchmarks/sweep_attention_tiles.py --d 128 --kinds dq --set dkdv=64x128w8s2
 
 Rows (one per kind and tile, provider ``ours <tile>``; ``ms`` is the forward alone for
 ``fwd`` and forward + backward otherwise, ``bwd_ms`` the latter less the default forward) go to benchmarks/results/attention_tiles.jsonl with the
-device, versions and git revision.
+device, versions and git revision, and (unless ``--no-kernel-times``) each attention kernel's
+device time per call (``kernel_ms``, from torch.profiler).
 """
 from __future__ import annotations
 
@@ -52,6 +54,23 @@ def parse_tile(s: str):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
 
 
+def kernel_times(step, iters: int = 5) -> dict:
+    """Device milliseconds per call of each Triton attention kernel in ``step`` (torch.profiler):
+    where a backward's time goes between its preprocessing, dQ and dK/dV kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and "attn" in e.key:
+            out[e.key] = round(e.self_device_time_total / 1e3 / iters, 4)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=128, help="head dim")
@@ -61,6 +80,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="dkdv,dq,fwd")
     ap.add_argument("--tiles", default=None, help="comma list for every kind (default: DEFAULT_TILES)")
     ap.add_argument("--rep", type=int, default=40, help="do_bench rep, ms")
+    ap.add_argument("--set", default="", help="tiles for the kinds not swept, e.g. dkdv=64x128w8s2,dq=64x64w4s2 "
+                    "(default: each list's first entry)")
+    ap.add_argument("--no-kernel-times", action="store_true", help="skip the per-kernel profile of each tile")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention_tiles.jsonl"))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -81,6 +103,11 @@ def main(argv=None) -> int:
     fwd_flops = 4.0 * B * H * S * S * D
     bd = att._block_d(D)
     tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS}
+    for item in filter(None, a.set.split(",")):
+        kind, _, spec = item.partition("=")
+        if kind not in tables:
+            raise SystemExit(f"--set: expected kind=tile with kind in {sorted(tables)}, got {item!r}")
+        tables[kind][bd] = [parse_tile(spec)] + [c for c in tables[kind][bd]]
     base = {kind: list(t[bd]) for kind, t in tables.items()}
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -118,11 +145,14 @@ def main(argv=None) -> int:
                 continue
             finally:
                 tables[kind][bd] = list(base[kind])
+            kms = None if a.no_kernel_times else kernel_times(step)
             bwd_ms = ms - t_fwd0 if kind != "fwd" else None
             tf = fwd_flops / ms / 1e9 if kind == "fwd" else 2.5 * fwd_flops / bwd_ms / 1e9
             print(f"{kind:5s} {spec:12s} {ms:8.3f} ms  {'bwd ' + format(bwd_ms, '.3f') + ' ms ' if bwd_ms else ''}"
-                  f"{tf:6.1f} TFLOP/s ({'fwd' if kind == 'fwd' else 'bwd, others on defaults'})", flush=True)
+                  f"{tf:6.1f} TFLOP/s ({'fwd' if kind == 'fwd' else 'bwd, others on defaults'})"
+                  + (f"  kernels {kms}" if kms else ""), flush=True)
             save({**meta, "kind": kind, "provider": f"ours {spec}", "ms": ms, "bwd_ms": bwd_ms, "tflops": tf,
+                  "kernel_ms": kms,
                   "defaults": {kk: tile_name(v[0]) for kk, v in base.items()}})
     return 0
 
