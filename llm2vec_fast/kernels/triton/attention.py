@@ -1182,9 +1182,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
+    """dq, dk, dv through ``bwd``: the custom op (compiled graphs) or the bare launcher."""
     q, k, v, out, lse, cu_q, cu_k, mask, seed = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd_op(
+    dq, dk, dv = (bwd or _attn_bwd_op)(
         dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args, seed
     )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
@@ -1210,11 +1211,7 @@ class _AttnFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_q, cu_k, mask, seed = ctx.saved_tensors
-        dq, dk, dv = attention_backward(
-            dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args, seed
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return _backward(ctx, dout, dlse, attention_backward)
 
 
 def _attn(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed):
