@@ -181,6 +181,27 @@ def test_frozen_weight_skips_its_gradient(device):
     assert (h.grad - h2.grad).abs().max() < 1e-5
 
 
+def test_eager_rows_even_and_aligned():
+    """Chunk rows (the GEMMs' M): every row when they fit, else evened out over the fewest
+    chunks and aligned to EAGER_ROW_ALIGN, never over the memory bound."""
+    A = mce.EAGER_ROW_ALIGN
+    assert mce.eager_rows(3277, 32000) == 512 and mce.eager_rows(3277, 128256) == 128  # 7 / 26 chunks
+    assert mce.eager_rows(100, 32000) == 100 and mce.eager_rows(0, 32000) == 1
+    for V in (123, 1000, 32000, 49152, 128256, 151936, 300_000):
+        r_max = mce.eager_row_chunk(V)
+        for N in (1, 63, 64, 65, r_max, r_max + 1, 2 * r_max + 7, 3277, 16384, 32768):
+            r = mce.eager_rows(N, V)
+            assert 1 <= r <= max(r_max, 1), (N, V, r)
+            if N <= r_max:
+                assert r == max(N, 1)
+            elif r_max >= A:
+                assert r % A == 0, (N, V, r)
+                # never more chunks than the largest aligned chunk would make
+                assert -(-N // r) <= -(-N // (r_max // A * A)), (N, V, r)
+            else:
+                assert r == r_max
+
+
 def test_strategy_choice(monkeypatch):
     """auto: eager for a frozen head; with d weight eager for one chunk, or for at most
     EAGER_MAX_W_CHUNKS chunks of at least EAGER_MIN_W_ROWS rows (the H200 measurements:
@@ -196,8 +217,9 @@ def test_strategy_choice(monkeypatch):
     assert r >= mce.EAGER_MIN_W_ROWS
     assert mce.choose_strategy("auto", 100_000, V, False, False) == "eager"  # d hidden scales per row
     assert mce.choose_strategy("auto", 3277, V, True, True) == "eager"  # the benchmark's case: 7 chunks
-    assert mce.choose_strategy("auto", r * mce.EAGER_MAX_W_CHUNKS, V, True, True) == "eager"
-    assert mce.choose_strategy("auto", r * mce.EAGER_MAX_W_CHUNKS + 1, V, True, True) == "two_pass"
+    ra = r // mce.EAGER_ROW_ALIGN * mce.EAGER_ROW_ALIGN  # the aligned chunk
+    assert mce.choose_strategy("auto", ra * mce.EAGER_MAX_W_CHUNKS, V, True, True) == "eager"
+    assert mce.choose_strategy("auto", ra * mce.EAGER_MAX_W_CHUNKS + 1, V, True, True) == "two_pass"
     big = 128256  # chunks of 130 rows: eager only while the rows fit in one chunk
     rb = mce.eager_row_chunk(big)
     assert rb < mce.EAGER_MIN_W_ROWS

@@ -31,8 +31,9 @@ Design (why it is built this way):
   LoRA) skip the dW GEMM.
 * Eager strategy (``masked_ce_eager``; ``strategy="eager"``, or ``"auto"`` when it pays):
   when gradients will be wanted, the forward computes them at once from materialised
-  logits, saving the backward's recompute GEMM. Per chunk of ``R = EAGER_CHUNK_ELEMS // V``
-  rows (64 MB of fp32 logits, never ``[N, V]``): ``Z = h_c @ w.T`` on cuBLAS with fp32
+  logits, saving the backward's recompute GEMM. Per chunk of at most ``EAGER_CHUNK_ELEMS // V``
+  rows (64 MB of fp32 logits, never ``[N, V]``; evened out over the chunks and aligned to 64
+  rows, ``eager_rows``): ``Z = h_c @ w.T`` on cuBLAS with fp32
   output, ``_mce_rows_kernel`` (one program per row, two passes over it: statistics, then
   ``dz`` written over ``Z``'s own storage), then ``dH_c = dz @ w`` and ``dW += dz.T @ h_c``
   on cuBLAS. That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM
@@ -531,8 +532,28 @@ def _rows_block(V: int, on_cuda: bool) -> tuple[int, int]:
 
 
 def eager_row_chunk(V: int) -> int:
-    """Rows per chunk of the eager strategy (its fp32 logits chunk holds <= EAGER_CHUNK_ELEMS)."""
+    """Most rows per chunk of the eager strategy (its fp32 logits chunk holds <= EAGER_CHUNK_ELEMS)."""
     return max(1, EAGER_CHUNK_ELEMS // max(V, 1))
+
+
+# Chunk rows are the M of the chunk's three GEMMs: a multiple of the tensor-core row tile
+# leaves no nearly empty last tile (V = 128256 allows 130 rows: two 64- or 128-row tiles,
+# the second almost empty, for every chunk).
+EAGER_ROW_ALIGN = 64
+
+
+def eager_rows(N: int, V: int) -> int:
+    """Rows per chunk for ``N`` rows: all of them when they fit, else the fewest chunks the
+    memory bound allows with their rows evened out and rounded up to ``EAGER_ROW_ALIGN``
+    (rounded down instead where that would pass the bound); the bound itself where it is
+    below the alignment."""
+    r_max = eager_row_chunk(V)
+    if N <= r_max:
+        return max(N, 1)
+    if r_max < EAGER_ROW_ALIGN:
+        return r_max
+    even = triton.cdiv(triton.cdiv(N, triton.cdiv(N, r_max)), EAGER_ROW_ALIGN) * EAGER_ROW_ALIGN
+    return even if even <= r_max else r_max // EAGER_ROW_ALIGN * EAGER_ROW_ALIGN
 
 
 def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool, fp32_logits: bool = True) -> str:
@@ -555,7 +576,7 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
         return "two_pass"
     if strategy == "eager" or not need_wb:
         return "eager"
-    rows = eager_row_chunk(V)
+    rows = eager_rows(N, V)
     chunks = triton.cdiv(N, rows)
     return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
 
@@ -588,7 +609,7 @@ def _logits_fp32(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
     """Loss, lse, correctness and the gradients of ``sum(loss)``, in one pass over the logits.
 
-    Per chunk of ``R = eager_row_chunk(V)`` rows: ``Z = h_c @ w.T`` on cuBLAS into an fp32
+    Per chunk of ``R = eager_rows(N, V)`` rows: ``Z = h_c @ w.T`` on cuBLAS into an fp32
     ``(R, V)`` buffer, ``_mce_rows_kernel`` turns each row into its statistics and writes
     dz (input dtype) over the buffer, then ``dH_c = dz @ w`` (rows of dH are disjoint: written
     once, in the input dtype), ``dW += dz.T @ h_c`` and ``db += sum(dz)``. Three GEMMs of
@@ -599,7 +620,7 @@ def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w
     N, C = h.shape
     V = w.shape[0]
     dev = h.device
-    R = min(N, eager_row_chunk(V))
+    R = eager_rows(N, V)
     loss = _alloc((N,), torch.float32, dev)
     lse = _alloc((N,), torch.float32, dev)
     arg = _alloc((N,), torch.int32, dev)
