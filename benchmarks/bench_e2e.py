@@ -312,7 +312,6 @@ def profile_step(step, sync, cuda: bool, path: str, tag: str):
     device's busy time (sum of kernel times), counts of aten ops, kernel launches and
     host-device syncs, and the top host / device ops. Says where a step's time goes, in
     particular whether it is bound by the host's launches (device busy << wall)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
