@@ -480,3 +480,19 @@ def test_fused_matches_peft_on_cuda(monkeypatch):
         torch.manual_seed(99)
         runs.append(_loss_and_grads(model, cuda_batch))
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fuse_lora_auto_leaves_cuda_to_peft(monkeypatch):
+    """The default on CUDA inputs: peft's own modules (no fused forward runs), same loss as an
+    unfused model; True still fuses there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    batch = tuple(t.cuda() for t in _batch(seed=3))
+    calls = _count_fused_calls(monkeypatch)
+    auto = _loss_and_grads(_lora_model("llama", fuse="auto", dtype=torch.float32).cuda(), batch)
+    assert not any(calls.values()), calls
+    plain = _loss_and_grads(_lora_model("llama", fuse=False, dtype=torch.float32).cuda(), batch)
+    torch.testing.assert_close(auto[0], plain[0], rtol=1e-6, atol=1e-6)
+    _loss_and_grads(_lora_model("llama", fuse=True, dtype=torch.float32).cuda(), batch)
+    assert calls["_LoraLinearFn"] and calls["_GatedMLPFn"], calls

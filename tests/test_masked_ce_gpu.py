@@ -180,3 +180,34 @@ def test_gpu_peak_memory_is_outputs_plus_small_buffers():
     flat()
     theirs = peak(flat)
     assert ours <= theirs * 1.02 + 16, f"ours {ours:.0f} MiB > cut-cross-entropy {theirs:.0f} MiB"
+
+
+def test_gpu_auto_strategy(monkeypatch):
+    """``auto`` on the GPU: eager for a frozen head and for few large row chunks with d weight,
+    two-pass for many small chunks with d weight; each agrees with the other strategy."""
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    calls = {"eager": 0}
+    real = mce.masked_ce_eager
+
+    def spy(*a, **k):
+        calls["eager"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(mce, "masked_ce_eager", spy)
+    h, w, _, y = _inputs(4, 257, 256, 5003, torch.bfloat16, 0.2, False)
+
+    def grads(strategy, w_grad):
+        ts = [h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(w_grad)]
+        loss = mce.masked_linear_cross_entropy_triton(ts[0], ts[1], y, strategy=strategy)
+        return [loss] + list(torch.autograd.grad(loss, [t for t in ts if t.requires_grad]))
+
+    for w_grad, chunk_elems, want_eager in ((False, None, True), (True, None, True), (True, 100 * 5003, False)):
+        if chunk_elems:
+            monkeypatch.setattr(mce, "EAGER_CHUNK_ELEMS", chunk_elems)  # 64-row chunks: below EAGER_MIN_W_ROWS
+        calls["eager"] = 0
+        auto = grads("auto", w_grad)
+        assert (calls["eager"] > 0) == want_eager, (w_grad, chunk_elems, calls)
+        other = grads("two_pass" if want_eager else "eager", w_grad)
+        for a, b in zip(auto, other):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
