@@ -31,8 +31,8 @@ buffers (:class:`_Scratch`), since glibc keeps the holes freed temporaries leave
 Where: ``fuse_lora="auto"`` (patch_model's default) fuses CPU inputs only. On an H200 the
 fused step was slower than peft's (llama-1b config, bf16, MNTP 8 x 512, gradient
 checkpointing: 304 vs 255 ms per step for 3652 vs 3811 MB peak; benchmarks/results/e2e.jsonl,
-git 71fe4ae): such a step is bound by the host's launches, and the functions' dense-mask
-dropout and Python-issued backward add launches there. ``fuse_lora=True`` fuses on every
+git 71fe4ae): such a step looks bound by the host's launches (not yet profiled), and the
+functions' dense-mask dropout and Python-issued backward add launches there. ``fuse_lora=True`` fuses on every
 device (the memory saving).
 
 The fast path runs only when autograd is recording, no autocast is active, the base

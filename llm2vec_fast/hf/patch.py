@@ -160,8 +160,8 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: 
             masks regenerated from seeds (see :mod:`llm2vec_fast.hf.lora`). Results equal
             peft's up to rounding; dropout draws differ from peft's (same distribution).
             Other cases run unchanged. ``"auto"`` (default): the same for CPU inputs only
-            (on the CPU it cut MNTP peak memory 0.45x and time 0.8x; on an H200 the host-bound
-            step ran 1.19x slower fused). ``False``: never.
+            (on the CPU it cut MNTP peak memory 0.45x and time 0.8x; on an H200 the MNTP step
+            ran 1.19x slower fused). ``False``: never.
 
     Inputs the patched model handles: padded batches (``attention_mask (B, T)``, left or
     right padding; positions derived from the mask when ``position_ids`` is not given),

@@ -1196,9 +1196,10 @@ _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _AttnFn(torch.autograd.Function):
     """The same forward / backward as the custom ops, for eager mode: the custom op's
-    dispatch (argument defaults, redispatch, alias checks) cost ~2/3 of the glue per call on
-    a host-bound training step, where every layer calls it once forward, once in a
-    checkpoint's recompute and once backward. torch.compile still sees the custom op."""
+    dispatch (argument defaults, redispatch, alias checks) was ~2/3 of the glue per call
+    (155 -> 64 us per forward + backward, measured on a CPU with the kernels stubbed), paid by
+    every layer once forward, once in a checkpoint's recompute and once backward.
+    torch.compile still sees the custom op."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed):
