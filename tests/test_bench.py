@@ -139,3 +139,23 @@ def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
         assert abs(f["loss0"] - s["loss0"]) < 1e-4 * max(1.0, abs(s["loss0"])), (task, f["loss0"], s["loss0"])
         assert f["speedup_vs_stock"] == pytest.approx(s["ms"] / f["ms"])
     assert got[("mntp", "stock")]["tokens"] == 2 * 16
+
+
+def test_sweep_attention_tiles_parses_its_tiles():
+    """The GPU-only tile sweep: every default tile parses to a config, bad specs are named
+    errors, and without CUDA it says so (exit 2) instead of failing later."""
+    sys.path.insert(0, BENCH)
+    try:
+        import sweep_attention_tiles as sw
+    finally:
+        sys.path.remove(BENCH)
+    for (kind, bd), tiles in sw.DEFAULT_TILES.items():
+        assert kind in ("fwd", "dq", "dkdv") and bd in (64, 128)
+        for spec in tiles.split(","):
+            c = sw.parse_tile(spec)
+            assert f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" == spec
+    with pytest.raises(ValueError, match="--tiles"):
+        sw.parse_tile("64x64")
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_attention_tiles.py"), "--d", "128"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 2 and "CUDA" in r.stderr
