@@ -3,6 +3,8 @@
 Providers (each only where it accepts the case):
   ours          llm2vec_fast.flash_attn_noncausal(backend="triton") on (B, S, H, D), mask read by the kernel
   ours-varlen   flash_attn_varlen_noncausal(backend="triton") on the unpadded tokens (padded cases)
+  ours-atomic   ours with the atomic backward (LLM2VEC_FAST_ATTN_BWD=atomic: one dK/dV kernel that
+                also accumulates dQ), bwd / full modes, where it has GPU tiles (16-bit, head dim 64-128)
   reference     the fp32 pure-PyTorch reference (small shapes only: it materialises B*H*S*S scores)
   sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math
                 F.scaled_dot_product_attention pinned to one backend (unpadded: no mask;
@@ -87,6 +89,8 @@ def default_providers(case, device: str):
     if device == "cpu":
         return ["reference", "sdpa-math"]
     p = ["ours"]
+    if case["D"] in (64, 128):
+        p += ["ours-atomic"]
     if case["lengths"] is not None:
         p += ["ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
     else:
@@ -118,7 +122,7 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
     B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
     scale = 1.0 / math.sqrt(D)
     padded = case["lengths"] is not None
-    if name == "ours":
+    if name in ("ours", "ours-atomic"):  # run_one sets the atomic backward's environment
         from llm2vec_fast.ops.attention import flash_attn_noncausal
 
         return lambda: flash_attn_noncausal(q, k, v, mask, backend="triton")
@@ -218,6 +222,25 @@ def valid_flops(case, mode):
 
 
 def run_one(provider, case, mode, device, dtype):
+    if provider.endswith("-atomic"):
+        if mode == "fwd":
+            return None  # the same forward as without "-atomic"
+        old = os.environ.get("LLM2VEC_FAST_ATTN_BWD")
+        os.environ["LLM2VEC_FAST_ATTN_BWD"] = "atomic"
+        try:
+            r = _run_one(provider, case, mode, device, dtype)
+        finally:
+            if old is None:
+                os.environ.pop("LLM2VEC_FAST_ATTN_BWD")
+            else:
+                os.environ["LLM2VEC_FAST_ATTN_BWD"] = old
+        if r is not None and "dkdv_atomic" not in r.get("tiles", {}):
+            raise RuntimeError("the atomic backward did not run for this case (no GPU tiles)")
+        return r
+    return _run_one(provider, case, mode, device, dtype)
+
+
+def _run_one(provider, case, mode, device, dtype):
     q, k, v, mask, cu, idx = _inputs(case, device, dtype, requires_grad=mode != "fwd")
     fn = make_provider(provider, case, q, k, v, mask, cu, idx)
     if fn is None:

@@ -7,11 +7,14 @@ with autotuning off (``LLM2VEC_FAST_AUTOTUNE=0``, so the heuristic launches the 
 first entry), and times ``flash_attn_noncausal(backend="triton")`` on an unpadded bf16
 batch: the forward alone for ``fwd``, forward + backward for ``dq`` / ``dkdv`` (the other
 backward kernel stays on its default tile, so differences between rows are the swept
-kernel's). Tiles that fail to compile or launch are reported and skipped.
+kernel's) and for ``dkdv_atomic`` (the atomic backward: delta pass and the dK/dV kernel
+that accumulates dQ, no dQ kernel; the other kinds run the separate backward). Tiles that
+fail to compile or launch are reported and skipped.
 
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv,dq
     python benchmarks/sweep_attention_tiles.py --d 64 --kinds dkdv --tiles 64x64w4s2,32x64w4s3
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dq --set dkdv=64x128w8s2
+    python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv_atomic,dkdv   # atomic vs separate backward
 
 Rows (one per kind and tile, provider ``ours <tile>``; ``ms`` is the forward alone for
 ``fwd`` and forward + backward otherwise, ``bwd_ms`` the latter less the default forward) go to benchmarks/results/attention_tiles.jsonl with the
@@ -39,6 +42,9 @@ DEFAULT_TILES = {
     ("dq", 64): "64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
     ("dkdv", 128): "64x128w8s2,64x128w8s1,32x128w8s2,32x64w4s2,64x64w4s2,64x64w8s1",
     ("dkdv", 64): "32x64w4s3,64x64w4s2,32x128w8s2,64x128w8s2,64x64w4s3",
+    # the atomic backward's dK/dV kernel (its list, then tiles that spill more; never timed yet)
+    ("dkdv_atomic", 128): "64x128w8s1,64x64w8s1,32x128w8s1,32x64w8s2,64x128w8s2,64x64w8s2",
+    ("dkdv_atomic", 64): "64x128w8s1,64x64w8s2,32x128w8s2,64x128w8s2,64x64w4s2",
 }
 TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)$")
 
@@ -102,7 +108,8 @@ def main(argv=None) -> int:
     g = torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16)
     fwd_flops = 4.0 * B * H * S * S * D
     bd = att._block_d(D)
-    tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS}
+    tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS,
+              "dkdv_atomic": att.BWD_DKDV_ATOMIC_CONFIGS}
     for item in filter(None, a.set.split(",")):
         kind, _, spec = item.partition("=")
         if kind not in tables:
@@ -127,6 +134,8 @@ def main(argv=None) -> int:
         for spec in filter(None, tiles):
             cfg = parse_tile(spec)
             tables[kind][bd] = [cfg]
+            # dkdv_atomic rows time the atomic backward (its delta pass and dK/dV kernel, no dQ kernel)
+            os.environ["LLM2VEC_FAST_ATTN_BWD"] = "atomic" if kind == "dkdv_atomic" else "separate"
             try:
                 if kind == "fwd":
                     def step():

@@ -52,6 +52,9 @@ SPILL_ALLOWANCES = [
     # kernel, case, cc, max STL, reason
     ("dkdv", "d80-bf16", 90, 146, "measured, not for want of a spill-free tile: 64 x 128 on 8 warps ran the H200 "
      "backward at 336 TFLOP/s against 154-202 for the spill-free 16- / 32-row tiles (attention_tiles.jsonl)"),
+    ("dkdv_atomic", "d80-bf16", 90, 100, "untimed: the spill-free tiles at BLOCK_D 128 have 32 key rows, and the "
+     "separate dK/dV kernel ran 1.7-2.2x faster on its spilling 64-row tile than on those; 64 x 128 w8 s1 "
+     "(100 STL) and 64 x 64 w8 s1 (64) are listed beside two spill-free 32-row tiles for the autotuner to weigh"),
     ("dkdv", "d256-bf16", 90, 71, "no spill-free tile with 64 key rows among 10 tried (the former 32 x 64 on 4 "
      "warps spilled 1023 STL); 16 x 64 on 8 warps spills least"),
     ("dkdv", "d256-bf16-dropout", 90, 83, "as without dropout; the spill-free 32 x 32 tile has no wgmma"),
@@ -82,10 +85,15 @@ def _allowances(kind: str, cc: int) -> dict:
 def _kinds():
     from llm2vec_fast.kernels.triton import attention as tk
 
+    def delta_configs(hd, fp32, dropout, cc):  # one fixed launch, the same for every case
+        return [] if dropout else [tk._cfg(tk.DELTA_BLOCK_M, 0, tk.DELTA_WARPS, 1)]
+
     return {
         "fwd": (tk._attn_fwd_kernel, tk.fwd_configs),
         "dq": (tk._attn_bwd_dq_kernel, tk.bwd_dq_configs),
         "dkdv": (tk._attn_bwd_dkdv_kernel, tk.bwd_dkdv_configs),
+        "dkdv_atomic": (tk._attn_bwd_dkdv_kernel, tk.bwd_dkdv_atomic_configs),
+        "delta": (tk._attn_bwd_delta_kernel, delta_configs),
     }
 
 
@@ -107,12 +115,17 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
     kernel = _kinds()[kind][0]
     ptrs = {n: "*E" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64")
+    if kernel is tk._attn_bwd_dkdv_kernel:
+        ptrs["DQ"] = "*fp32"  # the atomic backward's accumulator (a dummy without ATOMIC_DQ)
     # The padded layout with a mask and softcap is the superset of the code paths.
     consts = dict(
         HEAD_DIM=hd, BLOCK_D=tk._block_d(hd), IS_VARLEN=False, HAS_MASK=True, HAS_SOFTCAP=True,
         DOT_PREC="ieee" if fp32 else "tf32", BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"],
         DROPOUT=dropout, ROUNDS=tk.PHILOX_ROUNDS,
     )
+    if kernel is tk._attn_bwd_dkdv_kernel:
+        consts["ATOMIC_DQ"] = kind == "dkdv_atomic"
+    consts = {n: consts[n] for n in kernel.arg_names if n in consts}  # the delta kernel takes four
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
     r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout), case=_case(kind, hd, fp32, dropout), fp32=fp32)
@@ -122,7 +135,9 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
         div = set(ptrs) | {n for n in kernel.arg_names if n.startswith("stride_") and n[-1] in "bth"
                            and not n.startswith(("stride_l", "stride_m"))}
         info = compile_for(kernel, sig, consts, cc, c.num_warps, c.num_stages, divisible=div)
-        r.update(ok=True, **{k: info[k] for k in USAGE_KEYS}, wgmma="wgmma" in info["ptx"], limit=SMEM_LIMIT[cc])
+        r.update(ok=True, **{k: info[k] for k in USAGE_KEYS}, limit=SMEM_LIMIT[cc])
+        if kind != "delta":  # the delta pass has no matmul
+            r["wgmma"] = "wgmma" in info["ptx"]
     except Exception as e:  # reported by the test, with the config's name
         r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
     return r
@@ -156,6 +171,8 @@ def _compile_probes() -> list[dict]:
 # The DROPOUT=True kernels are separate compilations (the Philox code only exists there):
 # their own groups, so pytest -n 2 spreads them too.
 GROUPS = [(k, cc, d) for k in ("fwd", "dq", "dkdv") for cc in (90, 80) for d in (False, True)]
+# The atomic backward (16-bit, no dropout, BLOCK_D 64 / 128) and its delta pass: no dropout variant.
+GROUPS += [(k, cc, False) for k in ("dkdv_atomic", "delta") for cc in (90, 80)]
 
 
 def test_config_lists_cover_every_head_dim():

@@ -144,6 +144,57 @@ def test_heuristic_path_matches_autotuned(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
+# The atomic backward (dQ accumulated by the dK/dV kernel): every GPU tile, autotuned, auto
+# --------------------------------------------------------------------------------------
+
+
+def _atomic_tiles():
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    return [(hd, c) for hd in (64, 128) for c in tk.BWD_DKDV_ATOMIC_CONFIGS[hd]]
+
+
+@pytest.mark.parametrize("D,cfg", _atomic_tiles(), ids=[f"d{d}-{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+                                                      for d, c in _atomic_tiles()])
+def test_bf16_atomic_backward_every_tile(D, cfg, monkeypatch):
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    real = tk.heuristic_config
+    monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: cfg if kind == "dkdv_atomic" else real(kind, *a, **kw))
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic")
+    tk.LAST_TILES.clear()
+    B, S = 3, 333
+    mask = torch.rand(B, S, device=DEV) > 0.3
+    mask[1, 200:] = False
+    _check_padded(B, S, 8, 2, D, torch.bfloat16, mask, softcap=20.0 if D == 64 else 0.0)
+    assert "dq" not in tk.LAST_TILES and tk.LAST_TILES["dkdv_atomic"] == tk.tile_name(cfg)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_atomic_backward_autotuned(D, monkeypatch):
+    # The autotuner launches each tile several times on the real buffers: its pre-hook must
+    # zero the dQ accumulator before each launch, the final one included.
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic")
+    _check_padded(2, 1500, 8, 2, D, torch.bfloat16, None)
+    lens = torch.tensor([1500, 700], device=DEV)
+    _check_padded(2, 1500, 8, 8, D, torch.bfloat16, torch.arange(1500, device=DEV)[None] < lens[:, None])
+    assert "dq" not in tk.LAST_TILES
+
+
+def test_auto_backward_mode(monkeypatch):
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "1")
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "auto")
+    monkeypatch.setattr(tk, "_BWD_CHOICE", {})
+    _check_padded(2, 1024, 8, 2, 128, torch.bfloat16, None)
+    assert list(tk._BWD_CHOICE.values()) in (["separate"], ["atomic"])
+
+
+# --------------------------------------------------------------------------------------
 # Attention dropout: the kernels against an explicit-mask reference, in bf16
 # --------------------------------------------------------------------------------------
 

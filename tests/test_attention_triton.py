@@ -304,6 +304,132 @@ def test_fake_shapes_for_torch_compile(device):
 
 
 # --------------------------------------------------------------------------------------
+# The atomic backward: one dK/dV kernel that also accumulates dQ with atomics
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def atomic_bwd(monkeypatch):
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic")
+    tk.LAST_TILES.clear()
+    yield
+    # the backward ran the atomic kernels, not the separate dQ kernel
+    assert "dkdv_atomic" in tk.LAST_TILES and "dq" not in tk.LAST_TILES, tk.LAST_TILES
+
+
+# Every head dim and both dtypes once, GQA ratios 1 / 4 / 8.
+ATOMIC_HEAD_CASES = [
+    (32, torch.float16, 8), (64, torch.float32, 4), (80, torch.float16, 4),
+    (96, torch.float32, 1), (128, torch.float16, 8), (256, torch.float32, 1),
+]
+
+
+@pytest.mark.parametrize("D,dtype,ratio", ATOMIC_HEAD_CASES, ids=[f"d{d}-{str(t)[6:]}-g{r}" for d, t, r in ATOMIC_HEAD_CASES])
+def test_atomic_backward_varlen(D, dtype, ratio, device, atomic_bwd):
+    Hkv = 1 if ratio > 1 else 2
+    lens = [1, 17, 97, 130] if D < 256 else [1, 17, 40]
+    _varlen_case(lens, Hkv * ratio, Hkv, D, dtype, device)
+
+
+@pytest.mark.parametrize("mode,dtype,softcap", [("random", torch.float16, 0.0), ("left", torch.float32, 10.0),
+                                                ("third", torch.float16, 0.0), ("none", torch.float32, 0.0)])
+def test_atomic_backward_padded(mode, dtype, softcap, device, atomic_bwd):
+    B, S, H, Hkv, D = 3, 97, 4, 2, 64
+    mask = _mask(mode, B, S, device)
+    out, lse, grads = _padded_case(mask, B, S, H, Hkv, D, dtype, device, softcap)
+    if mask is not None:
+        for g in grads:
+            assert (g[~mask] == 0).all(), "padded positions must get zero gradient"
+
+
+def test_atomic_backward_with_dropout(device, atomic_bwd):
+    # GPU tiles exist only without dropout; the kernel itself handles it (forced here).
+    _dropout_varlen_case([33, 5, 0], 4, 1, 64, torch.float16, device, 0.3, 5.0)
+
+
+def test_atomic_and_separate_agree(device, monkeypatch):
+    lens = [70, 1, 45]
+    cu = _cu(lens, device)
+    q = torch.randn(116, 4, 64, device=device, requires_grad=True)
+    k, v = (torch.randn(116, 2, 64, device=device, requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    grads = {}
+    for mode in ("separate", "atomic"):
+        monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", mode)
+        out = flash_attn_varlen_noncausal(q, k, v, cu, cu, 70, 70, backend="triton")
+        grads[mode] = torch.autograd.grad(out, (q, k, v), do)
+    for a, b in zip(grads["separate"], grads["atomic"]):
+        assert max_err(a, b) < 1e-4  # fp32: only the summation order of dQ differs
+    torch.testing.assert_close(grads["separate"][1], grads["atomic"][1], rtol=0, atol=0)  # dK, dV: same code
+    torch.testing.assert_close(grads["separate"][2], grads["atomic"][2], rtol=0, atol=0)
+
+
+def test_bwd_mode_rules(monkeypatch):
+    monkeypatch.delenv("LLM2VEC_FAST_ATTN_BWD", raising=False)
+    assert tk.bwd_mode() == tk.BWD_MODE
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic")
+    assert tk.bwd_mode() == "atomic"  # interpreter: every case
+    assert tk.bwd_mode(deterministic=True) == "separate"
+    assert tk.bwd_mode(on_cuda=True, head_dim=128) == "atomic"
+    assert tk.bwd_mode(on_cuda=True, head_dim=128, dropout=True) == "separate"  # no GPU tiles for these
+    assert tk.bwd_mode(on_cuda=True, head_dim=32) == "separate"
+    assert tk.bwd_mode(on_cuda=True, head_dim=64, fp32=True) == "separate"
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "auto")
+    assert tk.bwd_mode() == "separate" and tk.bwd_mode(on_cuda=True, head_dim=80) == "auto"
+    for hd in tk.SUPPORTED_HEAD_DIMS:  # GPU tiles exist exactly where the rule says
+        for chip in tk.CHIPS:
+            assert bool(tk.bwd_dkdv_atomic_configs(hd, False, False, chip)) == tk.atomic_bwd_supported(hd, False, False)
+            assert not tk.bwd_dkdv_atomic_configs(hd, True, False, chip) and not tk.bwd_dkdv_atomic_configs(hd, False, True, chip)
+
+
+def test_deterministic_overrides_atomic(device, monkeypatch):
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic")
+    tk.LAST_TILES.clear()
+    q, k, v = (torch.randn(1, 40, 2, 32, device=device, requires_grad=True) for _ in range(3))
+    flash_attn_noncausal(q, k, v, backend="triton", deterministic=True).sum().backward()
+    assert "dq" in tk.LAST_TILES and "dkdv_atomic" not in tk.LAST_TILES
+
+
+def test_bad_bwd_mode_fails_before_any_kernel(device, monkeypatch):
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "fast")
+    tk.LAST_TILES.clear()
+    q = torch.randn(1, 8, 2, 32, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="LLM2VEC_FAST_ATTN_BWD"):
+        flash_attn_noncausal(q, q, q, backend="triton")
+    assert not tk.LAST_TILES
+
+
+def test_auto_mode_times_both_once(monkeypatch):
+    import triton.testing
+
+    times = {"separate": 2.0, "atomic": 1.0}
+    calls = []
+
+    def fake_bench(fn, warmup=0, rep=0):
+        calls.append(fn)
+        return times["separate" if len(calls) % 2 else "atomic"]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tk, "_BWD_CHOICE", {})
+    ran = []
+    assert tk._timed_choice("k", ran.append) == "atomic"
+    assert tk._timed_choice("k", ran.append) == "atomic" and len(calls) == 2  # cached per case
+    for fn in calls:
+        fn()
+    assert ran == ["separate", "atomic"]
+
+
+def test_atomic_tuner_zeroes_the_accumulator():
+    # The autotuner times each config by launching it: every launch must start from a zero dQ.
+    tuner = tk._tuned("dkdv_atomic", 128, False, False, 90)
+    assert len(tuner.configs) == len(tk.BWD_DKDV_ATOMIC_CONFIGS[128])
+    for c in tuner.configs:
+        acc = torch.ones(3, 4)
+        c.pre_hook({"DQ": acc})
+        assert (acc == 0).all()
+
+
+# --------------------------------------------------------------------------------------
 # Attention dropout in the kernels
 # --------------------------------------------------------------------------------------
 

@@ -150,7 +150,7 @@ def test_sweep_attention_tiles_parses_its_tiles():
     finally:
         sys.path.remove(BENCH)
     for (kind, bd), tiles in sw.DEFAULT_TILES.items():
-        assert kind in ("fwd", "dq", "dkdv") and bd in (64, 128)
+        assert kind in ("fwd", "dq", "dkdv", "dkdv_atomic") and bd in (64, 128)
         for spec in tiles.split(","):
             c = sw.parse_tile(spec)
             assert f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" == spec

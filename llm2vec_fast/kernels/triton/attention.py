@@ -14,11 +14,20 @@ One kernel family serves both layouts:
   tokens so left / right padding skips whole blocks; lse / delta ``(B, H, S)`` fp32.
 
 Forward: online softmax in base 2 with fp32 running max / sum / accumulator, the
-log-sum-exp saved (natural log). Backward: a dQ kernel (which also computes
-``delta = rowsum(dO * O)``, so no separate preprocess launch) and a dK/dV kernel whose
-program owns one K/V block of one K/V head and loops over the query blocks of all ``G``
-query heads sharing it: GQA gradients are summed in registers, never through repeated K/V
-or atomics, so the backward is always deterministic (``deterministic=True`` costs nothing).
+log-sum-exp saved (natural log). Backward, two strategies (``BWD_MODE``, :func:`bwd_mode`):
+
+- separate (the default): a dQ kernel (which also computes ``delta = rowsum(dO * O)``, so
+  no separate preprocess launch) and a dK/dV kernel whose program owns one K/V block of
+  one K/V head and loops over the query blocks of all ``G`` query heads sharing it: GQA
+  gradients are summed in registers, never through repeated K/V or atomics, so this
+  backward is deterministic. Both kernels recompute ``P`` and ``dP``: 7 block matmuls per
+  (query block, key block) pair.
+- atomic: a delta kernel, then the same dK/dV kernel with ``ATOMIC_DQ``, which also
+  computes each pair's ``dS K`` and adds it into an fp32 dQ accumulator with (vectorised)
+  atomics: 5 block matmuls per pair, plus the accumulator's memset, atomics and final
+  cast. The summation order of dQ varies from run to run, so ``deterministic=True`` takes
+  the separate backward. GPU tiles for 16-bit inputs without dropout at head dims 64-128;
+  untimed on a GPU so far, hence not the default.
 
 Measured (H200, bf16, torch 2.11 / triton 3.6, benchmarks/results/attention.jsonl, the
 kernels of commit daa7beb): head dim 128 unpadded S = 4k / 8k, H = 32: forward 473 / 482
@@ -493,11 +502,11 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, kvalid, q_base, do_base, lse_base, delta_base, start_m, lo, hi_q, stride_qt, stride_dot,
-    offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh, offs_n, drop_thresh, drop_scale,
+    dk, dv, k, v, kvalid, q_base, do_base, lse_base, delta_base, dq_base, start_m, lo, hi_q, stride_qt,
+    stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
     ROWMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr,
-    ROUNDS: tl.constexpr,
+    ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """One query block's share of dK and dV. ``ROWMASK`` False: every row of the block lies in
     ``[lo, hi_q)``, so q, dO, lse and delta load without a row mask (the loop's full blocks)."""
@@ -539,24 +548,38 @@ def _dkdv_block(
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * dcap
-    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    dsT = dsT.to(qT.dtype)
+    dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        # This key block's share of dQ, scaled (qk_scale * ln 2 = softmax_scale) and added to
+        # the other key blocks' shares in the fp32 accumulator.
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PREC) * (qk_scale * 0.6931471805599453)
+        dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+        if ROWMASK:
+            tl.atomic_add(dq_ptrs, dq, mask=(rows < hi_q)[:, None] & dmask[None, :], sem="relaxed")
+        elif BLOCK_D != HEAD_DIM:
+            tl.atomic_add(dq_ptrs, dq, mask=dmask[None, :], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_loop(
-    dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
-    stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-    offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
+    dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+    stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + bb * stride_qb + q0 * stride_qt + h * stride_qh
         do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
+        dq_base = DQ + bb * stride_dqb + q0 * stride_dqt + h * stride_dqh
         l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
-        if DROPOUT or BLOCK_D != 64 or DOT_PREC == "ieee":
+        if DROPOUT or BLOCK_D != 64 or DOT_PREC == "ieee" or ATOMIC_DQ:
             # One masked loop. With dropout: _dropout_keep serves four query rows per Philox
             # call from a multiple of 4, so the query blocks start there and rows below lo
             # (padding) are masked like those past hi_q, in every block. At every BLOCK_D
@@ -566,10 +589,10 @@ def _dkdv_loop(
             m_lo = lo - lo % 4 if DROPOUT else lo
             for start_m in range(m_lo, hi_q, BLOCK_M):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, start_m, lo, hi_q,
-                    stride_qt, stride_dot, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS,
+                    DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
         else:
             # Full query blocks first without row masks, then one masked tail block, as the
@@ -578,24 +601,24 @@ def _dkdv_loop(
             end_full = lo + ((hi_q - lo) // BLOCK_M) * BLOCK_M
             for start_m in range(lo, end_full, BLOCK_M):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, start_m, lo, hi_q,
-                    stride_qt, stride_dot, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, False, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS,
+                    DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
             if end_full < hi_q:
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, end_full, lo, hi_q,
-                    stride_qt, stride_dot, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, end_full, lo, hi_q,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS,
+                    DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED,
     sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -603,10 +626,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
+    stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hkv, B)``: dK, dV of one key block of one K/V head.
 
@@ -653,23 +677,53 @@ def _attn_bwd_dkdv_kernel(
         # Interior key blocks of a hole-free span need no key mask in the inner loop.
         if holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
-                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-                offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
+                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+                stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
+                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
             )
         else:
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, bb, q0, hk, GROUP, lo, hi_q,
-                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
-                offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS,
+                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+                stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
+                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
             )
     if DROPOUT:
         dv = dv * drop_scale
     dk = dk * sm_scale
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, CU_Q, SEQ,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: ``delta = rowsum(dO * O)`` (fp32) for the
+    atomic backward, whose dK/dV kernel needs every row's delta before it starts (in the
+    separate backward the dQ kernel writes it)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_Q, CU_Q, b, SEQ, IS_VARLEN, False)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_m < q_len
+    md = rmask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    bb = b.to(tl.int64)
+    o = tl.load(O + bb * stride_ob + (q0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :], mask=md, other=0.0)
+    do = tl.load(DO + bb * stride_dob + (q0 + offs_m[:, None]) * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bb * stride_lb + h.to(tl.int64) * stride_lh + q0 + offs_m, delta, mask=rmask)
 
 
 @triton.jit
@@ -744,6 +798,20 @@ BWD_DKDV_CONFIGS = {
     128: [_cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
     256: [_cfg(16, 64, 8, 2)],
 }
+# The atomic backward's dK/dV kernel (ATOMIC_DQ: it also computes each block's dQ share and
+# adds it into an fp32 accumulator): 16-bit inputs without dropout at BLOCK_D 64 and 128,
+# the LLM head dims; every other case runs the separate backward. Untimed on a GPU: the
+# lists hold the candidates that compile with the fewest spills (sm_90, masked softcapped
+# variant, STL): at BLOCK_D 64 64 x 128 w8 s1, 64 x 64 w8 s2 and 32 x 128 w8 s2 are
+# spill-free (64 x 64 on 4 warps: 66; the three-call full-block loop spilled every tile, so
+# the atomic kernel keeps the one masked loop); at BLOCK_D 128 only 32-row tiles are
+# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 97,
+# 64 x 64 w8 s1: 54; two stages 208 / 101), listed because the separate dK/dV kernel's
+# 64-row spilling tile ran 1.7-2.2x faster than its spill-free 32-row ones.
+BWD_DKDV_ATOMIC_CONFIGS = {
+    64: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    128: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 1), _cfg(32, 128, 8, 1), _cfg(32, 64, 8, 2)],
+}
 # fp32 inputs run FMA dots ("ieee") on one small tile per kernel and BLOCK_D: correct and
 # rarely used, not timed. The FMA dot holds whole BLOCK_D rows per thread, so the former
 # 32 x 32 on 4 warps spilled hundreds to thousands of STL from D = 64 up (16 x 16 on 4
@@ -756,7 +824,7 @@ FP32_CONFIGS = {
     "dq": {32: [_cfg(16, 16, 8, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 2)], 256: [_cfg(16, 16, 8, 2)]},
     "dkdv": {32: [_cfg(32, 32, 4, 1)], 64: [_cfg(16, 16, 8, 1)], 128: [_cfg(16, 16, 8, 3)], 256: [_cfg(16, 16, 8, 3)]},
 }
-_TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS}
+_TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dkdv_atomic": BWD_DKDV_ATOMIC_CONFIGS}
 # The A100 (sm_80) runs mma.sync, which has no 64-row warpgroup tile to keep: where the
 # shared lists spill there, tiles that do not replace the list on sm_80 only (16-bit
 # inputs; key: kind, BLOCK_D, dropout). At BLOCK_D 128 the forward and dK/dV keep the
@@ -775,6 +843,9 @@ SM80_CONFIGS = {
     ("dq", 256, True): [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 2)],
     ("dkdv", 256, False): [_cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)],
     ("dkdv", 256, True): [_cfg(16, 32, 8, 1), _cfg(16, 16, 4, 2)],
+    # the atomic dK/dV kernel's spill-free tiles on sm_80 (of 5 / 5 compiled; 64-row tiles spill 9-3600 STL)
+    ("dkdv_atomic", 64, False): [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2)],
+    ("dkdv_atomic", 128, False): [_cfg(32, 64, 8, 2)],
 }
 CHIPS = (90, 80)
 # Dropout's own lists. The Philox words (interleaved over query rows, then transposed in
@@ -847,6 +918,20 @@ def bwd_dkdv_configs(head_dim: int, fp32: bool = False, dropout: bool = False, c
     return _configs("dkdv", head_dim, fp32, dropout, chip)
 
 
+def bwd_dkdv_atomic_configs(head_dim: int, fp32: bool = False, dropout: bool = False, chip: int = 90) -> list[triton.Config]:
+    """Every configuration the autotuner may pick for the atomic backward's dK/dV kernel; empty
+    where that backward does not run on a GPU (:func:`atomic_bwd_supported`)."""
+    if not atomic_bwd_supported(head_dim, fp32, dropout):
+        return []
+    return _configs("dkdv_atomic", head_dim, fp32, dropout, chip)
+
+
+def atomic_bwd_supported(head_dim: int, fp32: bool, dropout: bool) -> bool:
+    """Whether the atomic backward has GPU tiles for this case (16-bit, no dropout, BLOCK_D 64 /
+    128). The interpreter runs it for every case (the tests force it)."""
+    return not fp32 and not dropout and _block_d(head_dim) in BWD_DKDV_ATOMIC_CONFIGS
+
+
 def heuristic_config(
     kind: str, head_dim: int, fp32: bool, max_seqlen: int, on_cuda: bool, dropout: bool = False, chip: int = 90
 ) -> triton.Config:
@@ -861,9 +946,9 @@ def heuristic_config(
     CUDA (the interpreter): 32 x 32 tiles (16 x 16 at BLOCK_D 256), so the tests' short
     sequences cross several blocks and a tail, and the interpreter stays fast.
     """
-    cands = _configs(kind, head_dim, fp32, dropout, chip)
     if not on_cuda:
         return _cfg(32, 32, 4, 1) if _block_d(head_dim) < 256 else _cfg(16, 16, 4, 1)
+    cands = _configs(kind, head_dim, fp32, dropout, chip)
     if max_seqlen <= 256:
         return min(cands, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
     return cands[0]
@@ -873,14 +958,24 @@ def _autotune_on() -> bool:
     return os.environ.get("LLM2VEC_FAST_AUTOTUNE", "1") != "0"
 
 
-_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+            "dkdv_atomic": _attn_bwd_dkdv_kernel}
 # Tuned once per kernel, tile table and sequence-length bucket (and, by Triton, per dtype).
 _AUTOTUNE_KEY = ["seqlen_bucket", "IS_VARLEN", "HAS_MASK", "HAS_SOFTCAP", "DROPOUT"]
 
 
+def _zero_dq(nargs):
+    nargs["DQ"].zero_()
+
+
 @functools.cache
 def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool, chip: int):
-    return triton.autotune(configs=_configs(kind, head_dim, fp32, dropout, chip), key=_AUTOTUNE_KEY)(_KERNELS[kind])
+    cfgs = _configs(kind, head_dim, fp32, dropout, chip)
+    if kind == "dkdv_atomic":
+        # The kernel adds into DQ: zeroed before every launch, the autotuner's timing runs
+        # included (a config's pre_hook runs before each of them and before the real launch).
+        cfgs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_zero_dq) for c in cfgs]
+    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
 
 # The tile each kernel kind last launched with ("fwd" / "dq" / "dkdv" -> "128x64 w8 s3"), so a
@@ -1068,23 +1163,69 @@ def attention_forward(
     return out, lse
 
 
+# The backward's strategy: "separate" (a dQ kernel, then a dK/dV kernel; no atomics, so
+# bit-reproducible), "atomic" (one dK/dV kernel that also adds each key block's share of dQ
+# into an fp32 accumulator: 5 matmuls per block pair instead of the separate kernels' 7,
+# plus a small delta pass; not bit-reproducible), or "auto" (on CUDA, both timed once per
+# case and the faster kept; elsewhere separate). The environment variable
+# LLM2VEC_FAST_ATTN_BWD overrides this default; ``deterministic=True`` always runs separate,
+# and so does every case without atomic GPU tiles (:func:`atomic_bwd_supported`).
+# "separate" until the atomic kernel has been timed and checked on a GPU.
+BWD_MODE = "separate"
+BWD_MODES = ("separate", "atomic", "auto")
+_BWD_CHOICE: dict = {}  # "auto"'s timed choice per case
+
+
+def bwd_mode(deterministic: bool = False, on_cuda: bool = False, head_dim: int = 64, fp32: bool = False,
+             dropout: bool = False) -> str:
+    """The strategy a backward call will take: ``"separate"``, ``"atomic"`` or ``"auto"`` (see
+    ``BWD_MODE``). Raises ``ValueError`` for an unknown LLM2VEC_FAST_ATTN_BWD value."""
+    want = os.environ.get("LLM2VEC_FAST_ATTN_BWD", BWD_MODE)
+    if want not in BWD_MODES:
+        raise ValueError(f"LLM2VEC_FAST_ATTN_BWD: expected one of {', '.join(BWD_MODES)}, got {want!r}")
+    if deterministic or want == "separate" or (on_cuda and not atomic_bwd_supported(head_dim, fp32, dropout)):
+        return "separate"
+    if want == "auto" and not on_cuda:
+        return "separate"
+    return want
+
+
+def _timed_choice(key, run) -> str:
+    """``"separate"`` or ``"atomic"``, whichever ``run(mode)`` does faster; timed once per key."""
+    if key not in _BWD_CHOICE:
+        from triton.testing import do_bench
+
+        times = {m: do_bench(lambda m=m: run(m), warmup=5, rep=20) for m in ("separate", "atomic")}
+        _BWD_CHOICE[key] = min(times, key=times.get)
+    return _BWD_CHOICE[key]
+
+
+# Rows per program of the atomic backward's delta kernel (memory-bound: one fixed config).
+DELTA_BLOCK_M = 64
+DELTA_WARPS = 4
+
+
 def attention_backward(
     do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-    softcap: float, dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+    softcap: float, dropout_p: float = 0.0, seed: torch.Tensor | None = None, deterministic: bool = False,
+    mode: str | None = None,
 ):
-    """Launch the dQ kernel (which writes delta) and then the dK/dV kernel.
+    """Launch the backward: the dQ kernel (which writes delta) and then the dK/dV kernel, or,
+    in the atomic mode, the delta kernel and the dK/dV kernel that also accumulates dQ.
 
     ``dropout_p`` and ``seed`` must be the forward's: the kernels regenerate its mask.
-    Returns ``dq, dk, dv`` with the shapes and dtypes of ``q, k, v``.
+    ``mode`` ``"separate"`` / ``"atomic"`` forces a strategy (tests, benchmarks); None takes
+    :func:`bwd_mode`'s. Returns ``dq, dk, dv`` with the shapes and dtypes of ``q, k, v``.
     """
     varlen = cu_q is not None
     do, q, k, v, out = (_lastdim_contig(t) for t in (do, q, k, v, out))
     D = q.shape[-1]
     H, Hkv = q.shape[-2], k.shape[-2]
-    dq = _alloc(q.shape, q)
-    dk = _alloc(k.shape, k)
-    dv = _alloc(v.shape, v)
-    delta = _alloc(lse.shape, lse)
+    fp32 = q.dtype == torch.float32
+    if mode is None:
+        mode = bwd_mode(deterministic, q.is_cuda, D, fp32, bool(dropout_p))
+    elif mode not in ("separate", "atomic"):
+        raise ValueError(f"mode: expected 'separate', 'atomic' or None, got {mode!r}")
     if varlen:
         B, S = cu_q.numel() - 1, 0
         lse_strides = (0, lse.stride(0))
@@ -1093,17 +1234,32 @@ def attention_backward(
         B, S = q.shape[0], q.shape[1]
         lse_strides = (lse.stride(0), lse.stride(1))
         len_q = len_k = S
-    if B == 0 or q.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if len_q == 0 or len_k == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
+    if mode == "auto":
+        key = (chip_of(q.device), D, q.dtype, varlen, mask is not None, bool(softcap), H // Hkv,
+               _seq_bucket(max(len_q, len_k)))
+        mode = _timed_choice(key, lambda m: attention_backward(
+            do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
+            dropout_p, seed, mode=m,
+        ))
+    atomic = mode == "atomic"
+    dq = None if atomic else _alloc(q.shape, q)
+    dk = _alloc(k.shape, k)
+    dv = _alloc(v.shape, v)
+    delta = _alloc(lse.shape, lse)
+    autotuned = q.is_cuda and _autotune_on()
+    if atomic:
+        # fp32 accumulator of dQ (already scaled by softmax_scale); zeroed here, or by the
+        # autotuner's pre-hook before every launch of the tuned kernel.
+        acc = (torch.empty if autotuned else torch.zeros)(q.shape, device=q.device, dtype=torch.float32)
+    if B == 0 or q.numel() == 0 or len_q == 0 or len_k == 0:
+        dk.zero_(), dv.zero_()
+        return (q.new_zeros(q.shape) if atomic else dq.zero_()), dk, dv
     dummy = torch.empty(3, device=q.device, dtype=torch.int32)
     if mask is not None:
         mask_u8, rng = _mask_range(mask)
         stride_mb = mask_u8.stride(0)
     else:
         mask_u8, rng, stride_mb = dummy, dummy, 0
-    fp32 = q.dtype == torch.float32
     seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     consts = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
@@ -1115,20 +1271,31 @@ def attention_backward(
         _seq_bucket(max(max_seqlen_q, max_seqlen_k, S)),
     ]
     cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t]
-    if len_q > 0:
+    if atomic:
+        grid = (triton.cdiv(len_q, DELTA_BLOCK_M), H, B)
+        _attn_bwd_delta_kernel[grid](
+            out, do, delta, cu_q if varlen else dummy, S, *_strides3(out, varlen), *_strides3(do, varlen),
+            *lse_strides, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=DELTA_BLOCK_M, IS_VARLEN=varlen,
+            num_warps=DELTA_WARPS,
+        )
+        dq_arg, dq_strides = acc, _strides3(acc, varlen)
+    else:
         args = [
             q, k, v, out, do, dq, lse, delta, *cus, *common,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
             *_strides3(do, varlen), *_strides3(dq, varlen), *lse_strides, stride_mb,
         ]
         _launch("dq", len_q, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
-    if len_k > 0:
-        args = [
-            q, k, v, do, dk, dv, lse, delta, *cus, *common,
-            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
-            *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides, stride_mb,
-        ]
-        _launch("dkdv", len_k, (Hkv, B), args, consts, D, fp32, max(max_seqlen_k, S), q.is_cuda)
+        dq_arg, dq_strides = dummy, (0, 0, 0)
+    args = [
+        q, k, v, do, dk, dv, dq_arg, lse, delta, *cus, *common,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
+        *_strides3(dk, varlen), *_strides3(dv, varlen), *dq_strides, *lse_strides, stride_mb,
+    ]
+    kind = "dkdv_atomic" if atomic else "dkdv"
+    _launch(kind, len_k, (Hkv, B), args, dict(consts, ATOMIC_DQ=atomic), D, fp32, max(max_seqlen_k, S), q.is_cuda)
+    if atomic:
+        dq = acc if fp32 else acc.to(q.dtype)
     return dq, dk, dv
 
 
@@ -1142,13 +1309,15 @@ def _attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward (setup_context keeps it)
     return attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None):
+def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None,
+      deterministic=False):
     H = q.shape[-2]
     if cu_q is not None:
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
@@ -1162,24 +1331,27 @@ def _attn_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(
-        do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed
+        do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed,
+        deterministic,
     )
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None):
+def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None,
+      deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed = inputs
+    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed, deterministic = inputs
     out, lse = output
     # The seed (not the mask) is what backward needs to regenerate the forward's dropout mask.
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p)
+    ctx.deterministic = deterministic
     ctx.mark_non_differentiable(lse)
 
 
@@ -1187,9 +1359,10 @@ def _backward(ctx, dout, dlse, bwd=None):
     """dq, dk, dv through ``bwd``: the custom op (compiled graphs) or the bare launcher."""
     q, k, v, out, lse, cu_q, cu_k, mask, seed = ctx.saved_tensors
     dq, dk, dv = (bwd or _attn_bwd_op)(
-        dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args, seed
+        dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args, seed,
+        ctx.deterministic,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1203,12 +1376,13 @@ class _AttnFn(torch.autograd.Function):
     torch.compile still sees the custom op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed):
+    def forward(ctx, q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed,
+                deterministic):
         out, lse = attention_forward(
             q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed
         )
         _setup_context(ctx, (q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
-                             dropout_p, seed), (out, lse))
+                             dropout_p, seed, deterministic), (out, lse))
         return out, lse
 
     @staticmethod
@@ -1216,14 +1390,16 @@ class _AttnFn(torch.autograd.Function):
         return _backward(ctx, dout, dlse, attention_backward)
 
 
-def _attn(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed):
+def _attn(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed,
+          deterministic=False):
     """Forward with autograd: the custom op under torch.compile (opaque, with a fake), else the
     plain autograd function, or the bare launcher when no gradient is recorded."""
     args = (q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed)
     if torch.compiler.is_compiling():
-        return _attn_fwd_op(*args)
+        return _attn_fwd_op(*args, deterministic)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttnFn.apply(*args)
+        bwd_mode(deterministic)  # a bad LLM2VEC_FAST_ATTN_BWD fails here, before any kernel runs
+        return _AttnFn.apply(*args, deterministic)
     return attention_forward(*args)
 
 
@@ -1247,13 +1423,13 @@ def flash_attn_varlen_triton(
     in the kernels, its seed drawn from torch's generator of q's device on each call
     (:func:`dropout_seed`). Returns out ``(T_q, H, D)`` in q's dtype and, with
     ``return_lse``, lse ``(H, T_q)`` fp32 of the undropped softmax (not differentiable).
-    Differentiable w.r.t. q, k, v; the backward is deterministic whatever
-    ``deterministic`` says (no atomics).
+    Differentiable w.r.t. q, k, v. ``deterministic=True`` runs the separate backward (no
+    atomics: bit-reproducible); otherwise the backward takes ``bwd_mode()``'s strategy.
     """
     dropout_p = float(dropout_p or 0.0)
     out, lse = _attn(
         q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
-        float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q),
+        float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q), bool(deterministic),
     )
     return (out, lse) if return_lse else out
 
@@ -1266,12 +1442,13 @@ def flash_attn_padded_triton(
     q ``(B, S, H, D)``, k/v ``(B, S, Hkv, D)``, key_padding_mask ``(B, S)`` bool / 0-1 ints
     (True = valid) or None; ``dropout_p`` as in :func:`flash_attn_varlen_triton`. Returns
     out ``(B, S, H, D)`` (padded query rows 0) and, with ``return_lse``, lse ``(B, H, S)``
-    fp32 (``-inf`` on padding).
+    fp32 (``-inf`` on padding). ``deterministic`` as in :func:`flash_attn_varlen_triton`.
     """
     mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
     S = q.shape[1]
     dropout_p = float(dropout_p or 0.0)
     out, lse = _attn(
-        q, k, v, None, None, mask, S, S, float(softmax_scale), float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q)
+        q, k, v, None, None, mask, S, S, float(softmax_scale), float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q),
+        bool(deterministic),
     )
     return (out, lse) if return_lse else out
