@@ -26,7 +26,9 @@ forward, and a retained graph's repeated backward recomputes (two-pass), so its 
 rows do not split the same work as the two-pass ones.
 Time from triton.testing.do_bench medians (p20 / p80 too); peak memory is
 max_memory_allocated during one call above what was allocated before it (the inputs), so it
-includes the gradients each provider returns. Rows go to benchmarks/results/masked_ce.jsonl.
+includes the gradients each provider returns. On CUDA, our rows also carry ``kernel_ms``:
+the device time per call of the ten most expensive kernels (torch.profiler), so a row says
+where the time went. Rows go to benchmarks/results/masked_ce.jsonl.
 
     python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu   # Triton interpreted
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import append_rows, bench
+    from common import append_rows, bench, kernel_times
 
     import llm2vec_fast as L
     from llm2vec_fast.kernels import reference as ref
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
                     tk = sys.modules.get("llm2vec_fast.kernels.triton.masked_ce")
                     if args.device == "cuda" and tk is not None and tk.LAST_TILES:
                         row["tiles"] = dict(tk.LAST_TILES)  # the autotuners' picks
+                    if args.device == "cuda" and (prov == "ours" or prov.startswith("strategy-")):
+                        row["kernel_ms"] = kernel_times(run)  # where our time goes: GEMMs, row kernel, copies
                 except Exception as e:  # an OOM or a provider failure is a result too
                     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
                 finally:

@@ -97,3 +97,21 @@ def bench(fn, device: str, *, warmup: int = 3, rep: int = 10) -> dict:
         "ms_p80": ts[int(0.8 * (len(ts) - 1))],
         "peak_mem_mb": None,
     }
+
+
+def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10) -> dict:
+    """Device milliseconds per call of ``step``'s kernels (torch.profiler, CUDA only), the ``top``
+    most expensive, optionally only names containing ``match``: where a measured time goes
+    (e.g. a backward's dQ vs dK/dV kernels, a loss's GEMMs vs its row kernel vs copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and (match is None or match in e.key) and e.self_device_time_total > 0:
+            times[e.key[:80]] = round(e.self_device_time_total / 1e3 / iters, 4)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])

@@ -33,6 +33,9 @@ import time
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import kernel_times  # noqa: E402
+
 # Candidates per (kind, BLOCK_D): the current lists and their neighbours (the H200 sweep of
 # 27 Nov 2026 timed the earlier ones; attention_tiles.jsonl).
 DEFAULT_TILES = {
@@ -57,23 +60,6 @@ def parse_tile(s: str):
         raise ValueError(f"--tiles: expected entries like 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages), got {s!r}")
     bm, bn, w, st = map(int, m.groups())
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-
-
-def kernel_times(step, iters: int = 5) -> dict:
-    """Device milliseconds per call of each Triton attention kernel in ``step`` (torch.profiler):
-    where a backward's time goes between its preprocessing, dQ and dK/dV kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and "attn" in e.key:
-            out[e.key] = round(e.self_device_time_total / 1e3 / iters, 4)
-    return out
 
 
 def main(argv=None) -> int:
@@ -154,7 +140,7 @@ def main(argv=None) -> int:
                 continue
             finally:
                 tables[kind][bd] = list(base[kind])
-            kms = None if a.no_kernel_times else kernel_times(step)
+            kms = None if a.no_kernel_times else kernel_times(step, iters=5, match="attn")
             bwd_ms = ms - t_fwd0 if kind != "fwd" else None
             tf = fwd_flops / ms / 1e9 if kind == "fwd" else 2.5 * fwd_flops / bwd_ms / 1e9
             print(f"{kind:5s} {spec:12s} {ms:8.3f} ms  {'bwd ' + format(bwd_ms, '.3f') + ' ms ' if bwd_ms else ''}"
