@@ -78,3 +78,60 @@ def test_reference_never_allocates_full_logits(strategy):
     assert r["control"] > 0.9 * FULL_LOGITS_MB, f"control allocation not visible in peak RSS: {r}"
     # ... and the op's forward + backward stays far below one
     assert r["op"] < BOUND_MB, f"peak RSS grew by {r['op']:.0f} MiB (bound {BOUND_MB}, full logits {FULL_LOGITS_MB:.0f}): {r}"
+
+
+# hidden (8, 2048, 1024) fp32 = 64 MiB, 10% of it labelled, a small vocabulary: what the op
+# may add on top of the inputs is hidden's gradient, a few buffers of the labelled rows
+# (gathered rows, their gradient, an fp32 accumulator) and slack; a copy of hidden (the
+# shifted slice flattened) or a second full-size gradient (its backward) does not fit.
+HB, HT, HC, HV = 8, 2048, 1024, 512
+HIDDEN_MB = HB * HT * HC * 4 / 2**20
+ROWS_MB = 0.1 * HIDDEN_MB
+
+SCRIPT_SHIFT = textwrap.dedent(
+    """
+    import json, sys, torch
+    torch.set_num_threads(1)
+    import llm2vec_fast as L
+
+    def status_mb(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+
+    def start():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status_mb("VmRSS")
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn({B}, {T}, {C}, generator=g, requires_grad=True)
+    weight = (torch.randn({V}, {C}, generator=g) * 0.05).requires_grad_()
+    labels = torch.randint(0, {V}, ({B}, {T}), generator=g)
+    labels[torch.rand({B}, {T}, generator=g) > 0.1] = -100
+    L.masked_linear_cross_entropy(hidden[:1, :8], weight, labels[:1, :8], backend="torch").backward()
+    hidden.grad = weight.grad = None
+    base = start()
+    loss = L.masked_linear_cross_entropy(hidden, weight, labels, backend="torch", strategy="{strategy}")
+    loss.backward()
+    op = status_mb("VmHWM") - base
+    base = start()
+    copy = hidden.detach()[:, :-1].reshape(-1, {C}) + 0  # the control: one copy of hidden
+    control = status_mb("VmHWM") - base
+    print(json.dumps(dict(op=op, control=control, grad_ok=bool(torch.isfinite(hidden.grad).all()))))
+    """
+)
+
+
+@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
+def test_shift_gathers_without_copying_hidden(strategy):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = SCRIPT_SHIFT.format(B=HB, T=HT, C=HC, V=HV, strategy=strategy)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["grad_ok"], r
+    assert r["control"] > 0.9 * HIDDEN_MB, f"a copy of hidden is not visible in peak RSS: {r}"
+    bound = HIDDEN_MB + 4 * ROWS_MB + 16
+    assert r["op"] < bound, f"peak RSS grew by {r['op']:.0f} MiB (bound {bound:.0f}; hidden {HIDDEN_MB:.0f}): {r}"

@@ -184,10 +184,14 @@ def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int,
     ``torch.nonzero`` here is the one host synchronisation of the op (the number of
     labelled rows decides every later shape).
     """
+    rows = None
     if shift:
         if hidden.dim() == 3:
-            hidden = hidden[:, :-shift]
             labels = labels[:, shift:]
+            # Gather from hidden's own rows (row b * T + t for shifted position (b, t)), not
+            # from hidden[:, :-shift]: flattening that slice copies all of hidden in the
+            # forward, and its backward pads a second full-size gradient.
+            rows = max(hidden.shape[1] - shift, 1)
         else:
             hidden = hidden[:-shift]
             labels = labels[shift:]
@@ -195,7 +199,8 @@ def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int,
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     index = torch.nonzero(flat_y != ignore_index).squeeze(1)
-    return flat_h.index_select(0, index), flat_y.index_select(0, index), index, shape
+    h_index = index if rows is None else index + torch.div(index, rows, rounding_mode="floor") * shift
+    return flat_h.index_select(0, h_index), flat_y.index_select(0, index), index, shape
 
 
 def _block_logits(h, w_block, b_block, softcap):
