@@ -14,10 +14,14 @@ Providers, side by side in one run on the same inputs:
                 what stock transformers does
   torch_compile torch.compile of the chunked reference                      [gpu-full]
   liger         Liger-Kernel's fused linear cross-entropy (when importable)
-  cce           cut-cross-entropy's linear_cross_entropy (when importable)
-Liger and CCE get the shifted rows flattened, all of them (ignored ones included), which is
-how they are called from a causal-LM head; ours and the reference take (B, T, C) with the
-shift inside and gather the labelled rows. Case ``w_grad``: with d weight (a trained LM
+  cce           cut-cross-entropy's linear_cross_entropy (when importable) on the shifted rows
+                flattened, as a generic causal-LM head calls a loss
+  cce-shift     the same with its own shift (``shift=True`` on (B, T, C)): no copy of the
+                shifted hidden states, its lowest-memory call
+Liger and ``cce`` get the shifted rows flattened, all of them (ignored ones included), which
+is how a causal-LM head calls them (flattening hidden[:, :-1] copies it, and its backward
+pads a second full-size gradient); ours, the reference and ``cce-shift`` take (B, T, C)
+with the shift inside (ours gathers the labelled rows by index). Case ``w_grad``: with d weight (a trained LM
 head) or without (frozen head, the LoRA MNTP recipe); every provider gets the same.
 
 Modes: fwd (forward that builds the graph), bwd (backward alone, graph retained), full.
@@ -50,11 +54,11 @@ PRESETS = {
                        providers=["ours_torch", "torch-two_pass", "torch_full"], dtype="fp32", seq=128, rep=7),
     # ~60 s on an H100: the acceptance shapes, with a trained and a frozen LM head
     "gpu-quick": dict(C=[4096], V=[32000, 128256], tokens=[16384], frac=[0.2], modes=["full"], w_grad=[True, False],
-                      providers=["ours", "strategy-eager", "strategy-two_pass", "torch_full", "liger", "cce"]),
+                      providers=["ours", "strategy-eager", "strategy-two_pass", "torch_full", "liger", "cce", "cce-shift"]),
     "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
                      modes=["fwd", "bwd", "full"], w_grad=[True, False],
                      providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full",
-                                "torch_compile", "liger", "cce"]),
+                                "torch_compile", "liger", "cce", "cce-shift"]),
 }
 SEQ = 512  # tokens per sequence (the MNTP recipe's chunk length)
 
@@ -140,6 +144,10 @@ def main(argv=None) -> int:
                 hf, yf = shifted_rows(h, y)
                 return cce(hf, w, yf)
             return cc
+        if name == "cce-shift":
+            if cce is None or args.device != "cuda":
+                return None
+            return lambda h, w, y: cce(h, w, y, shift=True)
         raise ValueError(name)
 
     rows, n_saved, path = [], 0, None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close_rule
-from llm2vec_fast.kernels.reference import masked_linear_cross_entropy_ref, select_labelled_rows
+from llm2vec_fast.kernels.reference import labelled_rows, masked_linear_cross_entropy_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -122,12 +122,12 @@ def test_gpu_no_host_sync_after_the_gather(strategy):
     from llm2vec_fast.kernels.triton.masked_ce import MaskedLinearCEFunction
 
     h, w, b, y = _inputs(2, 512, 512, 8000, torch.bfloat16, 0.2, True)
-    h_sel, y_sel, _, _ = select_labelled_rows(h, y, 1, -100)
-    h_sel, y_sel = h_sel.contiguous(), y_sel.int()
-    params = [h_sel.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    flat_h, h_index, y_sel, _, _ = labelled_rows(h, y, 1, -100)
+    flat_h, y_sel = flat_h.detach().requires_grad_(), y_sel.int()
+    params = [flat_h, w.requires_grad_(), b.requires_grad_()]
 
     def step():
-        loss, correct = MaskedLinearCEFunction.apply(*params, y_sel, 20.0, 0.1, 1e-4, "mean", strategy)
+        loss, correct = MaskedLinearCEFunction.apply(flat_h, h_index, *params[1:], y_sel, 20.0, 0.1, 1e-4, "mean", strategy)
         grads = torch.autograd.grad(loss, params)
         return loss, correct, grads
 

@@ -174,13 +174,17 @@ def attention_padded_sdpa(q, k, v, key_padding_mask=None, softmax_scale=None, dr
 # --------------------------------------------------------------------------------------
 
 
-def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
-    """Apply the shift and gather the rows that carry a label.
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
+    """Where the labelled rows are, without gathering them.
 
     hidden ``(B, T, C)`` or ``(N, C)``; labels ``(B, T)`` or ``(N,)``. With ``shift=s`` the
     label at position t is predicted by the hidden state at t - s (per sequence for 3-d
-    input; along the single sequence for 2-d input). Returns ``(h_sel (N, C), y_sel (N,),
-    index (N,) into the flattened shifted label grid, shifted label shape)``.
+    input; along the single sequence for 2-d input). Returns ``(flat_h, h_index, y_sel,
+    index, shape)``: ``flat_h`` every row of hidden as ``(rows, C)`` (a view of a contiguous
+    hidden: the shift is applied to the indices, never by slicing hidden, whose flattening
+    copies all of it and whose backward pads a second full-size gradient), ``h_index`` the
+    labelled rows of ``flat_h``, ``y_sel`` their labels, ``index`` their positions in the
+    flattened shifted label grid and ``shape`` that grid's shape.
     ``torch.nonzero`` here is the one host synchronisation of the op (the number of
     labelled rows decides every later shape).
     """
@@ -188,19 +192,26 @@ def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int,
     if shift:
         if hidden.dim() == 3:
             labels = labels[:, shift:]
-            # Gather from hidden's own rows (row b * T + t for shifted position (b, t)), not
-            # from hidden[:, :-shift]: flattening that slice copies all of hidden in the
-            # forward, and its backward pads a second full-size gradient.
-            rows = max(hidden.shape[1] - shift, 1)
+            rows = max(hidden.shape[1] - shift, 1)  # shifted position (b, t) reads hidden row b * T + t
         else:
-            hidden = hidden[:-shift]
-            labels = labels[shift:]
+            labels = labels[shift:]  # shifted position t reads hidden row t
     shape = labels.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     index = torch.nonzero(flat_y != ignore_index).squeeze(1)
     h_index = index if rows is None else index + torch.div(index, rows, rounding_mode="floor") * shift
-    return flat_h.index_select(0, h_index), flat_y.index_select(0, index), index, shape
+    return flat_h, h_index, flat_y.index_select(0, index), index, shape
+
+
+def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
+    """Apply the shift and gather the rows that carry a label (see :func:`labelled_rows`).
+
+    Returns ``(h_sel (N, C), y_sel (N,), index (N,) into the flattened shifted label grid,
+    shifted label shape)``. Differentiable in hidden (its backward is one full-size zero
+    gradient with the rows added in).
+    """
+    flat_h, h_index, y_sel, index, shape = labelled_rows(hidden, labels, shift, ignore_index)
+    return flat_h.index_select(0, h_index), y_sel, index, shape
 
 
 def _block_logits(h, w_block, b_block, softcap):

@@ -6,8 +6,10 @@ vocabulary chunk of the backward.
 
 Design (why it is built this way):
 
-* Gather first. ``reference.select_labelled_rows`` applies the shift and keeps only rows
-  that carry a label, so every GEMM below scales with labelled tokens (~20% for MNTP).
+* Gather first. ``reference.labelled_rows`` finds the rows that carry a label (the shift
+  applied to the row indices, so hidden is never sliced or copied) and the autograd
+  function gathers them, so every GEMM below scales with labelled tokens (~20% for MNTP);
+  it keeps no gathered copy for the backward and builds hidden's gradient once.
   ``torch.nonzero`` inside it is the op's one host synchronisation: ``N`` decides every
   later shape. Nothing else here syncs (no ``.item()``, no data-dependent Python branch).
 * Forward: ``_mce_fwd_kernel`` is a tiled GEMM ``h @ w.T`` (fp32 accumulator, ``tl.dot``)
@@ -652,24 +654,36 @@ def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w
                 dw.addmm_(dz.t(), hc)
         if need_b:
             db += dz.sum(0, dtype=torch.float32)
+        z = dz = None  # freed before the next chunk's logits are allocated: one chunk alive at a time
     return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None)
 
 
-class MaskedLinearCEFunction(torch.autograd.Function):
-    """Masked linear cross-entropy over gathered rows (Triton forward and backward).
+def _scatter_rows(rows: torch.Tensor, h_index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The gradient of every row of hidden: zeros, with ``rows`` at ``h_index`` (unique)."""
+    out = torch.zeros((n_rows, rows.shape[1]), device=rows.device, dtype=rows.dtype)
+    return out.index_copy_(0, h_index, rows)
 
-    forward(h (N, C), w (V, C), b (V,) or None, y (N,) int32, softcap, label_smoothing,
-    z_loss, reduction, strategy) -> (loss, correct (N,) bool, not differentiable); loss is
-    0-d fp32 for ``mean`` / ``sum`` and the per-row ``(N,)`` fp32 losses for ``none``.
-    ``strategy`` is ``None`` when no gradient will be asked for (the statistics-only forward,
-    one GEMM), else ``"eager"`` (gradients computed here, scaled by the upstream gradient in
-    backward) or ``"two_pass"`` (logits recomputed in backward).
+
+class MaskedLinearCEFunction(torch.autograd.Function):
+    """Masked linear cross-entropy over the labelled rows of hidden (Triton forward and backward).
+
+    forward(flat_h (rows, C), h_index (N,) int64, w (V, C), b (V,) or None, y (N,) int32,
+    softcap, label_smoothing, z_loss, reduction, strategy) -> (loss, correct (N,) bool, not
+    differentiable); loss is 0-d fp32 for ``mean`` / ``sum`` and the per-row ``(N,)`` fp32
+    losses for ``none``. The labelled rows ``flat_h[h_index]`` are gathered here, used and
+    dropped: nothing of size ``N x C`` is kept for the backward (which gathers again if it
+    recomputes), and the gradient of ``flat_h`` is built once, full size, in the backward
+    (no separate gather node with its own copy). ``strategy`` is ``None`` when no gradient
+    will be asked for (the statistics-only forward, one GEMM), else ``"eager"`` (gradients
+    computed here, scaled by the upstream gradient in backward) or ``"two_pass"`` (logits
+    recomputed in backward).
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy):
+    def forward(ctx, flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy):
+        h = flat_h.index_select(0, h_index)
         N = h.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and b is not None
         ctx.eager = None
         if strategy == "eager":
@@ -681,7 +695,8 @@ class MaskedLinearCEFunction(torch.autograd.Function):
             ctx.eager = (dh, dw, db)
         else:
             per_row, lse, correct = masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss)
-        ctx.save_for_backward(h, w, b, y, lse)
+        del h
+        ctx.save_for_backward(flat_h, h_index, w, b, y, lse)
         ctx.cfg = (softcap, label_smoothing, z_loss, reduction)
         ctx.mark_non_differentiable(correct)
         if reduction == "mean":
@@ -692,14 +707,14 @@ class MaskedLinearCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _gc):
-        h, w, b, y, lse = ctx.saved_tensors
+        flat_h, h_index, w, b, y, lse = ctx.saved_tensors
         softcap, eps, zl, reduction = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and b is not None
         none = (None,) * 6
         if not (need_h or need_w or need_b):
-            return (None, None, None) + none
-        N = h.shape[0]
+            return (None, None, None, None) + none
+        N = h_index.shape[0]
         g = g.float() / N if reduction == "mean" else g.float()
         if ctx.eager is not None:
             # The forward's gradients of sum(loss) (None where not needed): scaled in place (no
@@ -707,17 +722,17 @@ class MaskedLinearCEFunction(torch.autograd.Function):
             dh, dw, db = ctx.eager
             ctx.eager = None
             gr = g[:, None] if g.dim() else g
-            return (
-                dh.mul_(gr) if dh is not None else None,
-                dw.mul_(g) if dw is not None else None,
-                db.mul_(g) if db is not None else None,
-            ) + none
+            if dh is not None:
+                dh = _scatter_rows(dh.mul_(gr), h_index, flat_h.shape[0])
+            return (dh, None, dw.mul_(g) if dw is not None else None, db.mul_(g) if db is not None else None) + none
         if g.dim() == 0:
             g = g.expand(N)
         dh, dw, db = masked_ce_backward(
-            h, w, b, y, lse, g.contiguous(), softcap, eps, zl, need_h, need_w, need_b,
+            flat_h.index_select(0, h_index), w, b, y, lse, g.contiguous(), softcap, eps, zl, need_h, need_w, need_b,
         )
-        return (dh, dw, db) + none
+        if dh is not None:
+            dh = _scatter_rows(dh, h_index, flat_h.shape[0])
+        return (dh, None, dw, db) + none
 
 
 def masked_linear_cross_entropy_triton(
@@ -743,12 +758,12 @@ def masked_linear_cross_entropy_triton(
     label shape for ``none``) and, with ``return_accuracy``, the 0-d fp32 argmax accuracy
     over labelled rows. Inputs are validated by ``ops.masked_linear_cross_entropy``.
 
-    Synchronisation: one, in ``select_labelled_rows`` (``torch.nonzero``: the number of
+    Synchronisation: one, in ``labelled_rows`` (``torch.nonzero``: the number of
     labelled rows sets every later shape). Kernels, the split combine, the reductions and
     the backward launch without further host syncs.
     """
-    h_sel, y_sel, index, shape = ref.select_labelled_rows(hidden, labels, shift, ignore_index)
-    n = h_sel.shape[0]
+    flat_h, h_index, y_sel, index, shape = ref.labelled_rows(hidden, labels, shift, ignore_index)
+    n = h_index.shape[0]
     if n == 0:
         # Keep the graph connected so backward gives exact zeros, never NaN.
         zero = ((hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0)) * 0.0).float()
@@ -760,9 +775,9 @@ def masked_linear_cross_entropy_triton(
     plan = None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
-        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(h_sel))
+        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h))
     loss, correct = MaskedLinearCEFunction.apply(
-        h_sel.contiguous(), w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
+        flat_h, h_index, w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
         reduction, plan,
     )
     if reduction == "none":
