@@ -23,7 +23,8 @@ FULL_LOGITS_MB = N * V * 4 / 2**20  # 1024 MiB in fp32
 BOUND_MB = 320  # two-pass: chunks of 2048 x 8192 fp32 (64 MiB) and their temporaries; eager: 64 whole rows
 # (the same 2**24 elements) turned into dz in place; plus d weight (16 MiB)
 
-SCRIPT = textwrap.dedent(
+# The measuring helpers both scripts start with.
+PRELUDE = textwrap.dedent(
     """
     import json, torch
     torch.set_num_threads(1)
@@ -43,7 +44,11 @@ SCRIPT = textwrap.dedent(
 
     def peak_mb():
         return status_mb("VmHWM")
+    """
+)
 
+SCRIPT = PRELUDE + textwrap.dedent(
+    """
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn({N}, {C}, generator=g, requires_grad=True)
     weight = (torch.randn({V}, {C}, generator=g) * 0.25).requires_grad_()
@@ -88,23 +93,8 @@ HB, HT, HC, HV = 8, 2048, 1024, 512
 HIDDEN_MB = HB * HT * HC * 4 / 2**20
 ROWS_MB = 0.1 * HIDDEN_MB
 
-SCRIPT_SHIFT = textwrap.dedent(
+SCRIPT_SHIFT = PRELUDE + textwrap.dedent(
     """
-    import json, sys, torch
-    torch.set_num_threads(1)
-    import llm2vec_fast as L
-
-    def status_mb(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-
-    def start():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return status_mb("VmRSS")
-
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn({B}, {T}, {C}, generator=g, requires_grad=True)
     weight = (torch.randn({V}, {C}, generator=g) * 0.05).requires_grad_()
@@ -115,10 +105,10 @@ SCRIPT_SHIFT = textwrap.dedent(
     base = start()
     loss = L.masked_linear_cross_entropy(hidden, weight, labels, backend="{backend}", strategy="{strategy}")
     loss.backward()
-    op = status_mb("VmHWM") - base
+    op = peak_mb() - base
     base = start()
     copy = hidden.detach()[:, :-1].reshape(-1, {C}) + 0  # the control: one copy of hidden
-    control = status_mb("VmHWM") - base
+    control = peak_mb() - base
     print(json.dumps(dict(op=op, control=control, grad_ok=bool(torch.isfinite(hidden.grad).all()))))
     """
 )

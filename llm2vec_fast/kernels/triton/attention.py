@@ -360,6 +360,14 @@ def _load_lse2(l_ptrs, rmask):
 
 
 @triton.jit
+def _rows_delta(o_base, do_base, offs_m, offs_d, stride_ot, stride_dot, md):
+    """dO of a query block and its ``delta = rowsum(dO * O)`` in fp32 (the dQ and delta kernels)."""
+    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=md, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
+    return do, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
 def _dq_block(
     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
@@ -461,9 +469,7 @@ def _attn_bwd_dq_kernel(
     l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
     mask_base = MASK + bb * stride_mb
 
-    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=md, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    do, delta = _rows_delta(o_base, do_base, offs_m, offs_d, stride_ot, stride_dot, md)
     tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
     if DROPOUT:
         seed = tl.load(SEED)
@@ -719,10 +725,9 @@ def _attn_bwd_delta_kernel(
     rmask = offs_m < q_len
     md = rmask[:, None] & (offs_d < HEAD_DIM)[None, :]
     bb = b.to(tl.int64)
-    o = tl.load(O + bb * stride_ob + (q0 + offs_m[:, None]) * stride_ot + h * stride_oh + offs_d[None, :], mask=md, other=0.0)
-    do = tl.load(DO + bb * stride_dob + (q0 + offs_m[:, None]) * stride_dot + h * stride_doh + offs_d[None, :],
-                 mask=md, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o_base = O + bb * stride_ob + q0 * stride_ot + h * stride_oh
+    do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
+    _, delta = _rows_delta(o_base, do_base, offs_m, offs_d, stride_ot, stride_dot, md)
     tl.store(DELTA + bb * stride_lb + h.to(tl.int64) * stride_lh + q0 + offs_m, delta, mask=rmask)
 
 
