@@ -90,7 +90,9 @@ def flash_attn_varlen_noncausal(
             lse stays that of the undropped softmax); the torch backend uses
             ``F.dropout`` / SDPA's dropout. Either way ``torch.manual_seed`` reproduces it.
         return_lse: also return the log-sum-exp ``(H, total_q)`` fp32.
-        deterministic: Triton backward without atomics (bit-reproducible).
+        deterministic: Triton backward without atomics (bit-reproducible) even where
+            ``LLM2VEC_FAST_ATTN_BWD`` asks for the atomic one (the default backward is
+            already deterministic); flash-attn's own deterministic mode.
 
     Returns:
         ``(total_q, H, D)`` in q's dtype (and the lse when asked). A sequence with no key
