@@ -686,3 +686,27 @@ def test_hypothesis_varlen_layouts(lens, ratio, D, softcap):
     if sum(lens) == 0:
         lens = lens + [1]
     _varlen_case(lens, ratio, 1, D, torch.float32, device, softcap=softcap)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(
+    lens=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    ratio=st.sampled_from([1, 2, 4]),
+    D=st.sampled_from([32, 80]),
+)
+def test_hypothesis_varlen_layouts_atomic_backward(lens, ratio, D):
+    """The atomic backward's row masks (sequence ends, empty sequences) on random layouts."""
+    import os
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if sum(lens) == 0:
+        lens = lens + [1]
+    old = os.environ.get("LLM2VEC_FAST_ATTN_BWD")
+    os.environ["LLM2VEC_FAST_ATTN_BWD"] = "atomic"
+    try:
+        _varlen_case(lens, ratio, 1, D, torch.float16, device)
+    finally:
+        if old is None:
+            del os.environ["LLM2VEC_FAST_ATTN_BWD"]
+        else:
+            os.environ["LLM2VEC_FAST_ATTN_BWD"] = old
