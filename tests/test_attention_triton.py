@@ -419,6 +419,27 @@ def test_auto_mode_times_both_once(monkeypatch):
     assert ran == ["separate", "atomic"]
 
 
+def test_auto_mode_in_the_launcher(device, monkeypatch):
+    """The launcher's "auto" branch (CUDA only otherwise): both strategies run through the
+    timing hook once, the faster is kept, and the gradients are right either way."""
+    import triton.testing
+
+    ran = []
+
+    def fake_bench(fn, warmup=0, rep=0):
+        tk.LAST_TILES.clear()
+        fn()
+        ran.append("dkdv_atomic" in tk.LAST_TILES)
+        return 1.0 if ran[-1] else 2.0  # atomic "faster"
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tk, "_BWD_CHOICE", {})
+    monkeypatch.setattr(tk, "bwd_mode", lambda *a, **k: "auto")
+    monkeypatch.setattr(tk, "chip_of", lambda dev: 90)
+    _varlen_case([30, 1, 45], 4, 2, 64, torch.float32, device)
+    assert ran == [False, True] and list(tk._BWD_CHOICE.values()) == ["atomic"]
+
+
 def test_atomic_tuner_zeroes_the_accumulator():
     # The autotuner times each config by launching it: every launch must start from a zero dQ.
     tuner = tk._tuned("dkdv_atomic", 128, False, False, 90)
