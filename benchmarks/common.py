@@ -99,19 +99,23 @@ def bench(fn, device: str, *, warmup: int = 3, rep: int = 10) -> dict:
     }
 
 
-def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10) -> dict:
-    """Device milliseconds per call of ``step``'s kernels (torch.profiler, CUDA only), the ``top``
-    most expensive, optionally only names containing ``match``: where a measured time goes
-    (e.g. a backward's dQ vs dK/dV kernels, a loss's GEMMs vs its row kernel vs copies)."""
+def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10, device: str = "cuda") -> dict:
+    """Milliseconds per call of ``step``'s most expensive kernels (torch.profiler): device
+    kernels on CUDA, operators' own CPU time on ``device="cpu"``; the ``top`` most expensive,
+    optionally only names containing ``match``. Says where a measured time goes (a
+    backward's dQ vs dK/dV kernels, a loss's GEMMs vs its row kernel vs copies)."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(iters):
             step()
-        torch.cuda.synchronize()
+        sync()
     times = {}
     for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and (match is None or match in e.key) and e.self_device_time_total > 0:
-            times[e.key[:80]] = round(e.self_device_time_total / 1e3 / iters, 4)
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if (e.device_type.name == "CUDA") == cuda and (match is None or match in e.key) and us > 0:
+            times[e.key[:80]] = round(us / 1e3 / iters, 4)
     return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])

@@ -159,3 +159,17 @@ def test_sweep_attention_tiles_parses_its_tiles():
     r = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_attention_tiles.py"), "--d", "128"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 2 and "CUDA" in r.stderr
+
+
+def test_kernel_times_ranks_what_a_step_spends():
+    """The per-kernel breakdown benchmark rows carry (CPU operators here, device kernels on CUDA):
+    a step of one large and one small matmul lists the large one first, ``match`` filters."""
+    import torch
+
+    common = _load("common")
+    a, b = torch.randn(384, 384), torch.randn(16, 16)
+    t = common.kernel_times(lambda: (a @ a, b @ b, a.sum()), iters=3, device="cpu", top=3)
+    assert t and len(t) <= 3 and all(v > 0 for v in t.values())
+    assert next(iter(t)) in ("aten::mm", "aten::matmul"), t
+    only = common.kernel_times(lambda: (a @ a, a.sum()), iters=2, device="cpu", match="sum")
+    assert only and all("sum" in k for k in only), only
