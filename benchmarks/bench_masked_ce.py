@@ -37,6 +37,7 @@ where the time went. Rows go to benchmarks/results/masked_ce.jsonl.
     python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu   # Triton interpreted
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu-smollm   # our CPU path (torch backend)
+    python benchmarks/bench_masked_ce.py --providers strategy-eager,cce --eager-chunk-mb 128   # a bigger chunk
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=list(PRESETS), default=None)
     p.add_argument("--out-dir", default=None, help="where masked_ce.jsonl is appended (default benchmarks/results)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--eager-chunk-mb", type=int, default=None,
+                   help="the eager strategy's fp32 logits chunk in MiB (default: the module's EAGER_CHUNK_ELEMS, "
+                        "64 MiB); rows record it as eager_chunk_mb, to weigh speed against peak memory")
+    p.add_argument("--providers", default=None, help="comma-separated subset of the preset's providers")
     args = p.parse_args(argv)
     preset = args.preset or ("gpu-quick" if args.device == "cuda" else "cpu")
     if args.device == "cpu":
@@ -90,8 +95,18 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or PRESETS[preset].get("dtype") or ("bf16" if args.device == "cuda" else "fp16")
     ]
-    cfg = PRESETS[preset]
+    cfg = dict(PRESETS[preset])
+    if args.providers:
+        cfg["providers"] = [x for x in args.providers.split(",") if x]
     seq = cfg.get("seq", SEQ)
+    chunk_mb = None
+    if args.eager_chunk_mb is not None:
+        if args.eager_chunk_mb < 1:
+            p.error(f"--eager-chunk-mb: expected a whole number of MiB >= 1, got {args.eager_chunk_mb}")
+        from llm2vec_fast.kernels.triton import masked_ce as mce_mod
+
+        mce_mod.EAGER_CHUNK_ELEMS = args.eager_chunk_mb * 2**20 // 4
+        chunk_mb = args.eager_chunk_mb
 
     liger = cce = None
     try:
@@ -171,6 +186,8 @@ def main(argv=None) -> int:
                 row = dict(op="masked_linear_cross_entropy", provider=prov, mode=mode, dtype=str(dtype).split(".")[-1],
                            C=C, V=V, tokens=T, labelled_frac=frac, n_labelled=n_lab, preset=preset,
                            w_grad=w_grad)
+                if chunk_mb is not None:
+                    row["eager_chunk_mb"] = chunk_mb
                 try:
                     if mode == "fwd":
                         run = lambda: fn(hidden, weight, labels)  # noqa: E731
