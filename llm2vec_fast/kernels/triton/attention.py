@@ -810,9 +810,10 @@ BWD_DKDV_CONFIGS = {
 # variant, STL): at BLOCK_D 64 64 x 128 w8 s1, 64 x 64 w8 s2 and 32 x 128 w8 s2 are
 # spill-free (64 x 64 on 4 warps: 66; the three-call full-block loop spilled every tile, so
 # the atomic kernel keeps the one masked loop); at BLOCK_D 128 only 32-row tiles are
-# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 97,
-# 64 x 64 w8 s1: 54; two stages 208 / 101), listed because the separate dK/dV kernel's
-# 64-row spilling tile ran 1.7-2.2x faster than its spill-free 32-row ones.
+# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 97 at
+# D = 128, 100 at D = 80, 36 / 48 without softcap / mask; 64 x 64 w8 s1: 54-64; two stages
+# 208 / 101), listed because the separate dK/dV kernel's 64-row spilling tile (76-142 STL)
+# ran 1.7-2.2x faster than its spill-free 32-row ones.
 BWD_DKDV_ATOMIC_CONFIGS = {
     64: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
     128: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 1), _cfg(32, 128, 8, 1), _cfg(32, 64, 8, 2)],
