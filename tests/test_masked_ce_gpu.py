@@ -116,6 +116,15 @@ def test_gpu_acceptance_shape_bf16(strategy):
            strategy=strategy, repeats=3 if strategy == "eager" else 1)
 
 
+def test_gpu_eager_large_vocab_row_kernel():
+    """From ROWS_WIDE_V up the eager row kernel runs 16 warps over 8192-column blocks."""
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    assert mce._rows_block(mce.ROWS_WIDE_V + 1, True) == (8192, 16)
+    _check(2, 256, 256, mce.ROWS_WIDE_V + 4465, torch.bfloat16, 0.2, True,
+           dict(shift=1, softcap=None, label_smoothing=0.1, z_loss=1e-4), strategy="eager", repeats=3)
+
+
 @pytest.mark.parametrize("strategy", ["two_pass", "eager"])
 def test_gpu_no_host_sync_after_the_gather(strategy):
     """Forward and backward of the per-row function never synchronise with the host."""

@@ -525,10 +525,18 @@ EAGER_AUTO = True
 
 # The row kernel streams its row twice with 16 fp32 per thread in flight; no software pipeline.
 ROWS_STAGES = 1
+# From this vocabulary up, a chunk holds at most EAGER_CHUNK_ELEMS // V <= 256 rows, so the
+# row kernel (one program per row) has about one program per SM: it runs 16 warps over
+# 8192-column blocks, twice the bytes in flight per SM of 8 warps over 4096 (16 fp32 per
+# thread either way; a memory-bound stream with one CTA per SM is latency-bound). Untimed on
+# a GPU; the compile test compiles both shapes (spill-free).
+ROWS_WIDE_V = 65536
 
 
 def _rows_block(V: int, on_cuda: bool) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the row kernel: 16 fp32 per thread on a GPU, one block for small V."""
+    if on_cuda and V >= ROWS_WIDE_V:
+        return 8192, 16
     bv = min(4096 if on_cuda else 1024, triton.next_power_of_2(max(V, 16)))
     return bv, (8 if bv >= 2048 else 4)
 
