@@ -239,6 +239,23 @@ def test_strategy_choice(monkeypatch):
     assert mce.fp32_logits_available(torch.zeros(1, dtype=torch.float16))  # CPU: upcast operands
 
 
+def test_eager_wide_row_blocks(device, monkeypatch):
+    """The GPU's large-vocabulary row-kernel shape (8192 columns, 16 warps) run here: a full
+    block and a tail per row, the same loss and gradients as the two-pass strategy."""
+    assert mce._rows_block(mce.ROWS_WIDE_V, True) == (8192, 16)
+    assert mce._rows_block(32000, True) == (4096, 8) and mce._rows_block(70000, False) == (1024, 4)
+    hidden, weight, bias, labels = _make((2, 9), 64, 9000, torch.float32, device, 0.3, True)
+    out = {}
+    for strategy in ("two_pass", "eager"):
+        if strategy == "eager":
+            monkeypatch.setattr(mce, "_rows_block", lambda V, on_cuda: (8192, 16))
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        loss = mce.masked_linear_cross_entropy_triton(h, w, labels, b, label_smoothing=0.1, strategy=strategy)
+        out[strategy] = (loss, *torch.autograd.grad(loss, (h, w, b)))
+    for a, b_ in zip(out["two_pass"], out["eager"]):
+        assert (a - b_).abs().max() <= 1e-5 * max(1.0, float(a.abs().max())), (a, b_)
+
+
 def _spy(monkeypatch, names):
     calls = {n: 0 for n in names}
     for n in names:
