@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--eager-chunk-mb", type=int, default=None,
                    help="the eager strategy's fp32 logits chunk in MiB (default: the module's EAGER_CHUNK_ELEMS, "
-                        "64 MiB); rows record it as eager_chunk_mb, to weigh speed against peak memory")
+                        "64 MiB); rows record it as eager_chunk_mib (a case of its own in the summary), to weigh speed against peak memory")
     p.add_argument("--providers", default=None, help="comma-separated subset of the preset's providers")
     args = p.parse_args(argv)
     preset = args.preset or ("gpu-quick" if args.device == "cuda" else "cpu")
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                            C=C, V=V, tokens=T, labelled_frac=frac, n_labelled=n_lab, preset=preset,
                            w_grad=w_grad)
                 if chunk_mb is not None:
-                    row["eager_chunk_mb"] = chunk_mb
+                    row["eager_chunk_mib"] = chunk_mb
                 try:
                     if mode == "fwd":
                         run = lambda: fn(hidden, weight, labels)  # noqa: E731
@@ -206,6 +206,9 @@ def main(argv=None) -> int:
                         row["tiles"] = dict(tk.LAST_TILES)  # the autotuners' picks
                     if args.device == "cuda" and (prov == "ours" or prov.startswith("strategy-")):
                         row["kernel_ms"] = kernel_times(run)  # where our time goes: GEMMs, row kernel, copies
+                        # how the two-pass d-hidden accumulation ran: one in-place GEMM, or mm + add
+                        row.setdefault("tiles", {})["dh_accumulate"] = (
+                            "addmm-inplace" if tk._addmm_into_fp32_ok(hidden) else "mm+add")
                 except Exception as e:  # an OOM or a provider failure is a result too
                     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
                 finally:

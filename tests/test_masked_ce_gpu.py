@@ -116,6 +116,19 @@ def test_gpu_acceptance_shape_bf16(strategy):
            strategy=strategy, repeats=3 if strategy == "eager" else 1)
 
 
+def test_gpu_two_pass_dh_accumulation_paths(monkeypatch):
+    """Two-pass d hidden accumulates per vocabulary chunk into fp32: through the in-place
+    ``addmm(out_dtype=)`` GEMM where the probe accepts it, else through mm + add; both agree
+    with the reference (several chunks: MAX_CHUNK_ELEMS shrunk)."""
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    monkeypatch.setattr(mce, "MAX_CHUNK_ELEMS", 1 << 16)
+    kw = dict(shift=1, softcap=None, label_smoothing=0.0, z_loss=0.0)
+    _check(2, 300, 256, 9000, torch.bfloat16, 0.3, False, kw, strategy="two_pass")
+    monkeypatch.setattr(mce, "_addmm_into_fp32_ok", lambda a: False)
+    _check(2, 300, 256, 9000, torch.bfloat16, 0.3, False, kw, strategy="two_pass")
+
+
 def test_gpu_eager_large_vocab_row_kernel():
     """From ROWS_WIDE_V up the eager row kernel runs 16 warps over 8192-column blocks."""
     from llm2vec_fast.kernels.triton import masked_ce as mce

@@ -436,10 +436,38 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
 _MM_OUT_DTYPE: dict = {}
 
 
+_ADDMM_INTO_FP32: dict = {}
+
+
+def _addmm_into_fp32_ok(a: torch.Tensor) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` accumulates 16-bit
+    operands into an fp32 tensor in place on a's device (one cuBLAS GEMM with beta = 1);
+    probed once per device type and dtype on a small case and checked against fp32 math, so
+    a build without it (or getting it wrong) falls back to mm + add."""
+    key = (a.device.type, a.dtype)
+    if key not in _ADDMM_INTO_FP32:
+        try:
+            g = torch.Generator(device=a.device).manual_seed(0)
+            x = torch.randn(32, 48, device=a.device, generator=g).to(a.dtype)
+            y = torch.randn(48, 16, device=a.device, generator=g).to(a.dtype)
+            acc = torch.randn(32, 16, device=a.device, generator=g)
+            want = acc + x.float() @ y.float()
+            torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
+            _ADDMM_INTO_FP32[key] = acc.dtype == torch.float32 and bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_INTO_FP32[key] = False
+    return _ADDMM_INTO_FP32[key]
+
+
 def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b, keeping the product in fp32 when cuBLAS can (``mm(out_dtype=)``)."""
+    """acc (fp32) += a @ b with the product in fp32: in place in one GEMM where cuBLAS takes
+    16-bit operands into an fp32 C (``addmm(out_dtype=)``), else through an fp32 product
+    (``mm(out_dtype=)``, an extra ``acc``-sized temporary and pass), else upcast."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
+        return
+    if _addmm_into_fp32_ok(a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         return
     key = (a.device.type, a.dtype)
     if _MM_OUT_DTYPE.get(key, True):
