@@ -85,15 +85,15 @@ def _allowances(kind: str, cc: int) -> dict:
 def _kinds():
     from llm2vec_fast.kernels.triton import attention as tk
 
-    def delta_configs(hd, fp32, dropout, cc):  # one fixed launch, the same for every case
-        return [] if dropout else [tk._cfg(tk.DELTA_BLOCK_M, 0, tk.DELTA_WARPS, 1)]
+    def delta_configs(hd, fp32, dropout, cc):  # the dQ kernel's delta pass: one fixed launch
+        return [] if dropout else [tk._cfg(tk.DELTA_BLOCK_M, 16, tk.DELTA_WARPS, 1)]
 
     return {
         "fwd": (tk._attn_fwd_kernel, tk.fwd_configs),
         "dq": (tk._attn_bwd_dq_kernel, tk.bwd_dq_configs),
         "dkdv": (tk._attn_bwd_dkdv_kernel, tk.bwd_dkdv_configs),
         "dkdv_atomic": (tk._attn_bwd_dkdv_kernel, tk.bwd_dkdv_atomic_configs),
-        "delta": (tk._attn_bwd_delta_kernel, delta_configs),
+        "delta": (tk._attn_bwd_dq_kernel, delta_configs),
     }
 
 
@@ -125,7 +125,8 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
     )
     if kernel is tk._attn_bwd_dkdv_kernel:
         consts["ATOMIC_DQ"] = kind == "dkdv_atomic"
-    consts = {n: consts[n] for n in kernel.arg_names if n in consts}  # the delta kernel takes four
+    if kernel is tk._attn_bwd_dq_kernel:
+        consts["DELTA_ONLY"] = kind == "delta"
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
     r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout), case=_case(kind, hd, fp32, dropout), fp32=fp32)

@@ -224,6 +224,17 @@ def _block_logits(h, w_block, b_block, softcap):
     return z
 
 
+def row_loss(lse, zy, zsum, V: int, label_smoothing: float, z_loss: float):
+    """Per-row loss from a row's log-sum-exp, target logit and (with label smoothing) the sum of
+    its logits: ``(1 - eps) (lse - z_y) + eps (lse - sum(z) / V) + z_loss lse^2``."""
+    loss = (lse - zy) * (1.0 - label_smoothing)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - zsum / V)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    return loss
+
+
 MCE_STRATEGIES = ("auto", "eager", "two_pass")
 
 
@@ -273,12 +284,7 @@ def _eager_linear_ce(h, w, b, y, softcap, label_smoothing, z_loss, rows, chunk_v
             z[:, v0:v1] = _block_logits(hc, w[v0:v1].to(cdt), None if b is None else b[v0:v1].to(cdt), softcap)
         lse = torch.logsumexp(z, dim=1)
         zy = z.gather(1, yc[:, None].long())[:, 0]
-        loss = (lse - zy) * (1.0 - label_smoothing)
-        if label_smoothing:
-            loss = loss + label_smoothing * (lse - z.sum(1) / V)
-        if z_loss:
-            loss = loss + z_loss * lse * lse
-        loss_all[r0:r1] = loss
+        loss_all[r0:r1] = row_loss(lse, zy, z.sum(1) if label_smoothing else None, V, label_smoothing, z_loss)
         lse_all[r0:r1] = lse
         correct[r0:r1] = z.argmax(1) == yc
         if not (need_h or need_w or need_b):
@@ -358,13 +364,8 @@ class ChunkedLinearCE(torch.autograd.Function):
                 upd = bm > best
                 best = torch.where(upd, bm, best)
                 arg = torch.where(upd, bi + v0, arg)
-            loss = (lse - zy) * (1.0 - label_smoothing)
-            if label_smoothing:
-                loss = loss + label_smoothing * (lse - zsum / V)
-            if z_loss:
-                loss = loss + z_loss * lse * lse
             lse_all[r0:r1] = lse
-            loss_all[r0:r1] = loss
+            loss_all[r0:r1] = row_loss(lse, zy, zsum, V, label_smoothing, z_loss)
             correct[r0:r1] = arg == yc
         ctx.save_for_backward(h, w, b, y, lse_all)
         ctx.mark_non_differentiable(correct)
@@ -410,10 +411,10 @@ class ChunkedLinearCE(torch.autograd.Function):
                 dz = torch.exp(z - lse[:, None]) * coef[:, None]
                 if eps:
                     dz = dz - (eps / V) * gr[:, None]
+                # the target's -(1 - eps) g on the rows whose label lies in this block (no sync)
                 inb = (yc >= v0) & (yc < v1)
-                rows = torch.nonzero(inb).squeeze(1)
-                if rows.numel():
-                    dz[rows, yc[rows] - v0] -= (1.0 - eps) * gr[rows]
+                col = (yc - v0).clamp(0, v1 - v0 - 1)[:, None]
+                dz.scatter_add_(1, col, torch.where(inb, -(1.0 - eps) * gr, 0.0)[:, None].to(dz.dtype))
                 if softcap:
                     dz = dz * (1.0 - (z / softcap) ** 2)
                 if need_h:

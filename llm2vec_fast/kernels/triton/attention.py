@@ -22,10 +22,10 @@ log-sum-exp saved (natural log). Backward, two strategies (``BWD_MODE``, :func:`
   gradients are summed in registers, never through repeated K/V or atomics, so this
   backward is deterministic. Both kernels recompute ``P`` and ``dP``: 7 block matmuls per
   (query block, key block) pair.
-- atomic: a delta kernel, then the same dK/dV kernel with ``ATOMIC_DQ``, which also
-  computes each pair's ``dS K`` and adds it into an fp32 dQ accumulator with (vectorised)
-  atomics: 5 block matmuls per pair, plus the accumulator's memset, atomics and final
-  cast. The summation order of dQ varies from run to run, so ``deterministic=True`` takes
+- atomic: a delta pass (the dQ kernel with ``DELTA_ONLY``), then the same dK/dV kernel
+  with ``ATOMIC_DQ``, which also computes each pair's ``dS K`` and adds it into an fp32 dQ
+  accumulator with (vectorised) atomics: 5 block matmuls per pair, plus the accumulator's
+  memset, atomics and final cast. The summation order of dQ varies from run to run, so ``deterministic=True`` takes
   the separate backward. GPU tiles for 16-bit inputs without dropout at head dims 64-128;
   untimed on a GPU so far, hence not the default.
 
@@ -360,14 +360,6 @@ def _load_lse2(l_ptrs, rmask):
 
 
 @triton.jit
-def _rows_delta(o_base, do_base, offs_m, offs_d, stride_ot, stride_dot, md):
-    """dO of a query block and its ``delta = rowsum(dO * O)`` in fp32 (the dQ and delta kernels)."""
-    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=md, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
-    return do, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-
-
-@triton.jit
 def _dq_block(
     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
@@ -438,12 +430,13 @@ def _attn_bwd_dq_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, DELTA_ONLY: tl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta too.
 
     ``dS = P * (dP - delta)`` with ``dP = dO V^T`` (with ``DROPOUT``: ``dP = Z * (dO V^T) /
     (1 - p)``, the forward's mask regenerated); ``dQ = scale * (dS * softcap') K``.
+    ``DELTA_ONLY``: only ``delta = rowsum(dO * O)`` (the atomic backward's first pass).
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -469,8 +462,12 @@ def _attn_bwd_dq_kernel(
     l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
     mask_base = MASK + bb * stride_mb
 
-    do, delta = _rows_delta(o_base, do_base, offs_m, offs_d, stride_ot, stride_dot, md)
+    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=md, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
+    if DELTA_ONLY:
+        return
     if DROPOUT:
         seed = tl.load(SEED)
     else:
@@ -700,35 +697,6 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * sm_scale
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
     tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(
-    O, DO, DELTA, CU_Q, SEQ,
-    stride_ob, stride_ot, stride_oh,
-    stride_dob, stride_dot, stride_doh,
-    stride_lb, stride_lh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: ``delta = rowsum(dO * O)`` (fp32) for the
-    atomic backward, whose dK/dV kernel needs every row's delta before it starts (in the
-    separate backward the dQ kernel writes it)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_Q, CU_Q, b, SEQ, IS_VARLEN, False)
-    start_m = pid_m * BLOCK_M
-    if start_m >= q_len:
-        return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rmask = offs_m < q_len
-    md = rmask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    bb = b.to(tl.int64)
-    o_base = O + bb * stride_ob + q0 * stride_ot + h * stride_oh
-    do_base = DO + bb * stride_dob + q0 * stride_dot + h * stride_doh
-    _, delta = _rows_delta(o_base, do_base, offs_m, offs_d, stride_ot, stride_dot, md)
-    tl.store(DELTA + bb * stride_lb + h.to(tl.int64) * stride_lh + q0 + offs_m, delta, mask=rmask)
 
 
 @triton.jit
@@ -1206,7 +1174,8 @@ def _timed_choice(key, run) -> str:
     return _BWD_CHOICE[key]
 
 
-# Rows per program of the atomic backward's delta kernel (memory-bound: one fixed config).
+# Rows per program of the atomic backward's delta pass (the dQ kernel with DELTA_ONLY;
+# memory-bound: one fixed config).
 DELTA_BLOCK_M = 64
 DELTA_WARPS = 4
 
@@ -1217,7 +1186,7 @@ def attention_backward(
     mode: str | None = None,
 ):
     """Launch the backward: the dQ kernel (which writes delta) and then the dK/dV kernel, or,
-    in the atomic mode, the delta kernel and the dK/dV kernel that also accumulates dQ.
+    in the atomic mode, the dQ kernel's delta pass and the dK/dV kernel that also accumulates dQ.
 
     ``dropout_p`` and ``seed`` must be the forward's: the kernels regenerate its mask.
     ``mode`` ``"separate"`` / ``"atomic"`` forces a strategy (tests, benchmarks); None takes
@@ -1277,22 +1246,19 @@ def attention_backward(
         _seq_bucket(max(max_seqlen_q, max_seqlen_k, S)),
     ]
     cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t]
+    dq_arg, dq_strides = (acc, _strides3(acc, varlen)) if atomic else (dq, _strides3(dq, varlen))
+    args = [
+        q, k, v, out, do, dq_arg, lse, delta, *cus, *common,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        *_strides3(do, varlen), *dq_strides, *lse_strides, stride_mb,
+    ]
     if atomic:
-        grid = (triton.cdiv(len_q, DELTA_BLOCK_M), H, B)
-        _attn_bwd_delta_kernel[grid](
-            out, do, delta, cu_q if varlen else dummy, S, *_strides3(out, varlen), *_strides3(do, varlen),
-            *lse_strides, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=DELTA_BLOCK_M, IS_VARLEN=varlen,
-            num_warps=DELTA_WARPS,
+        # delta only: the dQ kernel stopped after its first step, one fixed small config
+        _KERNELS["dq"][(triton.cdiv(len_q, DELTA_BLOCK_M), H, B)](
+            *args, **consts, DELTA_ONLY=True, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=16, num_warps=DELTA_WARPS,
         )
-        dq_arg, dq_strides = acc, _strides3(acc, varlen)
     else:
-        args = [
-            q, k, v, out, do, dq, lse, delta, *cus, *common,
-            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
-            *_strides3(do, varlen), *_strides3(dq, varlen), *lse_strides, stride_mb,
-        ]
         _launch("dq", len_q, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
-        dq_arg, dq_strides = dummy, (0, 0, 0)
     args = [
         q, k, v, do, dk, dv, dq_arg, lse, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),

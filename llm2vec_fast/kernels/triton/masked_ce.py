@@ -131,6 +131,28 @@ def _triton_configs(cfgs):
 
 
 @triton.jit
+def _softcap(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``softcap * tanh(z / softcap)`` and the tanh (``z`` and ``z`` unchanged without a softcap).
+    tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 when exp over/underflows."""
+    t = z
+    if HAS_SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
+        z = softcap * t
+    return z, t
+
+
+@triton.jit
+def _dlogits(z, t, lse, g, is_target, smoothing, z_loss, V, HAS_SOFTCAP: tl.constexpr):
+    """``d (g * loss) / d z_raw`` (broadcasting): ``g * [softmax(z) * (1 + 2 z_loss lse) - (1 - eps)
+    onehot(y) - eps / V]``, times the softcap derivative ``1 - t^2`` when a softcap is set."""
+    dz = tl.exp(z - lse) * (g * (1.0 + 2.0 * z_loss * lse)) - (smoothing / V) * g
+    dz -= tl.where(is_target, (1.0 - smoothing) * g, 0.0)
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz
+
+
+@triton.jit
 def _tile_logits(
     H, W, Bias, rows, cols, row_ok, col_ok, C, stride_h, stride_w, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
@@ -159,12 +181,7 @@ def _tile_logits(
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    t = acc
-    if HAS_SOFTCAP:
-        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 when exp over/underflows.
-        t = 1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0)
-        acc = softcap * t
-    return acc, t
+    return _softcap(acc, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -251,12 +268,7 @@ def _mce_bwd_kernel(
     y = tl.load(Y + rows, mask=row_ok, other=-1)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     g = tl.load(G + rows, mask=row_ok, other=0.0)
-    coef = g * (1.0 + 2.0 * z_loss * lse)
-    p = tl.exp(z - lse[:, None])
-    dz = p * coef[:, None] - (smoothing / V) * g[:, None]
-    dz -= tl.where(cols[None, :] == y[:, None], (1.0 - smoothing) * g[:, None], 0.0)
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
+    dz = _dlogits(z, t, lse[:, None], g[:, None], cols[None, :] == y[:, None], smoothing, z_loss, V, HAS_SOFTCAP)
     out = DZ + rows.to(tl.int64)[:, None] * stride_dz + (cols - v0)[None, :]
     tl.store(out, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -267,11 +279,7 @@ def _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS: tl.constexpr, HAS_SOFT
     z = tl.load(z_row + cols, mask=ok, other=0.0)
     if HAS_BIAS:
         z += tl.load(Bias + cols, mask=ok, other=0.0).to(tl.float32)
-    t = z
-    if HAS_SOFTCAP:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
-        z = softcap * t
-    return z, t
+    return _softcap(z, softcap, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -327,16 +335,11 @@ def _mce_rows_kernel(
     tl.store(Loss + r, loss)
     tl.store(Lse + r, lse)
     tl.store(Arg + r, arg)
-    coef = 1.0 + 2.0 * z_loss * lse
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs
         ok = cols < V
         z, t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
-        dz = tl.exp(z - lse) * coef - smoothing / V
-        dz -= tl.where(cols == y, 1.0 - smoothing, 0.0)
-        if HAS_SOFTCAP:
-            dz = dz * (1.0 - t * t)
-        dz = dz.to(DZ.dtype.element_ty)
+        dz = _dlogits(z, t, lse, 1.0, cols == y, smoothing, z_loss, V, HAS_SOFTCAP).to(DZ.dtype.element_ty)
         tl.debug_barrier()  # all warps hold this block (and the target logit) before DZ overwrites Z
         tl.store(dz_row + cols, dz, mask=ok)
 
@@ -421,63 +424,84 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
         )
     m, s, zy, zsum, best = stats.unbind(0)
     lse = torch.logsumexp(m + torch.log(s), dim=0)
-    zy = zy.sum(0)
-    loss = (lse - zy) * (1.0 - label_smoothing)
-    if label_smoothing:
-        loss = loss + label_smoothing * (lse - zsum.sum(0) / V)
-    if z_loss:
-        loss = loss + z_loss * lse * lse
+    loss = ref.row_loss(lse, zy.sum(0), zsum.sum(0), V, label_smoothing, z_loss)
     # torch.argmax returns the first maximum: the earliest split wins ties, as in one pass.
     pick = best.argmax(0, keepdim=True)
     correct = arg.gather(0, pick).squeeze(0) == y
     return loss, lse, correct
 
 
-_MM_OUT_DTYPE: dict = {}
+# What this torch's cuBLAS can do, probed once per (capability, device type, dtype).
+_CAPS: dict = {}
 
 
-_ADDMM_INTO_FP32: dict = {}
+def _probe(what: str, a: torch.Tensor, check) -> bool:
+    key = (what, a.device.type, a.dtype)
+    if key not in _CAPS:
+        try:
+            _CAPS[key] = bool(check())
+        except (RuntimeError, TypeError, NotImplementedError):
+            _CAPS[key] = False
+    return _CAPS[key]
+
+
+def fp32_logits_available(h: torch.Tensor) -> bool:
+    """Whether :func:`_mm_fp32` can run for h's device and dtype: 16-bit inputs on CUDA need
+    cuBLAS's fp32-output GEMM (``torch.mm(..., out_dtype=torch.float32)``), probed once."""
+    if h.dtype == torch.float32 or not h.is_cuda:
+        return True
+
+    def check():
+        t = torch.ones(16, 16, device=h.device, dtype=h.dtype)
+        return torch.mm(t, t, out_dtype=torch.float32).dtype == torch.float32
+
+    return _probe("mm_out_fp32", h, check)
 
 
 def _addmm_into_fp32_ok(a: torch.Tensor) -> bool:
     """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` accumulates 16-bit
     operands into an fp32 tensor in place on a's device (one cuBLAS GEMM with beta = 1);
-    probed once per device type and dtype on a small case and checked against fp32 math, so
-    a build without it (or getting it wrong) falls back to mm + add."""
-    key = (a.device.type, a.dtype)
-    if key not in _ADDMM_INTO_FP32:
-        try:
-            g = torch.Generator(device=a.device).manual_seed(0)
-            x = torch.randn(32, 48, device=a.device, generator=g).to(a.dtype)
-            y = torch.randn(48, 16, device=a.device, generator=g).to(a.dtype)
-            acc = torch.randn(32, 16, device=a.device, generator=g)
-            want = acc + x.float() @ y.float()
-            torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
-            _ADDMM_INTO_FP32[key] = acc.dtype == torch.float32 and bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-3))
-        except (RuntimeError, TypeError, NotImplementedError):
-            _ADDMM_INTO_FP32[key] = False
-    return _ADDMM_INTO_FP32[key]
+    probed once on a small case and checked against fp32 math, so a build without it (or
+    getting it wrong) falls back to a product plus an add."""
+    def check():
+        g = torch.Generator(device=a.device).manual_seed(0)
+        x = torch.randn(32, 48, device=a.device, generator=g).to(a.dtype)
+        y = torch.randn(48, 16, device=a.device, generator=g).to(a.dtype)
+        acc = torch.randn(32, 16, device=a.device, generator=g)
+        want = acc + x.float() @ y.float()
+        torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
+        return acc.dtype == torch.float32 and torch.allclose(acc, want, rtol=1e-4, atol=1e-3)
+
+    return _probe("addmm_into_fp32", a, check)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a @ b`` with fp32 accumulation: cuBLAS's ``out_dtype`` for 16-bit inputs on CUDA
+    (see :func:`fp32_logits_available`), fp32 operands elsewhere (the interpreter tests' CPU path)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _logits_fp32(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The eager strategy's logits GEMM: fp32 ``hc @ w.T`` (:func:`_mm_fp32`)."""
+    return _mm_fp32(hc, w.t())
 
 
 def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b with the product in fp32: in place in one GEMM where cuBLAS takes
     16-bit operands into an fp32 C (``addmm(out_dtype=)``), else through an fp32 product
-    (``mm(out_dtype=)``, an extra ``acc``-sized temporary and pass), else upcast."""
+    (an extra ``acc``-sized temporary and pass), else a 16-bit product upcast."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-        return
-    if _addmm_into_fp32_ok(a):
+    elif _addmm_into_fp32_ok(a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return
-    key = (a.device.type, a.dtype)
-    if _MM_OUT_DTYPE.get(key, True):
-        try:
-            acc += torch.mm(a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE[key] = True
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE[key] = False
-    acc += torch.mm(a, b).float()
+    elif fp32_logits_available(a):
+        acc += _mm_fp32(a, b)
+    else:
+        acc += torch.mm(a, b).float()
 
 
 def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
@@ -617,31 +641,6 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
     rows = eager_rows(N, V)
     chunks = triton.cdiv(N, rows)
     return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
-
-
-def fp32_logits_available(h: torch.Tensor) -> bool:
-    """Whether :func:`_logits_fp32` can run for h's device and dtype: 16-bit inputs on CUDA need
-    cuBLAS's fp32-output GEMM (``torch.mm(..., out_dtype=torch.float32)``), probed once."""
-    if h.dtype == torch.float32 or not h.is_cuda:
-        return True
-    key = (h.device.type, h.dtype)
-    if key not in _MM_OUT_DTYPE:
-        try:
-            t = torch.ones(16, 16, device=h.device, dtype=h.dtype)
-            _MM_OUT_DTYPE[key] = torch.mm(t, t, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE[key] = False
-    return _MM_OUT_DTYPE[key]
-
-
-def _logits_fp32(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 ``hc @ w.T`` with fp32 accumulation: cuBLAS's ``out_dtype`` for 16-bit inputs on
-    CUDA, fp32 operands elsewhere (the interpreter tests' CPU path)."""
-    if hc.dtype == torch.float32:
-        return hc @ w.t()
-    if hc.is_cuda:
-        return torch.mm(hc, w.t(), out_dtype=torch.float32)
-    return hc.float() @ w.float().t()
 
 
 def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
