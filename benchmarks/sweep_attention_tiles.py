@@ -7,8 +7,8 @@ with autotuning off (``LLM2VEC_FAST_AUTOTUNE=0``, so the heuristic launches the 
 first entry), and times ``flash_attn_noncausal(backend="triton")`` on an unpadded bf16
 batch: the forward alone for ``fwd``, forward + backward for ``dq`` / ``dkdv`` (the other
 backward kernel stays on its default tile, so differences between rows are the swept
-kernel's) and for ``dkdv_atomic`` (the atomic backward: delta pass and the dK/dV kernel
-that accumulates dQ, no dQ kernel; the other kinds run the separate backward). Tiles that
+kernel's) and for ``dkdv_atomic`` (the atomic backward: the dQ kernel's delta pass only,
+then the dK/dV kernel that accumulates dQ; the other kinds run the separate backward). Tiles that
 fail to compile or launch are reported and skipped.
 
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv,dq
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         for spec in filter(None, tiles):
             cfg = parse_tile(spec)
             tables[kind][bd] = [cfg]
-            # dkdv_atomic rows time the atomic backward (its delta pass and dK/dV kernel, no dQ kernel)
+            # dkdv_atomic rows time the atomic backward (the dQ kernel's delta pass, then the dK/dV kernel)
             os.environ["LLM2VEC_FAST_ATTN_BWD"] = "atomic" if kind == "dkdv_atomic" else "separate"
             try:
                 if kind == "fwd":
