@@ -186,3 +186,21 @@ def assert_compile_results(results: list[dict], cc: int, allow: dict | None = No
                         for r in results if r["ok"])
     print(summary)  # the per-config figures, shown by pytest -rP / -s
     assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary
+
+
+def allocation_peak(fn) -> tuple[int, int]:
+    """``(peak, net)`` bytes that ``fn()`` allocated through torch's CPU allocator above what
+    was live before it: the profiler's allocation / free events summed in time order (what
+    ``torch.cuda.max_memory_allocated`` measures on a GPU, here for CPU tensors). Frees of
+    blocks allocated before the call carry no size and are left out, so the figures can only
+    err high."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, cur

@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 N, C, V = 1024, 16, 262144
 FULL_LOGITS_MB = N * V * 4 / 2**20  # 1024 MiB in fp32
@@ -131,3 +132,53 @@ def test_shift_gathers_without_copying_hidden(strategy, backend):
     assert r["control"] > 0.9 * HIDDEN_MB, f"a copy of hidden is not visible in peak RSS: {r}"
     bound = HIDDEN_MB + 4 * ROWS_MB + 16
     assert r["op"] < bound, f"peak RSS grew by {r['op']:.0f} MiB (bound {bound:.0f}; hidden {HIDDEN_MB:.0f}): {r}"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("w_grad", [False, True], ids=["frozen-head", "d-weight"])
+def test_eager_needs_only_the_gradients(monkeypatch, w_grad):
+    """The Triton eager forward + backward allocates hidden's gradient, d weight, vectors of
+    the labelled rows and one copied block while the rows are moved into place, nothing
+    else: its logits chunks and gathered rows live in the gradient's unlabelled rows. Counted from the CPU
+    allocator's own events (``helpers.allocation_peak``), on a GPU by
+    ``max_memory_allocated``. The control, a separate logits buffer with the labelled rows' gradients kept
+    from forward to backward, must break the bound."""
+    pytest.importorskip("triton")
+    from helpers import allocation_peak
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    g = torch.Generator().manual_seed(0)
+    B, T, C, V = 8, 512, 256, 2000
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden = torch.randn(B, T, C, generator=g).to(dev)
+    weight = (torch.randn(V, C, generator=g) * 0.1).to(dev)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) > 0.2] = -100
+    labels = labels.to(dev)
+
+    def measure(fn):
+        if dev == "cpu":
+            return allocation_peak(fn)[0]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    n = int((labels[:, 1:] != -100).sum())
+    rows, in_grad = mce.eager_plan(n, V, B * T, C * 4, True)
+    assert in_grad and -(-n // rows) >= 2, (n, rows)
+    grads = hidden.numel() * 4 + (weight.numel() * 4 if w_grad else 0)
+    bound = grads + min(rows * C * 4, mce.PLACE_BLOCK_BYTES) + (128 << 10)
+    peaks = {}
+    for mode in (True, False):
+        monkeypatch.setattr(mce, "EAGER_IN_GRAD", mode)
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(w_grad)
+        mce.masked_linear_cross_entropy_triton(h[:1, :9], w, labels[:1, :9], strategy="eager").backward()
+        h.grad = w.grad = None
+        peaks[mode] = measure(lambda: mce.masked_linear_cross_entropy_triton(h, w, labels, strategy="eager").backward())
+        assert torch.isfinite(h.grad).all()
+    mib = {k: round(v / 2**20, 2) for k, v in peaks.items()}
+    assert peaks[True] <= bound, f"peak {mib} MiB over the gradients + one chunk ({bound / 2**20:.2f} MiB)"
+    assert peaks[False] > bound + n * C * 4, f"the control's extra buffers are not visible: {mib}"

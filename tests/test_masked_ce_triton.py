@@ -294,6 +294,93 @@ def test_eager_makes_logits_once(device, monkeypatch, frozen):
     assert (grads["eager"][1] is None) == frozen
 
 
+@pytest.mark.parametrize("n_rows,N,block,layout", [
+    (50, 1, 1, "random"), (50, 17, 4, "random"), (50, 17, 17, "random"), (50, 17, 100, "random"),
+    (50, 50, 7, "random"), (64, 10, 3, "last"), (64, 10, 4, "first"), (300, 97, 16, "random"),
+])
+def test_place_rows(device, n_rows, N, block, layout):
+    """Rows [0, N) land on h_index (strictly increasing, h_index[i] >= i), every other row is
+    zero, whatever the block size: the in-place move the eager forward ends with."""
+    C = 5
+    if layout == "first":
+        idx = torch.arange(N, device=device)
+    elif layout == "last":
+        idx = torch.arange(n_rows - N, n_rows, device=device)
+    else:
+        idx = torch.randperm(n_rows, device=device)[:N].sort().values
+    rows = torch.randn(N, C, device=device)
+    buf = torch.randn(n_rows, C, device=device) * 1e3  # stale data: the logits chunks were here
+    buf[:N] = rows
+    mce._place_rows(buf, idx, block)
+    want = torch.zeros(n_rows, C, device=device)
+    want[idx] = rows
+    assert torch.equal(buf, want)
+
+
+def test_eager_plan():
+    """The logits chunks go into hidden's gradient buffer when its unlabelled rows hold at
+    least min(N, the separate buffer's chunk, EAGER_SCRATCH_MIN_ROWS) rows, and then take all
+    the room; the acceptance shape (C = 4096, bf16, 16k tokens, 3277 labelled rows)."""
+    row = 4096 * 2
+    assert mce.eager_plan(3277, 32000, 16384, row, True) == (704, True)  # 5 chunks (7 of 512 separately)
+    assert mce.eager_plan(3277, 128256, 16384, row, True) == (192, True)  # 18 chunks (26 of 128)
+    assert mce.eager_plan(3277, 151936, 16384, row, True) == (128, True)  # 26 chunks (52 of 64)
+    assert mce.eager_plan(3277, 32000, 16384, row, False) == (512, False)  # no d hidden: no buffer to use
+    assert mce.eager_plan(3277, 32000, 16384, row, True, in_grad_ok=False) == (512, False)
+    # 4k tokens: room for 209 rows at V = 32000, less than 256 and than the separate 448
+    assert mce.eager_plan(820, 32000, 4096, row, True) == (448, False)
+    # every row labelled: no room at all
+    assert mce.eager_plan(100, 123, 100, 256, True) == (100, False)
+    # rows that fit in the room whole
+    r, in_grad = mce.eager_plan(100, 123, 2000, 256, True)
+    assert in_grad and r == 100
+    for N, V, n_rows in ((3277, 32000, 16384), (3277, 128256, 16384), (1000, 5000, 3000)):
+        r, in_grad = mce.eager_plan(N, V, n_rows, row, True)
+        if in_grad:  # the chunk's logits and rows fit past the labelled rows' gradients
+            assert (mce._scratch_row0(N) * row) + r * (V * 4 + row) + 16 <= n_rows * row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("frozen,reduction", [(False, "mean"), (True, "none"), (True, "sum")])
+def test_eager_in_grad_matches_separate(device, monkeypatch, dtype, frozen, reduction):
+    """Eager with the logits chunks inside hidden's gradient (several chunks, rows moved into
+    place at the end, unlabelled rows zeroed over the poisoned buffer) gives what eager with a
+    separate buffer gives, and what two-pass gives."""
+    V = 1000
+    monkeypatch.setattr(mce, "EAGER_SCRATCH_MIN_ROWS", 1)
+    monkeypatch.setattr(mce, "EAGER_CHUNK_ELEMS", 5 * V)  # separate buffer: 5-row chunks
+    hidden, weight, bias, labels = _make((4, 40), 64, V, dtype, device, 0.85, True)
+    g_up = torch.rand(4, 39, device=device) + 0.5
+    placed = _spy(monkeypatch, ["_place_rows"])
+    out = {}
+    for mode in ("in_grad", "separate", "two_pass"):
+        monkeypatch.setattr(mce, "EAGER_IN_GRAD", mode == "in_grad")
+        placed["_place_rows"] = 0
+        ts = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen), bias.clone().requires_grad_(not frozen)]
+        loss = mce.masked_linear_cross_entropy_triton(
+            ts[0], ts[1], labels, ts[2], reduction=reduction, strategy="two_pass" if mode == "two_pass" else "eager",
+        )
+        (loss * g_up if reduction == "none" else loss).sum().backward()
+        assert placed["_place_rows"] == (mode == "in_grad"), mode
+        out[mode] = [loss.detach()] + [t.grad for t in ts]
+    n = int((labels[:, 1:] != -100).sum())
+    monkeypatch.setattr(mce, "EAGER_IN_GRAD", True)
+    rows, in_grad = mce.eager_plan(n, V, 160, 64 * hidden.element_size(), True)
+    assert in_grad and -(-n // rows) >= 3, (n, rows)  # several chunks in the gradient's room
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for other in ("separate", "two_pass"):
+        for name, a, b in zip(["loss", "d hidden", "d weight", "d bias"], out["in_grad"], out[other]):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.isfinite(a).all(), name
+                err = (a.float() - b.float()).abs().max()
+                assert err <= tol * max(1.0, float(b.float().abs().max())), (other, name, float(err))
+    # rows of hidden that predict no label (the last of each sequence, the unlabelled ones): 0
+    predicts = torch.zeros(4, 40, dtype=torch.bool, device=device)
+    predicts[:, :-1] = labels[:, 1:] != -100
+    assert (out["in_grad"][1][~predicts] == 0).all() and (out["in_grad"][1][predicts] != 0).any()
+
+
 def test_eager_second_backward_recomputes(device, monkeypatch):
     """retain_graph: the first backward takes the forward's gradients, a second one recomputes
     them (two-pass) with its own upstream gradient."""

@@ -88,8 +88,9 @@ def masked_linear_cross_entropy(
         strategy: how gradients are made when they are wanted. ``"two_pass"``: the forward
             keeps only per-row statistics and the backward recomputes the logits (4 GEMMs of
             labelled rows x C x V with d weight, 3 without). ``"eager"``: the forward
-            materialises bounded chunks of whole-vocabulary logits (64 MB on the Triton
-            backend) and computes the gradients there; the backward only scales them (3
+            materialises bounded chunks of whole-vocabulary logits (on the Triton backend
+            inside hidden's gradient buffer where its unlabelled rows leave room, else 64 MB)
+            and computes the gradients there; the backward only scales them (3
             GEMMs, 2 without d weight); d weight / d bias then need reduction mean or sum.
             ``"auto"``: on the torch backend eager whenever allowed (each chunk's dW update
             is cheap next to the saved GEMM on a CPU: measured 0.74x the two-pass time with

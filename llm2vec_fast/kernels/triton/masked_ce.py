@@ -33,12 +33,16 @@ Design (why it is built this way):
   LoRA) skip the dW GEMM.
 * Eager strategy (``masked_ce_eager``; ``strategy="eager"``, or ``"auto"`` when it pays):
   when gradients will be wanted, the forward computes them at once from materialised
-  logits, saving the backward's recompute GEMM. Per chunk of at most ``EAGER_CHUNK_ELEMS // V``
-  rows (64 MB of fp32 logits, never ``[N, V]``; evened out over the chunks and aligned to 64
-  rows, ``eager_rows``): ``Z = h_c @ w.T`` on cuBLAS with fp32
-  output, ``_mce_rows_kernel`` (one program per row, two passes over it: statistics, then
-  ``dz`` written over ``Z``'s own storage), then ``dH_c = dz @ w`` and ``dW += dz.T @ h_c``
-  on cuBLAS. That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM
+  logits, saving the backward's recompute GEMM. Per chunk of rows (never ``[N, V]``; evened
+  out over the chunks and aligned to 64 rows, ``eager_plan``): ``Z = h_c @ w.T`` on cuBLAS
+  with fp32 output, ``_mce_rows_kernel`` (one program per row, two passes over it:
+  statistics, then ``dz`` written over ``Z``'s own storage), then ``dH_c = dz @ w`` and
+  ``dW += dz.T @ h_c`` on cuBLAS. With d hidden wanted (``EAGER_IN_GRAD``), hidden's whole
+  gradient is built right there: the labelled rows' gradients fill its first rows, each
+  chunk's logits and gathered rows use the unlabelled rows' room (as many rows as fit), and
+  the rows move into place at the end (``_place_rows``), so the op allocates no more than
+  the gradients themselves plus a 1 MiB copy (cut-cross-entropy's footprint). Otherwise a
+  chunk is a buffer of its own of at most ``EAGER_CHUNK_ELEMS // V`` rows (64 MB fp32). That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM
   head, the LoRA MNTP recipe) instead of 4 and 3. The gradients are those of ``sum(loss)``
   (unit scale keeps fp16 ``dz`` out of the subnormals); the backward multiplies them by the
   upstream gradient (and mean's ``1 / N``) in place. d weight sums over rows, so eager with
@@ -56,7 +60,9 @@ Design (why it is built this way):
   hidden and weight; rows in benchmarks/results/masked_ce.jsonl): V = 32000 7.4 ms vs
   full-logits PyTorch 25.1, Liger 18.4, cut-cross-entropy 17.7; V = 128256 26.6 ms vs 106.0,
   82.2, 40.4. Peak extra memory equals cut-cross-entropy's (506 vs 506 MiB, 1258 vs 1260
-  MiB: the gradients plus ~130 MiB of buffers). About 500 TFLOP/s over the 4 GEMMs; the
+  MiB: the gradients plus ~130 MiB of buffers; both then took the shifted rows as a copy of
+  hidden, since removed here, and the benchmark now also runs cut-cross-entropy's own
+  ``shift``). About 500 TFLOP/s over the 4 GEMMs; the
   5x-over-full-logits target needs ~650.
 * Tried and not kept: the logits GEMMs on cuBLAS (fp32 output) into the same bounded chunk,
   streamed through small Triton stats / d-logits kernels. It was 2-5% faster on the H200
@@ -360,7 +366,8 @@ ALL_CONFIGS = (
 )
 
 
-# The tile each autotuned kernel last launched with ("fwd" / "bwd" -> "128x64x64 w8 s4"), for
+# The tile each autotuned kernel last launched with ("fwd" / "bwd" -> "128x64x64 w8 s4") and
+# the eager strategy's last chunking ("eager" -> "5 x 704 rows, in the gradient"), for
 # benchmark rows.
 LAST_TILES: dict = {}
 
@@ -475,19 +482,40 @@ def _addmm_into_fp32_ok(a: torch.Tensor) -> bool:
     return _probe("addmm_into_fp32", a, check)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _mm_out_fp32_ok(a: torch.Tensor) -> bool:
+    """Whether :func:`_mm_fp32` can write into a given fp32 tensor (``out=``) on a's device and
+    dtype: fp32 and CPU operands always; 16-bit CUDA operands need ``aten::mm.dtype_out``,
+    probed once and checked against fp32 math."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        return True
+
+    def check():
+        g = torch.Generator(device=a.device).manual_seed(0)
+        x = torch.randn(32, 48, device=a.device, generator=g).to(a.dtype)
+        y = torch.randn(48, 16, device=a.device, generator=g).to(a.dtype)
+        out = torch.empty(32, 16, device=a.device)
+        torch.mm(x, y, out_dtype=torch.float32, out=out)
+        return torch.allclose(out, x.float() @ y.float(), rtol=1e-4, atol=1e-3)
+
+    return _probe("mm_out_fp32", a, check)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``a @ b`` with fp32 accumulation: cuBLAS's ``out_dtype`` for 16-bit inputs on CUDA
-    (see :func:`fp32_logits_available`), fp32 operands elsewhere (the interpreter tests' CPU path)."""
+    (see :func:`fp32_logits_available`), fp32 operands elsewhere (the interpreter tests' CPU
+    path). ``out``: an fp32 tensor to write into (see :func:`_mm_out_fp32_ok`)."""
     if a.dtype == torch.float32:
-        return a @ b
+        return torch.mm(a, b, out=out) if out is not None else a @ b
     if a.is_cuda:
+        if out is not None:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    return torch.mm(a.float(), b.float(), out=out) if out is not None else a.float() @ b.float()
 
 
-def _logits_fp32(hc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The eager strategy's logits GEMM: fp32 ``hc @ w.T`` (:func:`_mm_fp32`)."""
-    return _mm_fp32(hc, w.t())
+def _logits_fp32(hc: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The eager strategy's logits GEMM: fp32 ``hc @ w.T`` (:func:`_mm_fp32`), into ``out`` if given."""
+    return _mm_fp32(hc, w.t(), out)
 
 
 def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -604,12 +632,12 @@ def eager_row_chunk(V: int) -> int:
 EAGER_ROW_ALIGN = 64
 
 
-def eager_rows(N: int, V: int) -> int:
-    """Rows per chunk for ``N`` rows: all of them when they fit, else the fewest chunks the
-    memory bound allows with their rows evened out and rounded up to ``EAGER_ROW_ALIGN``
-    (rounded down instead where that would pass the bound); the bound itself where it is
-    below the alignment."""
-    r_max = eager_row_chunk(V)
+def _even_rows(N: int, r_max: int) -> int:
+    """Rows per chunk for ``N`` rows and at most ``r_max`` per chunk: all of them when they
+    fit, else the fewest chunks ``r_max`` allows with their rows evened out and rounded up to
+    ``EAGER_ROW_ALIGN`` (rounded down instead where that would pass ``r_max``); ``r_max``
+    itself where it is below the alignment."""
+    r_max = max(r_max, 1)
     if N <= r_max:
         return max(N, 1)
     if r_max < EAGER_ROW_ALIGN:
@@ -618,7 +646,67 @@ def eager_rows(N: int, V: int) -> int:
     return even if even <= r_max else r_max // EAGER_ROW_ALIGN * EAGER_ROW_ALIGN
 
 
-def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool, fp32_logits: bool = True) -> str:
+def eager_rows(N: int, V: int) -> int:
+    """Rows per chunk for ``N`` rows when the logits chunk is a buffer of its own (at most
+    ``EAGER_CHUNK_ELEMS`` fp32): see :func:`_even_rows`."""
+    return _even_rows(N, eager_row_chunk(V))
+
+
+# The eager forward's gradient of hidden (all its rows, only the labelled ones nonzero) is
+# built in the forward, straight in the buffer the backward hands to autograd, and each
+# chunk's fp32 logits and gathered rows live in that buffer's unlabelled part until the
+# labelled rows' gradients are put in place: the op then allocates nothing beyond the
+# gradients themselves (the buffer the backward must return anyway, and d weight) but
+# vectors of N and a <= PLACE_BLOCK_BYTES copy, where a separate logits chunk, the gathered
+# rows and the labelled rows' gradient kept from forward to backward cost 64 MiB + 2 chunks
+# of rows + N x C more (~100 MiB at C = 4096, 16k tokens, 20% labelled, against
+# cut-cross-entropy's gradient-only footprint). Used when d hidden is wanted and the
+# unlabelled rows hold a chunk of at least min(N, the separate buffer's chunk,
+# EAGER_SCRATCH_MIN_ROWS) rows; the chunk then takes all the room there is (704 rows in 5
+# chunks instead of 512 in 7 at V = 32000, 192 instead of 128 at V = 128256, 128 instead of
+# 64 at V = 151936 for that shape: fewer passes over the weight, whose reads bound the
+# small-M GEMMs). EAGER_SCRATCH_MIN_ROWS: below ~250 rows a chunk's GEMMs read the weight
+# faster than they use it (2 x rows FLOP per weight byte against ~190 FLOP/B of an H200's
+# bf16 rate over its bandwidth, ~240 on an H100), so a smaller in-place chunk is not taken
+# over a larger separate one.
+EAGER_IN_GRAD = True
+EAGER_SCRATCH_MIN_ROWS = 256
+# The labelled rows' gradients sit in rows [0, N) of the buffer; the chunks start at row N
+# rounded up to this (even fp32 offsets, 16-byte alignment for cuBLAS at any C).
+SCRATCH_ROW_ALIGN = 16
+# The rows are moved into place in blocks of at most this many bytes (each block is copied
+# first: the one allocation of the in-place eager forward that is not a gradient).
+PLACE_BLOCK_BYTES = 1 << 20
+
+
+def _scratch_row0(N: int) -> int:
+    return triton.cdiv(N, SCRATCH_ROW_ALIGN) * SCRATCH_ROW_ALIGN
+
+
+def _scratch_rows(N: int, V: int, n_rows: int, row_bytes: int) -> int:
+    """How many rows of a chunk (fp32 logits of width V and a gathered row of ``row_bytes``,
+    16-byte aligned) fit in rows ``[_scratch_row0(N), n_rows)`` of a buffer whose rows take
+    ``row_bytes`` each."""
+    free = max(0, n_rows - _scratch_row0(N)) * row_bytes - 16
+    return max(0, free) // (4 * max(V, 1) + row_bytes)
+
+
+def eager_plan(N: int, V: int, n_rows: int, row_bytes: int, need_h: bool, in_grad_ok: bool = True) -> tuple[int, bool]:
+    """``(rows per chunk, in_grad)`` of the eager strategy for ``N`` labelled rows of a hidden
+    with ``n_rows`` rows of ``row_bytes`` bytes: ``in_grad`` when the logits chunks live in
+    hidden's gradient buffer (``EAGER_IN_GRAD``, see above; needs d hidden and, from
+    ``in_grad_ok``, a GEMM that writes fp32 into a given tensor), else a separate buffer of
+    ``EAGER_CHUNK_ELEMS`` (:func:`eager_rows`)."""
+    own = eager_rows(N, V)
+    if EAGER_IN_GRAD and need_h and in_grad_ok:
+        room = _scratch_rows(N, V, n_rows, row_bytes)
+        if room >= min(N, own, EAGER_SCRATCH_MIN_ROWS):
+            return _even_rows(N, room), True
+    return own, False
+
+
+def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool, fp32_logits: bool = True,
+                    rows: int | None = None) -> str:
     """``"eager"`` or ``"two_pass"`` for a call that needs gradients.
 
     Where the reference allows eager (``reference.eager_allowed``) and ``EAGER_AUTO`` is on,
@@ -627,7 +715,8 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
     in at most ``EAGER_MAX_W_CHUNKS`` chunks of at least ``EAGER_MIN_W_ROWS`` rows each;
     with ``EAGER_AUTO`` off ``"auto"`` is two-pass.
     ``fp32_logits`` False (no fp32-output GEMM, see :func:`fp32_logits_available`): auto
-    stays two-pass and ``strategy="eager"`` raises ``ValueError``.
+    stays two-pass and ``strategy="eager"`` raises ``ValueError``. ``rows``: eager's rows per
+    chunk (:func:`eager_plan`; default :func:`eager_rows`).
     """
     if not ref.eager_allowed(strategy, need_wb, uniform_g) or (strategy == "auto" and not EAGER_AUTO):
         return "two_pass"
@@ -638,43 +727,70 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
         return "two_pass"
     if strategy == "eager" or not need_wb:
         return "eager"
-    rows = eager_rows(N, V)
+    rows = rows or eager_rows(N, V)
     chunks = triton.cdiv(N, rows)
     return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
 
 
-def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
+def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
     """Loss, lse, correctness and the gradients of ``sum(loss)``, in one pass over the logits.
 
-    Per chunk of ``R = eager_rows(N, V)`` rows: ``Z = h_c @ w.T`` on cuBLAS into an fp32
-    ``(R, V)`` buffer, ``_mce_rows_kernel`` turns each row into its statistics and writes
-    dz (input dtype) over the buffer, then ``dH_c = dz @ w`` (rows of dH are disjoint: written
-    once, in the input dtype), ``dW += dz.T @ h_c`` and ``db += sum(dz)``. Three GEMMs of
-    ``N x C x V`` with d weight (two without) instead of the two-pass strategy's four (three).
-    Returns ``loss, lse, correct, dh, dw, db`` (None where not needed); ``dw`` accumulates
-    in the weight's dtype across the ``cdiv(N, R)`` chunks (one rounding per chunk).
+    ``flat_h`` ``(n_rows, C)`` every row of hidden, ``h_index`` ``(N,)`` the labelled ones
+    (strictly increasing, as ``reference.labelled_rows`` makes them). Per chunk of ``R`` rows
+    (:func:`eager_plan`): the chunk's rows are gathered (``R x C``), ``Z = h_c @ w.T`` on
+    cuBLAS into an fp32 ``(R, V)`` buffer, ``_mce_rows_kernel`` turns each row into its
+    statistics and writes dz (input dtype) over the buffer, then ``dH_c = dz @ w`` (rows of dH
+    are disjoint: written once, in the input dtype), ``dW += dz.T @ h_c`` and
+    ``db += sum(dz)``. Three GEMMs of ``N x C x V`` with d weight (two without) instead of the
+    two-pass strategy's four (three).
+
+    Returns ``loss, lse, correct, dh, dw, db, in_grad`` (None where not needed). ``in_grad``
+    True: ``dh`` is hidden's whole gradient ``(n_rows, C)`` (zero on unlabelled rows), built
+    in place: the labelled rows' gradients fill its first ``N`` rows while each chunk's
+    logits and gathered rows use the rows past them, then :func:`_place_rows` moves them to
+    ``h_index``.
+    False: ``dh`` is ``(N, C)``, the labelled rows' gradients only, and the logits chunk a
+    buffer of its own. ``dw`` accumulates in the weight's dtype across the ``cdiv(N, R)``
+    chunks (one rounding per chunk).
     """
-    N, C = h.shape
+    N = h_index.shape[0]
+    n_rows, C = flat_h.shape
+    dt = flat_h.dtype
     V = w.shape[0]
-    dev = h.device
-    R = eager_rows(N, V)
+    dev = flat_h.device
+    R, in_grad = eager_plan(N, V, n_rows, C * flat_h.element_size(), need_h, _mm_out_fp32_ok(flat_h))
+    LAST_TILES["eager"] = f"{triton.cdiv(N, R)} x {R} rows, {'in the gradient' if in_grad else 'own buffer'}"
     loss = _alloc((N,), torch.float32, dev)
     lse = _alloc((N,), torch.float32, dev)
     arg = _alloc((N,), torch.int32, dev)
-    dh = _alloc((N, C), h.dtype, dev) if need_h else None
+    z_room = h_room = None
+    if in_grad:
+        dh = _alloc((n_rows, C), dt, dev)  # hidden's gradient
+        room = dh.view(-1)[_scratch_row0(N) * C:]  # in dt elements, 16-byte aligned
+        per = 4 // dh.element_size()  # dt elements per fp32
+        z_end = R * V * per
+        z_room = room[:z_end].view(torch.float32)
+        h0 = triton.cdiv(z_end, 16 // dh.element_size()) * (16 // dh.element_size())
+        h_room = room[h0: h0 + R * C]
+    else:
+        dh = _alloc((N, C), dt, dev) if need_h else None
     dw = _alloc((V, C), w.dtype, dev) if need_w else None
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
-    bv, warps = _rows_block(V, h.is_cuda)
+    bv, warps = _rows_block(V, flat_h.is_cuda)
     consts = dict(
         HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
         num_warps=warps, num_stages=ROWS_STAGES,
     )
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
-        hc = h[r0:r1]
-        z = _logits_fp32(hc, w)
+        if in_grad:
+            hc = torch.index_select(flat_h, 0, h_index[r0:r1], out=h_room[: (r1 - r0) * C].view(r1 - r0, C))
+            z = _logits_fp32(hc, w, z_room[: (r1 - r0) * V].view(r1 - r0, V))
+        else:
+            hc = flat_h.index_select(0, h_index[r0:r1])
+            z = _logits_fp32(hc, w)
         # dz over z's own storage: the same positions in fp32, the first half of each row in 16 bits
-        dz = z if h.dtype == torch.float32 else z.view(h.dtype)[:, :V]
+        dz = z if dt == torch.float32 else z.view(dt)[:, :V]
         _mce_rows_kernel[(r1 - r0,)](
             z, b if b is not None else z, y[r0:r1], dz, loss[r0:r1], lse[r0:r1], arg[r0:r1],
             V, z.stride(0), dz.stride(0), float(softcap or 1.0), float(label_smoothing), float(z_loss),
@@ -689,8 +805,28 @@ def masked_ce_eager(h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w
                 dw.addmm_(dz.t(), hc)
         if need_b:
             db += dz.sum(0, dtype=torch.float32)
-        z = dz = None  # freed before the next chunk's logits are allocated: one chunk alive at a time
-    return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None)
+        z = dz = hc = None  # freed before the next chunk's: one chunk alive at a time
+    if in_grad:
+        _place_rows(dh, h_index, max(1, min(R, PLACE_BLOCK_BYTES // (C * dh.element_size()))))
+    return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), in_grad
+
+
+def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int) -> None:
+    """Move rows ``[0, N)`` of ``buf`` to rows ``h_index`` (``N`` of them, strictly increasing)
+    and zero every other row, in place.
+
+    Row ``i`` goes to ``h_index[i] >= i``. Blocks of ``block`` rows move last block first,
+    each through a copy of itself: a block's destinations lie at or above its first row, where
+    every source row is either its own (copied before the move) or a later block's (already
+    moved), so no row is overwritten before it is read. Memory beyond ``buf``: one block.
+    """
+    N = h_index.shape[0]
+    for a in range(triton.cdiv(N, block) * block - block, -1, -block):
+        b = min(N, a + block)
+        buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
+    keep = torch.zeros(buf.shape[0], device=buf.device, dtype=torch.bool)
+    keep[h_index] = True
+    buf.masked_fill_(~keep[:, None], 0)
 
 
 def _scatter_rows(rows: torch.Tensor, h_index: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -705,10 +841,11 @@ class MaskedLinearCEFunction(torch.autograd.Function):
     forward(flat_h (rows, C), h_index (N,) int64, w (V, C), b (V,) or None, y (N,) int32,
     softcap, label_smoothing, z_loss, reduction, strategy) -> (loss, correct (N,) bool, not
     differentiable); loss is 0-d fp32 for ``mean`` / ``sum`` and the per-row ``(N,)`` fp32
-    losses for ``none``. The labelled rows ``flat_h[h_index]`` are gathered here, used and
-    dropped: nothing of size ``N x C`` is kept for the backward (which gathers again if it
-    recomputes), and the gradient of ``flat_h`` is built once, full size, in the backward
-    (no separate gather node with its own copy). ``strategy`` is ``None`` when no gradient
+    losses for ``none``. The labelled rows ``flat_h[h_index]`` are gathered here (eager: a
+    chunk at a time), used and dropped: nothing of size ``N x C`` is kept for the backward
+    (which gathers again if it recomputes), and the gradient of ``flat_h`` is built once,
+    full size (no separate gather node with its own copy): by eager's forward in place where
+    it can (``eager_plan``), else in the backward. ``strategy`` is ``None`` when no gradient
     will be asked for (the statistics-only forward, one GEMM), else ``"eager"`` (gradients
     computed here, scaled by the upstream gradient in backward) or ``"two_pass"`` (logits
     recomputed in backward).
@@ -716,21 +853,21 @@ class MaskedLinearCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy):
-        h = flat_h.index_select(0, h_index)
-        N = h.shape[0]
+        N = h_index.shape[0]
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and b is not None
         ctx.eager = None
         if strategy == "eager":
             # Gradients of sum(loss): unit scale keeps fp16 dz out of the subnormals (mean's
             # 1 / N is applied with the upstream gradient, after the GEMMs).
-            per_row, lse, correct, dh, dw, db = masked_ce_eager(
-                h, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b,
+            per_row, lse, correct, dh, dw, db, in_grad = masked_ce_eager(
+                flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b,
             )
-            ctx.eager = (dh, dw, db)
+            ctx.eager = (dh, dw, db, in_grad)
         else:
+            h = flat_h.index_select(0, h_index)
             per_row, lse, correct = masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss)
-        del h
+            del h
         ctx.save_for_backward(flat_h, h_index, w, b, y, lse)
         ctx.cfg = (softcap, label_smoothing, z_loss, reduction)
         ctx.mark_non_differentiable(correct)
@@ -754,11 +891,16 @@ class MaskedLinearCEFunction(torch.autograd.Function):
         if ctx.eager is not None:
             # The forward's gradients of sum(loss) (None where not needed): scaled in place (no
             # copy of dW) and handed over once. A second backward (retain_graph) recomputes below.
-            dh, dw, db = ctx.eager
+            dh, dw, db, in_grad = ctx.eager
             ctx.eager = None
-            gr = g[:, None] if g.dim() else g
-            if dh is not None:
-                dh = _scatter_rows(dh.mul_(gr), h_index, flat_h.shape[0])
+            if in_grad and g.dim():
+                # hidden's whole gradient already: each labelled row times its own factor
+                gt = torch.zeros(flat_h.shape[0], device=g.device, dtype=torch.float32)
+                dh.mul_(gt.index_copy_(0, h_index, g)[:, None])
+            elif in_grad:
+                dh.mul_(g)
+            elif dh is not None:
+                dh = _scatter_rows(dh.mul_(g[:, None] if g.dim() else g), h_index, flat_h.shape[0])
             return (dh, None, dw.mul_(g) if dw is not None else None, db.mul_(g) if db is not None else None) + none
         if g.dim() == 0:
             g = g.expand(N)
@@ -810,7 +952,9 @@ def masked_linear_cross_entropy_triton(
     plan = None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
-        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h))
+        rows, _ = eager_plan(n, w.shape[0], flat_h.shape[0], flat_h.shape[1] * flat_h.element_size(),
+                             hidden.requires_grad, _mm_out_fp32_ok(flat_h))
+        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h), rows)
     loss, correct = MaskedLinearCEFunction.apply(
         flat_h, h_index, w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
         reduction, plan,
