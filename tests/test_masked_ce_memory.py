@@ -135,14 +135,16 @@ def test_shift_gathers_without_copying_hidden(strategy, backend):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("strategy", ["eager", "two_pass"])
 @pytest.mark.parametrize("w_grad", [False, True], ids=["frozen-head", "d-weight"])
-def test_eager_needs_only_the_gradients(monkeypatch, w_grad):
-    """The Triton eager forward + backward allocates hidden's gradient, d weight, vectors of
-    the labelled rows and one copied block while the rows are moved into place, nothing
-    else: its logits chunks and gathered rows live in the gradient's unlabelled rows. Counted from the CPU
-    allocator's own events (``helpers.allocation_peak``), on a GPU by
-    ``max_memory_allocated``. The control, a separate logits buffer with the labelled rows' gradients kept
-    from forward to backward, must break the bound."""
+def test_triton_needs_only_the_gradients(monkeypatch, w_grad, strategy):
+    """The Triton forward + backward allocates hidden's gradient, d weight, vectors of the
+    labelled rows and one copied block while the rows are moved into place, nothing else:
+    the eager logits chunks and gathered rows, and the two-pass backward's gathered rows,
+    fp32 accumulator and d-logits buffer, live in the gradient's unlabelled rows. Counted
+    from the CPU allocator's own events (``helpers.allocation_peak``), on a GPU by
+    ``max_memory_allocated``. The control, the same strategy with buffers of its own
+    (``IN_GRAD`` off), must break the bound."""
     pytest.importorskip("triton")
     from helpers import allocation_peak
     from llm2vec_fast.kernels.triton import masked_ce as mce
@@ -168,16 +170,17 @@ def test_eager_needs_only_the_gradients(monkeypatch, w_grad):
     n = int((labels[:, 1:] != -100).sum())
     rows, in_grad = mce.eager_plan(n, V, B * T, C * 4, True)
     assert in_grad and -(-n // rows) >= 2, (n, rows)
+    assert mce.SPLIT_ALIGN <= mce.two_pass_plan(n, V, B * T, C, 4, True) < V
     grads = hidden.numel() * 4 + (weight.numel() * 4 if w_grad else 0)
-    bound = grads + min(rows * C * 4, mce.PLACE_BLOCK_BYTES) + (128 << 10)
+    bound = grads + mce.PLACE_BLOCK_BYTES + (128 << 10)
     peaks = {}
     for mode in (True, False):
-        monkeypatch.setattr(mce, "EAGER_IN_GRAD", mode)
+        monkeypatch.setattr(mce, "IN_GRAD", mode)
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_(w_grad)
-        mce.masked_linear_cross_entropy_triton(h[:1, :9], w, labels[:1, :9], strategy="eager").backward()
+        mce.masked_linear_cross_entropy_triton(h[:1, :9], w, labels[:1, :9], strategy=strategy).backward()
         h.grad = w.grad = None
-        peaks[mode] = measure(lambda: mce.masked_linear_cross_entropy_triton(h, w, labels, strategy="eager").backward())
+        peaks[mode] = measure(lambda: mce.masked_linear_cross_entropy_triton(h, w, labels, strategy=strategy).backward())
         assert torch.isfinite(h.grad).all()
     mib = {k: round(v / 2**20, 2) for k, v in peaks.items()}
     assert peaks[True] <= bound, f"peak {mib} MiB over the gradients + one chunk ({bound / 2**20:.2f} MiB)"

@@ -17,6 +17,7 @@ from helpers import assert_close_rule
 from llm2vec_fast.kernels.reference import masked_linear_cross_entropy_ref
 
 mce = pytest.importorskip("llm2vec_fast.kernels.triton.masked_ce")
+SPLIT_ALIGN = mce.SPLIT_ALIGN
 
 pytestmark = pytest.mark.interpreter
 
@@ -341,44 +342,49 @@ def test_eager_plan():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("frozen,reduction", [(False, "mean"), (True, "none"), (True, "sum")])
-def test_eager_in_grad_matches_separate(device, monkeypatch, dtype, frozen, reduction):
-    """Eager with the logits chunks inside hidden's gradient (several chunks, rows moved into
-    place at the end, unlabelled rows zeroed over the poisoned buffer) gives what eager with a
-    separate buffer gives, and what two-pass gives."""
-    V = 1000
+@pytest.mark.parametrize("frozen,reduction", [(False, "mean"), (False, "none"), (True, "none"), (True, "sum")])
+def test_in_grad_matches_separate(device, monkeypatch, dtype, frozen, reduction):
+    """Both strategies working inside hidden's gradient buffer (eager: several row chunks;
+    two-pass: several vocabulary chunks; rows moved into place at the end, unlabelled rows
+    zeroed over the poisoned buffer) give what they give with buffers of their own."""
+    V, C = 1000, 96
     monkeypatch.setattr(mce, "EAGER_SCRATCH_MIN_ROWS", 1)
     monkeypatch.setattr(mce, "EAGER_CHUNK_ELEMS", 5 * V)  # separate buffer: 5-row chunks
-    hidden, weight, bias, labels = _make((4, 40), 64, V, dtype, device, 0.85, True)
-    g_up = torch.rand(4, 39, device=device) + 0.5
-    placed = _spy(monkeypatch, ["_place_rows"])
-    out = {}
-    for mode in ("in_grad", "separate", "two_pass"):
-        monkeypatch.setattr(mce, "EAGER_IN_GRAD", mode == "in_grad")
-        placed["_place_rows"] = 0
-        ts = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen), bias.clone().requires_grad_(not frozen)]
-        loss = mce.masked_linear_cross_entropy_triton(
-            ts[0], ts[1], labels, ts[2], reduction=reduction, strategy="two_pass" if mode == "two_pass" else "eager",
-        )
-        (loss * g_up if reduction == "none" else loss).sum().backward()
-        assert placed["_place_rows"] == (mode == "in_grad"), mode
-        out[mode] = [loss.detach()] + [t.grad for t in ts]
+    hidden, weight, bias, labels = _make((4, 100), C, V, dtype, device, 0.9, True)
     n = int((labels[:, 1:] != -100).sum())
-    monkeypatch.setattr(mce, "EAGER_IN_GRAD", True)
-    rows, in_grad = mce.eager_plan(n, V, 160, 64 * hidden.element_size(), True)
-    assert in_grad and -(-n // rows) >= 3, (n, rows)  # several chunks in the gradient's room
+    rows, in_grad = mce.eager_plan(n, V, 400, C * hidden.element_size(), True)
+    vc = mce.two_pass_plan(n, V, 400, C, hidden.element_size(), True)
+    assert in_grad and -(-n // rows) >= 2 and SPLIT_ALIGN <= vc < V, (n, rows, vc)  # several chunks either way
+    g_up = torch.rand(4, 99, device=device) + 0.5
+    placed = _spy(monkeypatch, ["_place_rows"])
+    strategies = ["two_pass"] if (reduction == "none" and not frozen) else ["eager", "two_pass"]
+    out = {}
+    for strategy in strategies:
+        for mode in (True, False):
+            monkeypatch.setattr(mce, "IN_GRAD", mode)
+            placed["_place_rows"] = 0
+            ts = [hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen),
+                  bias.clone().requires_grad_(not frozen)]
+            loss = mce.masked_linear_cross_entropy_triton(ts[0], ts[1], labels, ts[2], reduction=reduction,
+                                                          strategy=strategy)
+            (loss * g_up if reduction == "none" else loss).sum().backward()
+            assert placed["_place_rows"] == int(mode), (strategy, mode)
+            out[strategy, mode] = [loss.detach()] + [t.grad for t in ts]
     tol = 1e-5 if dtype == torch.float32 else 3e-3
-    for other in ("separate", "two_pass"):
-        for name, a, b in zip(["loss", "d hidden", "d weight", "d bias"], out["in_grad"], out[other]):
+    first = out[strategies[0], True]
+    for key, other in out.items():
+        for name, a, b in zip(["loss", "d hidden", "d weight", "d bias"], first, other):
             assert (a is None) == (b is None), name
             if a is not None:
-                assert torch.isfinite(a).all(), name
+                assert torch.isfinite(b).all(), (key, name)
                 err = (a.float() - b.float()).abs().max()
-                assert err <= tol * max(1.0, float(b.float().abs().max())), (other, name, float(err))
+                assert err <= tol * max(1.0, float(a.float().abs().max())), (key, name, float(err))
     # rows of hidden that predict no label (the last of each sequence, the unlabelled ones): 0
-    predicts = torch.zeros(4, 40, dtype=torch.bool, device=device)
+    predicts = torch.zeros(4, 100, dtype=torch.bool, device=device)
     predicts[:, :-1] = labels[:, 1:] != -100
-    assert (out["in_grad"][1][~predicts] == 0).all() and (out["in_grad"][1][predicts] != 0).any()
+    for strategy in strategies:
+        dh = out[strategy, True][1]
+        assert (dh[~predicts] == 0).all() and (dh[predicts] != 0).any(), strategy
 
 
 def test_eager_second_backward_recomputes(device, monkeypatch):

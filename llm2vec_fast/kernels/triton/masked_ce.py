@@ -27,7 +27,10 @@ Design (why it is built this way):
   ``MAX_CHUNK_ELEMS``: bounded memory, never ``[N, V]``). The two big GEMMs then run on
   cuBLAS: ``dW[v0:v0+Vc] = dZ.T @ h`` (each chunk owns its rows of ``dW``: no cross-chunk
   accumulation, deterministic) and ``dH += dZ @ W[v0:v0+Vc]`` into an fp32 accumulator
-  (``N x C``, small). ``db`` is a column sum of the same buffer. Computing ``dZ`` once
+  (``N x C``, small). ``db`` is a column sum of the same buffer. With d hidden wanted
+  (``IN_GRAD``, ``two_pass_plan``) the gathered rows, the accumulator and the dZ buffer live
+  in hidden's gradient buffer, past the first ``N`` rows that receive d hidden before it
+  moves into place, as in the eager strategy below. Computing ``dZ`` once
   and reusing it for ``dH``, ``dW`` and ``db`` costs 4 GEMMs of ``N x C x V`` per step
   (forward, recompute, dH, dW); weights that need no gradient (a frozen LM head under
   LoRA) skip the dW GEMM.
@@ -37,7 +40,7 @@ Design (why it is built this way):
   out over the chunks and aligned to 64 rows, ``eager_plan``): ``Z = h_c @ w.T`` on cuBLAS
   with fp32 output, ``_mce_rows_kernel`` (one program per row, two passes over it:
   statistics, then ``dz`` written over ``Z``'s own storage), then ``dH_c = dz @ w`` and
-  ``dW += dz.T @ h_c`` on cuBLAS. With d hidden wanted (``EAGER_IN_GRAD``), hidden's whole
+  ``dW += dz.T @ h_c`` on cuBLAS. With d hidden wanted (``IN_GRAD``), hidden's whole
   gradient is built right there: the labelled rows' gradients fill its first rows, each
   chunk's logits and gathered rows use the unlabelled rows' room (as many rows as fit), and
   the rows move into place at the end (``_place_rows``), so the op allocates no more than
@@ -532,21 +535,54 @@ def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += torch.mm(a, b).float()
 
 
-def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
+def bwd_vocab_chunk(N: int, V: int) -> int:
+    """Columns per launch of the two-pass backward: ``N * Vc <= max(MAX_CHUNK_ELEMS, N * 256)``."""
+    vc = max(SPLIT_ALIGN, (MAX_CHUNK_ELEMS // max(N, 1)) // SPLIT_ALIGN * SPLIT_ALIGN)
+    return min(vc, triton.cdiv(V, SPLIT_ALIGN) * SPLIT_ALIGN)
+
+
+def _aligned(elems: int, itemsize: int) -> int:
+    """``elems`` rounded up to a 16-byte boundary."""
+    per = 16 // itemsize
+    return triton.cdiv(elems, per) * per
+
+
+def two_pass_plan(N: int, V: int, n_rows: int, C: int, itemsize: int, need_h: bool) -> int:
+    """Columns per launch of a two-pass backward that works inside hidden's gradient buffer
+    (``IN_GRAD``), 0 where it does not fit: the unlabelled rows' room must hold the gathered
+    rows (``N x C``), the fp32 d-hidden accumulator and a dZ buffer of at least
+    ``SPLIT_ALIGN`` columns; the dZ buffer takes what room is left, up to
+    :func:`bwd_vocab_chunk`."""
+    if not (IN_GRAD and need_h):
+        return 0
+    free = (n_rows - _scratch_row0(N)) * C * itemsize - 48  # three 16-byte alignments
+    left = free - N * C * (itemsize + 4)
+    vc = (left // (N * itemsize)) // SPLIT_ALIGN * SPLIT_ALIGN if left > 0 else 0
+    return min(vc, bwd_vocab_chunk(N, V)) if vc >= SPLIT_ALIGN else 0
+
+
+def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, need_h, need_w, need_b,
+                       scratch=None, vc=None, dh_out=None):
     """Gradients of ``sum(g * loss)`` w.r.t. h ``(N, C)``, w ``(V, C)`` and b ``(V,)``.
 
     g ``(N,)`` fp32 per-row upstream gradient; lse ``(N,)`` fp32 from the forward. Returns
     ``dh, dw, db`` in the inputs' dtypes (None where not needed). Memory beyond the
-    outputs: a ``(N, Vc)`` dZ buffer with ``N * Vc <= max(MAX_CHUNK_ELEMS, N * 256)`` and
-    an fp32 ``(N, C)`` accumulator. No host synchronisation.
+    outputs: a ``(N, Vc)`` dZ buffer (``Vc``: ``vc``, default :func:`bwd_vocab_chunk`) and
+    an fp32 ``(N, C)`` accumulator, both carved from ``scratch`` (a 16-byte aligned flat
+    tensor of h's dtype, see :func:`two_pass_plan`) when given; ``dh`` is then written into
+    ``dh_out`` ``(N, C)``. No host synchronisation.
     """
     N, C = h.shape
     V = w.shape[0]
     dev = h.device
-    vc = max(SPLIT_ALIGN, (MAX_CHUNK_ELEMS // max(N, 1)) // SPLIT_ALIGN * SPLIT_ALIGN)
-    vc = min(vc, triton.cdiv(V, SPLIT_ALIGN) * SPLIT_ALIGN)
-    dz_buf = _alloc((N, vc), h.dtype, dev)
-    dh = torch.zeros((N, C), device=dev, dtype=torch.float32) if need_h else None
+    vc = vc or bwd_vocab_chunk(N, V)
+    if scratch is not None:
+        acc_end = _aligned(N * C * 4 // h.element_size(), h.element_size())
+        dh = scratch[: N * C * 4 // h.element_size()].view(torch.float32).view(N, C).zero_() if need_h else None
+        dz_buf = scratch[acc_end: acc_end + N * vc].view(N, vc)
+    else:
+        dz_buf = _alloc((N, vc), h.dtype, dev)
+        dh = torch.zeros((N, C), device=dev, dtype=torch.float32) if need_h else None
     dw = _alloc((V, C), w.dtype, dev) if need_w else None
     db = _alloc((V,), torch.float32, dev) if need_b else None
     common = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), IEEE=h.dtype == torch.float32)
@@ -575,11 +611,9 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
             torch.mm(dz.t(), h, out=dw[v0:v1])
         if need_b:
             db[v0:v1] = dz.sum(0, dtype=torch.float32)
-    return (
-        dh.to(h.dtype) if need_h else None,
-        dw,
-        db.to(b.dtype) if need_b else None,
-    )
+    if need_h:
+        dh = dh_out.copy_(dh) if dh_out is not None else dh.to(h.dtype)
+    return dh, dw, (db.to(b.dtype) if need_b else None)
 
 
 # The eager strategy holds one (rows, V) fp32 logits chunk of at most this many elements
@@ -669,7 +703,7 @@ def eager_rows(N: int, V: int) -> int:
 # faster than they use it (2 x rows FLOP per weight byte against ~190 FLOP/B of an H200's
 # bf16 rate over its bandwidth, ~240 on an H100), so a smaller in-place chunk is not taken
 # over a larger separate one.
-EAGER_IN_GRAD = True
+IN_GRAD = True
 EAGER_SCRATCH_MIN_ROWS = 256
 # The labelled rows' gradients sit in rows [0, N) of the buffer; the chunks start at row N
 # rounded up to this (even fp32 offsets, 16-byte alignment for cuBLAS at any C).
@@ -694,11 +728,11 @@ def _scratch_rows(N: int, V: int, n_rows: int, row_bytes: int) -> int:
 def eager_plan(N: int, V: int, n_rows: int, row_bytes: int, need_h: bool, in_grad_ok: bool = True) -> tuple[int, bool]:
     """``(rows per chunk, in_grad)`` of the eager strategy for ``N`` labelled rows of a hidden
     with ``n_rows`` rows of ``row_bytes`` bytes: ``in_grad`` when the logits chunks live in
-    hidden's gradient buffer (``EAGER_IN_GRAD``, see above; needs d hidden and, from
+    hidden's gradient buffer (``IN_GRAD``, see above; needs d hidden and, from
     ``in_grad_ok``, a GEMM that writes fp32 into a given tensor), else a separate buffer of
     ``EAGER_CHUNK_ELEMS`` (:func:`eager_rows`)."""
     own = eager_rows(N, V)
-    if EAGER_IN_GRAD and need_h and in_grad_ok:
+    if IN_GRAD and need_h and in_grad_ok:
         room = _scratch_rows(N, V, n_rows, row_bytes)
         if room >= min(N, own, EAGER_SCRATCH_MIN_ROWS):
             return _even_rows(N, room), True
@@ -904,8 +938,24 @@ class MaskedLinearCEFunction(torch.autograd.Function):
             return (dh, None, dw.mul_(g) if dw is not None else None, db.mul_(g) if db is not None else None) + none
         if g.dim() == 0:
             g = g.expand(N)
+        g = g.contiguous()
+        n_rows, C = flat_h.shape
+        vc = two_pass_plan(N, w.shape[0], n_rows, C, flat_h.element_size(), need_h)
+        if vc:
+            # hidden's gradient first; the gathered rows, the fp32 accumulator and the dZ
+            # buffer in its unlabelled rows' room; d hidden into its first N rows, then moved
+            grad = _alloc((n_rows, C), flat_h.dtype, flat_h.device)
+            room = grad.view(-1)[_scratch_row0(N) * C:]
+            h = torch.index_select(flat_h, 0, h_index, out=room[: N * C].view(N, C))
+            _, dw, db = masked_ce_backward(
+                h, w, b, y, lse, g, softcap, eps, zl, need_h, need_w, need_b,
+                scratch=room[_aligned(N * C, grad.element_size()):], vc=vc, dh_out=grad[:N],
+            )
+            del h, room
+            _place_rows(grad, h_index, max(1, min(N, PLACE_BLOCK_BYTES // (C * grad.element_size()))))
+            return (grad, None, dw, db) + none
         dh, dw, db = masked_ce_backward(
-            flat_h.index_select(0, h_index), w, b, y, lse, g.contiguous(), softcap, eps, zl, need_h, need_w, need_b,
+            flat_h.index_select(0, h_index), w, b, y, lse, g, softcap, eps, zl, need_h, need_w, need_b,
         )
         if dh is not None:
             dh = _scatter_rows(dh, h_index, flat_h.shape[0])
