@@ -188,19 +188,13 @@ def assert_compile_results(results: list[dict], cc: int, allow: dict | None = No
     assert not bad, "\n".join(bad) + "\n--- all ---\n" + summary
 
 
-def allocation_peak(fn) -> tuple[int, int]:
-    """``(peak, net)`` bytes that ``fn()`` allocated through torch's CPU allocator above what
-    was live before it: the profiler's allocation / free events summed in time order (what
-    ``torch.cuda.max_memory_allocated`` measures on a GPU, here for CPU tensors). Frees of
-    blocks allocated before the call carry no size and are left out, so the figures can only
-    err high."""
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak, cur
+def allocation_peak(fn) -> tuple[int, int]:
+    """``benchmarks/common.py``'s :func:`allocation_peak` (CPU allocator events)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "common.py")
+    spec = importlib.util.spec_from_file_location("_bench_common", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.allocation_peak(fn)

@@ -173,3 +173,25 @@ def test_kernel_times_ranks_what_a_step_spends():
     assert next(iter(t)) in ("aten::mm", "aten::matmul"), t
     only = common.kernel_times(lambda: (a @ a, a.sum()), iters=2, device="cpu", match="sum")
     assert only and all("sum" in k for k in only), only
+
+
+def test_bench_counts_cpu_peak_memory():
+    """CPU rows carry the peak the allocator saw above what was live before the call: two
+    buffers alive together count twice, one freed before the next does not."""
+    import torch
+
+    common = _load("common")
+
+    def together():
+        a = torch.empty(4 << 20, dtype=torch.uint8)
+        b = torch.empty(1 << 20, dtype=torch.uint8)
+        return a, b
+
+    def in_turn():
+        a = torch.empty(4 << 20, dtype=torch.uint8)
+        del a
+        b = torch.empty(1 << 20, dtype=torch.uint8)
+        return b
+
+    assert common.bench(together, "cpu", warmup=1, rep=2)["peak_mem_mb"] == pytest.approx(5.0, abs=0.05)
+    assert common.bench(in_turn, "cpu", warmup=1, rep=2)["peak_mem_mb"] == pytest.approx(4.0, abs=0.05)
