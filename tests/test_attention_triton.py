@@ -233,17 +233,25 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_gpu_tiles_in_interpreter(monkeypatch, device):
-    # The heuristic's CUDA tiles (64 / 128 rows, the unmasked full-block path) run here too.
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_tiles_in_interpreter(monkeypatch, device, D):
+    # The heuristic's CUDA tiles (64 / 128 rows) run here too: at D = 64 the unmasked
+    # full-block paths, at D = 128 the dK/dV kernel's one key-masked loop for 64-row tiles.
     def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90):
         return tk._cfg(64, 128, 4, 1) if kind == "dkdv" else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1)
 
     monkeypatch.setattr(tk, "heuristic_config", big)
     monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "0")
     tk.LAST_TILES.clear()
-    _varlen_case([130, 64, 1], 4, 1, 64, torch.float16, device)
+    _varlen_case([130, 64, 1], 4, 1, D, torch.float16, device)
     # benchmark rows name the tiles each kernel launched with
     assert tk.LAST_TILES == {"fwd": "128x64 w4 s1", "dq": "64x64 w4 s1", "dkdv": "64x128 w4 s1"}
+    # padding inside the key range (holes, left padding): keys the masked loops must drop
+    for mode, softcap in (("random", 10.0), ("left", 0.0)):
+        mask = _mask(mode, 3, 140, device)
+        _, _, grads = _padded_case(mask, 3, 140, 2, 1, D, torch.float16, device, softcap)
+        for g in grads:
+            assert (g[~mask] == 0).all(), "padded positions must get zero gradient"
 
 
 def test_unsupported_falls_back_with_warning(device):

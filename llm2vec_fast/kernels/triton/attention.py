@@ -677,8 +677,19 @@ def _attn_bwd_dkdv_kernel(
         else:
             seed = 0
         bh0 = (b * tl.num_programs(1) + hk) * GROUP  # query head hk * G + g of sequence b: bh0 + g
-        # Interior key blocks of a hole-free span need no key mask in the inner loop.
-        if holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
+        # Interior key blocks of a hole-free span need no key mask in the inner loop; at
+        # BLOCK_D 64 they get an unmasked copy of it. Elsewhere every block takes the masked
+        # loop (a select per score): the second copy's live ranges cost registers the big
+        # tiles lack (sm_90, 64 x 128 on 8 warps at D = 128: 82 -> 39 STL without mask and
+        # softcap, 142 -> 96 with both; the atomic 64 x 128 one-stage tile 150 -> 64).
+        if (BLOCK_D != 64) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
+            dk, dv = _dkdv_loop(
+                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
+                stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
+                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+            )
+        elif holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
@@ -741,9 +752,10 @@ def _cfg(bm, bn, w, s):
 # on 4 warps); dQ at D = 128 within 2% across 64 x 64 w4, 128 x 64 w8 and 128 x 128 w8.
 # Spills: the compile test counts spill stores (STL) in the SASS (cuobjdump's LOCAL never
 # showed them) against allowances. Most entries are spill-free; the D = 128 dK/dV list is
-# not (64 x 128 spills ~150 STL on sm_90 in its masked, softcapped variant), because the
-# spill-free tiles measured 1.7-2.2x slower: speed is what the list is for, and the
-# allowance pins the count. Its one-stage variant (41 STL, 96 KB of shared memory) is an
+# not (sm_90, masked softcapped variant: 64 x 128 spills 96 STL, 142 before its 64-row tiles
+# dropped the unmasked interior loop copy, see _attn_bwd_dkdv_kernel; the 32-row tiles 3-7),
+# because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is for, and
+# the allowance pins the count. Its one-stage variant (34 STL, 96 KB of shared memory) is an
 # untimed autotune candidate. Spill-free replacements of earlier spilling winners, untimed
 # except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
 # on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
@@ -778,10 +790,10 @@ BWD_DKDV_CONFIGS = {
 # variant, STL): at BLOCK_D 64 64 x 128 w8 s1, 64 x 64 w8 s2 and 32 x 128 w8 s2 are
 # spill-free (64 x 64 on 4 warps: 66; the three-call full-block loop spilled every tile, so
 # the atomic kernel keeps the one masked loop); at BLOCK_D 128 only 32-row tiles are
-# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 97 at
-# D = 128, 100 at D = 80, 36 / 48 without softcap / mask; 64 x 64 w8 s1: 54-64; two stages
-# 208 / 101), listed because the separate dK/dV kernel's 64-row spilling tile (76-142 STL)
-# ran 1.7-2.2x faster than its spill-free 32-row ones.
+# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 64 at
+# D = 80 / 128, 16 without mask and softcap; 64 x 64 w8 s1: 41; 150 / 64 and 100 / 64 before
+# the one-loop change; two stages 208 / 101 then), listed because the separate dK/dV kernel's
+# 64-row spilling tile ran 1.7-2.2x faster than its 32-row ones.
 BWD_DKDV_ATOMIC_CONFIGS = {
     64: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
     128: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 1), _cfg(32, 128, 8, 1), _cfg(32, 64, 8, 2)],
