@@ -537,15 +537,24 @@ def _dkdv_block(
         lse2 = _lse2(tl.load(lse_base + rows))
         delta = tl.load(delta_base + rows)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC)
-    pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
-    if DROPOUT:
+    if (not DROPOUT) and (not ATOMIC_DQ):
+        # S^T and dP^T first, back to back, then P, dV: nothing of the scores' math is held
+        # across a matmul (sm_90, 64 x 128 on 8 warps at D = 128: the inner loop's spill
+        # stores / loads 2 / 12 -> 0 / 0, 33 / 60 -> 0 / 24 with mask and softcap). The
+        # atomic kernel's extra dQ matmul spills more in this order, so it keeps the other.
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+    elif DROPOUT:
         # The forward's mask, transposed: dV = (P * Z)^T dO / (1 - p) (the rescale is
         # applied once, after the loops) and dP = Z * (dO V^T) / (1 - p).
+        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
         keepT = _dropout_keep(seed, bh, start_m, offs_n, drop_thresh, BLOCK_M, ROUNDS, 0)
         dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dpT = tl.where(keepT, dpT * drop_scale, 0.0)
     else:
+        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -752,11 +761,12 @@ def _cfg(bm, bn, w, s):
 # on 4 warps); dQ at D = 128 within 2% across 64 x 64 w4, 128 x 64 w8 and 128 x 128 w8.
 # Spills: the compile test counts spill stores (STL) in the SASS (cuobjdump's LOCAL never
 # showed them) against allowances. Most entries are spill-free; the D = 128 dK/dV list is
-# not (sm_90, masked softcapped variant: 64 x 128 spills 96 STL, 142 before its 64-row tiles
-# dropped the unmasked interior loop copy, see _attn_bwd_dkdv_kernel; the 32-row tiles 3-7),
-# because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is for, and
-# the allowance pins the count. Its one-stage variant (34 STL, 96 KB of shared memory) is an
-# untimed autotune candidate. Spill-free replacements of earlier spilling winners, untimed
+# not (sm_90, masked softcapped variant: 64 x 128 spills 60 STL, 142 before its 64-row tiles
+# dropped the unmasked interior loop copy (_attn_bwd_dkdv_kernel) and S / dP moved first
+# (_dkdv_block); none inside the inner loop without mask and softcap; the 32-row tiles
+# 5-6), because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is
+# for, and the allowance pins the count. Its one-stage variant (25 STL, 96 KB of shared
+# memory) is an untimed autotune candidate. Spill-free replacements of earlier spilling winners, untimed
 # except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
 # on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
 # (2 STL on sm_80) and the BLOCK_D 256 tiles (forward ~30 / ~420 STL on sm_90 / sm_80, dQ
