@@ -139,12 +139,21 @@ def test_gpu_eager_large_vocab_row_kernel():
 
 
 @pytest.mark.parametrize("strategy", ["two_pass", "eager"])
-def test_gpu_no_host_sync_after_the_gather(strategy):
-    """Forward and backward of the per-row function never synchronise with the host."""
+@pytest.mark.parametrize("in_grad", [False, True], ids=["own-buffers", "in-gradient"])
+def test_gpu_no_host_sync_after_the_gather(strategy, in_grad):
+    """Forward and backward of the per-row function never synchronise with the host, with
+    buffers of their own and working inside hidden's gradient (IN_GRAD)."""
+    from llm2vec_fast.kernels.triton import masked_ce as mce
     from llm2vec_fast.kernels.triton.masked_ce import MaskedLinearCEFunction
 
-    h, w, b, y = _inputs(2, 512, 512, 8000, torch.bfloat16, 0.2, True)
+    B, T, V, frac = (8, 1024, 4000, 0.1) if in_grad else (2, 512, 8000, 0.5)
+    h, w, b, y = _inputs(B, T, 512, V, torch.bfloat16, frac, True)
     flat_h, h_index, y_sel, _, _ = labelled_rows(h, y, 1, -100)
+    n = h_index.shape[0]
+    if strategy == "eager":
+        assert mce.eager_plan(n, V, B * T, 1024, True, mce._mm_out_fp32_ok(h))[1] == in_grad
+    else:
+        assert bool(mce.two_pass_plan(n, V, B * T, 512, 2, True)) == in_grad
     flat_h, y_sel = flat_h.detach().requires_grad_(), y_sel.int()
     params = [flat_h, w.requires_grad_(), b.requires_grad_()]
 

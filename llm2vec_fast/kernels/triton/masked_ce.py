@@ -858,8 +858,7 @@ def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int) -> None:
     for a in range(triton.cdiv(N, block) * block - block, -1, -block):
         b = min(N, a + block)
         buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
-    keep = torch.zeros(buf.shape[0], device=buf.device, dtype=torch.bool)
-    keep[h_index] = True
+    keep = torch.zeros(buf.shape[0], device=buf.device, dtype=torch.bool).index_fill_(0, h_index, True)
     buf.masked_fill_(~keep[:, None], 0)
 
 
