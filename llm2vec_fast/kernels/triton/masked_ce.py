@@ -45,8 +45,9 @@ Design (why it is built this way):
   chunk's logits and gathered rows use the unlabelled rows' room (as many rows as fit), and
   the rows move into place at the end (``_place_rows``), so the op allocates no more than
   the gradients themselves plus a 1 MiB copy (cut-cross-entropy's footprint). Otherwise a
-  chunk is a buffer of its own of at most ``EAGER_CHUNK_ELEMS // V`` rows (64 MB fp32). That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM
-  head, the LoRA MNTP recipe) instead of 4 and 3. The gradients are those of ``sum(loss)``
+  chunk is a buffer of its own of at most ``EAGER_CHUNK_ELEMS // V`` rows (64 MB fp32).
+  That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM head, the LoRA
+  MNTP recipe) instead of 4 and 3. The gradients are those of ``sum(loss)``
   (unit scale keeps fp16 ``dz`` out of the subnormals); the backward multiplies them by the
   upstream gradient (and mean's ``1 / N``) in place. d weight sums over rows, so eager with
   d weight needs reduction mean / sum, and each extra row chunk re-reads and re-writes
