@@ -766,8 +766,8 @@ def _cfg(bm, bn, w, s):
 # (_dkdv_block); none inside the inner loop without mask and softcap; the 32-row tiles
 # 5-6), because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is
 # for, and the allowance pins the count. Its one-stage variant (25 STL, 96 KB of shared
-# memory) is an untimed autotune candidate. Spill-free replacements of earlier spilling winners, untimed
-# except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
+# memory) is an untimed autotune candidate. Spill-free replacements of earlier spilling
+# winners, untimed except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
 # on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
 # (2 STL on sm_80) and the BLOCK_D 256 tiles (forward ~30 / ~420 STL on sm_90 / sm_80, dQ
 # ~13 / ~600, dK/dV ~1000 / ~3300). Where the shared lists spill on sm_80 (dQ at BLOCK_D
@@ -800,9 +800,9 @@ BWD_DKDV_CONFIGS = {
 # variant, STL): at BLOCK_D 64 64 x 128 w8 s1, 64 x 64 w8 s2 and 32 x 128 w8 s2 are
 # spill-free (64 x 64 on 4 warps: 66; the three-call full-block loop spilled every tile, so
 # the atomic kernel keeps the one masked loop); at BLOCK_D 128 only 32-row tiles are
-# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 64 at
-# D = 80 / 128, 16 without mask and softcap; 64 x 64 w8 s1: 41; 150 / 64 and 100 / 64 before
-# the one-loop change; two stages 208 / 101 then), listed because the separate dK/dV kernel's
+# spill-free (32 x 128 w8 s1, 32 x 64 w8 s2), and 64-row ones spill (64 x 128 w8 s1: 64 STL
+# at D = 80 / 128, 16 without mask and softcap; 64 x 64 w8 s1: 41; before the one-loop
+# change 100-150 and 64, two stages 208 / 101), listed because the separate dK/dV kernel's
 # 64-row spilling tile ran 1.7-2.2x faster than its 32-row ones.
 BWD_DKDV_ATOMIC_CONFIGS = {
     64: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
