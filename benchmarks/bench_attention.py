@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, bench  # noqa: E402
+from common import append_rows, bench, kernel_times  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Cases
@@ -273,6 +273,10 @@ def _run_one(provider, case, mode, device, dtype):
     tk = sys.modules.get("llm2vec_fast.kernels.triton.attention")  # imported by the first call if not before
     if provider.startswith("ours") and tk is not None and tk.LAST_TILES:
         r["tiles"] = dict(tk.LAST_TILES)  # what the autotuner (or the heuristic) launched
+    if provider.startswith("ours") and mode == "bwd" and str(device).startswith("cuda"):
+        # where the backward's time goes: dQ vs dK/dV kernels, the delta pass, the atomic
+        # backward's accumulator memset and cast
+        r["kernel_ms"] = kernel_times(step, iters=3, top=6)
     return r
 
 
