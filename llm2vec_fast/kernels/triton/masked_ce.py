@@ -692,12 +692,13 @@ def eager_rows(N: int, V: int) -> int:
 # chunk's fp32 logits and gathered rows live in that buffer's unlabelled part until the
 # labelled rows' gradients are put in place: the op then allocates nothing beyond the
 # gradients themselves (the buffer the backward must return anyway, and d weight) but
-# vectors of N and a <= PLACE_BLOCK_BYTES copy, where a separate logits chunk, the gathered
-# rows and the labelled rows' gradient kept from forward to backward cost 64 MiB + 2 chunks
-# of rows + N x C more (~100 MiB at C = 4096, 16k tokens, 20% labelled, against
-# cut-cross-entropy's gradient-only footprint). Used when d hidden is wanted and the
-# unlabelled rows hold a chunk of at least min(N, the separate buffer's chunk,
-# EAGER_SCRATCH_MIN_ROWS) rows; the chunk then takes all the room there is (704 rows in 5
+# vectors of N and a <= PLACE_BLOCK_BYTES copy. With buffers of its own the peak was the
+# gradients + N x C (the labelled rows' gradient kept from forward to backward, beside the
+# full one: 26 MiB at C = 4096, 16k tokens, 20% labelled; the 64 MiB logits chunk lived in
+# the forward only), or the forward's chunk where that is larger than hidden's gradient
+# (few tokens), against cut-cross-entropy's gradient-only footprint. Used when d hidden is
+# wanted and the unlabelled rows hold a chunk of at least min(N, the separate buffer's
+# chunk, EAGER_SCRATCH_MIN_ROWS) rows; the chunk then takes all the room there is (704 rows in 5
 # chunks instead of 512 in 7 at V = 32000, 192 instead of 128 at V = 128256, 128 instead of
 # 64 at V = 151936 for that shape: fewer passes over the weight, whose reads bound the
 # small-M GEMMs). EAGER_SCRATCH_MIN_ROWS: below ~250 rows a chunk's GEMMs read the weight
