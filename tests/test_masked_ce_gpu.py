@@ -246,6 +246,17 @@ def test_gpu_frozen_head_peak_is_the_gradient():
     grad_mib = h.numel() * 2 / 2**20
     slack = mce.PLACE_BLOCK_BYTES / 2**20 + 1
     assert ours <= grad_mib + slack, f"peak extra {ours:.1f} MiB > d hidden {grad_mib:.0f} MiB + {slack:.0f}"
+    # the same loss and gradient as with buffers of its own (bf16, other chunk rows)
+    got = [ours_fn()]
+    got += list(torch.autograd.grad(got[0], [h]))
+    mce.IN_GRAD = False
+    try:
+        want = [ours_fn()]
+        want += list(torch.autograd.grad(want[0], [h]))
+    finally:
+        mce.IN_GRAD = True
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
     try:
         from cut_cross_entropy import linear_cross_entropy
     except Exception:
