@@ -255,8 +255,10 @@ def test_gpu_frozen_head_peak_is_the_gradient():
         want += list(torch.autograd.grad(want[0], [h]))
     finally:
         mce.IN_GRAD = True
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+    for name, a, b in zip(("loss", "d hidden"), got, want):
+        err = float((a.float() - b.float()).abs().max())
+        scale = float(b.float().abs().max())
+        assert scale > 0 and err <= 2e-2 * scale, f"{name}: max error {err:.3g} against max {scale:.3g}"
     try:
         from cut_cross_entropy import linear_cross_entropy
     except Exception:
