@@ -296,5 +296,6 @@ def test_gpu_auto_strategy(monkeypatch):
         auto = grads("auto", w_grad)
         assert (calls["eager"] > 0) == want_eager, (w_grad, chunk_elems, calls)
         other = grads("two_pass" if want_eager else "eager", w_grad)
-        for a, b in zip(auto, other):
-            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+        for a, b in zip(auto, other):  # relative to each tensor's scale (mean-reduced gradients are small)
+            err, scale = float((a.float() - b.float()).abs().max()), float(b.float().abs().max())
+            assert scale > 0 and err <= 2e-2 * scale, (w_grad, chunk_elems, err, scale)
