@@ -1,6 +1,7 @@
 """Shared test utilities: the tolerance rule, poisoning, and the no-GPU Triton compile check."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -189,12 +190,17 @@ def assert_compile_results(results: list[dict], cc: int, allow: dict | None = No
 
 
 
-def allocation_peak(fn) -> tuple[int, int]:
-    """``benchmarks/common.py``'s :func:`allocation_peak` (CPU allocator events)."""
+@functools.lru_cache(maxsize=1)
+def _bench_common():
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "common.py")
     spec = importlib.util.spec_from_file_location("_bench_common", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.allocation_peak(fn)
+    return mod
+
+
+def allocation_peak(fn) -> tuple[int, int]:
+    """``benchmarks/common.py``'s :func:`allocation_peak` (CPU allocator events)."""
+    return _bench_common().allocation_peak(fn)

@@ -719,6 +719,14 @@ def _scratch_row0(N: int) -> int:
     return triton.cdiv(N, SCRATCH_ROW_ALIGN) * SCRATCH_ROW_ALIGN
 
 
+def _grad_with_room(flat_h: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden's gradient buffer (uninitialised, ``flat_h``'s shape and dtype) and its room:
+    the flat elements from row ``_scratch_row0(N)`` on, 16-byte aligned, free until the
+    labelled rows' gradients (rows ``[0, N)``) are moved into place (:func:`_place_rows`)."""
+    grad = _alloc(tuple(flat_h.shape), flat_h.dtype, flat_h.device)
+    return grad, grad.view(-1)[_scratch_row0(N) * flat_h.shape[1]:]
+
+
 def _scratch_rows(N: int, V: int, n_rows: int, row_bytes: int) -> int:
     """How many rows of a chunk (fp32 logits of width V and a gathered row of ``row_bytes``,
     16-byte aligned) fit in rows ``[_scratch_row0(N), n_rows)`` of a buffer whose rows take
@@ -801,12 +809,10 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     arg = _alloc((N,), torch.int32, dev)
     z_room = h_room = None
     if in_grad:
-        dh = _alloc((n_rows, C), dt, dev)  # hidden's gradient
-        room = dh.view(-1)[_scratch_row0(N) * C:]  # in dt elements, 16-byte aligned
-        per = 4 // dh.element_size()  # dt elements per fp32
-        z_end = R * V * per
+        dh, room = _grad_with_room(flat_h, N)
+        z_end = R * V * (4 // dh.element_size())  # dt elements of the fp32 logits
         z_room = room[:z_end].view(torch.float32)
-        h0 = triton.cdiv(z_end, 16 // dh.element_size()) * (16 // dh.element_size())
+        h0 = _aligned(z_end, dh.element_size())
         h_room = room[h0: h0 + R * C]
     else:
         dh = _alloc((N, C), dt, dev) if need_h else None
@@ -843,20 +849,22 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
             db += dz.sum(0, dtype=torch.float32)
         z = dz = hc = None  # freed before the next chunk's: one chunk alive at a time
     if in_grad:
-        _place_rows(dh, h_index, max(1, min(R, PLACE_BLOCK_BYTES // (C * dh.element_size()))))
+        _place_rows(dh, h_index)
     return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), in_grad
 
 
-def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int) -> None:
+def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = None) -> None:
     """Move rows ``[0, N)`` of ``buf`` to rows ``h_index`` (``N`` of them, strictly increasing)
     and zero every other row, in place.
 
-    Row ``i`` goes to ``h_index[i] >= i``. Blocks of ``block`` rows move last block first,
+    Row ``i`` goes to ``h_index[i] >= i``. Blocks of ``block`` rows (default: as many as fit
+    in ``PLACE_BLOCK_BYTES``) move last block first,
     each through a copy of itself: a block's destinations lie at or above its first row, where
     every source row is either its own (copied before the move) or a later block's (already
     moved), so no row is overwritten before it is read. Memory beyond ``buf``: one block.
     """
     N = h_index.shape[0]
+    block = block or max(1, PLACE_BLOCK_BYTES // (buf.shape[1] * buf.element_size()))
     for a in range(triton.cdiv(N, block) * block - block, -1, -block):
         b = min(N, a + block)
         buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
@@ -945,15 +953,14 @@ class MaskedLinearCEFunction(torch.autograd.Function):
         if vc:
             # hidden's gradient first; the gathered rows, the fp32 accumulator and the dZ
             # buffer in its unlabelled rows' room; d hidden into its first N rows, then moved
-            grad = _alloc((n_rows, C), flat_h.dtype, flat_h.device)
-            room = grad.view(-1)[_scratch_row0(N) * C:]
+            grad, room = _grad_with_room(flat_h, N)
             h = torch.index_select(flat_h, 0, h_index, out=room[: N * C].view(N, C))
             _, dw, db = masked_ce_backward(
                 h, w, b, y, lse, g, softcap, eps, zl, need_h, need_w, need_b,
                 scratch=room[_aligned(N * C, grad.element_size()):], vc=vc, dh_out=grad[:N],
             )
             del h, room
-            _place_rows(grad, h_index, max(1, min(N, PLACE_BLOCK_BYTES // (C * grad.element_size()))))
+            _place_rows(grad, h_index)
             return (grad, None, dw, db) + none
         dh, dw, db = masked_ce_backward(
             flat_h.index_select(0, h_index), w, b, y, lse, g, softcap, eps, zl, need_h, need_w, need_b,
