@@ -50,7 +50,7 @@ FP32_HEAD_DIMS = HEAD_DIMS
 # candidates tried are the tiles (BLOCK_M, BLOCK_N, warps, stages) compiled while choosing.
 SPILL_ALLOWANCES = [
     # kernel, case, cc, max STL, reason
-    ("dkdv", "d80-bf16", 90, 60, "measured, not for want of a spill-free tile: 64 x 128 on 8 warps ran the H200 "
+    ("dkdv", "d80-bf16", 90, 58, "measured, not for want of a spill-free tile: 64 x 128 on 8 warps ran the H200 "
      "backward at 336 TFLOP/s (then 142 STL) against 154-202 for 16- / 32-row tiles (attention_tiles.jsonl)"),
     ("dkdv_atomic", "d80-bf16", 90, 64, "untimed: the spill-free tiles at BLOCK_D 128 have 32 key rows, and the "
      "separate dK/dV kernel ran 1.7-2.2x faster on its spilling 64-row tile than on those; 64 x 128 w8 s1 "

@@ -544,6 +544,19 @@ def _dkdv_block(
         # atomic kernel's extra dQ matmul spills more in this order, so it keeps the other.
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+        if (BLOCK_D >= 128) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
+            # The big tiles also form dS before either update matmul: P, dP and the
+            # softcap factor die in one elementwise pass instead of living across the dV
+            # matmul (sm_90, 64 x 128 on 8 warps at D = 128, softcap without mask: 74 -> 36
+            # STL, the inner loop's 34 / 49 spill stores / loads -> 0 / 9; the one-stage
+            # tile with mask and softcap 25 -> 18). 32-row tiles and D <= 64 spill more so.
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * dcap
+            dsT = dsT.to(qT.dtype)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PREC)
+            return dk, dv
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
     elif DROPOUT:
         # The forward's mask, transposed: dV = (P * Z)^T dO / (1 - p) (the rescale is
@@ -761,11 +774,11 @@ def _cfg(bm, bn, w, s):
 # on 4 warps); dQ at D = 128 within 2% across 64 x 64 w4, 128 x 64 w8 and 128 x 128 w8.
 # Spills: the compile test counts spill stores (STL) in the SASS (cuobjdump's LOCAL never
 # showed them) against allowances. Most entries are spill-free; the D = 128 dK/dV list is
-# not (sm_90, masked softcapped variant: 64 x 128 spills 60 STL, 142 before its 64-row tiles
-# dropped the unmasked interior loop copy (_attn_bwd_dkdv_kernel) and S / dP moved first
-# (_dkdv_block); none inside the inner loop without mask and softcap; the 32-row tiles
+# not (sm_90, masked softcapped variant: 64 x 128 spills 58 STL, 142 before its 64-row tiles
+# dropped the unmasked interior loop copy (_attn_bwd_dkdv_kernel) and S / dP / dS moved
+# first (_dkdv_block); none inside the inner loop without mask and softcap; the 32-row tiles
 # 5-6), because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is
-# for, and the allowance pins the count. Its one-stage variant (25 STL, 96 KB of shared
+# for, and the allowance pins the count. Its one-stage variant (18 STL, 96 KB of shared
 # memory) is an untimed autotune candidate. Spill-free replacements of earlier spilling
 # winners, untimed except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
 # on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
