@@ -7,7 +7,9 @@ ptxas spills, so it alone never caught one). The cases where no spill-free confi
 was found are listed in ``SPILL_ALLOWANCES`` with their spill-store count, which may not
 grow. Every configuration is compiled twice: without and with attention dropout
 (``DROPOUT``, whose Philox code adds registers; its configurations come from the same
-functions with ``dropout=True``). The configurations come from the module's own lists
+functions with ``dropout=True``), and the 16-bit ones without dropout once per layout
+variant (``VARIANTS``: dense, packed, padded with a mask; each with and without softcap),
+since each is a kernel of its own to ptxas. The configurations come from the module's own lists
 (``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs`` for each chip, the lists
 the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
 ``BLOCK_D = 128`` and its footprint, so 80 stands for both (it also compiles the head-dim
@@ -29,12 +31,37 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-HEAD_DIMS = (32, 64, 80, 256)  # one per distinct BLOCK_D; 80 also covers 96 and 128's tiles
+# One per distinct code shape: 80 pads to BLOCK_D 128 with a head-dim mask and stands for
+# 96 too; 128 fills the block and compiles without that mask, which ptxas allocates
+# differently (the D = 128 forward's masked softcapped variant spills 7 STL, D = 80's none).
+HEAD_DIMS = (32, 64, 80, 128, 256)
 # fp32 runs FMA dots (no tensor cores) on its own small tiles, compiled for every BLOCK_D
 # and both chips: ptxas spills them differently per chip (dK/dV's 16 x 16 at BLOCK_D 256 on
 # one stage: 0 STL on sm_90, 2 on sm_80), and the smaller BLOCK_D do not follow the larger
 # ones (the former 32 x 32 forward at D = 64, not compiled then, spilled ~500 STL).
 FP32_HEAD_DIMS = HEAD_DIMS
+# The kernels' layout constexprs: (IS_VARLEN, HAS_MASK, HAS_SOFTCAP). Each is its own
+# compiled kernel, and a superset of code paths is not a superset of registers: with a mask
+# but no softcap the D = 128 forward spilled ~30 STL and without a mask the dK/dV kernel
+# 74, where the masked softcapped variant spilled 0 and 60. So the 16-bit kernels without
+# dropout (what LLM2Vec training and encoding launch) compile every variant, D = 80 excepted
+# (see _variants); dropout and fp32 compile the masked softcapped one (the rest would be ~500
+# more compiles, ~7 CI minutes; on a 27 Nov survey their other variants spilled up to ~2x the
+# allowances below, and 4-12 STL in fp32 dK/dV where the superset is clean).
+VARIANTS = {
+    "dense": (False, False, False),       # (B, S, H, D) without a mask
+    "dense-softcap": (False, False, True),
+    "varlen": (True, False, False),       # packed sequences
+    "varlen-softcap": (True, False, True),
+    "mask": (False, True, False),         # padded with a mask
+    "mask-softcap": (False, True, True),
+}
+
+
+def _variants(kind: str, hd: int, fp32: bool, dropout: bool):
+    # D = 80 (BLOCK_D 128 with a head-dim mask) spilled within 1-2 STL of D = 128 in every
+    # variant of the survey: the superset alone there.
+    return list(VARIANTS) if not (fp32 or dropout or kind == "delta" or hd == 80) else ["mask-softcap"]
 
 
 # Register spills the test allows: the cases where no spill-free configuration was found, or
@@ -42,7 +69,7 @@ FP32_HEAD_DIMS = HEAD_DIMS
 # A spill is any STL / LDL in the SASS or a STACK frame (cuobjdump's LOCAL stays 0 when
 # ptxas spills; see helpers.cubin_usage). Each row: kernel, case (head dim, dtype, dropout
 # as in the result ids), chip, the most spill stores (STL) any listed configuration of that
-# case may have (today's count, so any growth fails), and why. sm_90 needs 64 rows per
+# case may have in any layout variant (today's count, so any growth fails), and why. sm_90 needs 64 rows per
 # warpgroup in the wgmma's M (query rows for the forward and dQ, key rows for dK/dV), so a
 # tile that is spill-free only with fewer rows does not count as an alternative there. sm_80
 # has no such constraint, and where the shared lists spilled on sm_80 it has its own
@@ -55,6 +82,13 @@ SPILL_ALLOWANCES = [
     ("dkdv_atomic", "d80-bf16", 90, 64, "untimed: the spill-free tiles at BLOCK_D 128 have 32 key rows, and the "
      "separate dK/dV kernel ran 1.7-2.2x faster on its spilling 64-row tile than on those; 64 x 128 w8 s1 "
      "(64 STL) and 64 x 64 w8 s1 (41) are listed beside two spill-free 32-row tiles for the autotuner to weigh"),
+    ("dkdv", "d128-bf16", 90, 58, "as at D = 80"),
+    ("dkdv_atomic", "d128-bf16", 90, 64, "as at D = 80"),
+    ("fwd", "d128-bf16", 90, 29, "the masked variants of the 128 x 128 tile on 8 warps (7 STL with softcap), which "
+     "the sweep measured fastest unmasked (494-518 TFLOP/s at S = 4k against 480-494 for 128 x 64, listed beside "
+     "it and spill-free): the key loop's copy for masks with holes reads the mask per column (32 byte loads per "
+     "thread and block) and values around the loops spill; the copy padded batches without holes run is "
+     "spill-free inside (D = 80, not compiled per variant: 30)"),
     ("dkdv", "d256-bf16", 90, 71, "no spill-free tile with 64 key rows among 10 tried (the former 32 x 64 on 4 "
      "warps spilled 1023 STL); 16 x 64 on 8 warps spills least"),
     ("dkdv", "d256-bf16-dropout", 90, 83, "as without dropout; the spill-free 32 x 32 tile has no wgmma"),
@@ -68,6 +102,10 @@ SPILL_ALLOWANCES = [
     ("dq", "d80-fp32", 80, 48, "FMA dot over 128-wide rows; no spill-free tile among 17 tried"),
     ("dq", "d80-fp32-dropout", 90, 62, "as without dropout"),
     ("dq", "d80-fp32-dropout", 80, 54, "as without dropout"),
+    ("dq", "d128-fp32", 90, 48, "as at D = 80"),
+    ("dq", "d128-fp32", 80, 48, "as at D = 80"),
+    ("dq", "d128-fp32-dropout", 90, 62, "as at D = 80"),
+    ("dq", "d128-fp32-dropout", 80, 54, "as at D = 80"),
     ("dq", "d256-fp32", 90, 529, "FMA dot over 256-wide rows; no spill-free tile among 10 tried"),
     ("dq", "d256-fp32", 80, 496, "FMA dot over 256-wide rows; no spill-free tile among 10 tried"),
     ("dq", "d256-fp32-dropout", 90, 512, "as without dropout"),
@@ -101,13 +139,14 @@ def _case(kind, hd, fp32, dropout=False):
     return f"{kind}-d{hd}-{'fp32' if fp32 else 'bf16'}{'-dropout' if dropout else ''}"
 
 
-def _case_id(kind, hd, fp32, c, cc, dropout=False):
-    return (f"{_case(kind, hd, fp32, dropout)}"
+def _case_id(kind, hd, fp32, c, cc, dropout=False, variant="mask-softcap"):
+    return (f"{_case(kind, hd, fp32, dropout)}-{variant}"
             f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}-sm{cc}")
 
 
-def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = False) -> dict:
-    """Compile one configuration for one chip and return its result (runs without the interpreter)."""
+def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = False, variant: str = "mask-softcap") -> dict:
+    """Compile one configuration of one layout variant for one chip and return its result
+    (runs without the interpreter)."""
     from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import attention as tk
@@ -117,9 +156,9 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
     ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64")
     if kernel is tk._attn_bwd_dkdv_kernel:
         ptrs["DQ"] = "*fp32"  # the atomic backward's accumulator (a dummy without ATOMIC_DQ)
-    # The padded layout with a mask and softcap is the superset of the code paths.
+    varlen, mask, softcap = VARIANTS[variant]
     consts = dict(
-        HEAD_DIM=hd, BLOCK_D=tk._block_d(hd), IS_VARLEN=False, HAS_MASK=True, HAS_SOFTCAP=True,
+        HEAD_DIM=hd, BLOCK_D=tk._block_d(hd), IS_VARLEN=varlen, HAS_MASK=mask, HAS_SOFTCAP=softcap,
         DOT_PREC="ieee" if fp32 else "tf32", BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"],
         DROPOUT=dropout, ROUNDS=tk.PHILOX_ROUNDS,
     )
@@ -129,7 +168,7 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
         consts["DELTA_ONLY"] = kind == "delta"
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
-    r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout), case=_case(kind, hd, fp32, dropout), fp32=fp32)
+    r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout, variant), case=_case(kind, hd, fp32, dropout), fp32=fp32)
     try:
         # As launched: 16-byte aligned pointers; token / head / batch strides of q, k, v and
         # their gradients are multiples of D (>= 32), so Triton specialises them as /16.
@@ -145,18 +184,20 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
 
 
 def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None = None) -> list[dict]:
-    """Compile every (head dim, dtype, config) of one kernel for one chip, with or without the
-    dropout code (``DROPOUT``, from its own config lists); runs without the interpreter."""
+    """Compile every (head dim, dtype, config, layout variant) of one kernel for one chip, with
+    or without the dropout code (``DROPOUT``, from its own config lists); runs without the
+    interpreter."""
     cfgs = _kinds()[kind][1]
     results, seen = [], set()
     for hd in HEAD_DIMS:
         for fp32 in (False, True) if hd in FP32_HEAD_DIMS else (False,):
             for c in cfgs(hd, fp32, dropout, cc):
-                key = (hd, fp32, str(c))
-                if key in seen or (only and only not in _case_id(kind, hd, fp32, c, cc, dropout)):
-                    continue
-                seen.add(key)
-                results.append(_compile_one(kind, hd, fp32, c, cc, dropout))
+                for variant in _variants(kind, hd, fp32, dropout):
+                    key = (hd, fp32, str(c), variant)
+                    if key in seen or (only and only not in _case_id(kind, hd, fp32, c, cc, dropout, variant)):
+                        continue
+                    seen.add(key)
+                    results.append(_compile_one(kind, hd, fp32, c, cc, dropout, variant))
     return results
 
 

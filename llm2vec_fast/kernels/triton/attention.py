@@ -785,8 +785,12 @@ def _cfg(bm, bn, w, s):
 # (2 STL on sm_80) and the BLOCK_D 256 tiles (forward ~30 / ~420 STL on sm_90 / sm_80, dQ
 # ~13 / ~600, dK/dV ~1000 / ~3300). Where the shared lists spill on sm_80 (dQ at BLOCK_D
 # 128 / 256, the forward at 128 / 256, dK/dV at 128 / 256), the A100 gets its own tiles
-# (SM80_CONFIGS below). Still spilling on sm_90 (the compile test's allowances): dK/dV at
-# BLOCK_D 128 (above) and 256 (16 x 64 on 8 warps, ~70 STL, the least of the tiles tried).
+# (SM80_CONFIGS below). Still spilling on sm_90 (the compile test's allowances, counted in
+# every layout variant: dense, packed, masked, each with and without softcap): dK/dV at
+# BLOCK_D 128 (above; 27 STL dense, 41 packed, 50 masked) and 256 (16 x 64 on 8 warps, ~70
+# STL, the least of the tiles tried), and the masked variant of the 128 x 128 forward (~30
+# STL, from the loop copy for masks with holes, which reads the mask per column; padded
+# batches without holes run the other copy, spill-free inside).
 # BLOCK_D 32 has one entry: small heads are rare and memory-bound.
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
@@ -835,15 +839,23 @@ FP32_CONFIGS = {
 }
 _TABLES = {"fwd": FWD_CONFIGS, "dq": BWD_DQ_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dkdv_atomic": BWD_DKDV_ATOMIC_CONFIGS}
 # The A100 (sm_80) runs mma.sync, which has no 64-row warpgroup tile to keep: where the
-# shared lists spill there, tiles that do not replace the list on sm_80 only (16-bit
-# inputs; key: kind, BLOCK_D, dropout). At BLOCK_D 128 the forward and dK/dV keep the
-# spill-free lists sm_90 used before its sweep (the sweep's 128 x 128 forward spills 37 STL
-# on sm_80, the 64 x 128 dK/dV ~1100). The others were the largest spill-free tile among
-# 4-10 compiled per case (tiles of 16-64 x 16-128, 4-8 warps, 1-3 stages); the lists they
-# replace spilled 5-474 STL on sm_80. sm_90 keeps the shared lists. Untimed on an A100.
+# shared lists spill there, tiles that replace the list on sm_80 only (16-bit inputs; key:
+# kind, BLOCK_D, dropout). Each is spill-free in every layout variant the compile test
+# builds (dense, packed, masked; with and without softcap); the entries for BLOCK_D 32 / 64
+# and the BLOCK_D 128 forward were re-chosen on 27 Nov, when the test first compiled every
+# variant: the former ones spilled 1-14 STL with a mask or in the packed layout (the forward's
+# 128 x 64 on 8 warps 10-14 with a mask; of 6 forward candidates only 128 x 32 was clean).
+# The BLOCK_D 128 dK/dV keeps the spill-free list sm_90 used before its sweep (the sweep's
+# 64 x 128 spills ~1100 STL on sm_80). The others were the largest spill-free tile among
+# 4-10 compiled per case (tiles of 16-128 x 16-128, 4-8 warps, 1-3 stages). sm_90 keeps
+# the shared lists. Untimed on an A100.
 SM80_CONFIGS = {
-    ("fwd", 128, False): [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
+    ("fwd", 128, False): [_cfg(128, 32, 8, 3)],
     ("dkdv", 128, False): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2), _cfg(16, 128, 8, 2)],
+    ("dq", 32, False): [_cfg(64, 64, 4, 3), _cfg(64, 64, 8, 2)],
+    ("dq", 64, False): [_cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2)],
+    ("dkdv", 32, False): [_cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    ("dkdv", 64, False): [_cfg(32, 64, 8, 2), _cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2)],
     ("fwd", 256, False): [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)],
     ("fwd", 256, True): [_cfg(32, 64, 8, 2), _cfg(32, 32, 8, 2)],
     ("dq", 128, False): [_cfg(32, 64, 8, 2), _cfg(32, 64, 8, 3)],
@@ -852,8 +864,9 @@ SM80_CONFIGS = {
     ("dq", 256, True): [_cfg(16, 32, 8, 2), _cfg(16, 16, 8, 2)],
     ("dkdv", 256, False): [_cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)],
     ("dkdv", 256, True): [_cfg(16, 32, 8, 1), _cfg(16, 16, 4, 2)],
-    # the atomic dK/dV kernel's spill-free tiles on sm_80 (of 5 / 5 compiled; 64-row tiles spill 9-3600 STL)
-    ("dkdv_atomic", 64, False): [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2)],
+    # the atomic dK/dV kernel's spill-free tiles on sm_80 (of 10 / 5 compiled; 64-row tiles spill 9-3600 STL,
+    # the 32-row ones at BLOCK_D 64 1 STL in the packed layout)
+    ("dkdv_atomic", 64, False): [_cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2)],
     ("dkdv_atomic", 128, False): [_cfg(32, 64, 8, 2)],
 }
 CHIPS = (90, 80)
