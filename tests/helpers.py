@@ -83,7 +83,7 @@ def compile_for(fn, signature: dict, constexprs: dict, cc: int, num_warps: int, 
              if name in set(divisible) and signature[name] != "constexpr"}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-    return dict(ptx=out.asm["ptx"], shared=int(out.metadata.shared), **cubin_usage(out.asm["cubin"]))
+    return dict(ptx=out.asm["ptx"], shared=int(out.metadata.shared), cubin=out.asm["cubin"], **cubin_usage(out.asm["cubin"]))
 
 
 # What a compile worker copies from compile_for's figures into each result.
@@ -121,6 +121,41 @@ def cubin_usage(cubin: bytes) -> dict:
     finally:
         os.unlink(path)
     return out
+
+
+def inner_mma_loop(cubin: bytes) -> dict:
+    """The innermost loop of a cubin that issues tensor-core MMAs (``HGMMA`` / ``HMMA``), with
+    its spill stores / loads: ``dict(start, end, n, stl, ldl)`` (``n`` instructions), or
+    ``None`` when no such loop exists.
+
+    A loop is a backward branch (``BRA`` to a lower address) and its body the instructions
+    from the target up to the branch; the innermost MMA loop is the shortest body that holds
+    an MMA. That loop runs once per block pair, so a spill there costs on every iteration,
+    unlike one around it.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        sass = subprocess.run([cuobjdump_path(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    ops, loops = [], []
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
+        if not m:
+            continue
+        addr, op = int(m.group(1), 16), m.group(2)
+        ops.append((addr, op))
+        b = re.match(r"\s+(?:\S+\s+)?0x([0-9a-f]+)", m.group(3)) if op == "BRA" else None
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    best = None
+    for lo, hi in loops:
+        body = [op for a, op in ops if lo <= a <= hi]
+        if any(op in ("HGMMA", "HMMA") for op in body) and (best is None or len(body) < best["n"]):
+            best = dict(start=lo, end=hi, n=len(body), stl=body.count("STL"), ldl=body.count("LDL"))
+    return best
 
 
 def run_compile_worker(test_file: str, *args) -> list[dict]:

@@ -68,8 +68,9 @@ def _variants(kind: str, hd: int, fp32: bool, dropout: bool):
 # where the spill-free ones measured much slower on a GPU (one case, said in its row).
 # A spill is any STL / LDL in the SASS or a STACK frame (cuobjdump's LOCAL stays 0 when
 # ptxas spills; see helpers.cubin_usage). Each row: kernel, case (head dim, dtype, dropout
-# as in the result ids), chip, the most spill stores (STL) any listed configuration of that
-# case may have in any layout variant (today's count, so any growth fails), and why. sm_90 needs 64 rows per
+# as in the result ids; ``:variant,...`` limits the row to those layout variants), chip, the
+# most spill stores (STL) any listed configuration of that case may have in any variant the
+# row covers (today's count, so any growth fails), and why. sm_90 needs 64 rows per
 # warpgroup in the wgmma's M (query rows for the forward and dQ, key rows for dK/dV), so a
 # tile that is spill-free only with fewer rows does not count as an alternative there. sm_80
 # has no such constraint, and where the shared lists spilled on sm_80 it has its own
@@ -84,7 +85,7 @@ SPILL_ALLOWANCES = [
      "(64 STL) and 64 x 64 w8 s1 (41) are listed beside two spill-free 32-row tiles for the autotuner to weigh"),
     ("dkdv", "d128-bf16", 90, 58, "as at D = 80"),
     ("dkdv_atomic", "d128-bf16", 90, 64, "as at D = 80"),
-    ("fwd", "d128-bf16", 90, 29, "the masked variants of the 128 x 128 tile on 8 warps (7 STL with softcap), which "
+    ("fwd", "d128-bf16:mask,mask-softcap", 90, 29, "the masked variants of the 128 x 128 tile on 8 warps (7 STL with softcap), which "
      "the sweep measured fastest unmasked (494-518 TFLOP/s at S = 4k against 480-494 for 128 x 64, listed beside "
      "it and spill-free): the key loop's copy for masks with holes reads the mask per column (32 byte loads per "
      "thread and block) and values around the loops spill; the copy padded batches without holes run is "
@@ -120,6 +121,16 @@ def _allowances(kind: str, cc: int) -> dict:
     return {f"{k}-{case}": (most, why) for k, case, c, most, why in SPILL_ALLOWANCES if k == kind and c == cc}
 
 
+def _allowance_case(kind: str, case: str, cc: int, variant: str) -> str:
+    """A result's ``case``: ``case`` itself, or ``case:variants`` where an allowance row
+    covers only those layout variants (the others of that case must stay spill-free)."""
+    for k, row, c, _, _ in SPILL_ALLOWANCES:
+        base, _, only = row.partition(":")
+        if k == kind and c == cc and only and base == case and variant in only.split(","):
+            return row
+    return case
+
+
 def _kinds():
     from llm2vec_fast.kernels.triton import attention as tk
 
@@ -144,9 +155,10 @@ def _case_id(kind, hd, fp32, c, cc, dropout=False, variant="mask-softcap"):
             f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}-sm{cc}")
 
 
-def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = False, variant: str = "mask-softcap") -> dict:
+def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = False, variant: str = "mask-softcap",
+                 keep_cubin: bool = False) -> dict:
     """Compile one configuration of one layout variant for one chip and return its result
-    (runs without the interpreter)."""
+    (runs without the interpreter; ``keep_cubin``: with the cubin as hex)."""
     from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import attention as tk
@@ -168,7 +180,8 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
         consts["DELTA_ONLY"] = kind == "delta"
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
-    r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout, variant), case=_case(kind, hd, fp32, dropout), fp32=fp32)
+    case = f"{kind}-{_allowance_case(kind, _case(kind, hd, fp32, dropout)[len(kind) + 1:], cc, variant)}"
+    r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout, variant), case=case, fp32=fp32)
     try:
         # As launched: 16-byte aligned pointers; token / head / batch strides of q, k, v and
         # their gradients are multiples of D (>= 32), so Triton specialises them as /16.
@@ -176,6 +189,8 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
                            and not n.startswith(("stride_l", "stride_m"))}
         info = compile_for(kernel, sig, consts, cc, c.num_warps, c.num_stages, divisible=div)
         r.update(ok=True, **{k: info[k] for k in USAGE_KEYS}, limit=SMEM_LIMIT[cc])
+        if keep_cubin:
+            r["cubin"] = info["cubin"].hex()
         if kind != "delta":  # the delta pass has no matmul
             r["wgmma"] = "wgmma" in info["ptx"]
     except Exception as e:  # reported by the test, with the config's name
@@ -199,6 +214,26 @@ def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None =
                     seen.add(key)
                     results.append(_compile_one(kind, hd, fp32, c, cc, dropout, variant))
     return results
+
+
+# The backward's hot loops at D = 128 (sm_90, the heuristic's first tile of each dK/dV
+# list): the allowances above bound the whole kernel; these bound the innermost MMA loop,
+# which runs once per (query block, key block) pair, in the layouts LLM2Vec runs unmasked:
+# (kind, variant) -> the most spill loads allowed there (spill stores: none).
+HOT_LOOPS = {("dkdv", "dense"): 0, ("dkdv", "varlen"): 2, ("dkdv_atomic", "dense"): 0, ("dkdv_atomic", "varlen"): 0}
+
+
+def _compile_hot() -> list[dict]:
+    from helpers import inner_mma_loop
+
+    out = []
+    for (kind, variant), most in HOT_LOOPS.items():
+        c = _kinds()[kind][1](128, False, False, 90)[0]
+        r = _compile_one(kind, 128, False, c, 90, False, variant, keep_cubin=True)
+        cubin = r.pop("cubin", None)
+        r.update(loop=inner_mma_loop(bytes.fromhex(cubin)) if cubin else None, most_ldl=most)
+        out.append(r)
+    return out
 
 
 def _compile_probes() -> list[dict]:
@@ -269,6 +304,22 @@ def test_spill_check_sees_spills():
         assert_compile_results([clean], 90, {clean["case"]: (1, "test")})
 
 
+def test_hot_loops():
+    """The dK/dV kernels' innermost loop at D = 128 on sm_90 (HOT_LOOPS), found in the SASS:
+    no spill stores, at most the listed spill loads; its tile is the list's first entry."""
+    from helpers import run_compile_worker
+
+    results = run_compile_worker(__file__, "hot")
+    assert len(results) == len(HOT_LOOPS)
+    for r in results:
+        assert r["ok"], r
+        loop = r["loop"]
+        assert loop is not None and loop["n"] > 100, f"{r['id']}: no MMA loop found in the SASS ({loop})"
+        assert loop["stl"] == 0 and loop["ldl"] <= r["most_ldl"], (
+            f"{r['id']}: the inner MMA loop ({loop['n']} instructions) spills: STL={loop['stl']} LDL={loop['ldl']} "
+            f"(allowed: 0 / {r['most_ldl']})")
+
+
 @pytest.mark.parametrize("kind,cc,dropout", GROUPS, ids=[f"{k}-sm{cc}{'-dropout' if d else ''}" for k, cc, d in GROUPS])
 def test_compile_configs(kind, cc, dropout):
     from helpers import assert_compile_results, run_compile_worker
@@ -280,5 +331,7 @@ if __name__ == "__main__":  # the worker: python tests/test_attention_compile.py
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if sys.argv[1] == "probe":
         print(json.dumps(_compile_probes()))
+    elif sys.argv[1] == "hot":
+        print(json.dumps(_compile_hot()))
     else:
         print(json.dumps(_compile_group(sys.argv[1], int(sys.argv[2]), bool(int(sys.argv[3])), *sys.argv[4:5])))
