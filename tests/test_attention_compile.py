@@ -12,8 +12,8 @@ variant (``VARIANTS``: dense, packed, padded with a mask; each with and without 
 since each is a kernel of its own to ptxas. The configurations come from the module's own lists
 (``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs`` for each chip, the lists
 the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
-``BLOCK_D = 128`` and its footprint, so 80 stands for both (it also compiles the head-dim
-mask); bf16 stands for fp16 (same footprint). fp32 is compiled for every head dim on
+``BLOCK_D = 128`` and its head-dim mask, so 80 stands for both; 128 fills the block and is
+compiled too (``HEAD_DIMS``); bf16 stands for fp16 (same footprint). fp32 is compiled for every head dim on
 both chips.
 
 Without a GPU, conftest.py turns on ``TRITON_INTERPRET=1``, under which ``@triton.jit``

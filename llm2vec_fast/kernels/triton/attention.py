@@ -549,7 +549,7 @@ def _dkdv_block(
             # softcap factor die in one elementwise pass instead of living across the dV
             # matmul (sm_90, 64 x 128 on 8 warps at D = 128, softcap without mask: 74 -> 36
             # STL, the inner loop's 34 / 49 spill stores / loads -> 0 / 9; the one-stage
-            # tile with mask and softcap 25 -> 18). 32-row tiles and D <= 64 spill more so.
+            # tile with mask and softcap 25 -> 18). 32-row tiles and BLOCK_D <= 64 spilled more so.
             dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:
                 dsT = dsT * dcap
