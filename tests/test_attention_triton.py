@@ -233,10 +233,11 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_gpu_tiles_in_interpreter(monkeypatch, device, D):
     # The heuristic's CUDA tiles (64 / 128 rows) run here too: at D = 64 the unmasked
-    # full-block paths, at D = 128 the dK/dV kernel's one key-masked loop for 64-row tiles.
+    # full-block paths, at BLOCK_D 128 (D = 80 with its head-dim mask, D = 128) the dK/dV
+    # kernel's one key-masked loop for 64-row tiles, which forms dS before the dV matmul.
     def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90):
         return tk._cfg(64, 128, 4, 1) if kind == "dkdv" else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1)
 
