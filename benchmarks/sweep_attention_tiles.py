@@ -9,12 +9,16 @@ batch: the forward alone for ``fwd``, forward + backward for ``dq`` / ``dkdv`` (
 backward kernel stays on its default tile, so differences between rows are the swept
 kernel's) and for ``dkdv_atomic`` (the atomic backward: the dQ kernel's delta pass only,
 then the dK/dV kernel that accumulates dQ; the other kinds run the separate backward). Tiles that
-fail to compile or launch are reported and skipped.
+fail to compile or launch are reported and skipped. ``--layout padded`` times the masked
+kernels instead (the padded LLM2Vec batch: right padding, lengths uniform in [0.3, 1] x S;
+TFLOP/s on valid tokens), ``--layout holes`` the same lengths with every fifth token of each
+sequence masked too (the loop copy for masks with holes).
 
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv,dq
     python benchmarks/sweep_attention_tiles.py --d 64 --kinds dkdv --tiles 64x64w4s2,32x64w4s3
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dq --set dkdv=64x128w8s2
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv_atomic,dkdv   # atomic vs separate backward
+    python benchmarks/sweep_attention_tiles.py --d 128 --kinds fwd,dkdv --layout padded
 
 Rows (one per kind and tile, provider ``ours <tile>``; ``ms`` is the forward alone for
 ``fwd`` and forward + backward otherwise, ``bwd_ms`` the latter less the default forward) go to benchmarks/results/attention_tiles.jsonl with the
@@ -62,6 +66,21 @@ def parse_tile(s: str):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
 
 
+def layout_mask(layout: str, B: int, S: int):
+    """The key padding mask (B, S) of ``--layout`` (None for dense): right padding with lengths
+    uniform in [0.3, 1] x S (the first sequence full), and for ``holes`` every fifth token
+    masked as well."""
+    if layout == "dense":
+        return None
+    gen = torch.Generator().manual_seed(0)
+    lens = ((torch.rand(B, generator=gen) * 0.7 + 0.3) * S).long().clamp(1, S)
+    lens[0] = S
+    mask = torch.arange(S)[None, :] < lens[:, None]
+    if layout == "holes":
+        mask &= torch.arange(S)[None, :] % 5 != 4
+    return mask
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=128, help="head dim")
@@ -71,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="dkdv,dq,fwd")
     ap.add_argument("--tiles", default=None, help="comma list for every kind (default: DEFAULT_TILES)")
     ap.add_argument("--rep", type=int, default=40, help="do_bench rep, ms")
+    ap.add_argument("--layout", choices=["dense", "padded", "holes"], default="dense",
+                    help="dense: no mask; padded: right padding (the masked kernels); holes: padding plus masked tokens inside")
     ap.add_argument("--set", default="", help="tiles for the kinds not swept, e.g. dkdv=64x128w8s2,dq=64x64w4s2 "
                     "(default: each list's first entry)")
     ap.add_argument("--no-kernel-times", action="store_true", help="skip the per-kernel profile of each tile")
@@ -92,7 +113,10 @@ def main(argv=None) -> int:
     B, S, H, D = a.b, a.s, a.h, a.d
     q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16)
-    fwd_flops = 4.0 * B * H * S * S * D
+    mask = layout_mask(a.layout, B, S)
+    valid = torch.full((B,), float(S), dtype=torch.float64) if mask is None else mask.sum(1).double()
+    fwd_flops = float(4.0 * H * D * (valid * valid).sum())  # on valid tokens
+    mask = None if mask is None else mask.to(dev)
     bd = att._block_d(D)
     tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS,
               "dkdv_atomic": att.BWD_DKDV_ATOMIC_CONFIGS}
@@ -106,6 +130,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "git": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bench": "attention_tiles", "B": B, "S": S, "H": H, "D": D, "dtype": "bfloat16",
+        "layout": a.layout,
     }
 
     def save(row):
@@ -113,7 +138,7 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
     # The forward alone, once on the default tiles, so backward rows can subtract it.
     with torch.no_grad():
-        t_fwd0 = triton.testing.do_bench(lambda: flash_attn_noncausal(q, k, v, backend="triton"), rep=a.rep)
+        t_fwd0 = triton.testing.do_bench(lambda: flash_attn_noncausal(q, k, v, mask, backend="triton"), rep=a.rep)
     print(f"default forward {t_fwd0:.3f} ms ({fwd_flops / t_fwd0 / 1e9:.1f} TFLOP/s)", flush=True)
     for kind in a.kinds.split(","):
         tiles = (a.tiles or DEFAULT_TILES.get((kind, bd), "")).split(",")
@@ -126,10 +151,10 @@ def main(argv=None) -> int:
                 if kind == "fwd":
                     def step():
                         with torch.no_grad():
-                            flash_attn_noncausal(q, k, v, backend="triton")
+                            flash_attn_noncausal(q, k, v, mask, backend="triton")
                 else:
                     def step():
-                        o = flash_attn_noncausal(q, k, v, backend="triton")
+                        o = flash_attn_noncausal(q, k, v, mask, backend="triton")
                         torch.autograd.grad(o, (q, k, v), g)
                 step()
                 torch.cuda.synchronize()

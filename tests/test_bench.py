@@ -144,6 +144,8 @@ def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
 def test_sweep_attention_tiles_parses_its_tiles():
     """The GPU-only tile sweep: every default tile parses to a config, bad specs are named
     errors, and without CUDA it says so (exit 2) instead of failing later."""
+    import torch
+
     sys.path.insert(0, BENCH)
     try:
         import sweep_attention_tiles as sw
@@ -156,6 +158,14 @@ def test_sweep_attention_tiles_parses_its_tiles():
             assert f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" == spec
     with pytest.raises(ValueError, match="--tiles"):
         sw.parse_tile("64x64")
+    # --layout: dense has no mask; padded is right padding (first sequence full, lengths >= 0.3 S);
+    # holes masks tokens inside the spans too
+    assert sw.layout_mask("dense", 4, 50) is None
+    pad, holes = sw.layout_mask("padded", 6, 50), sw.layout_mask("holes", 6, 50)
+    lens = pad.sum(1)
+    assert pad.shape == (6, 50) and lens[0] == 50 and (lens >= 15).all() and (lens < 50).any()
+    assert torch.equal(pad, torch.arange(50)[None, :] < lens[:, None])  # a prefix per row: no holes
+    assert (holes <= pad).all() and not holes[0, 4] and holes[0, 5] and holes.sum() < pad.sum()
     r = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_attention_tiles.py"), "--d", "128"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 2 and "CUDA" in r.stderr
