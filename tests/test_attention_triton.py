@@ -255,6 +255,37 @@ def test_gpu_tiles_in_interpreter(monkeypatch, device, D):
             assert (g[~mask] == 0).all(), "padded positions must get zero gradient"
 
 
+@pytest.mark.parametrize("D,big,atomic", [(64, False, False), (128, False, False), (128, True, False), (128, True, True)])
+@pytest.mark.parametrize("mode", ["left", "third"])
+def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, atomic, mode):
+    """Left / right padding (no holes): whatever q, k, v and dO hold at padded positions
+    (here NaN against zeros), the output and the three gradients at valid positions are
+    the same to the bit. The dK/dV kernel starts its query blocks below the first valid row
+    (aligned) and must not let those rows in (at D = 128: its one-loop path; big: the GPU's
+    64-row tiles; atomic: the atomic backward, which starts at the first valid row)."""
+    if big:
+        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: tk._cfg(64, 128, 4, 1) if kind.startswith("dkdv")
+                            else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1))
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic" if atomic else "separate")
+    B, S, H = 3, 150, 2
+    mask = _mask(mode, B, S, device)
+    base = [torch.randn(B, S, H, D, device=device, dtype=torch.float16) for _ in range(4)]  # q, k, v, dO
+
+    def run(fill):
+        q, k, v, do = (t.clone() for t in base)
+        for t in (q, k, v, do):
+            t[~mask] = fill
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = flash_attn_noncausal(q, k, v, mask, backend="triton")
+        out.backward(do)
+        return [out] + [t.grad for t in (q, k, v)]
+
+    clean, poisoned = run(0.0), run(float("nan"))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, poisoned):
+        assert torch.isfinite(b[mask]).all(), f"{name}: padding leaked into valid positions"
+        assert torch.equal(a[mask], b[mask]), f"{name}: valid positions changed with the padding's contents"
+
+
 def test_unsupported_falls_back_with_warning(device):
     q = torch.randn(5, 2, 48, device=device)
     cu = _cu([5], device)

@@ -512,10 +512,17 @@ def _dkdv_block(
     ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """One query block's share of dK and dV. ``ROWMASK`` False: every row of the block lies in
-    ``[lo, hi_q)``, so q, dO, lse and delta load without a row mask (the loop's full blocks)."""
+    ``[lo, hi_q)``, so q, dO, lse and delta load without a row mask (the loop's full blocks);
+    True (1): rows from ``hi_q`` on load as zeros; 2: also rows below ``lo`` (a block started
+    below it) read row ``lo``'s q and dO, with lse ``+inf`` and delta 0, so they add exact
+    zeros whatever the padding holds."""
     rows = start_m + offs_m
-    q_ptrs = q_base + offs_d[:, None] + rows[None, :] * stride_qt
-    do_ptrs = do_base + rows[:, None] * stride_dot + offs_d[None, :]
+    if ROWMASK == 2:
+        src = tl.maximum(rows, lo)
+    else:
+        src = rows
+    q_ptrs = q_base + offs_d[:, None] + src[None, :] * stride_qt
+    do_ptrs = do_base + src[:, None] * stride_dot + offs_d[None, :]
     dmask = offs_d < HEAD_DIM
     if ROWMASK:
         if DROPOUT:
@@ -527,6 +534,9 @@ def _dkdv_block(
         do = tl.load(do_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
         lse2 = _load_lse2(lse_base + rows, rmask)
         delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        if ROWMASK == 2:
+            lse2 = tl.where(rows >= lo, lse2, float("inf"))
+            delta = tl.where(rows >= lo, delta, 0.0)
     else:
         if BLOCK_D != HEAD_DIM:
             qT = tl.load(q_ptrs, mask=dmask[:, None], other=0.0)
@@ -596,7 +606,7 @@ def _dkdv_loop(
     stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -611,13 +621,28 @@ def _dkdv_loop(
             # but 64 and for fp32 the split below adds registers enough to spill (32 x 64 on
             # 8 warps at D = 128: 212 -> 255 registers and 25 STL on sm_90; 64 x 64 on 4 warps
             # at D = 32: 2 STL on sm_80).
-            m_lo = lo - lo % 4 if DROPOUT else lo
+            #
+            # Padded layout (HAS_MASK): blocks start at lo rounded down to BLOCK_M, as in the
+            # dense and packed layouts (where lo is 0), and rows below lo (left padding) read
+            # row lo's q and dO with lse = +inf and delta = 0 (ROWMASK 2): exact zeros, even
+            # where the padding holds inf / NaN. Starting at lo itself made the row loads'
+            # addresses unaligned (sm_90, 64 x 128 on 8 warps at D = 128, masked: 50 -> 32
+            # STL, the inner loop's 14 spill reloads -> 0; with softcap 58 -> 37, 22 -> 1).
+            # 64-row 16-bit tiles only: the atomic kernel (23 -> 27 STL), 32- / 16-row and fp32
+            # tiles (1-6 STL from none) spilled more this way, and keep the start at lo.
+            if DROPOUT:
+                m_lo = lo - lo % 4
+            elif HAS_MASK and (not ATOMIC_DQ) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
+                m_lo = (lo // BLOCK_M) * BLOCK_M
+            else:
+                m_lo = lo
             for start_m in range(m_lo, hi_q, BLOCK_M):
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
                     stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
-                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS, ATOMIC_DQ,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK,
+                    2 if HAS_MASK and not (DROPOUT or ATOMIC_DQ) and BLOCK_M >= 64 and DOT_PREC != "ieee" else 1,
+                    HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
         else:
             # Full query blocks first without row masks, then one masked tail block, as the
@@ -689,8 +714,14 @@ def _attn_bwd_dkdv_kernel(
         kvalid = (offs_n >= lo) & (offs_n < hi_k)
         if HAS_MASK:
             kvalid = kvalid & (tl.load(mask_base + offs_n, mask=nmask, other=0) != 0)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nd, other=0.0)
+        if ATOMIC_DQ:
+            # Keys outside the span load as zeros: their dS is 0 only if their V is finite,
+            # and dQ sums dS^T K over them (0 * NaN would reach valid queries' dQ).
+            kd = ((offs_n >= lo) & (offs_n < hi_k))[:, None] & dmask[None, :]
+        else:
+            kd = nd
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kd, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kd, other=0.0)
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
@@ -709,21 +740,21 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
-                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
             )
         elif holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
-                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
             )
         else:
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
-                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
             )
     if DROPOUT:
         dv = dv * drop_scale
@@ -774,11 +805,11 @@ def _cfg(bm, bn, w, s):
 # on 4 warps); dQ at D = 128 within 2% across 64 x 64 w4, 128 x 64 w8 and 128 x 128 w8.
 # Spills: the compile test counts spill stores (STL) in the SASS (cuobjdump's LOCAL never
 # showed them) against allowances. Most entries are spill-free; the D = 128 dK/dV list is
-# not (sm_90, masked softcapped variant: 64 x 128 spills 58 STL, 142 before its 64-row tiles
+# not (sm_90, masked softcapped variant: 64 x 128 spills 37 STL, 142 before its 64-row tiles
 # dropped the unmasked interior loop copy (_attn_bwd_dkdv_kernel) and S / dP / dS moved
-# first (_dkdv_block); none inside the inner loop without mask and softcap; the 32-row tiles
-# 5-6), because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is
-# for, and the allowance pins the count. Its one-stage variant (18 STL, 96 KB of shared
+# first (_dkdv_block), and the padded layout's query blocks start aligned (_dkdv_loop); none
+# inside the inner loop dense or masked without softcap; the 32-row tiles 5-6), because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is
+# for, and the allowance pins the count. Its one-stage variant (10 STL, 96 KB of shared
 # memory) is an untimed autotune candidate. Spill-free replacements of earlier spilling
 # winners, untimed except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
 # on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
@@ -787,7 +818,7 @@ def _cfg(bm, bn, w, s):
 # 128 / 256, the forward at 128 / 256, dK/dV at 128 / 256), the A100 gets its own tiles
 # (SM80_CONFIGS below). Still spilling on sm_90 (the compile test's allowances, counted in
 # every layout variant: dense, packed, masked, each with and without softcap): dK/dV at
-# BLOCK_D 128 (above; 27 STL dense, 41 packed, 50 masked) and 256 (16 x 64 on 8 warps, ~70
+# BLOCK_D 128 (above; 27 STL dense, 41 packed, 32 masked) and 256 (16 x 64 on 8 warps, ~70
 # STL, the least of the tiles tried), and the masked variant of the 128 x 128 forward (~30
 # STL, from the loop copy for masks with holes, which reads the mask per column; padded
 # batches without holes run the other copy, spill-free inside).
