@@ -156,7 +156,11 @@ def flash_attn_noncausal(
     Args:
         q: ``(B, S, H, D)``; k, v: ``(B, S, Hkv, D)`` with q's dtype and device.
         key_padding_mask: ``(B, S)`` bool (or 0/1 integers), True = valid token; left,
-            right or arbitrary padding. None = every token valid.
+            right or arbitrary padding. None = every token valid. With left / right
+            padding, whatever q, k, v and the upstream gradient hold at padded positions
+            (NaN included) never reaches valid tokens' outputs or gradients on the Triton
+            backend; padding inside a row (holes) must hold finite values, since its rows
+            enter the fused matmuls with zero weight.
         softmax_scale, softcap, backend, dropout_p, deterministic: as in
             :func:`flash_attn_varlen_noncausal`.
         return_lse: also return the log-sum-exp ``(B, H, S)`` fp32 (``-inf`` on padding).
