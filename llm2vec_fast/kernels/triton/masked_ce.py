@@ -444,7 +444,8 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
     return loss, lse, correct
 
 
-# What this torch's cuBLAS can do, probed once per (capability, device type, dtype).
+# What this torch's cuBLAS can do, probed once per (capability, device type, dtype); each
+# capability has its own name.
 _CAPS: dict = {}
 
 
@@ -468,7 +469,7 @@ def fp32_logits_available(h: torch.Tensor) -> bool:
         t = torch.ones(16, 16, device=h.device, dtype=h.dtype)
         return torch.mm(t, t, out_dtype=torch.float32).dtype == torch.float32
 
-    return _probe("mm_out_fp32", h, check)
+    return _probe("mm_fp32", h, check)
 
 
 def _addmm_into_fp32_ok(a: torch.Tensor) -> bool:
