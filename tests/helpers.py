@@ -101,26 +101,36 @@ def cubin_usage(cubin: bytes) -> dict:
     static counts, not executions). The SASS is only disassembled (~0.4 s) when STACK or
     LOCAL is non-zero: with neither, the kernel has no local memory for an STL to write.
     """
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
+
+    def most(key):
+        return max([int(x) for x in re.findall(rf"\b{key}:(\d+)", usage)] or [0])
+
+    out = dict(registers=most("REG"), local=most("LOCAL"), stack=most("STACK"), stl=0, ldl=0)
+    if out["stack"] or out["local"]:
+        ops = [op for _, op, _ in _sass_ops(_cuobjdump(cubin, "-sass"))]
+        out.update(stl=ops.count("STL"), ldl=ops.count("LDL"))
+    return out
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin (through a temporary file)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        def dump(flag):
-            return subprocess.run([cuobjdump_path(), flag, path], capture_output=True, text=True, check=True).stdout
-
-        usage = dump("--dump-resource-usage")
-
-        def most(key):
-            return max([int(x) for x in re.findall(rf"\b{key}:(\d+)", usage)] or [0])
-
-        out = dict(registers=most("REG"), local=most("LOCAL"), stack=most("STACK"), stl=0, ldl=0)
-        if out["stack"] or out["local"]:
-            # An instruction line: "/*0530*/  STL [R1+0x2b0], R161 ;" (also STL.64, LDL.LU.128, predicated).
-            ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", dump("-sass"))
-            out.update(stl=ops.count("STL"), ldl=ops.count("LDL"))
+        return subprocess.run([cuobjdump_path(), flag, path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
-    return out
+
+
+# An instruction line: "/*0530*/  STL [R1+0x2b0], R161 ;" (also STL.64, LDL.LU.128, predicated).
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)")
+
+
+def _sass_ops(sass: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode without modifiers, the rest of the line)`` of every SASS instruction."""
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_SASS_LINE.search, sass.splitlines()) if m]
 
 
 def inner_mma_loop(cubin: bytes) -> dict:
@@ -133,21 +143,10 @@ def inner_mma_loop(cubin: bytes) -> dict:
     an MMA. That loop runs once per block pair, so a spill there costs on every iteration,
     unlike one around it.
     """
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        sass = subprocess.run([cuobjdump_path(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(path)
     ops, loops = [], []
-    for line in sass.splitlines():
-        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
-        if not m:
-            continue
-        addr, op = int(m.group(1), 16), m.group(2)
+    for addr, op, rest in _sass_ops(_cuobjdump(cubin, "-sass")):
         ops.append((addr, op))
-        b = re.match(r"\s+(?:\S+\s+)?0x([0-9a-f]+)", m.group(3)) if op == "BRA" else None
+        b = re.match(r"\s+(?:\S+\s+)?0x([0-9a-f]+)", rest) if op == "BRA" else None
         if b and int(b.group(1), 16) < addr:
             loops.append((int(b.group(1), 16), addr))
     best = None

@@ -630,9 +630,10 @@ def _dkdv_loop(
             # STL, the inner loop's 14 spill reloads -> 0; with softcap 58 -> 37, 22 -> 1).
             # 64-row 16-bit tiles only: the atomic kernel (23 -> 27 STL), 32- / 16-row and fp32
             # tiles (1-6 STL from none) spilled more this way, and keep the start at lo.
+            row_mode = 2 if HAS_MASK and not (DROPOUT or ATOMIC_DQ) and BLOCK_M >= 64 and DOT_PREC != "ieee" else 1
             if DROPOUT:
                 m_lo = lo - lo % 4
-            elif HAS_MASK and (not ATOMIC_DQ) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
+            elif row_mode == 2:
                 m_lo = (lo // BLOCK_M) * BLOCK_M
             else:
                 m_lo = lo
@@ -640,9 +641,8 @@ def _dkdv_loop(
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
                     stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
-                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK,
-                    2 if HAS_MASK and not (DROPOUT or ATOMIC_DQ) and BLOCK_M >= 64 and DOT_PREC != "ieee" else 1,
-                    HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP, DOT_PREC,
+                    DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
         else:
             # Full query blocks first without row masks, then one masked tail block, as the
