@@ -797,31 +797,34 @@ def _cfg(bm, bn, w, s):
 # kept under its 163 KB of shared memory by tests/test_attention_compile.py). The first
 # entry is the heuristic's choice for long sequences. The BLOCK_D 64 / 128 lists come from
 # per-kernel tile sweeps on an H200 (same SMs and clocks as the H100; bf16, B = 4, S = 4096,
-# H = 32, benchmarks/sweep_attention_tiles.py, rows in benchmarks/results/attention_tiles.jsonl,
-# git 71fe4ae): forward 128 x 128 on 8 warps at D = 128 (~494-518 TFLOP/s against ~480-494
-# for 128 x 64; at D = 64 128 x 128 was 15% slower than 128 x 64, so not listed there);
-# dK/dV 64 x 128 on 8 warps at D = 128 (336 TFLOP/s for the whole backward, against 154-202
-# for the spill-free 16- / 32-row tiles that replaced 64 x 64 earlier and 239-249 for 64 x 64
-# on 4 warps); dQ at D = 128 within 2% across 64 x 64 w4, 128 x 64 w8 and 128 x 128 w8.
+# H = 32, benchmarks/sweep_attention_tiles.py, rows in benchmarks/results/attention_tiles.jsonl).
+# Forward (git 71fe4ae): 128 x 128 on 8 warps at D = 128 (~494-518 TFLOP/s against ~480-494
+# for 128 x 64; at D = 64 128 x 128 was 15% slower than 128 x 64, so not listed there).
+# Backward at D = 128 (git c3c84b9, after dS moved first in the 64-row dK/dV tiles and the
+# padded layout's query blocks started aligned; TFLOP/s of the whole backward): dK/dV
+# 64 x 64 on 4 warps 381 dense / 345 padded, 64 x 128 on 8 warps 366 / 331, its one-stage
+# copy 347 / 330, the 32-row tiles 295-305 / 263-272 (64 x 64 on 4 warps measured
+# 239-249 at 71fe4ae, before those changes); dQ with dK/dV on 64 x 64: 128 x 64 on 8 warps,
+# 3 stages 391 dense / 350 padded, 128 x 128 w8 s2 382 / 342, 64 x 64 w4 s2 370 / 345.
+# At D = 64 (c3c84b9) dQ's 64 x 64 w4 s2 led (347); dK/dV's 64 x 64 w4 s3 (367) beat the
+# listed 32 x 64 w4 s2 (362) by 1.5% but spills 18-55 STL: not listed.
 # Spills: the compile test counts spill stores (STL) in the SASS (cuobjdump's LOCAL never
 # showed them) against allowances. Most entries are spill-free; the D = 128 dK/dV list is
-# not (sm_90, masked softcapped variant: 64 x 128 spills 37 STL, 142 before its 64-row tiles
-# dropped the unmasked interior loop copy (_attn_bwd_dkdv_kernel) and S / dP / dS moved
-# first (_dkdv_block), and the padded layout's query blocks start aligned (_dkdv_loop); none
-# inside the inner loop dense or masked without softcap; the 32-row tiles 5-6), because the spill-free tiles measured 1.7-2.2x slower: speed is what the list is
-# for, and the allowance pins the count. Its one-stage variant (10 STL, 96 KB of shared
-# memory) is an untimed autotune candidate. Spill-free replacements of earlier spilling
-# winners, untimed except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
+# not: its two fastest tiles spill (sm_90, STL over the layout variants: 64 x 64 w4 s2
+# 39-78, 64 x 128 w8 s2 27-51; none in the inner loop dense or masked, a few reloads packed),
+# because the tiles that spill less (32 key rows) measured 20-25% slower: speed is what the list is for, and
+# the allowance pins the count. Spill-free replacements of earlier spilling winners, untimed
+# except where said: the D = 64 forward's 128 x 64 on 4 warps (now 8 warps), dK/dV 64 x 64
 # on 4 warps at D = 64 (32-row steps within 4% of it, measured), the 3-stage dQ at D = 64
 # (2 STL on sm_80) and the BLOCK_D 256 tiles (forward ~30 / ~420 STL on sm_90 / sm_80, dQ
 # ~13 / ~600, dK/dV ~1000 / ~3300). Where the shared lists spill on sm_80 (dQ at BLOCK_D
 # 128 / 256, the forward at 128 / 256, dK/dV at 128 / 256), the A100 gets its own tiles
 # (SM80_CONFIGS below). Still spilling on sm_90 (the compile test's allowances, counted in
 # every layout variant: dense, packed, masked, each with and without softcap): dK/dV at
-# BLOCK_D 128 (above; 27 STL dense, 41 packed, 32 masked) and 256 (16 x 64 on 8 warps, ~70
-# STL, the least of the tiles tried), and the masked variant of the 128 x 128 forward (~30
-# STL, from the loop copy for masks with holes, which reads the mask per column; padded
-# batches without holes run the other copy, spill-free inside).
+# BLOCK_D 128 (above) and 256 (16 x 64 on 8 warps, ~70 STL, the least of the tiles tried),
+# and the masked variant of the 128 x 128 forward (~30 STL, from the loop copy for masks
+# with holes, which reads the mask per column; padded batches without holes run the other
+# copy, spill-free inside).
 # BLOCK_D 32 has one entry: small heads are rare and memory-bound.
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
@@ -832,18 +835,18 @@ FWD_CONFIGS = {
 BWD_DQ_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
     64: [_cfg(64, 64, 4, 2)],
-    128: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3)],
+    128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)],
 }
 BWD_DKDV_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
     64: [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
-    128: [_cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
+    128: [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2)],
     256: [_cfg(16, 64, 8, 2)],
 }
 # The atomic backward's dK/dV kernel (ATOMIC_DQ: it also computes each block's dQ share and
 # adds it into an fp32 accumulator): 16-bit inputs without dropout at BLOCK_D 64 and 128,
-# the LLM head dims; every other case runs the separate backward. Untimed on a GPU: the
+# the LLM head dims; every other case runs the separate backward. Chosen before any GPU timing: the
 # lists hold the candidates that compile with the fewest spills (sm_90, masked softcapped
 # variant, STL): at BLOCK_D 64 64 x 128 w8 s1, 64 x 64 w8 s2 and 32 x 128 w8 s2 are
 # spill-free (64 x 64 on 4 warps: 66; the three-call full-block loop spilled every tile, so
@@ -852,6 +855,10 @@ BWD_DKDV_CONFIGS = {
 # at D = 80 / 128, 16 without mask and softcap; 64 x 64 w8 s1: 41; before the one-loop
 # change 100-150 and 64, two stages 208 / 101), listed because the separate dK/dV kernel's
 # 64-row spilling tile ran 1.7-2.2x faster than its 32-row ones.
+# Timed at git c3c84b9 (H200, D = 128, S = 4k, whole backward, attention_tiles.jsonl):
+# 64 x 128 w8 s1 327 TFLOP/s, 32 x 128 w8 s1 266, 64 x 64 w8 s1 179, 32 x 64 w8 s2 129 (the
+# unlisted 64 x 128 w8 s2: 336), all below the separate backward's 381-391 on its 64 x 64
+# dK/dV tile: BWD_MODE stays "separate".
 BWD_DKDV_ATOMIC_CONFIGS = {
     64: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
     128: [_cfg(64, 128, 8, 1), _cfg(64, 64, 8, 1), _cfg(32, 128, 8, 1), _cfg(32, 64, 8, 2)],
