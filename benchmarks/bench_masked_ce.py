@@ -6,6 +6,9 @@ Providers, side by side in one run on the same inputs:
                 the same with the strategy forced (gradients made in the forward from
                 materialised chunks of logits, or the logits recomputed in the backward);
                 named as peers so the summary shows what auto's choice gained or lost
+  strategy-two_pass-triton-fwd
+                two-pass with its Triton forward kernel instead of the cuBLAS-chunk
+                forward it runs with d weight (GEMM_FORWARD off), a peer
   ref_chunked   the chunked PyTorch reference (backend="torch")
   ours_torch, torch-two_pass
                 the reference as our CPU path runs it (backend="torch", strategy "auto",
@@ -56,10 +59,12 @@ PRESETS = {
     # the acceptance shapes, with a trained and a frozen LM head (~60 s on an H200 for the first
     # two vocabularies; V = 151936 last, so a run cut by gpu_check.sh's limit keeps the others)
     "gpu-quick": dict(C=[4096], V=[32000, 128256, 151936], tokens=[16384], frac=[0.2], modes=["full"], w_grad=[True, False],
-                      providers=["ours", "strategy-eager", "strategy-two_pass", "torch_full", "liger", "cce", "cce-shift"]),
+                      providers=["ours", "strategy-eager", "strategy-two_pass", "strategy-two_pass-triton-fwd", "torch_full",
+                                 "liger", "cce", "cce-shift"]),
     "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
                      modes=["fwd", "bwd", "full"], w_grad=[True, False],
-                     providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full",
+                     providers=["ours", "strategy-eager", "strategy-two_pass", "strategy-two_pass-triton-fwd", "ref_chunked",
+                                "torch_full",
                                 "torch_compile", "liger", "cce", "cce-shift"]),
 }
 SEQ = 512  # tokens per sequence (the MNTP recipe's chunk length)
@@ -129,6 +134,16 @@ def main(argv=None) -> int:
         nonlocal compiled_ref
         if name == "ours":
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton")
+        if name == "strategy-two_pass-triton-fwd":  # two-pass with the Triton forward kernel (GEMM_FORWARD off)
+            from llm2vec_fast.kernels.triton import masked_ce as mce
+
+            def triton_fwd(h, w, y):
+                mce.GEMM_FORWARD = False
+                try:
+                    return L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy="two_pass")
+                finally:
+                    mce.GEMM_FORWARD = True
+            return triton_fwd
         if name.startswith("strategy-"):
             strategy = name.split("-", 1)[1]
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy=strategy)

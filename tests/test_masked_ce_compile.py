@@ -12,7 +12,8 @@ config of each kernel, with every feature on. Fails on compile errors, register 
 cuobjdump's ``LOCAL`` stays 0 when ptxas spills), shared memory over the chip's limit, and a
 missing ``wgmma`` in the sm_90 PTX of the 16-bit matmul kernels. No spill is allowed. The
 eager strategy's row kernel (``_mce_rows_kernel``, no matmul) is compiled at every
-``(BLOCK_V, num_warps)`` its launcher picks on CUDA.
+``(BLOCK_V, num_warps)`` its launcher picks on CUDA, and its backward's scaling kernel
+(``_scale_kernel``) in each of its variants.
 
 Under ``TRITON_INTERPRET=1`` (set by conftest.py without a GPU) ``@triton.jit`` returns
 interpreter objects that cannot be compiled, so each (chip) group compiles in a subprocess
@@ -75,7 +76,28 @@ def _compile_all(cc: int) -> list[dict]:
             except Exception as e:  # reported by the test with the config's name
                 r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
             out.append(r)
-    out += _compile_rows(cc)
+    out += _compile_rows(cc) + _compile_scale(cc)
+    return out
+
+
+def _compile_scale(cc: int) -> list[dict]:
+    """The eager backward's scaling kernel (``scale_``): 16-bit and fp32 x, one factor or one per row."""
+    from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
+
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    out = []
+    for elem in ("bf16", "fp32"):
+        for per_row in (False, True):
+            consts = dict(PER_ROW=per_row, BLOCK=mce.SCALE_BLOCK)
+            sig = triton_signature(mce._scale_kernel, consts, {"X": "*E", "G": "*fp32"}, (), elem)
+            r = dict(id=f"scale-{elem}-{'rows' if per_row else 'scalar'}-sm{cc}", fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+            try:
+                info = compile_for(mce._scale_kernel, sig, consts, cc, mce.SCALE_WARPS, 1, divisible={"X", "G", "cols"})
+                r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
+            except Exception as e:
+                r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+            out.append(r)
     return out
 
 
@@ -85,7 +107,8 @@ ROWS_VOCABS = (16, 200, 1000, 2048, 32000, 151936)
 
 def _compile_rows(cc: int) -> list[dict]:
     """The eager strategy's row kernel (memory-bound, no tl.dot): every launch shape, dz in a
-    16-bit dtype and in fp32, all options on."""
+    16-bit dtype and in fp32, all options on; with its dz pass (eager) and without (the
+    two-pass strategy's GEMM forward, statistics only)."""
     from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import masked_ce as mce
@@ -94,10 +117,11 @@ def _compile_rows(cc: int) -> list[dict]:
     ptrs = {"Z": "*fp32", "Bias": "*E", "Y": "*i32", "DZ": "*E", "Loss": "*fp32", "Lse": "*fp32", "Arg": "*i32"}
     out = []
     for bv, warps in sorted({mce._rows_block(V, True) for V in ROWS_VOCABS}):
-        for elem in ("bf16", "fp32"):
-            consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, BLOCK_V=bv)
+        for elem, write_dz in itertools.product(("bf16", "fp32"), (True, False)):
+            consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, BLOCK_V=bv, WRITE_DZ=write_dz)
             sig = triton_signature(kernel, consts, ptrs, FLOATS, elem)
-            r = dict(id=f"rows-{elem}-v{bv}w{warps}-sm{cc}", fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+            r = dict(id=f"rows-{elem}-v{bv}w{warps}{'' if write_dz else '-stats'}-sm{cc}", fp32=elem == "fp32",
+                     limit=SMEM_LIMIT[cc])
             try:
                 info = compile_for(kernel, sig, consts, cc, warps, mce.ROWS_STAGES, divisible=set(ptrs) | {"stride_z", "stride_dz"})
                 r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})

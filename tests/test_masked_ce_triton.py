@@ -84,11 +84,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
+@pytest.mark.parametrize("strategy", ["two_pass", "two_pass-triton-fwd", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape,C,V,shift,softcap,use_bias,smoothing,z_loss,frac", CASES)
 def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, softcap, use_bias, smoothing, z_loss, frac,
                              strategy):
+    """Loss, accuracy and every gradient against fp64 full logits. Two-pass with d weight runs
+    its GEMM forward (``GEMM_FORWARD``; its chunks hold ~C V / (V + C) rows here, so N > ~60
+    crosses several), ``two_pass-triton-fwd`` the Triton forward kernel instead."""
+    if strategy == "two_pass-triton-fwd":
+        monkeypatch.setattr(mce, "GEMM_FORWARD", False)
+        strategy = "two_pass"
     hidden, weight, bias, labels = _make(shape, C, V, dtype, device, frac, use_bias, shift)
     # Even-indexed cases run the two-pass backward in 256-column vocabulary chunks (several
     # launches, a partial last chunk) and the eager forward in 37-row chunks (dW accumulated
@@ -113,7 +119,10 @@ def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, sof
         (loss.double() * g_up).sum().backward()
         return loss.detach(), [t.grad for t in ts]
 
+    mce.LAST_TILES.pop("fwd", None)
     fast, fast_g = run(mce.masked_linear_cross_entropy_triton, params, strategy=strategy)
+    if strategy == "two_pass":  # which forward ran
+        assert mce.LAST_TILES.get("fwd", "").startswith("gemm") == mce.GEMM_FORWARD, mce.LAST_TILES
     ref_native, ref_g = run(masked_linear_cross_entropy_ref, params, upcast=False, strategy=strategy)
     # Gradient oracle: autograd through the full fp64 logits and F.cross_entropy.
     oracle_t = [t.detach().double().requires_grad_() for t in params]
@@ -273,7 +282,8 @@ def _spy(monkeypatch, names):
 @pytest.mark.parametrize("frozen", [False, True], ids=["d-weight", "frozen-head"])
 def test_eager_makes_logits_once(device, monkeypatch, frozen):
     """Eager: one logits GEMM per row chunk in the forward, none in the backward; two-pass: the
-    statistics forward and the recomputing backward. Both give the same gradients."""
+    statistics forward (the GEMM forward's chunks with d weight, else the Triton kernel) and
+    the recomputing backward. Both give the same gradients."""
     monkeypatch.setattr(mce, "EAGER_CHUNK_ELEMS", 16 * 123)  # 16-row chunks
     hidden, weight, bias, labels = _make((2, 30), 64, 123, torch.float32, device, 0.2, True)
     calls = _spy(monkeypatch, ["_logits_fp32", "masked_ce_forward", "masked_ce_backward"])
@@ -288,8 +298,11 @@ def test_eager_makes_logits_once(device, monkeypatch, frozen):
         n = int((labels[:, 1:] != -100).sum())
         if strategy == "eager":
             assert calls == {"_logits_fp32": -(-n // 16), "masked_ce_forward": 0, "masked_ce_backward": 0}, calls
-        else:
+        elif frozen:
             assert calls == {"_logits_fp32": 0, "masked_ce_forward": 1, "masked_ce_backward": 1}, calls
+        else:  # with d weight the statistics come from the GEMM forward's chunks
+            chunks = -(-n // mce.gemm_forward_rows(n, 123, 64, 4))
+            assert calls == {"_logits_fp32": chunks, "masked_ce_forward": 0, "masked_ce_backward": 1}, calls
     for a, b in zip(grads["eager"], grads["two_pass"]):
         assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-5)
     assert (grads["eager"][1] is None) == frozen
@@ -316,6 +329,45 @@ def test_place_rows(device, n_rows, N, block, layout):
     want = torch.zeros(n_rows, C, device=device)
     want[idx] = rows
     assert torch.equal(buf, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("rows,cols,per_row", [(1, 1, False), (37, 29, False), (37, 29, True), (131, 67, True), (131, 67, False)])
+def test_scale_matches_mul(device, dtype, rows, cols, per_row):
+    """scale_ (the eager backward's upstream-gradient scaling) rounds as x.mul_(g) does: x in
+    fp32 times g, once to x's dtype; per-row factors and sizes past one block (4096) included."""
+    x = torch.randn(rows, cols, device=device).to(dtype)
+    g = (torch.rand(rows, device=device) * 3 - 1) if per_row else torch.rand((), device=device) / 7
+    want = x.clone().mul_(g[:, None] if per_row else g)
+    got = mce.scale_(x, g)
+    assert got is x
+    if dtype == torch.bfloat16 and not x.is_cuda:
+        # Triton's interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest even):
+        # within one bf16 step of the product here, exact on a GPU
+        step = want.float().abs() * 2.0**-7
+        assert ((x.float() - want.float()).abs() <= step).all()
+    else:
+        assert torch.equal(x, want)
+
+
+def test_scale_rejects_bad_input(device):
+    x = torch.randn(8, 6, device=device)
+    with pytest.raises(ValueError, match="x: expected a contiguous"):
+        mce.scale_(x.t(), torch.ones((), device=device))
+    with pytest.raises(ValueError, match=r"g: expected a 0-d tensor or shape \(8,\)"):
+        mce.scale_(x, torch.ones(6, device=device))
+
+
+@pytest.mark.parametrize("N,V,C,itemsize", [(3331, 128256, 4096, 2), (3331, 32000, 4096, 2), (100, 1000, 64, 4),
+                                          (5, 50, 8, 2), (10000, 151936, 4096, 2)])
+def test_gemm_forward_rows_stay_under_d_weight(N, V, C, itemsize):
+    """The GEMM forward's chunk (fp32 logits + gathered rows) never outgrows d weight, which the
+    backward allocates anyway; all rows in one chunk when they fit."""
+    R = mce.gemm_forward_rows(N, V, C, itemsize)
+    assert 1 <= R <= N
+    assert min(N, R) * (4 * V + C * itemsize) <= V * C * itemsize or R < mce.EAGER_ROW_ALIGN, R
+    if N * (4 * V + C * itemsize) <= V * C * itemsize:
+        assert R == N
 
 
 def test_eager_plan():

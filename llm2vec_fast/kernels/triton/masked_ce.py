@@ -299,8 +299,9 @@ def _mce_rows_kernel(
     Z, Bias, Y, DZ, Loss, Lse, Arg,
     V, stride_z, stride_dz, softcap, smoothing, z_loss,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_DZ: tl.constexpr,
 ):
-    """One row of materialised fp32 logits: its loss, lse, argmax and ``d loss / d z``.
+    """One row of materialised fp32 logits: its loss, lse, argmax and (``WRITE_DZ``) ``d loss / d z``.
 
     Program r reads ``Z[r, :V]`` (raw ``h @ w.T``; bias and softcap are applied here) twice:
     pass 1 keeps the online log-sum-exp, the target and summed logits and the argmax, pass 2
@@ -347,13 +348,55 @@ def _mce_rows_kernel(
     tl.store(Loss + r, loss)
     tl.store(Lse + r, lse)
     tl.store(Arg + r, arg)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + offs
-        ok = cols < V
-        z, t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
-        dz = _dlogits(z, t, lse, 1.0, cols == y, smoothing, z_loss, V, HAS_SOFTCAP).to(DZ.dtype.element_ty)
-        tl.debug_barrier()  # all warps hold this block (and the target logit) before DZ overwrites Z
-        tl.store(dz_row + cols, dz, mask=ok)
+    if WRITE_DZ:
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            ok = cols < V
+            z, t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
+            dz = _dlogits(z, t, lse, 1.0, cols == y, smoothing, z_loss, V, HAS_SOFTCAP).to(DZ.dtype.element_ty)
+            tl.debug_barrier()  # all warps hold this block (and the target logit) before DZ overwrites Z
+            tl.store(dz_row + cols, dz, mask=ok)
+
+
+# The eager strategy's gradients (of sum(loss), made in the forward) are scaled by the upstream
+# gradient in the backward. ``x.mul_(g)`` with a 16-bit x and an fp32 CUDA g runs PyTorch's
+# dynamic-casting elementwise kernel: ~1 TB/s on the H200 (0.75 of 6.3 ms at V = 32000 with
+# d weight, masked_ce.jsonl kernel_ms, git c3c84b9), a quarter of the bandwidth. This kernel
+# does the same arithmetic (x in fp32 times g, rounded once to x's dtype) in wide vectors.
+SCALE_BLOCK = 4096
+SCALE_WARPS = 4
+
+
+@triton.jit
+def _scale_kernel(X, G, n, cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """``X[i] *= G[i // cols]`` (``PER_ROW``) or ``X[i] *= G[0]`` over ``n`` contiguous elements."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(X + offs, mask=ok)
+    if PER_ROW:
+        g = tl.load(G + offs // cols, mask=ok, other=0.0)
+    else:
+        g = tl.load(G)
+    tl.store(X + offs, (x.to(tl.float32) * g).to(X.dtype.element_ty), mask=ok)
+
+
+def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``x *= g`` in place, rounded once to x's dtype, as ``x.mul_(g)`` computes it: ``x``
+    contiguous, ``g`` an fp32 scalar (0-d) or one factor per row of ``x`` (``(x.shape[0],)``).
+    Returns ``x``."""
+    if x.numel() == 0:
+        return x
+    if not x.is_contiguous():
+        raise ValueError(f"x: expected a contiguous tensor, got strides {tuple(x.stride())}")
+    per_row = g.dim() > 0
+    if per_row and g.shape != (x.shape[0],):
+        raise ValueError(f"g: expected a 0-d tensor or shape ({x.shape[0]},), got {tuple(g.shape)}")
+    g = g.to(torch.float32).contiguous()
+    n = x.numel()
+    _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](
+        x, g, n, max(1, n // max(x.shape[0], 1)), PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
+    )
+    return x
 
 
 # Autotune keys leave N out on purpose: the number of labelled rows changes every batch and
@@ -824,7 +867,7 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     bv, warps = _rows_block(V, flat_h.is_cuda)
     consts = dict(
         HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
-        num_warps=warps, num_stages=ROWS_STAGES,
+        WRITE_DZ=True, num_warps=warps, num_stages=ROWS_STAGES,
     )
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
@@ -854,6 +897,55 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     if in_grad:
         _place_rows(dh, h_index)
     return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), in_grad
+
+
+# The two-pass strategy's forward when d weight is wanted (``GEMM_FORWARD``): cuBLAS makes
+# the fp32 logits of a chunk of rows over the whole vocabulary and the row kernel reduces
+# them to loss, lse and argmax (no dz), instead of the Triton forward kernel. On the H200 (git
+# c3c84b9, masked_ce.jsonl kernel_ms, bf16, C = 4096, 3331 rows) the Triton forward ran
+# 350-390 TFLOP/s (11.8 ms at V = 151936, 9.0 at 128256) where cuBLAS's logits GEMMs of the
+# eager strategy ran ~590 on 128-192-row chunks; the chunks here are larger (below), so the
+# GEMMs run nearer the chip's rate and re-read the weight less. Untimed on a GPU as a whole:
+# the benchmark's ``strategy-two_pass-triton-fwd`` provider times the Triton forward beside it.
+GEMM_FORWARD = True
+
+
+def gemm_forward_rows(N: int, V: int, C: int, itemsize: int) -> int:
+    """Rows per chunk of the GEMM forward: a chunk's fp32 logits and gathered rows together
+    take at most d weight's bytes (``V x C`` in the input dtype), which the backward allocates
+    anyway, so the forward never sets the op's peak; evened out as :func:`_even_rows` does
+    (~C / 2 rows for 16-bit inputs: 2 chunks of 1728 rows for 3331 rows at C = 4096)."""
+    return _even_rows(N, max(1, V * C * itemsize // (4 * V + C * itemsize)))
+
+
+def masked_ce_forward_gemm(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss):
+    """Per-row loss, lse and correctness of the labelled rows ``flat_h[h_index]`` (the
+    contract of :func:`masked_ce_forward`), from cuBLAS logits chunks (:func:`_logits_fp32`)
+    reduced by ``_mce_rows_kernel`` without its dz pass."""
+    N = h_index.shape[0]
+    C = flat_h.shape[1]
+    V = w.shape[0]
+    dev = flat_h.device
+    R = gemm_forward_rows(N, V, C, flat_h.element_size())
+    LAST_TILES["fwd"] = f"gemm {triton.cdiv(N, R)} x {R} rows"
+    loss = _alloc((N,), torch.float32, dev)
+    lse = _alloc((N,), torch.float32, dev)
+    arg = _alloc((N,), torch.int32, dev)
+    # one chunk buffer, reused, where the GEMM can write into it (else a fresh one per chunk)
+    zbuf = _alloc((min(N, R) * V,), torch.float32, dev) if _mm_out_fp32_ok(flat_h) else None
+    bv, warps = _rows_block(V, flat_h.is_cuda)
+    for r0 in range(0, N, R):
+        r1 = min(N, r0 + R)
+        hc = flat_h.index_select(0, h_index[r0:r1])
+        z = _logits_fp32(hc, w, zbuf[: (r1 - r0) * V].view(r1 - r0, V) if zbuf is not None else None)
+        del hc
+        _mce_rows_kernel[(r1 - r0,)](
+            z, b if b is not None else z, y[r0:r1], z, loss[r0:r1], lse[r0:r1], arg[r0:r1],
+            V, z.stride(0), z.stride(0), float(softcap or 1.0), float(label_smoothing), float(z_loss),
+            HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
+            WRITE_DZ=False, num_warps=warps, num_stages=ROWS_STAGES,
+        )
+    return loss, lse, arg == y
 
 
 def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = None) -> None:
@@ -910,6 +1002,8 @@ class MaskedLinearCEFunction(torch.autograd.Function):
                 flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b,
             )
             ctx.eager = (dh, dw, db, in_grad)
+        elif strategy == "two_pass" and need_w and GEMM_FORWARD and fp32_logits_available(flat_h):
+            per_row, lse, correct = masked_ce_forward_gemm(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss)
         else:
             h = flat_h.index_select(0, h_index)
             per_row, lse, correct = masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss)
@@ -942,12 +1036,12 @@ class MaskedLinearCEFunction(torch.autograd.Function):
             if in_grad and g.dim():
                 # hidden's whole gradient already: each labelled row times its own factor
                 gt = torch.zeros(flat_h.shape[0], device=g.device, dtype=torch.float32)
-                dh.mul_(gt.index_copy_(0, h_index, g)[:, None])
+                scale_(dh, gt.index_copy_(0, h_index, g))
             elif in_grad:
-                dh.mul_(g)
+                scale_(dh, g)
             elif dh is not None:
-                dh = _scatter_rows(dh.mul_(g[:, None] if g.dim() else g), h_index, flat_h.shape[0])
-            return (dh, None, dw.mul_(g) if dw is not None else None, db.mul_(g) if db is not None else None) + none
+                dh = _scatter_rows(scale_(dh, g), h_index, flat_h.shape[0])
+            return (dh, None, scale_(dw, g) if dw is not None else None, db.mul_(g) if db is not None else None) + none
         if g.dim() == 0:
             g = g.expand(N)
         g = g.contiguous()
