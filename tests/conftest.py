@@ -48,3 +48,15 @@ def _seed(request):
 def device():
     """Where kernels run: CUDA when present, else the CPU (Triton interpreted)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+# LLM2VEC_FAST_FAILURES=path (benchmarks/gpu_check.sh sets it): each failing test's report is
+# appended there as soon as it fails, so a run cut by its time limit still says why a test
+# failed (pytest prints failures only at the end). Runs in the controller under xdist too.
+_FAILURES = os.environ.get("LLM2VEC_FAST_FAILURES")
+
+
+def pytest_runtest_logreport(report):
+    if _FAILURES and report.failed:
+        with open(_FAILURES, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -199,7 +199,9 @@ def test_gpu_peak_memory_is_outputs_plus_small_buffers():
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
     ours_fn = lambda: L.masked_linear_cross_entropy(h, w, y, backend="triton")  # noqa: E731
-    ours_fn()  # autotune outside the measurement
+    # forward and backward once outside the measurement: the first backward autotunes its
+    # kernels, and the autotuner's timing buffers would count in the peak
+    torch.autograd.grad(ours_fn(), [h, w])
     ours = peak(ours_fn)
     outputs = (h.numel() + w.numel()) * 2 / 2**20
     assert ours <= outputs + 320, f"peak extra {ours:.0f} MiB > outputs {outputs:.0f} MiB + 320"
@@ -208,7 +210,7 @@ def test_gpu_peak_memory_is_outputs_plus_small_buffers():
     except Exception:
         return
     flat = lambda: linear_cross_entropy(h[:, :-1].reshape(-1, C), w, y[:, 1:].reshape(-1))  # noqa: E731
-    flat()
+    torch.autograd.grad(flat(), [h, w])
     theirs = peak(flat)
     assert ours <= theirs * 1.02 + 16, f"ours {ours:.0f} MiB > cut-cross-entropy {theirs:.0f} MiB"
 
@@ -241,7 +243,7 @@ def test_gpu_frozen_head_peak_is_the_gradient():
         return (torch.cuda.max_memory_allocated() - base) / 2**20
 
     ours_fn = lambda: L.masked_linear_cross_entropy(h, w, y, backend="triton")  # noqa: E731
-    ours_fn()
+    torch.autograd.grad(ours_fn(), [h])  # compiles and autotunes outside the measurement
     ours = peak(ours_fn)
     grad_mib = h.numel() * 2 / 2**20
     slack = mce.PLACE_BLOCK_BYTES / 2**20 + 1
@@ -264,7 +266,7 @@ def test_gpu_frozen_head_peak_is_the_gradient():
     except Exception:
         return
     theirs_fn = lambda: linear_cross_entropy(h, w, y, shift=1)  # noqa: E731
-    theirs_fn()
+    torch.autograd.grad(theirs_fn(), [h])
     theirs = peak(theirs_fn)
     assert ours <= theirs + slack, f"ours {ours:.1f} MiB > cut-cross-entropy (shift=1) {theirs:.1f} MiB + {slack:.0f}"
 
