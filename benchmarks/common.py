@@ -123,7 +123,9 @@ def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10, 
     """Milliseconds per call of ``step``'s most expensive kernels (torch.profiler): device
     kernels on CUDA, operators' own CPU time on ``device="cpu"``; the ``top`` most expensive,
     optionally only names containing ``match``. Says where a measured time goes (a
-    backward's dQ vs dK/dV kernels, a loss's GEMMs vs its row kernel vs copies)."""
+    backward's dQ vs dK/dV kernels, a loss's GEMMs vs its row kernel vs copies). The entry
+    ``"(all kernels)"`` is the sum over every kernel (or operator) the profiler saw, listed
+    or not: beside a wall-clock time it says how long the device sat idle (host-bound gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = str(device).startswith("cuda")
@@ -133,9 +135,12 @@ def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10, 
         for _ in range(iters):
             step()
         sync()
-    times = {}
+    times, total = {}, 0.0
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if (e.device_type.name == "CUDA") == cuda and (match is None or match in e.key) and us > 0:
             times[e.key[:80]] = round(us / 1e3 / iters, 4)
-    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+            total += us
+    out = {"(all kernels)": round(total / 1e3 / iters, 4)}
+    out.update(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+    return out
