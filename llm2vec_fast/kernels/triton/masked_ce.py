@@ -20,6 +20,11 @@ Design (why it is built this way):
   (``S`` <= 64), not ``[N, V / BLOCK_N]``. A few PyTorch ops combine the splits. The
   splits are cut in multiples of 256 columns, independent of the autotuned ``BLOCK_N``, so
   every configuration writes every partial and autotuning cannot leave stale entries.
+  With d weight wanted (``GEMM_FORWARD``, ``masked_ce_forward_gemm``) the two-pass forward
+  instead makes fp32 logits of whole rows on cuBLAS, in chunks of rows that take at most d
+  weight's bytes, and reduces them with the eager strategy's row kernel (statistics only):
+  on the H200 run below the Triton forward ran 350-390 TFLOP/s where cuBLAS ran ~590 on the
+  eager strategy's smaller chunks. Untimed as a whole (see "Tried and not kept").
 * Backward: chunked over the vocabulary in the launcher. For each chunk ``[v0, v0 + Vc)``
   ``_mce_bwd_kernel`` recomputes the logits tile by tile with the same GEMM and turns them
   into ``d logits`` in registers (softmax, smoothing, z-loss, softcap derivative), storing
@@ -54,24 +59,26 @@ Design (why it is built this way):
   ``dW`` (one more rounding in 16 bits): ``"auto"`` takes eager for a frozen head, and with
   d weight where the chunks are few and large enough to repay that traffic (``choose_strategy``:
   ``EAGER_MIN_W_ROWS``, ``EAGER_MAX_W_CHUNKS``). Measured on an H200 (bf16, C = 4096, 16k
-  tokens, 20% labelled, git 71fe4ae): V = 32000 eager 6.1 ms vs two-pass 8.3 with d weight
-  (4.1x full logits, 3.0x Liger), 3.9 vs 7.0 frozen (5.2x, 3.3x); V = 128256 frozen 18.0 vs
-  24.6, with d weight two-pass (29.0 vs eager's 40.8: 26 chunks of 130 rows).
+  tokens, 20% labelled, git c3c84b9): V = 32000 eager 6.5 ms vs two-pass 8.1 with d weight,
+  4.3 vs 6.7 frozen; V = 128256 frozen 15.4 vs 23.4, with d weight two-pass (28.4 vs eager's
+  31.3: 18 chunks of 192 rows).
 * Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee"`` so
   the CPU interpreter and the GPU agree with the fp32 oracle. bf16 ``tl.dot`` is wrong in
   the interpreter, so bf16 is tested on the GPU only.
-* Measured (one H200, bf16, C = 4096, 16k tokens, 20% labelled, forward + backward of
-  hidden and weight; rows in benchmarks/results/masked_ce.jsonl): V = 32000 7.4 ms vs
-  full-logits PyTorch 25.1, Liger 18.4, cut-cross-entropy 17.7; V = 128256 26.6 ms vs 106.0,
-  82.2, 40.4. Peak extra memory equals cut-cross-entropy's (506 vs 506 MiB, 1258 vs 1260
-  MiB: the gradients plus ~130 MiB of buffers; both then took the shifted rows as a copy of
-  hidden, since removed here, and the benchmark now also runs cut-cross-entropy's own
-  ``shift``). About 500 TFLOP/s over the 4 GEMMs; the
-  5x-over-full-logits target needs ~650.
-* Tried and not kept: the logits GEMMs on cuBLAS (fp32 output) into the same bounded chunk,
-  streamed through small Triton stats / d-logits kernels. It was 2-5% faster on the H200
-  but returned non-finite losses at C = 4096 once the vocabulary took two chunks (cause not
-  found in the GPU time available), so the fused tl.dot path is the only one.
+* Measured (one H200, bf16, C = 4096, 16k tokens, 20% labelled, forward + backward; rows in
+  benchmarks/results/masked_ce.jsonl, git c3c84b9): V = 32000 with d weight 6.35 ms (eager)
+  vs full-logits PyTorch 25.7, Liger 18.6, cut-cross-entropy 17.4-17.7; frozen 4.14 vs
+  19.9 / 12.8 / 10.3-10.4; V = 128256 with d weight 28.6 (two-pass) vs 110.1 / 86.8 /
+  40.0-40.4, frozen 15.7 (eager) vs 84.2 / 52.2 / 27.4-28.2. Peak memory: the gradients, the
+  labelled rows' vectors and a <= 1 MiB copy (129.1 MiB frozen at V = 32000 against
+  cut-cross-entropy's 256.5 on flattened shifted rows and 128.4 with its own ``shift``).
+* Tried and not kept: vocabulary-chunked cuBLAS logits (fp32 output) streamed through small
+  Triton stats / d-logits kernels whose partial statistics were combined across chunks. It
+  was 2-5% faster on the H200 (against the Triton tiles of that time) but returned
+  non-finite losses at C = 4096 once the vocabulary took two chunks (cause not found in the
+  GPU time available). The GEMM forward above chunks rows instead, over the whole
+  vocabulary, with the row kernel the eager strategy runs on the GPU: no cross-chunk
+  combine.
 * Configs: on CUDA the kernels are autotuned over ``FWD_CONFIGS`` / ``BWD_CONFIGS``
   (H100-oriented, wgmma-sized tiles; the compile test compiles exactly these lists for
   sm_90 and sm_80). Without a CUDA device (``TRITON_INTERPRET=1``) a fixed small config
