@@ -70,9 +70,15 @@ def allocation_peak(fn) -> tuple[int, int]:
     was live before it: the profiler's allocation / free events summed in time order (what
     ``torch.cuda.max_memory_allocated`` after a reset measures on a GPU, here for CPU
     tensors). Frees of blocks allocated before the call carry no size and are left out, so
-    the figures can only err high."""
+    the figures can only err high, except where garbage from before the call is collected
+    inside it: blocks allocated under an earlier profile keep their sizes, so their frees
+    would be subtracted (Triton interpreter launches leave reference cycles holding their
+    tensor arguments). A collection first keeps that out of the window."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
