@@ -34,7 +34,8 @@ rows do not split the same work as the two-pass ones.
 Time from triton.testing.do_bench medians (p20 / p80 too); peak memory is
 max_memory_allocated during one call above what was allocated before it (the inputs), so it
 includes the gradients each provider returns. On CUDA, our rows also carry ``kernel_ms``:
-the device time per call of the ten most expensive kernels (torch.profiler), so a row says
+the device time per call of the ten most expensive kernels (torch.profiler) and of all of
+them (``(all kernels)``: the rest of ``ms`` is the device waiting on the host), so a row says
 where the time went. Rows go to benchmarks/results/masked_ce.jsonl.
 
     python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick

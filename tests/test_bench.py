@@ -173,15 +173,22 @@ def test_sweep_attention_tiles_parses_its_tiles():
 
 def test_kernel_times_ranks_what_a_step_spends():
     """The per-kernel breakdown benchmark rows carry (CPU operators here, device kernels on CUDA):
-    a step of one large and one small matmul lists the large one first, ``match`` filters."""
+    a step of one large and one small matmul lists the large one first, ``match`` filters,
+    and ``(all kernels)`` (first) sums every one seen, listed or not."""
     import torch
 
     common = _load("common")
     a, b = torch.randn(384, 384), torch.randn(16, 16)
-    t = common.kernel_times(lambda: (a @ a, b @ b, a.sum()), iters=3, device="cpu", top=3)
-    assert t and len(t) <= 3 and all(v > 0 for v in t.values())
+    t = common.kernel_times(lambda: (a @ a, b @ b, a.sum()), iters=3, device="cpu", top=2)
+    assert next(iter(t)) == "(all kernels)", t
+    total = t.pop("(all kernels)")
+    assert t and len(t) <= 2 and all(v > 0 for v in t.values())
     assert next(iter(t)) in ("aten::mm", "aten::matmul"), t
+    assert total >= sum(t.values()) - 1e-3, (total, t)
+    full = common.kernel_times(lambda: (a @ a, b @ b, a.sum()), iters=3, device="cpu", top=50)
+    assert len(full) > len(t) + 1  # top=2 left some out, and the total still counted them
     only = common.kernel_times(lambda: (a @ a, a.sum()), iters=2, device="cpu", match="sum")
+    assert only.pop("(all kernels)") > 0
     assert only and all("sum" in k for k in only), only
 
 
