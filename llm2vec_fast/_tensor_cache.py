@@ -30,3 +30,22 @@ def cached(slot: list, key: torch.Tensor, build):
     value = build()
     slot[0] = (weakref.ref(key), version(key), value)
     return value
+
+
+# Masks whose every row's True entries form one run (left / right padding, no holes), as
+# checked on the host by whoever built them (``hf.padding.PaddingInfo``, inside the sync it
+# makes anyway). The Triton forward then compiles without its loop copy for masks with holes
+# (``MASK_HOLES``), which costs the 128 x 128 D = 128 tile ~30 spilled registers. One entry;
+# keyed on identity and version like :func:`cached`, so an in-place edit forgets the fact.
+_HOLE_FREE: list = [None]
+
+
+def note_hole_free(mask: torch.Tensor) -> None:
+    """Record that ``mask`` (this object, at its current version) has no holes."""
+    _HOLE_FREE[0] = (weakref.ref(mask), version(mask))
+
+
+def is_hole_free(mask: torch.Tensor) -> bool:
+    """Whether :func:`note_hole_free` was called for this very ``mask`` at its current version."""
+    entry = _HOLE_FREE[0]
+    return entry is not None and entry[0]() is mask and entry[1] == version(mask)

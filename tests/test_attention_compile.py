@@ -8,7 +8,8 @@ was found are listed in ``SPILL_ALLOWANCES`` with their spill-store count, which
 grow. Every configuration is compiled twice: without and with attention dropout
 (``DROPOUT``, whose Philox code adds registers; its configurations come from the same
 functions with ``dropout=True``), and the 16-bit ones without dropout once per layout
-variant (``VARIANTS``: dense, packed, padded with a mask; each with and without softcap),
+variant (``VARIANTS``: dense, packed, padded with a mask; each with and without softcap;
+the forward also for a mask known to have no holes),
 since each is a kernel of its own to ptxas. The configurations come from the module's own lists
 (``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs`` for each chip, the lists
 the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
@@ -55,13 +56,20 @@ VARIANTS = {
     "varlen-softcap": (True, False, True),
     "mask": (False, True, False),         # padded with a mask
     "mask-softcap": (False, True, True),
+    # the forward for a mask known to have no holes (MASK_HOLES off: hf PaddingInfo's left /
+    # right padding): only its loop copy for spans is compiled
+    "mask-spans": (False, True, False),
+    "mask-spans-softcap": (False, True, True),
 }
+SPAN_VARIANTS = ("mask-spans", "mask-spans-softcap")
 
 
 def _variants(kind: str, hd: int, fp32: bool, dropout: bool):
     # D = 80 (BLOCK_D 128 with a head-dim mask) spilled within 1-2 STL of D = 128 in every
     # variant of the survey: the superset alone there.
-    return list(VARIANTS) if not (fp32 or dropout or kind == "delta" or hd == 80) else ["mask-softcap"]
+    if fp32 or dropout or kind == "delta" or hd == 80:
+        return ["mask-softcap"]
+    return [v for v in VARIANTS if kind == "fwd" or v not in SPAN_VARIANTS]  # MASK_HOLES is the forward's
 
 
 # Register spills the test allows: the cases where no spill-free configuration was found, or
@@ -89,8 +97,8 @@ SPILL_ALLOWANCES = [
     ("fwd", "d128-bf16:mask,mask-softcap", 90, 29, "the masked variants of the 128 x 128 tile on 8 warps (7 STL with softcap), which "
      "the sweep measured fastest unmasked (494-518 TFLOP/s at S = 4k against 480-494 for 128 x 64, listed beside "
      "it and spill-free): the key loop's copy for masks with holes reads the mask per column (32 byte loads per "
-     "thread and block) and values around the loops spill; the copy padded batches without holes run is "
-     "spill-free inside (D = 80, not compiled per variant: 30)"),
+     "thread and block) and values around the loops spill; compiled without that copy (mask-spans variants, "
+     "masks known hole-free) it is spill-free (D = 80, not compiled per variant: 30)"),
     ("dkdv", "d256-bf16", 90, 71, "no spill-free tile with 64 key rows among 10 tried (the former 32 x 64 on 4 "
      "warps spilled 1023 STL); 16 x 64 on 8 warps spills least"),
     ("dkdv", "d256-bf16-dropout", 90, 83, "as without dropout; the spill-free 32 x 32 tile has no wgmma"),
@@ -179,6 +187,8 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
         consts["ATOMIC_DQ"] = kind == "dkdv_atomic"
     if kernel is tk._attn_bwd_dq_kernel:
         consts["DELTA_ONLY"] = kind == "delta"
+    if kernel is tk._attn_fwd_kernel:
+        consts["MASK_HOLES"] = mask and variant not in SPAN_VARIANTS
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
     case = f"{kind}-{_allowance_case(kind, _case(kind, hd, fp32, dropout)[len(kind) + 1:], cc, variant)}"

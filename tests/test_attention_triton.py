@@ -188,6 +188,37 @@ def test_mask_spans_built_once_per_mask(device, monkeypatch):
     assert len(builds) == 3
 
 
+@pytest.mark.parametrize("mode", ["left", "third"])
+def test_hole_free_mask_forward(device, monkeypatch, mode):
+    """A mask noted hole-free (hf PaddingInfo does it for left / right padding) runs the forward
+    compiled without its loop copy for holes (MASK_HOLES off): same output and lse to the bit as
+    the general copy, which a mask with holes always takes."""
+    from llm2vec_fast import _tensor_cache as tc
+
+    launched = []
+    real = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kind, *a, **kw: launched.append((kind, a[3].get("MASK_HOLES"))) or real(kind, *a, **kw))
+    monkeypatch.setattr(tc, "_HOLE_FREE", [None])
+    B, S, H, Hkv, D = 3, 71, 4, 2, 64
+    mask = _mask(mode, B, S, device)
+    q = torch.randn(B, S, H, D, device=device, dtype=torch.float16)
+    k, v = (torch.randn(B, S, Hkv, D, device=device, dtype=torch.float16) for _ in range(2))
+
+    def run(m):
+        return flash_attn_noncausal(q, k, v, key_padding_mask=m, backend="triton", return_lse=True)
+
+    general = run(mask)
+    tc.note_hole_free(mask)
+    spans = run(mask)
+    assert [h for kind, h in launched if kind == "fwd"] == [True, False]
+    assert torch.equal(general[0], spans[0]) and torch.equal(general[1], spans[1])
+    want = ref.attention_padded_ref(q.float(), k.float(), v.float(), mask, 1 / math.sqrt(D))
+    assert max_err(spans[0].float(), want) < 4e-3  # fp16 output rounding; the equality above is the test
+    holes = _mask("random", B, S, device)
+    run(holes)
+    assert launched[-1] == ("fwd", True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_varlen_softcap_and_empty_sequences(dtype, device):
     # Length-0 sequences anywhere, length 1, and max_seqlen an upper bound, not exact.

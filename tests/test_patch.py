@@ -273,6 +273,28 @@ def test_padding_structure_built_once_per_forward(monkeypatch):
     assert len(built) == 2
 
 
+@pytest.mark.parametrize("rows,holes", [
+    ([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], False),   # right padding
+    ([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], False),   # left padding
+    ([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], False),   # both sides, and a row with no valid token
+    ([[1, 1, 1, 1, 1], [1, 0, 0, 0, 1]], True),    # a hole between valid tokens
+    ([[0, 1, 0, 1, 0], [1, 1, 1, 1, 1]], True),
+])
+def test_padding_info_holes(rows, holes):
+    """has_holes: some row's valid tokens are not one run. A hole-free mask is noted for the
+    Triton forward (this object, this version); one with holes is not."""
+    from llm2vec_fast import _tensor_cache as tc
+
+    mask = torch.tensor(rows, dtype=torch.bool)
+    tc._HOLE_FREE[0] = None
+    info = padmod.PaddingInfo(mask)
+    assert info.has_holes == holes and info.has_padding == (not mask.all())
+    assert tc.is_hole_free(mask) == (not holes) and not tc.is_hole_free(mask.clone())
+    if not holes:
+        mask[0, 0] = not mask[0, 0]  # an in-place change forgets the fact
+        assert not tc.is_hole_free(mask)
+
+
 def test_padding_info_roundtrip():
     mask = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
     info = padmod.PaddingInfo(mask)

@@ -17,6 +17,20 @@ from __future__ import annotations
 import torch
 
 from .._tensor_cache import cached as _cached
+from .._tensor_cache import note_hole_free
+
+
+def _has_holes(mask: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: some row of the ``(B, S)`` bool mask has a False entry between its
+    first and last True one (left and right padding have none). No host sync."""
+    if mask.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=mask.device)
+    m = mask.to(torch.int32)
+    S = m.shape[1]
+    first = m.argmax(dim=1)
+    last = S - 1 - m.flip(1).argmax(dim=1)
+    count = m.sum(dim=1)
+    return ((count > 0) & (count != last - first + 1)).any()
 
 
 class PaddingInfo:
@@ -25,6 +39,8 @@ class PaddingInfo:
     Attributes:
         mask: ``(B, S)`` bool, True = valid token.
         has_padding: False when every token is valid.
+        has_holes: True when some row's valid tokens are not one run (a padded position
+            between two valid ones); left / right padding has none.
         batch_idx, seq_idx: ``(N,)`` int64, the row and column of every valid token in
             row-major order.
         cu_seqlens: ``(B + 1,)`` int32 offsets of each row's valid tokens in the packed
@@ -32,18 +48,26 @@ class PaddingInfo:
         max_seqlen: Python int, the most valid tokens in one row.
         total: Python int ``N``.
 
-    ``has_padding`` is read at construction (one host sync per forward). The unpad
-    structure is built on first use and kept on the object, so the layers of one forward
-    share it; kernels that read the padded layout directly never pay for it. Valid tokens
-    need not be contiguous within a row (left, right or arbitrary padding): each row's
-    valid tokens form one sequence.
+    ``has_padding`` and ``has_holes`` are read at construction (one host sync per forward);
+    a mask without holes is noted (``_tensor_cache.note_hole_free``) so the Triton forward
+    compiles without its loop copy for holes. The unpad structure is built on first use and
+    kept on the object, so the layers of one forward share it; kernels that read the padded
+    layout directly never pay for it. Valid tokens need not be contiguous within a row
+    (left, right or arbitrary padding): each row's valid tokens form one sequence.
     """
 
-    __slots__ = ("mask", "has_padding", "_unpad", "__weakref__")
+    __slots__ = ("mask", "has_padding", "has_holes", "_unpad", "__weakref__")
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
-        self.has_padding = not bool(mask.all())
+        # one host sync for both facts: any padding, and any row whose valid tokens are not one
+        # run (a False entry between its first and last True)
+        all_valid, holes = torch.stack([mask.all(), _has_holes(mask)]).tolist()
+        self.has_padding = not all_valid
+        self.has_holes = bool(holes)
+        if not self.has_holes:
+            # the Triton forward then compiles without its loop copy for masks with holes
+            note_hole_free(mask)
         self._unpad = None
 
     def _structure(self):

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._tensor_cache import cached
+from ..._tensor_cache import cached, is_hole_free
 from ._tiles import record_tile, tile_name
 
 LOG2E = 1.4426950408889634
@@ -246,9 +246,13 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, MASK_HOLES: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: one query block of one head.
+
+    ``MASK_HOLES`` False (a mask known on the host to hold no holes, ``_tensor_cache.is_hole_free``):
+    only the loop copy for spans is compiled; the copy for masks with holes reads the mask per
+    column and, compiled beside it, made the 128 x 128 tile at D = 128 spill ~30 STL (sm_90).
 
     With ``DROPOUT``: ``O = (P * Z / (1 - p)) V`` for the keep mask ``Z`` of
     :func:`_dropout_keep` (``SEED`` one int64, ``drop_scale = 1 / (1 - p)``); the lse is
@@ -289,9 +293,10 @@ def _attn_fwd_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-        # Two copies of the loop only when a mask exists (static branch on HAS_MASK): with
-        # holes the mask is read per block, without them the span alone is exact.
-        if HAS_MASK:
+        # Two copies of the loop only when a mask that may have holes exists (static branch on
+        # HAS_MASK and MASK_HOLES): with holes the mask is read per block, without them the
+        # span alone is exact.
+        if HAS_MASK and MASK_HOLES:
             if holes:
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
@@ -823,8 +828,9 @@ def _cfg(bm, bn, w, s):
 # every layout variant: dense, packed, masked, each with and without softcap): dK/dV at
 # BLOCK_D 128 (above) and 256 (16 x 64 on 8 warps, ~70 STL, the least of the tiles tried),
 # and the masked variant of the 128 x 128 forward (~30 STL, from the loop copy for masks
-# with holes, which reads the mask per column; padded batches without holes run the other
-# copy, spill-free inside).
+# with holes, which reads the mask per column) where the mask is not known to be hole-free;
+# masks noted hole-free (hf PaddingInfo's left / right padding) compile without that copy
+# (MASK_HOLES off) and are spill-free.
 # BLOCK_D 32 has one entry: small heads are rare and memory-bound.
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
@@ -1217,7 +1223,7 @@ def attention_forward(
     consts = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), DOT_PREC="ieee" if fp32 else "tf32",
-        DROPOUT=bool(dropout_p), ROUNDS=PHILOX_ROUNDS,
+        DROPOUT=bool(dropout_p), ROUNDS=PHILOX_ROUNDS, MASK_HOLES=mask is not None and not is_hole_free(mask),
     )
     _launch("fwd", grid_len, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
     return out, lse
