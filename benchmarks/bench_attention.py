@@ -1,7 +1,11 @@
 """Non-causal attention benchmark: ours (Triton) against what users would pick instead.
 
 Providers (each only where it accepts the case):
-  ours          llm2vec_fast.flash_attn_noncausal(backend="triton") on (B, S, H, D), mask read by the kernel
+  ours          llm2vec_fast.flash_attn_noncausal(backend="triton") on (B, S, H, D), mask read by the kernel;
+                on padded cases the mask goes through hf.padding.padding_info first, as in a patched
+                model, which notes a left / right padded mask hole-free (the forward without its
+                loop copy for holes)
+  ours-holes    the same call with a copy of the mask that nobody noted: the general forward (padded cases)
   ours-varlen   flash_attn_varlen_noncausal(backend="triton") on the unpadded tokens (padded cases)
   ours-atomic   ours with the atomic backward (LLM2VEC_FAST_ATTN_BWD=atomic: one dK/dV kernel that
                 also accumulates dQ), bwd / full modes, where it has GPU tiles (16-bit, head dim 64-128)
@@ -92,7 +96,7 @@ def default_providers(case, device: str):
     if case["D"] in (64, 128):
         p += ["ours-atomic"]
     if case["lengths"] is not None:
-        p += ["ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
+        p += ["ours-holes", "ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
     else:
         p += ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
         if case["name"] == "gqa":
@@ -122,9 +126,17 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
     B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
     scale = 1.0 / math.sqrt(D)
     padded = case["lengths"] is not None
-    if name in ("ours", "ours-atomic"):  # run_one sets the atomic backward's environment
+    if name in ("ours", "ours-atomic", "ours-holes"):  # run_one sets the atomic backward's environment
+        from llm2vec_fast.hf.padding import padding_info
         from llm2vec_fast.ops.attention import flash_attn_noncausal
 
+        if name == "ours-holes":
+            if mask is None:
+                return None
+            general = mask.clone()  # a mask object nobody checked for holes
+            return lambda: flash_attn_noncausal(q, k, v, general, backend="triton")
+        if mask is not None:
+            padding_info(mask)  # what a patched model does once per forward (one host sync, outside the timing)
         return lambda: flash_attn_noncausal(q, k, v, mask, backend="triton")
     if name == "ours-varlen":
         from llm2vec_fast.ops.attention import flash_attn_varlen_noncausal
