@@ -11,8 +11,9 @@ kernel's) and for ``dkdv_atomic`` (the atomic backward: the dQ kernel's delta pa
 then the dK/dV kernel that accumulates dQ; the other kinds run the separate backward). Tiles that
 fail to compile or launch are reported and skipped. ``--layout padded`` times the masked
 kernels instead (the padded LLM2Vec batch: right padding, lengths uniform in [0.3, 1] x S;
-TFLOP/s on valid tokens), ``--layout holes`` the same lengths with every fifth token of each
-sequence masked too (the loop copy for masks with holes).
+TFLOP/s on valid tokens; the mask goes through ``padding_info`` as in a patched model, so the
+forward runs without its loop copy for holes), ``--layout holes`` the same lengths with every
+fifth token of each sequence masked too (the loop copy for masks with holes).
 
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv,dq
     python benchmarks/sweep_attention_tiles.py --d 64 --kinds dkdv --tiles 64x64w4s2,32x64w4s3
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
     valid = torch.full((B,), float(S), dtype=torch.float64) if mask is None else mask.sum(1).double()
     fwd_flops = float(4.0 * H * D * (valid * valid).sum())  # on valid tokens
     mask = None if mask is None else mask.to(dev)
+    if mask is not None:
+        from llm2vec_fast.hf.padding import padding_info
+
+        padding_info(mask)  # as a patched model does: a hole-free mask is noted, the forward skips its holes copy
     bd = att._block_d(D)
     tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS,
               "dkdv_atomic": att.BWD_DKDV_ATOMIC_CONFIGS}

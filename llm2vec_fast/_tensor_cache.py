@@ -19,17 +19,29 @@ def version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
-def cached(slot: list, key: torch.Tensor, build):
-    """``slot[0]``'s value when it was built from this very ``key`` at its current version,
-    else ``build()``, stored in ``slot`` (a one-element list owned by the caller)."""
+_MISS = object()
+
+
+def _lookup(slot: list, key: torch.Tensor):
+    """``slot[0]``'s value if it was stored for this very ``key`` at its current version, else ``_MISS``."""
     entry = slot[0]
     if entry is not None:
         ref, ver, value = entry
         if ref() is key and ver == version(key):
             return value
-    value = build()
+    return _MISS
+
+
+def _store(slot: list, key: torch.Tensor, value):
     slot[0] = (weakref.ref(key), version(key), value)
     return value
+
+
+def cached(slot: list, key: torch.Tensor, build):
+    """``slot[0]``'s value when it was built from this very ``key`` at its current version,
+    else ``build()``, stored in ``slot`` (a one-element list owned by the caller)."""
+    value = _lookup(slot, key)
+    return _store(slot, key, build()) if value is _MISS else value
 
 
 # Masks whose every row's True entries form one run (left / right padding, no holes), as
@@ -42,10 +54,9 @@ _HOLE_FREE: list = [None]
 
 def note_hole_free(mask: torch.Tensor) -> None:
     """Record that ``mask`` (this object, at its current version) has no holes."""
-    _HOLE_FREE[0] = (weakref.ref(mask), version(mask))
+    _store(_HOLE_FREE, mask, True)
 
 
 def is_hole_free(mask: torch.Tensor) -> bool:
     """Whether :func:`note_hole_free` was called for this very ``mask`` at its current version."""
-    entry = _HOLE_FREE[0]
-    return entry is not None and entry[0]() is mask and entry[1] == version(mask)
+    return _lookup(_HOLE_FREE, mask) is True

@@ -18,19 +18,7 @@ import torch
 
 from .._tensor_cache import cached as _cached
 from .._tensor_cache import note_hole_free
-
-
-def _has_holes(mask: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor: some row of the ``(B, S)`` bool mask has a False entry between its
-    first and last True one (left and right padding have none). No host sync."""
-    if mask.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=mask.device)
-    m = mask.to(torch.int32)
-    S = m.shape[1]
-    first = m.argmax(dim=1)
-    last = S - 1 - m.flip(1).argmax(dim=1)
-    count = m.sum(dim=1)
-    return ((count > 0) & (count != last - first + 1)).any()
+from ..kernels.reference import mask_spans
 
 
 class PaddingInfo:
@@ -62,7 +50,7 @@ class PaddingInfo:
         self.mask = mask
         # one host sync for both facts: any padding, and any row whose valid tokens are not one
         # run (a False entry between its first and last True)
-        all_valid, holes = torch.stack([mask.all(), _has_holes(mask)]).tolist()
+        all_valid, holes = torch.stack([mask.all(), mask_spans(mask)[2].any()]).tolist()
         self.has_padding = not all_valid
         self.has_holes = bool(holes)
         if not self.has_holes:

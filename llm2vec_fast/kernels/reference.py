@@ -174,6 +174,22 @@ def attention_padded_sdpa(q, k, v, key_padding_mask=None, softmax_scale=None, dr
 # --------------------------------------------------------------------------------------
 
 
+def mask_spans(mask: torch.Tensor):
+    """Per row of a ``(B, S)`` key padding mask: ``lo``, ``hi`` (int64, the span ``[lo, hi)`` of
+    its True entries, ``[0, 0)`` for a row with none) and ``holes`` (bool, a False entry inside
+    the span; left / right padding has none). On the mask's device, no host sync."""
+    m = mask.to(torch.int32)
+    S = m.shape[1]
+    anyv = m.any(dim=1) if S else torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
+    if S:
+        lo = torch.where(anyv, m.argmax(dim=1), 0)
+        hi = torch.where(anyv, S - m.flip(1).argmax(dim=1), 0)
+    else:
+        lo = hi = torch.zeros(m.shape[0], dtype=torch.int64, device=m.device)
+    holes = m.sum(dim=1) != hi - lo
+    return lo, hi, holes
+
+
 def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
     """Where the labelled rows are, without gathering them.
 

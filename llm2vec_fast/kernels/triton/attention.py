@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from ..._tensor_cache import cached, is_hole_free
+from .. import reference as ref
 from ._tiles import record_tile, tile_name
 
 LOG2E = 1.4426950408889634
@@ -1107,15 +1108,8 @@ def _mask_range(mask: torch.Tensor):
 
 def _build_mask_range(mask: torch.Tensor):
     m = mask.to(torch.bool)
-    S = m.shape[1]
-    mi = m.to(torch.int32)
-    lo = mi.argmax(dim=1)
-    hi = S - mi.flip(1).argmax(dim=1)
-    anyv = m.any(dim=1)
-    lo = torch.where(anyv, lo, torch.zeros_like(lo))
-    hi = torch.where(anyv, hi, torch.zeros_like(hi))
-    holes = (mi.sum(dim=1) != hi - lo).to(lo.dtype)
-    rng = torch.stack([lo, hi, holes], dim=1).to(torch.int32).contiguous()
+    lo, hi, holes = ref.mask_spans(m)
+    rng = torch.stack([lo, hi, holes.to(lo.dtype)], dim=1).to(torch.int32).contiguous()
     return m.contiguous().view(torch.uint8), rng
 
 

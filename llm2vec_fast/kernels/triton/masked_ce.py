@@ -829,6 +829,20 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
     return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
 
 
+def _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz=None):
+    """``_mce_rows_kernel`` over the fp32 logits chunk ``z`` (rows ``r0 ...`` of the labelled
+    rows): their loss, lse and argmax into ``loss`` / ``lse`` / ``arg`` at ``r0``, and with
+    ``dz`` (which may alias ``z``'s storage) their d logits."""
+    R, V = z.shape
+    bv, warps = _rows_block(V, z.is_cuda)
+    _mce_rows_kernel[(R,)](
+        z, b if b is not None else z, y[r0:r0 + R], z if dz is None else dz, loss[r0:r0 + R], lse[r0:r0 + R],
+        arg[r0:r0 + R], V, z.stride(0), z.stride(0) if dz is None else dz.stride(0), float(softcap or 1.0),
+        float(label_smoothing), float(z_loss), HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap),
+        HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv, WRITE_DZ=dz is not None, num_warps=warps, num_stages=ROWS_STAGES,
+    )
+
+
 def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
     """Loss, lse, correctness and the gradients of ``sum(loss)``, in one pass over the logits.
 
@@ -871,11 +885,6 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
         dh = _alloc((N, C), dt, dev) if need_h else None
     dw = _alloc((V, C), w.dtype, dev) if need_w else None
     db = torch.zeros((V,), device=dev, dtype=torch.float32) if need_b else None
-    bv, warps = _rows_block(V, flat_h.is_cuda)
-    consts = dict(
-        HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
-        WRITE_DZ=True, num_warps=warps, num_stages=ROWS_STAGES,
-    )
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         if in_grad:
@@ -886,11 +895,7 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
             z = _logits_fp32(hc, w)
         # dz over z's own storage: the same positions in fp32, the first half of each row in 16 bits
         dz = z if dt == torch.float32 else z.view(dt)[:, :V]
-        _mce_rows_kernel[(r1 - r0,)](
-            z, b if b is not None else z, y[r0:r1], dz, loss[r0:r1], lse[r0:r1], arg[r0:r1],
-            V, z.stride(0), dz.stride(0), float(softcap or 1.0), float(label_smoothing), float(z_loss),
-            **consts,
-        )
+        _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz=dz)
         if need_h:
             torch.mm(dz, w, out=dh[r0:r1])
         if need_w:
@@ -940,18 +945,12 @@ def masked_ce_forward_gemm(flat_h, h_index, w, b, y, softcap, label_smoothing, z
     arg = _alloc((N,), torch.int32, dev)
     # one chunk buffer, reused, where the GEMM can write into it (else a fresh one per chunk)
     zbuf = _alloc((min(N, R) * V,), torch.float32, dev) if _mm_out_fp32_ok(flat_h) else None
-    bv, warps = _rows_block(V, flat_h.is_cuda)
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
         hc = flat_h.index_select(0, h_index[r0:r1])
         z = _logits_fp32(hc, w, zbuf[: (r1 - r0) * V].view(r1 - r0, V) if zbuf is not None else None)
         del hc
-        _mce_rows_kernel[(r1 - r0,)](
-            z, b if b is not None else z, y[r0:r1], z, loss[r0:r1], lse[r0:r1], arg[r0:r1],
-            V, z.stride(0), z.stride(0), float(softcap or 1.0), float(label_smoothing), float(z_loss),
-            HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
-            WRITE_DZ=False, num_warps=warps, num_stages=ROWS_STAGES,
-        )
+        _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss)
     return loss, lse, arg == y
 
 
