@@ -76,7 +76,34 @@ def _compile_all(cc: int) -> list[dict]:
             except Exception as e:  # reported by the test with the config's name
                 r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
             out.append(r)
-    out += _compile_rows(cc) + _compile_scale(cc)
+    out += _compile_rows(cc) + _compile_scale(cc) + _compile_move(cc)
+    return out
+
+
+def _compile_move(cc: int) -> list[dict]:
+    """The in-place row move (``_move_rows_kernel``), 16-bit and fp32 rows. Its barrier
+    must sit between the block's loads and its stores (a destination can be another thread's
+    source row of the same block): the PTX's first ``bar.sync`` comes after the first global
+    load of the loop body and before its first global store."""
+    from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
+
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    out = []
+    consts = dict(BLOCK_R=mce.MOVE_BLOCK_R, BLOCK_C=mce.MOVE_BLOCK_C)
+    for elem in ("bf16", "fp32"):
+        sig = triton_signature(mce._move_rows_kernel, consts, {"Buf": "*E", "Idx": "*i64"}, (), elem)
+        r = dict(id=f"move-{elem}-sm{cc}", fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+        try:
+            info = compile_for(mce._move_rows_kernel, sig, consts, cc, mce.MOVE_WARPS, 1,
+                               divisible={"Buf", "Idx", "C", "stride"})
+            r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
+            ptx = info["ptx"]
+            first = {op: ptx.find(op) for op in ("ld.global.v4", "bar.sync", "st.global.v4")}
+            r["barrier_between"] = 0 <= first["ld.global.v4"] < first["bar.sync"] < first["st.global.v4"]
+        except Exception as e:
+            r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+        out.append(r)
     return out
 
 
@@ -158,7 +185,10 @@ def test_config_lists_are_what_the_autotuners_use():
 def test_compile_configs(cc):
     from helpers import assert_compile_results, run_compile_worker
 
-    assert_compile_results(run_compile_worker(__file__, cc), cc)
+    results = run_compile_worker(__file__, cc)
+    assert_compile_results(results, cc)
+    moves = [r for r in results if r["id"].startswith("move-")]
+    assert len(moves) == 2 and all(r["barrier_between"] for r in moves), moves
 
 
 if __name__ == "__main__":  # the worker: python tests/test_masked_ce_compile.py CC

@@ -10,6 +10,7 @@ that, or the measurement is blind and the test fails.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -138,8 +139,8 @@ def test_shift_gathers_without_copying_hidden(strategy, backend):
 @pytest.mark.parametrize("strategy", ["eager", "two_pass"])
 @pytest.mark.parametrize("w_grad", [False, True], ids=["frozen-head", "d-weight"])
 def test_triton_needs_only_the_gradients(monkeypatch, w_grad, strategy):
-    """The Triton forward + backward allocates hidden's gradient, d weight, vectors of the
-    labelled rows and one copied block while the rows are moved into place, nothing else:
+    """The Triton forward + backward allocates hidden's gradient, d weight and vectors of the
+    labelled rows, nothing else (the rows move into place without a copy):
     the eager logits chunks and gathered rows, and the two-pass backward's gathered rows,
     fp32 accumulator and d-logits buffer, live in the gradient's unlabelled rows. Counted
     from the CPU allocator's own events (``helpers.allocation_peak``), on a GPU by
@@ -172,7 +173,7 @@ def test_triton_needs_only_the_gradients(monkeypatch, w_grad, strategy):
     assert in_grad and -(-n // rows) >= 2, (n, rows)
     assert mce.SPLIT_ALIGN <= mce.two_pass_plan(n, V, B * T, C, 4, True) < V
     grads = hidden.numel() * 4 + (weight.numel() * 4 if w_grad else 0)
-    bound = grads + mce.PLACE_BLOCK_BYTES + (128 << 10)
+    bound = grads + (128 << 10)
     peaks = {}
     for mode in (True, False):
         monkeypatch.setattr(mce, "IN_GRAD", mode)
@@ -180,8 +181,18 @@ def test_triton_needs_only_the_gradients(monkeypatch, w_grad, strategy):
         w = weight.clone().requires_grad_(w_grad)
         mce.masked_linear_cross_entropy_triton(h[:1, :9], w, labels[:1, :9], strategy=strategy).backward()
         h.grad = w.grad = None
-        peaks[mode] = measure(lambda: mce.masked_linear_cross_entropy_triton(h, w, labels, strategy=strategy).backward())
+
+        def step():
+            loss = mce.masked_linear_cross_entropy_triton(h, w, labels, strategy=strategy)
+            # Interpreter launches leave reference cycles holding their tensor arguments (the
+            # two-pass forward's gathered rows would outlive it into the backward's window);
+            # on a GPU they are freed when the forward drops them.
+            gc.collect()
+            loss.backward()
+
+        peaks[mode] = measure(step)
         assert torch.isfinite(h.grad).all()
     mib = {k: round(v / 2**20, 2) for k, v in peaks.items()}
-    assert peaks[True] <= bound, f"peak {mib} MiB over the gradients + one chunk ({bound / 2**20:.2f} MiB)"
-    assert peaks[False] > bound + n * C * 4, f"the control's extra buffers are not visible: {mib}"
+    assert peaks[True] <= bound, f"peak {mib} MiB over the gradients + 128 KiB ({bound / 2**20:.2f} MiB)"
+    # the control keeps at least the labelled rows' gradient (N x C) beside the full one
+    assert peaks[False] > bound + n * C * 4 // 2, f"the control's extra buffers are not visible: {mib}"

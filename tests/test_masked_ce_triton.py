@@ -311,19 +311,27 @@ def test_eager_makes_logits_once(device, monkeypatch, frozen):
 @pytest.mark.parametrize("n_rows,N,block,layout", [
     (50, 1, 1, "random"), (50, 17, 4, "random"), (50, 17, 17, "random"), (50, 17, 100, "random"),
     (50, 50, 7, "random"), (64, 10, 3, "last"), (64, 10, 4, "first"), (300, 97, 16, "random"),
+    # the kernel (block None): one program per 64 columns, 256-row steps, last first
+    (50, 17, None, "random"), (64, 10, None, "last"), (64, 10, None, "first"), (50, 50, None, "random"),
+    (700, 300, None, "random"), (700, 600, None, "random"), (1100, 513, None, "dense-tail"),
 ])
-def test_place_rows(device, n_rows, N, block, layout):
+@pytest.mark.parametrize("C", [5, 64, 130])
+def test_place_rows(device, n_rows, N, block, layout, C):
     """Rows [0, N) land on h_index (strictly increasing, h_index[i] >= i), every other row is
-    zero, whatever the block size: the in-place move the eager forward ends with."""
-    C = 5
+    zero: the in-place move the eager forward ends with, by the kernel (``block`` None: whole
+    256-row steps, a partial one, column blocks past C) and by the copied-block loop."""
+    g = torch.Generator().manual_seed(n_rows * 31 + N + C)
     if layout == "first":
-        idx = torch.arange(N, device=device)
+        idx = torch.arange(N)
     elif layout == "last":
-        idx = torch.arange(n_rows - N, n_rows, device=device)
+        idx = torch.arange(n_rows - N, n_rows)
+    elif layout == "dense-tail":  # the first rows in place, then every other row: long chains of moves
+        idx = torch.cat([torch.arange(N - 257), torch.arange(N - 257, n_rows, 2)[:257]])
     else:
-        idx = torch.randperm(n_rows, device=device)[:N].sort().values
-    rows = torch.randn(N, C, device=device)
-    buf = torch.randn(n_rows, C, device=device) * 1e3  # stale data: the logits chunks were here
+        idx = torch.randperm(n_rows, generator=g)[:N].sort().values
+    idx = idx.to(device)
+    rows = torch.randn(N, C, generator=g).to(device)
+    buf = torch.randn(n_rows, C, generator=g).to(device) * 1e3  # stale data: the logits chunks were here
     buf[:N] = rows
     mce._place_rows(buf, idx, block)
     want = torch.zeros(n_rows, C, device=device)

@@ -48,8 +48,9 @@ Design (why it is built this way):
   ``dW += dz.T @ h_c`` on cuBLAS. With d hidden wanted (``IN_GRAD``), hidden's whole
   gradient is built right there: the labelled rows' gradients fill its first rows, each
   chunk's logits and gathered rows use the unlabelled rows' room (as many rows as fit), and
-  the rows move into place at the end (``_place_rows``), so the op allocates no more than
-  the gradients themselves plus a 1 MiB copy (cut-cross-entropy's footprint). Otherwise a
+  the rows move into place at the end (``_place_rows``, one kernel, no copy), so the op
+  allocates no more than the gradients themselves and vectors of the labelled rows
+  (cut-cross-entropy's footprint). Otherwise a
   chunk is a buffer of its own of at most ``EAGER_CHUNK_ELEMS // V`` rows (64 MB fp32).
   That is 3 GEMMs of ``N x C x V`` with d weight and 2 without (a frozen LM head, the LoRA
   MNTP recipe) instead of 4 and 3. The gradients are those of ``sum(loss)``
@@ -745,7 +746,7 @@ def eager_rows(N: int, V: int) -> int:
 # chunk's fp32 logits and gathered rows live in that buffer's unlabelled part until the
 # labelled rows' gradients are put in place: the op then allocates nothing beyond the
 # gradients themselves (the buffer the backward must return anyway, and d weight) but
-# vectors of N and a <= PLACE_BLOCK_BYTES copy. With buffers of its own the peak was the
+# vectors of N. With buffers of its own the peak was the
 # gradients + N x C (the labelled rows' gradient kept from forward to backward, beside the
 # full one: 26 MiB at C = 4096, 16k tokens, 20% labelled; the 64 MiB logits chunk lived in
 # the forward only), or the forward's chunk where that is larger than hidden's gradient
@@ -763,8 +764,8 @@ EAGER_SCRATCH_MIN_ROWS = 256
 # The labelled rows' gradients sit in rows [0, N) of the buffer; the chunks start at row N
 # rounded up to this (even fp32 offsets, 16-byte alignment for cuBLAS at any C).
 SCRATCH_ROW_ALIGN = 16
-# The rows are moved into place in blocks of at most this many bytes (each block is copied
-# first: the one allocation of the in-place eager forward that is not a gradient).
+# The copied-block fallback of the row move (``_place_rows`` with a block size, or rows that
+# are not contiguous) copies blocks of at most this many bytes.
 PLACE_BLOCK_BYTES = 1 << 20
 
 
@@ -954,23 +955,72 @@ def masked_ce_forward_gemm(flat_h, h_index, w, b, y, softcap, label_smoothing, z
     return loss, lse, arg == y
 
 
+# The in-place row move (``_place_rows``) as one kernel launch: program ``p`` owns columns
+# ``[p * MOVE_BLOCK_C, ...)`` of every row and walks the labelled rows from the last block of
+# ``MOVE_BLOCK_R`` down to the first, loading a block, then (after a barrier: every thread of
+# the program has read it) storing it at ``h_index``. Row ``i`` goes to ``h_index[i] >= i``,
+# so a block's stores land at or above its first row: on rows the program has already read
+# (this block's, behind the barrier, or a later block's, read in an earlier step), never on a
+# row still to be read. Programs share no column. No copy, no host loop: the former
+# block-by-block copy took ~4 host calls per 1 MiB block (27 blocks at C = 4096, 16k tokens,
+# 20% labelled) and its 1 MiB copy was what the eager forward allocated beyond the gradients.
+MOVE_BLOCK_R = 256
+MOVE_BLOCK_C = 64
+MOVE_WARPS = 8
+
+
+@triton.jit
+def _move_rows_kernel(Buf, Idx, N, C, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows ``[0, N)`` of ``Buf`` (row stride ``stride``) to rows ``Idx`` (strictly
+    increasing, ``Idx[i] >= i``), columns ``[program * BLOCK_C, ...)``, in place."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    nblk = tl.cdiv(N, BLOCK_R)
+    for k in range(0, nblk):
+        rows = (nblk - 1 - k) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < N
+        dst = tl.load(Idx + rows, mask=rmask, other=0)
+        m = rmask[:, None] & cmask[None, :]
+        x = tl.load(Buf + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=m)
+        # Every thread's reads of this block before any thread's writes: a destination may be
+        # another thread's source row in this very block.
+        tl.debug_barrier()
+        tl.store(Buf + dst.to(tl.int64)[:, None] * stride + cols[None, :], x, mask=m)
+
+
+def _move_rows(buf: torch.Tensor, h_index: torch.Tensor) -> None:
+    """``buf[h_index] = buf[:N]`` in place (``_move_rows_kernel``); ``buf`` row-contiguous."""
+    N, C = h_index.shape[0], buf.shape[1]
+    if N == 0 or C == 0:
+        return
+    _move_rows_kernel[(triton.cdiv(C, MOVE_BLOCK_C),)](
+        buf, h_index, N, C, buf.stride(0), BLOCK_R=MOVE_BLOCK_R, BLOCK_C=MOVE_BLOCK_C, num_warps=MOVE_WARPS,
+        num_stages=1,
+    )
+
+
 def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = None) -> None:
     """Move rows ``[0, N)`` of ``buf`` to rows ``h_index`` (``N`` of them, strictly increasing)
     and zero every other row, in place.
 
-    Row ``i`` goes to ``h_index[i] >= i``. Blocks of ``block`` rows (default: as many as fit
-    in ``PLACE_BLOCK_BYTES``) move last block first,
-    each through a copy of itself: a block's destinations lie at or above its first row, where
-    every source row is either its own (copied before the move) or a later block's (already
-    moved), so no row is overwritten before it is read. Memory beyond ``buf``: one block.
+    Row ``i`` goes to ``h_index[i] >= i``. One kernel launch moves them
+    (``_move_rows_kernel``, no copy). With ``block`` given (the tests' oracle), or a buffer
+    whose rows are not contiguous, blocks of ``block`` rows (default: as many as fit in
+    ``PLACE_BLOCK_BYTES``) move last block first, each through a copy of itself: a block's
+    destinations lie at or above its first row, where every source row is either its own
+    (copied before the move) or a later block's (already moved), so no row is overwritten
+    before it is read.
     """
     N = h_index.shape[0]
-    block = block or max(1, PLACE_BLOCK_BYTES // (buf.shape[1] * buf.element_size()))
-    for a in range(triton.cdiv(N, block) * block - block, -1, -block):
-        b = min(N, a + block)
-        buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
-    keep = torch.zeros(buf.shape[0], device=buf.device, dtype=torch.bool).index_fill_(0, h_index, True)
-    buf.masked_fill_(~keep[:, None], 0)
+    if block is None and buf.stride(1) == 1:
+        _move_rows(buf, h_index)
+    else:
+        block = block or max(1, PLACE_BLOCK_BYTES // (buf.shape[1] * buf.element_size()))
+        for a in range(triton.cdiv(N, block) * block - block, -1, -block):
+            b = min(N, a + block)
+            buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
+    drop = torch.ones(buf.shape[0], device=buf.device, dtype=torch.bool).index_fill_(0, h_index, False)
+    buf.masked_fill_(drop[:, None], 0)
 
 
 def _scatter_rows(rows: torch.Tensor, h_index: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -1100,7 +1150,7 @@ def masked_linear_cross_entropy_triton(
     labelled rows sets every later shape). Kernels, the split combine, the reductions and
     the backward launch without further host syncs.
     """
-    flat_h, h_index, y_sel, index, shape = ref.labelled_rows(hidden, labels, shift, ignore_index)
+    flat_h, h_index, y_sel, index, shape = ref.labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0])
     n = h_index.shape[0]
     if n == 0:
         # Keep the graph connected so backward gives exact zeros, never NaN.
