@@ -45,6 +45,9 @@ def test_attention_padded_bad_input():
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    # triton imported here first would build its own jit helpers (tl.sum, ...) uninterpreted
+    # for the rest of the process: import it while the interpreter setting still holds
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q = torch.randn(1, 3, 2, 16)
     with pytest.raises(ValueError, match="triton"):
@@ -74,6 +77,52 @@ def test_masked_ce_bad_input():
         L.masked_linear_cross_entropy(h, w, y, torch.randn(19))
     with pytest.raises(ValueError, match="shift"):
         L.masked_linear_cross_entropy(h, w, y, shift=5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_ce_label_range_in_the_one_sync(backend):
+    """The label range check rides on the op's one host sync (finding the labelled rows):
+    a forward + backward makes one ``nonzero`` and reads no other value to the host; a label
+    outside [0, V) that the shift keeps raises with its value, one the shift drops (the
+    first position's, predicted by nothing) is never read."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from llm2vec_fast.ops._dispatch import interpreter_on
+
+        if not (torch.cuda.is_available() or interpreter_on()):
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    dev = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 9, 16, generator=g).to(dev).requires_grad_()
+    w = torch.randn(37, 16, generator=g).to(dev).requires_grad_()
+    y = torch.randint(0, 37, (2, 9), generator=g)
+    y[:, 3] = -100
+    y[:, 0] = 37  # out of range, but dropped by the shift
+    y = y.to(dev)
+    with Count() as c:
+        L.masked_linear_cross_entropy(h, w, y, backend=backend).backward()
+    host_reads = [o for o in c.ops if o.startswith(("_local_scalar_dense", "item", "is_nonzero"))]
+    assert c.ops.count("nonzero.default") == 1 and not host_reads, c.ops
+    for bad in (37, -1, 10**6):
+        y2 = y.clone()
+        y2[1, 5] = bad
+        with pytest.raises(ValueError, match=f"labels: expected values in \\[0, 37\\).*found {bad}"):
+            L.masked_linear_cross_entropy(h, w, y2, backend=backend)
+    y2 = torch.where(y == -100, -7, y)
+    L.masked_linear_cross_entropy(h, w, y2, ignore_index=-7, backend=backend)  # any ignore_index is fine
+    with pytest.raises(ValueError, match="found -100"):  # ... and the default one is then out of range
+        L.masked_linear_cross_entropy(h, w, y, ignore_index=-7, backend=backend)
 
 
 def test_pooling_bad_input():

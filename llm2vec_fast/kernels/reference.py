@@ -190,7 +190,7 @@ def mask_spans(mask: torch.Tensor):
     return lo, hi, holes
 
 
-def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int, vocab: int | None = None):
     """Where the labelled rows are, without gathering them.
 
     hidden ``(B, T, C)`` or ``(N, C)``; labels ``(B, T)`` or ``(N,)``. With ``shift=s`` the
@@ -201,6 +201,9 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore
     copies all of it and whose backward pads a second full-size gradient), ``h_index`` the
     labelled rows of ``flat_h``, ``y_sel`` their labels, ``index`` their positions in the
     flattened shifted label grid and ``shape`` that grid's shape.
+
+    ``vocab``: also check that every label the shift keeps lies in ``[0, vocab)`` (or is
+    ``ignore_index``), raising ``ValueError`` otherwise, within the same host sync.
     ``torch.nonzero`` here is the one host synchronisation of the op (the number of
     labelled rows decides every later shape).
     """
@@ -214,19 +217,32 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore
     shape = labels.shape
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
-    index = torch.nonzero(flat_y != ignore_index).squeeze(1)
+    keep = flat_y != ignore_index
+    if vocab is None:
+        index = torch.nonzero(keep).squeeze(1)
+    else:
+        # The range check rides on nonzero's own sync: a bad label appends n + 1 more nonzero
+        # entries, so the count (which nonzero must bring to the host anyway) tells.
+        n = keep.numel()
+        bad = keep & ((flat_y < 0) | (flat_y >= vocab))
+        index = torch.nonzero(torch.cat([keep, bad.any().expand(n + 1)])).squeeze(1)
+        if index.shape[0] > n:
+            first = flat_y[bad][0].item()
+            raise ValueError(f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}, found {first}")
     h_index = index if rows is None else index + torch.div(index, rows, rounding_mode="floor") * shift
     return flat_h, h_index, flat_y.index_select(0, index), index, shape
 
 
-def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int):
-    """Apply the shift and gather the rows that carry a label (see :func:`labelled_rows`).
+def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int,
+                         vocab: int | None = None):
+    """Apply the shift and gather the rows that carry a label (see :func:`labelled_rows`,
+    which also checks the labels against ``vocab`` when given).
 
     Returns ``(h_sel (N, C), y_sel (N,), index (N,) into the flattened shifted label grid,
     shifted label shape)``. Differentiable in hidden (its backward is one full-size zero
     gradient with the rows added in).
     """
-    flat_h, h_index, y_sel, index, shape = labelled_rows(hidden, labels, shift, ignore_index)
+    flat_h, h_index, y_sel, index, shape = labelled_rows(hidden, labels, shift, ignore_index, vocab)
     return flat_h.index_select(0, h_index), y_sel, index, shape
 
 
@@ -482,7 +498,7 @@ def masked_linear_cross_entropy_ref(
     forward from whole rows of logits (one GEMM fewer; see :func:`eager_allowed`);
     ``"auto"`` is eager whenever gradients are wanted and it is allowed.
     """
-    h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index)
+    h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0])
     cdt = _compute_dtype(hidden.dtype, upcast)
     n = h_sel.shape[0]
     if n == 0:

@@ -46,13 +46,6 @@ def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smo
         raise ValueError(f"z_loss: expected a float >= 0, got {z_loss!r}")
 
 
-def _check_label_range(labels, V, ignore_index):
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"labels: expected values in [0, {V}) or ignore_index={ignore_index}, found {first}")
-
-
 def masked_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -103,15 +96,16 @@ def masked_linear_cross_entropy(
         The loss (fp32), and the accuracy when asked. Every label ignored gives a loss of 0
         and zero gradients, never NaN.
 
-    Synchronisation: gathering the labelled rows (``torch.nonzero``) syncs once because
-    every later shape depends on their number; the label range check syncs once more.
+    Synchronisation: one. Finding the labelled rows (``torch.nonzero``) syncs because every
+    later shape depends on their number; the label range check rides on that sync
+    (``reference.labelled_rows``).
 
-    Raises ``ValueError`` for bad ranks / shapes / dtypes, labels outside ``[0, V)`` other
-    than ``ignore_index``, an unknown ``strategy``, and ``strategy="eager"`` with
-    ``reduction="none"`` when weight or bias requires grad.
+    Raises ``ValueError`` for bad ranks / shapes / dtypes, labels that the shift keeps
+    outside ``[0, V)`` other than ``ignore_index`` (checked before the LM head is touched),
+    an unknown ``strategy``, and ``strategy="eager"`` with ``reduction="none"`` when weight
+    or bias requires grad.
     """
     _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss, strategy)
-    _check_label_range(labels, weight.shape[0], ignore_index)
     be = resolve_backend("masked_linear_cross_entropy", backend, hidden)
     if be == "triton":
         try:
