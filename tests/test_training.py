@@ -268,3 +268,29 @@ def test_group_by_length_keeps_batches_homogeneous():
     assert max(spread) <= 3, spread
     firsts = [len(b[0]["input_ids"]) for b in blocks]
     assert firsts != sorted(firsts), "block order must still be shuffled"
+
+
+def test_token_count_reads_the_device_only_when_logging():
+    """The trainers' throughput counter sums attention-mask tokens where the mask lives and
+    reads the sum only when asked (a log line): no host read per step."""
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llm2vec_fast.training.trainers import _BaseTrainer
+
+    class HostReads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("_local_scalar_dense", "item")):
+                HostReads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    state = SimpleNamespace(_token_sum=None, _samples=0)
+    masks = [torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 0, 0]])]
+    with HostReads():
+        for m in masks:
+            _BaseTrainer._count(state, {"attention_mask": m, "input_ids": torch.zeros_like(m)})
+    assert HostReads.n == 0
+    assert _BaseTrainer._tokens.fget(state) == 6 and state._samples == 3

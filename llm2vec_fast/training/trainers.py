@@ -103,9 +103,14 @@ class _BaseTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._tokens = 0
+        self._token_sum = None  # attention-mask tokens seen, summed on the inputs' device
         self._samples = 0
         self._last_log = (time.perf_counter(), 0, 0)
+
+    @property
+    def _tokens(self) -> int:
+        """Tokens seen so far: reads the device sum (a host sync, at log time only)."""
+        return 0 if self._token_sum is None else int(self._token_sum)
 
     def _get_train_sampler(self, *args, **kwargs):
         # The datasets are arranged so that consecutive global batches are the intended ones
@@ -118,7 +123,10 @@ class _BaseTrainer(Trainer):
         super()._save(output_dir, state_dict=_dedup_shared(state_dict))
 
     def _count(self, inputs):
-        self._tokens += int(inputs["attention_mask"].sum())
+        # Summed where the mask lives, read only when a log line wants it: int() here was a
+        # host sync at every step, draining the GPU's queue before the step's first kernel.
+        n = inputs["attention_mask"].sum()
+        self._token_sum = n if self._token_sum is None else self._token_sum + n
         self._samples += int(inputs["input_ids"].shape[0])
 
     def log(self, logs, *args, **kwargs):
