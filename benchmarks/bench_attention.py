@@ -6,6 +6,8 @@ Providers (each only where it accepts the case):
                 model, which notes a left / right padded mask hole-free (the forward without its
                 loop copy for holes)
   ours-holes    the same call with a copy of the mask that nobody noted: the general forward (padded cases)
+  ours-gridorder  ours with the kernels' programs taking the sequences in batch order instead of
+                longest first (attention.LONGEST_FIRST off; padded cases)
   ours-varlen   flash_attn_varlen_noncausal(backend="triton") on the unpadded tokens (padded cases)
   ours-atomic   ours with the atomic backward (LLM2VEC_FAST_ATTN_BWD=atomic: one dK/dV kernel that
                 also accumulates dQ), bwd / full modes, where it has GPU tiles (16-bit, head dim 64-128)
@@ -96,7 +98,7 @@ def default_providers(case, device: str):
     if case["D"] in (64, 128):
         p += ["ours-atomic"]
     if case["lengths"] is not None:
-        p += ["ours-holes", "ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
+        p += ["ours-holes", "ours-gridorder", "ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
     else:
         p += ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
         if case["name"] == "gqa":
@@ -126,13 +128,13 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
     B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
     scale = 1.0 / math.sqrt(D)
     padded = case["lengths"] is not None
-    if name in ("ours", "ours-atomic", "ours-holes"):  # run_one sets the atomic backward's environment
+    if name in ("ours", "ours-atomic", "ours-holes", "ours-gridorder"):  # run_one sets their switches
         from llm2vec_fast.hf.padding import padding_info
         from llm2vec_fast.ops.attention import flash_attn_noncausal
 
+        if name in ("ours-holes", "ours-gridorder") and mask is None:
+            return None
         if name == "ours-holes":
-            if mask is None:
-                return None
             general = mask.clone()  # a mask object nobody checked for holes
             return lambda: flash_attn_noncausal(q, k, v, general, backend="triton")
         if mask is not None:
@@ -234,6 +236,14 @@ def valid_flops(case, mode):
 
 
 def run_one(provider, case, mode, device, dtype):
+    if provider == "ours-gridorder":
+        from llm2vec_fast.kernels.triton import attention as tk
+
+        tk.LONGEST_FIRST = False  # forward and backward, timing and warm-up
+        try:
+            return _run_one(provider, case, mode, device, dtype)
+        finally:
+            tk.LONGEST_FIRST = True
     if provider.endswith("-atomic"):
         if mode == "fwd":
             return None  # the same forward as without "-atomic"

@@ -94,11 +94,12 @@ SPILL_ALLOWANCES = [
      "(64 STL) and 64 x 64 w8 s1 (41) are listed beside two spill-free 32-row tiles for the autotuner to weigh"),
     ("dkdv", "d128-bf16", 90, 78, "as at D = 80 (64 x 64 w4 s2 in the packed softcapped variant spills most; 39 dense)"),
     ("dkdv_atomic", "d128-bf16", 90, 64, "as at D = 80"),
-    ("fwd", "d128-bf16:mask,mask-softcap", 90, 29, "the masked variants of the 128 x 128 tile on 8 warps (7 STL with softcap), which "
+    ("fwd", "d128-bf16:mask,mask-softcap", 90, 30, "the masked variants of the 128 x 128 tile on 8 warps (7 STL with softcap), which "
      "the sweep measured fastest unmasked (494-518 TFLOP/s at S = 4k against 480-494 for 128 x 64, listed beside "
      "it and spill-free): the key loop's copy for masks with holes reads the mask per column (32 byte loads per "
      "thread and block) and values around the loops spill; compiled without that copy (mask-spans variants, "
-     "masks known hole-free) it is spill-free (D = 80, not compiled per variant: 30)"),
+     "masks known hole-free) it is spill-free (D = 80, not compiled per variant: 30); 29 -> 30 when the kernels "
+     "began reading their sequence from the longest-first order (a loaded index ptxas cannot rematerialise)"),
     ("dkdv", "d256-bf16", 90, 71, "no spill-free tile with 64 key rows among 10 tried (the former 32 x 64 on 4 "
      "warps spilled 1023 STL); 16 x 64 on 8 warps spills least"),
     ("dkdv", "d256-bf16-dropout", 90, 83, "as without dropout; the spill-free 32 x 32 tile has no wgmma"),
@@ -174,7 +175,7 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
 
     kernel = _kinds()[kind][0]
     ptrs = {n: "*E" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64")
+    ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64", ORDER="*i32")
     if kernel is tk._attn_bwd_dkdv_kernel:
         ptrs["DQ"] = "*fp32"  # the atomic backward's accumulator (a dummy without ATOMIC_DQ)
     varlen, mask, softcap = VARIANTS[variant]

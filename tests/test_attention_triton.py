@@ -219,6 +219,65 @@ def test_hole_free_mask_forward(device, monkeypatch, mode):
     assert launched[-1] == ("fwd", True)
 
 
+def test_sequence_order_longest_first(device):
+    """Where lengths vary the programs take their sequences longest first: the order is a
+    stable descending argsort of the lengths (varlen: query + key lengths; padded: the mask's
+    span), built once per cu_seqlens / mask object."""
+    cu = _cu([3, 9, 0, 9, 4], device)
+    assert tk._varlen_order(cu, cu).tolist() == [1, 3, 4, 0, 2]
+    assert tk._varlen_order(cu, cu) is tk._varlen_order(cu, cu)  # cached for the object
+    cu_k = _cu([5, 1, 1, 1, 1], device)
+    assert tk._varlen_order(cu, cu_k).tolist() == [1, 3, 0, 4, 2]  # 8, 10, 1, 10, 5
+    mask = torch.zeros(4, 10, dtype=torch.bool, device=device)
+    mask[0, :4] = mask[1, 2:9] = mask[3, 5:] = True
+    mask[1, 5] = False  # a hole counts inside its span
+    assert tk._mask_range(mask)[2].tolist() == [1, 3, 0, 2]
+
+
+@pytest.mark.parametrize("layout", ["varlen", "padded"])
+def test_kernels_take_sequences_from_the_order(device, monkeypatch, layout):
+    """The three kernels read each program's sequence from the order: the identity order
+    (``LONGEST_FIRST`` off) gives the same bits as longest first, and an order that names
+    sequence 0 for every program leaves the other sequences unwritten (NaN-poisoned)."""
+    lens = [7, 40, 0, 23]
+    B, S, H, Hkv, D = len(lens), max(lens), 4, 2, 32
+    gen = torch.Generator().manual_seed(11)
+    if layout == "varlen":
+        cu = _cu(lens, device)
+        shapes = [(sum(lens), H, D), (sum(lens), Hkv, D), (sum(lens), Hkv, D)]
+    else:
+        mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+        for b, n in enumerate(lens):
+            mask[b, :n] = True
+        shapes = [(B, S, H, D), (B, S, Hkv, D), (B, S, Hkv, D)]
+    qkv = [torch.randn(sh, generator=gen).to(device) for sh in shapes]
+    do = torch.randn(shapes[0], generator=gen).to(device)
+
+    def run():
+        q, k, v = (t.clone().requires_grad_() for t in qkv)
+        if layout == "varlen":
+            out = flash_attn_varlen_noncausal(q, k, v, cu, cu, S, S, backend="triton")
+        else:
+            out = flash_attn_noncausal(q, k, v, key_padding_mask=mask, backend="triton")
+        return [out.detach()] + list(torch.autograd.grad(out, (q, k, v), do))
+
+    monkeypatch.setattr(tk, "_ORDER_SLOT", [None])
+    monkeypatch.setattr(tk, "_RANGE_SLOT", [None])
+    longest = run()
+    monkeypatch.setattr(tk, "LONGEST_FIRST", False)
+    for a, b in zip(longest, run()):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(tk, "LONGEST_FIRST", True)
+    monkeypatch.setattr(tk, "_ORDER_SLOT", [None])
+    monkeypatch.setattr(tk, "_RANGE_SLOT", [None])
+    monkeypatch.setattr(tk, "_seq_order", lambda n: torch.zeros_like(n, dtype=torch.int32))
+    out = run()[0]
+    if layout == "varlen":
+        assert not torch.isnan(out[: lens[0]]).any() and torch.isnan(out[lens[0]:]).all()
+    else:
+        assert not torch.isnan(out[0]).any() and torch.isnan(out[1:]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_varlen_softcap_and_empty_sequences(dtype, device):
     # Length-0 sequences anywhere, length 1, and max_seqlen an upper bound, not exact.

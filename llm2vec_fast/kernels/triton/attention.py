@@ -49,6 +49,11 @@ dropped output). :func:`dropout_keep_mask` writes the mask out, for tests. Cost:
 10-round Philox evaluation per four probabilities in each of the three kernels, and
 dropout has its own tile lists (``DROPOUT_*_CONFIGS``); not yet measured on a GPU.
 
+Sequence order: in the varlen and masked padded layouts the grid's third axis indexes a
+permutation of the sequences, longest first (``ORDER``, :func:`_seq_order`), so the GPU, which
+starts programs in grid order, starts the longest sequences first; softcapped kernels keep batch
+order (see :func:`_sequence`). ``LONGEST_FIRST = False`` passes the identity.
+
 Invariants: a query row with no valid key (empty sequence, fully padded row, a padded
 query position) gets output 0 and lse ``-inf``; the backward reads such an lse as ``+inf``
 so its probabilities are exactly 0 and no NaN can appear.
@@ -123,6 +128,22 @@ def _dropout_keep(seed, bh, row0, cols, drop_thresh, BLOCK_M: tl.constexpr, ROUN
     if K_AXIS == 1:
         keep = tl.trans(keep)
     return keep
+
+
+@triton.jit
+def _sequence(ORDER, pid, IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The sequence that programs with ``program_id(2) == pid`` work on. Where lengths vary
+    (varlen, padded with a mask) ``ORDER`` lists the sequences longest first (:func:`_seq_order`):
+    the GPU starts programs in grid order, so the longest ones start first and the short ones
+    fill the tail, instead of a long sequence drawn last running alone. Softcapped kernels
+    keep the grid order: at BLOCK_D 128 they hold all 255 registers, and a loaded index (which,
+    unlike ``program_id``, ptxas cannot rematerialise) spilled 5-16 more (sm_90: the masked
+    softcapped forward at D = 80 0 -> 5 STL, at D = 128 7 -> 20; the atomic dK/dV at D = 80
+    64 -> 70, its inner loop 4 -> 20)."""
+    b = pid
+    if (IS_VARLEN or HAS_MASK) and not HAS_SOFTCAP:
+        b = tl.load(ORDER + pid)
+    return b
 
 
 @triton.jit
@@ -238,7 +259,7 @@ def _fwd_loop(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, RANGE, MASK, SEED,
+    Q, K, V, O, LSE, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
     sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -261,7 +282,7 @@ def _attn_fwd_kernel(
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    b = _sequence(ORDER, tl.program_id(2), IS_VARLEN, HAS_MASK, HAS_SOFTCAP)
     q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
@@ -425,7 +446,7 @@ def _dq_loop(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED,
+    Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
     sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -446,7 +467,7 @@ def _attn_bwd_dq_kernel(
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    b = _sequence(ORDER, tl.program_id(2), IS_VARLEN, HAS_MASK, HAS_SOFTCAP)
     q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
@@ -674,7 +695,7 @@ def _dkdv_loop(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
     sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -696,7 +717,7 @@ def _attn_bwd_dkdv_kernel(
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
-    b = tl.program_id(2)
+    b = _sequence(ORDER, tl.program_id(2), IS_VARLEN, HAS_MASK, HAS_SOFTCAP)
     q0, k0, q_len, k_len, lo, hi_q, hi_k, holes = _bounds(CU_Q, CU_K, RANGE, b, SEQ, IS_VARLEN, HAS_MASK)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
@@ -1093,24 +1114,65 @@ def _strides3(t: torch.Tensor, varlen: bool):
 
 
 _RANGE_SLOT: list = [None]
+_ORDER_SLOT: list = [None]
+
+# Programs of the varlen and masked padded layouts take their sequences longest first
+# (``_sequence`` reads ``_seq_order``'s permutation): with lengths 30-100% of the longest
+# and work per program proportional to the length, list scheduling in a random order left a
+# simulated 5-10% tail past the mean load on 264-528 program slots (the B = 16 padded
+# benchmark batch, dK/dV's 64-key blocks), longest-first 1.5-4%. False: the identity order
+# (same kernels), for the benchmark's ``ours-gridorder``.
+LONGEST_FIRST = True
 
 
 def _mask_range(mask: torch.Tensor):
-    """uint8 mask (B, S) and int32 ``(B, 3)`` rows ``[lo, hi, holes]`` for the kernels.
+    """uint8 mask (B, S), int32 ``(B, 3)`` rows ``[lo, hi, holes]`` and the int32 ``(B,)``
+    order of the sequences (longest span first) for the kernels.
 
     ``[lo, hi)`` spans the row's True entries (``[0, 0)`` for a row with none); ``holes``
     is 1 when a False entry lies inside the span. Computed on the device, no host sync,
     once per mask: a patched model passes the same mask object to every layer's forward
-    and backward, so the ~12 small ops run once per batch, not twice per layer.
+    and backward, so the ~15 small ops run once per batch, not twice per layer.
     """
-    return cached(_RANGE_SLOT, mask, lambda: _build_mask_range(mask))
+    mask_u8, rng, order = cached(_RANGE_SLOT, mask, lambda: _build_mask_range(mask))
+    return mask_u8, rng, order if LONGEST_FIRST else _identity_order(mask.shape[0], mask.device)
 
 
 def _build_mask_range(mask: torch.Tensor):
     m = mask.to(torch.bool)
     lo, hi, holes = ref.mask_spans(m)
     rng = torch.stack([lo, hi, holes.to(lo.dtype)], dim=1).to(torch.int32).contiguous()
-    return m.contiguous().view(torch.uint8), rng
+    return m.contiguous().view(torch.uint8), rng, _seq_order(hi - lo)
+
+
+def _seq_order(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 permutation of the sequences, longest first (ties keep their order)."""
+    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+
+
+def _identity_order(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.int32)
+
+
+def _varlen_order(cu_q: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
+    """The packed layout's sequence order (longest first by query + key length), once per
+    ``cu_seqlens`` object when queries and keys share it (a patched model's every layer)."""
+    if not LONGEST_FIRST:
+        return _identity_order(cu_q.numel() - 1, cu_q.device)
+    if cu_k is cu_q:
+        return cached(_ORDER_SLOT, cu_q, lambda: _seq_order(cu_q[1:] - cu_q[:-1]))
+    return _seq_order((cu_q[1:] - cu_q[:-1]) + (cu_k[1:] - cu_k[:-1]))
+
+
+def _layout_args(cu_q, cu_k, mask, dummy):
+    """``(mask_u8, range, order, mask batch stride)`` of a launch: the padded layout's mask
+    and spans (:func:`_mask_range`), the sequence order where lengths vary, dummies elsewhere."""
+    if mask is not None:
+        mask_u8, rng, order = _mask_range(mask)
+        return mask_u8, rng, order, mask_u8.stride(0)
+    if cu_q is not None:
+        return dummy, dummy, _varlen_order(cu_q, cu_k), 0
+    return dummy, dummy, dummy, 0
 
 
 def _seq_bucket(n: int) -> int:
@@ -1199,16 +1261,12 @@ def attention_forward(
     if out.numel() == 0 or B == 0 or grid_len == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     dummy = torch.empty(3, device=q.device, dtype=torch.int32)
-    if mask is not None:
-        mask_u8, rng = _mask_range(mask)
-        stride_mb = mask_u8.stride(0)
-    else:
-        mask_u8, rng, stride_mb = dummy, dummy, 0
+    mask_u8, rng, order, stride_mb = _layout_args(cu_q, cu_k, mask, dummy)
     fp32 = q.dtype == torch.float32
     seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     args = [
         q, k, v, out, lse,
-        cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t,
+        cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t, order,
         float(softmax_scale), float(softcap) if softcap else 1.0, dscale, S, H // Hkv, thresh,
         _seq_bucket(max(max_seqlen_q, S)),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
@@ -1316,11 +1374,7 @@ def attention_backward(
         dk.zero_(), dv.zero_()
         return (q.new_zeros(q.shape) if atomic else dq.zero_()), dk, dv
     dummy = torch.empty(3, device=q.device, dtype=torch.int32)
-    if mask is not None:
-        mask_u8, rng = _mask_range(mask)
-        stride_mb = mask_u8.stride(0)
-    else:
-        mask_u8, rng, stride_mb = dummy, dummy, 0
+    mask_u8, rng, order, stride_mb = _layout_args(cu_q, cu_k, mask, dummy)
     seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     consts = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
@@ -1331,7 +1385,7 @@ def attention_backward(
         float(softmax_scale), float(softcap) if softcap else 1.0, dscale, S, H // Hkv, thresh,
         _seq_bucket(max(max_seqlen_q, max_seqlen_k, S)),
     ]
-    cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t]
+    cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t, order]
     dq_arg, dq_strides = (acc, _strides3(acc, varlen)) if atomic else (dq, _strides3(dq, varlen))
     args = [
         q, k, v, out, do, dq_arg, lse, delta, *cus, *common,
