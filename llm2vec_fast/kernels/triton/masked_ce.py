@@ -70,9 +70,10 @@ Design (why it is built this way):
   benchmarks/results/masked_ce.jsonl, git c3c84b9): V = 32000 with d weight 6.35 ms (eager)
   vs full-logits PyTorch 25.7, Liger 18.6, cut-cross-entropy 17.4-17.7; frozen 4.14 vs
   19.9 / 12.8 / 10.3-10.4; V = 128256 with d weight 28.6 (two-pass) vs 110.1 / 86.8 /
-  40.0-40.4, frozen 15.7 (eager) vs 84.2 / 52.2 / 27.4-28.2. Peak memory: the gradients, the
-  labelled rows' vectors and a <= 1 MiB copy (129.1 MiB frozen at V = 32000 against
-  cut-cross-entropy's 256.5 on flattened shifted rows and 128.4 with its own ``shift``).
+  40.0-40.4, frozen 15.7 (eager) vs 84.2 / 52.2 / 27.4-28.2. Peak memory then: the gradients,
+  the labelled rows' vectors and a <= 1 MiB copy (129.1 MiB frozen at V = 32000 against
+  cut-cross-entropy's 256.5 on flattened shifted rows and 128.4 with its own ``shift``); the
+  row move has since become a kernel without that copy (``_move_rows_kernel``, untimed).
 * Tried and not kept: vocabulary-chunked cuBLAS logits (fp32 output) streamed through small
   Triton stats / d-logits kernels whose partial statistics were combined across chunks. It
   was 2-5% faster on the H200 (against the Triton tiles of that time) but returned
