@@ -9,7 +9,7 @@ grow. Every configuration is compiled twice: without and with attention dropout
 (``DROPOUT``, whose Philox code adds registers; its configurations come from the same
 functions with ``dropout=True``), and the 16-bit ones without dropout once per layout
 variant (``VARIANTS``: dense, packed, padded with a mask; each with and without softcap;
-the forward also for a mask known to have no holes),
+the forward and dQ also for a mask known to have no holes),
 since each is a kernel of its own to ptxas. The configurations come from the module's own lists
 (``fwd_configs`` / ``bwd_dq_configs`` / ``bwd_dkdv_configs`` for each chip, the lists
 the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
@@ -56,8 +56,8 @@ VARIANTS = {
     "varlen-softcap": (True, False, True),
     "mask": (False, True, False),         # padded with a mask
     "mask-softcap": (False, True, True),
-    # the forward for a mask known to have no holes (MASK_HOLES off: hf PaddingInfo's left /
-    # right padding): only its loop copy for spans is compiled
+    # the forward and dQ for a mask known to have no holes (MASK_HOLES off: hf PaddingInfo's
+    # left / right padding): only their loop copy for spans is compiled
     "mask-spans": (False, True, False),
     "mask-spans-softcap": (False, True, True),
 }
@@ -69,7 +69,7 @@ def _variants(kind: str, hd: int, fp32: bool, dropout: bool):
     # variant of the survey: the superset alone there.
     if fp32 or dropout or kind == "delta" or hd == 80:
         return ["mask-softcap"]
-    return [v for v in VARIANTS if kind == "fwd" or v not in SPAN_VARIANTS]  # MASK_HOLES is the forward's
+    return [v for v in VARIANTS if kind in ("fwd", "dq") or v not in SPAN_VARIANTS]  # MASK_HOLES: fwd and dQ
 
 
 # Register spills the test allows: the cases where no spill-free configuration was found, or
@@ -188,7 +188,7 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
         consts["ATOMIC_DQ"] = kind == "dkdv_atomic"
     if kernel is tk._attn_bwd_dq_kernel:
         consts["DELTA_ONLY"] = kind == "delta"
-    if kernel is tk._attn_fwd_kernel:
+    if kernel is tk._attn_fwd_kernel or kind == "dq":
         consts["MASK_HOLES"] = mask and variant not in SPAN_VARIANTS
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)

@@ -191,8 +191,8 @@ def test_mask_spans_built_once_per_mask(device, monkeypatch):
 @pytest.mark.parametrize("mode", ["left", "third"])
 def test_hole_free_mask_forward(device, monkeypatch, mode):
     """A mask noted hole-free (hf PaddingInfo does it for left / right padding) runs the forward
-    compiled without its loop copy for holes (MASK_HOLES off): same output and lse to the bit as
-    the general copy, which a mask with holes always takes."""
+    and the dQ kernel compiled without their loop copy for holes (MASK_HOLES off): same output,
+    lse and gradients to the bit as the general copies, which a mask with holes always takes."""
     from llm2vec_fast import _tensor_cache as tc
 
     launched = []
@@ -203,20 +203,34 @@ def test_hole_free_mask_forward(device, monkeypatch, mode):
     mask = _mask(mode, B, S, device)
     q = torch.randn(B, S, H, D, device=device, dtype=torch.float16)
     k, v = (torch.randn(B, S, Hkv, D, device=device, dtype=torch.float16) for _ in range(2))
+    do = torch.randn(B, S, H, D, device=device, dtype=torch.float16)
 
     def run(m):
-        return flash_attn_noncausal(q, k, v, key_padding_mask=m, backend="triton", return_lse=True)
+        qkv = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = flash_attn_noncausal(*qkv, key_padding_mask=m, backend="triton", return_lse=True)
+        return [out.detach(), lse.detach()] + list(torch.autograd.grad(out, qkv, do))
 
     general = run(mask)
     tc.note_hole_free(mask)
     spans = run(mask)
-    assert [h for kind, h in launched if kind == "fwd"] == [True, False]
-    assert torch.equal(general[0], spans[0]) and torch.equal(general[1], spans[1])
+    assert [(k, h) for k, h in launched if k in ("fwd", "dq")] == [("fwd", True), ("dq", True), ("fwd", False), ("dq", False)]
+    for a, b in zip(general, spans):
+        assert torch.equal(a, b)
     want = ref.attention_padded_ref(q.float(), k.float(), v.float(), mask, 1 / math.sqrt(D))
     assert max_err(spans[0].float(), want) < 4e-3  # fp16 output rounding; the equality above is the test
     holes = _mask("random", B, S, device)
     run(holes)
-    assert launched[-1] == ("fwd", True)
+    assert [(k, h) for k, h in launched[-3:] if k in ("fwd", "dq")] == [("fwd", True), ("dq", True)]
+
+
+def test_autotune_keys():
+    """The tuners are keyed on the layout and, where the kernel compiles the hole-free copy
+    alone (forward, dQ), on MASK_HOLES; every key names an argument of its kernel (Triton
+    refuses the tuner otherwise)."""
+    for kind in ("fwd", "dq", "dkdv", "dkdv_atomic"):
+        tuner = tk._tuned(kind, 128, False, False, 90)
+        assert set(tuner.keys) <= set(tuner.arg_names)
+        assert ("MASK_HOLES" in tuner.keys) == (kind in ("fwd", "dq")), (kind, tuner.keys)
 
 
 def test_sequence_order_longest_first(device):

@@ -458,12 +458,15 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, DELTA_ONLY: tl.constexpr = False,
+    MASK_HOLES: tl.constexpr = True,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta too.
 
     ``dS = P * (dP - delta)`` with ``dP = dO V^T`` (with ``DROPOUT``: ``dP = Z * (dO V^T) /
     (1 - p)``, the forward's mask regenerated); ``dQ = scale * (dS * softcap') K``.
     ``DELTA_ONLY``: only ``delta = rowsum(dO * O)`` (the atomic backward's first pass).
+    ``MASK_HOLES`` False (a mask known hole-free, as for the forward): only the key loop
+    without per-block mask reads is compiled.
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -507,7 +510,7 @@ def _attn_bwd_dq_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-        if HAS_MASK:
+        if HAS_MASK and MASK_HOLES:
             if holes:
                 dq = _dq_loop(
                     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
@@ -1048,8 +1051,16 @@ def _autotune_on() -> bool:
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel,
             "dkdv_atomic": _attn_bwd_dkdv_kernel}
-# Tuned once per kernel, tile table and sequence-length bucket (and, by Triton, per dtype).
+# Tuned once per kernel, tile table and sequence-length bucket (and, by Triton, per dtype);
+# the forward and dQ kernels also per MASK_HOLES (``_autotune_key``), so a hole-free padded
+# batch does not inherit the tile chosen for the general copy (on which 128 x 128 spills at
+# D = 128), or the other way round.
 _AUTOTUNE_KEY = ["seqlen_bucket", "IS_VARLEN", "HAS_MASK", "HAS_SOFTCAP", "DROPOUT"]
+
+
+def _autotune_key(kind: str) -> list[str]:
+    extra = ["MASK_HOLES"] if "MASK_HOLES" in _KERNELS[kind].arg_names else []
+    return _AUTOTUNE_KEY + extra
 
 
 def _zero_dq(nargs):
@@ -1063,7 +1074,7 @@ def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool, chip: int):
         # The kernel adds into DQ: zeroed before every launch, the autotuner's timing runs
         # included (a config's pre_hook runs before each of them and before the real launch).
         cfgs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_zero_dq) for c in cfgs]
-    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
+    return triton.autotune(configs=cfgs, key=_autotune_key(kind))(_KERNELS[kind])
 
 
 # The tile each kernel kind last launched with ("fwd" / "dq" / "dkdv" -> "128x64 w8 s3"), so a
@@ -1398,7 +1409,8 @@ def attention_backward(
             *args, **consts, DELTA_ONLY=True, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=16, num_warps=DELTA_WARPS,
         )
     else:
-        _launch("dq", len_q, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
+        holes = mask is not None and not is_hole_free(mask)
+        _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=holes), D, fp32, max(max_seqlen_q, S), q.is_cuda)
     args = [
         q, k, v, do, dk, dv, dq_arg, lse, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
