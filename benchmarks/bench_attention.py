@@ -20,7 +20,8 @@ Providers (each only where it accepts the case):
   flex          FlexAttention (torch.compile'd) with a padding block mask
   flash-attn    flash_attn_func / flash_attn_varlen_func when importable
 
-Modes: fwd (no grad), bwd (backward of a retained graph), full (forward + backward).
+Modes: fwd (no grad), bwd (backward of a retained graph), full (forward + backward); gradients
+through torch.autograd.grad (no accumulation into .grad).
 TFLOP/s counts valid tokens only: forward 4 * sum(s_i^2) * H * D, backward 2.5x, full 3.5x.
 Rows go to benchmarks/results/attention.jsonl with device, versions and git sha.
 
@@ -123,6 +124,12 @@ def _sdpa_backend(name):
     }[name]
 
 
+def _with_leaves(fn, leaves):
+    """``fn``, marked with the tensors its backward differentiates (default: the case's q, k, v)."""
+    fn.leaves = leaves
+    return fn
+
+
 def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
     """A closure computing attention for ``case`` with provider ``name`` (None: not applicable)."""
     B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
@@ -147,7 +154,10 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
             return None
         qu, ku, vu = (t.reshape(B * S, -1, D)[unpad_idx].detach().requires_grad_(t.requires_grad) for t in (q, k, v))
         mx = max(case["lengths"])
-        return lambda: flash_attn_varlen_noncausal(qu, ku, vu, cu, cu, mx, mx, backend="triton", _check_values=False)
+        return _with_leaves(
+            lambda: flash_attn_varlen_noncausal(qu, ku, vu, cu, cu, mx, mx, backend="triton", _check_values=False),
+            (qu, ku, vu),
+        )
     if name == "reference":
         from llm2vec_fast.kernels.reference import attention_padded_ref
 
@@ -204,7 +214,10 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
         if padded:
             qu, ku, vu = (t.reshape(B * S, -1, D)[unpad_idx].detach().requires_grad_(t.requires_grad) for t in (q, k, v))
             mx = max(case["lengths"])
-            return lambda: flash_attn_varlen_func(qu, ku, vu, cu, cu, mx, mx, softmax_scale=scale, causal=False)
+            return _with_leaves(
+                lambda: flash_attn_varlen_func(qu, ku, vu, cu, cu, mx, mx, softmax_scale=scale, causal=False),
+                (qu, ku, vu),
+            )
         return lambda: flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
     raise ValueError(f"unknown provider {name}")
 
@@ -271,13 +284,18 @@ def _run_one(provider, case, mode, device, dtype):
         def step():
             with torch.no_grad():
                 return fn()
-    elif mode == "bwd":
+    # Gradients through torch.autograd.grad, never into .grad: accumulating into the leaves'
+    # .grad fields (out.backward) added one elementwise pass over q, k and v per call, a
+    # cost no training step has (there the gradients flow into the projections' backward):
+    # 0.28 ms of the padded batch's 3.99 ms backward on the H200 (git c3c84b9, kernel_ms).
+    leaves = getattr(fn, "leaves", (q, k, v))
+    if mode == "bwd":
         out = fn()
         do = torch.randn_like(out)
 
         def step():
-            out.backward(do, retain_graph=True)
-    else:
+            torch.autograd.grad(out, leaves, do, retain_graph=True)
+    elif mode == "full":
         do = None
 
         def step():
@@ -285,7 +303,7 @@ def _run_one(provider, case, mode, device, dtype):
             out = fn()
             if do is None:
                 do = torch.randn_like(out)
-            out.backward(do)
+            torch.autograd.grad(out, leaves, do)
     tk = sys.modules.get("llm2vec_fast.kernels.triton.attention")
     if tk is not None:
         tk.LAST_TILES.clear()
