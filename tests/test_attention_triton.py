@@ -223,6 +223,17 @@ def test_hole_free_mask_forward(device, monkeypatch, mode):
     assert [(k, h) for k, h in launched[-3:] if k in ("fwd", "dq")] == [("fwd", True), ("dq", True)]
 
 
+def test_power_of_two_helpers():
+    """The launchers' integer next-power-of-two (head-dim block, sequence bucket) agrees with
+    Triton's at every size around the boundaries."""
+    import triton
+
+    for n in list(range(1, 300)) + [1023, 1024, 1025, 4095, 4096, 4097, 65537]:
+        assert tk._block_d(n) == max(16, triton.next_power_of_2(n)), n
+        assert tk._seq_bucket(n) == triton.next_power_of_2(max(n, 16)), n
+    assert tk._seq_bucket(0) == 16
+
+
 def test_autotune_keys():
     """The tuners are keyed on the layout and, where the kernel compiles the hole-free copy
     alone (forward, dQ), on MASK_HOLES; every key names an argument of its kernel (Triton
