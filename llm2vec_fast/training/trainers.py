@@ -134,9 +134,10 @@ class _BaseTrainer(Trainer):
         t0, tok0, s0 = self._last_log
         if "loss" in logs and now > t0:
             dt = now - t0
-            logs["tokens_per_second"] = round((self._tokens - tok0) / dt, 1)
+            tokens = self._tokens  # one device read per log line
+            logs["tokens_per_second"] = round((tokens - tok0) / dt, 1)
             logs["rows_per_second"] = round((self._samples - s0) / dt, 2)
-            self._last_log = (now, self._tokens, self._samples)
+            self._last_log = (now, tokens, self._samples)
         super().log(logs, *args, **kwargs)
         if self.is_world_process_zero() and self.args.output_dir:
             # training has started, so every input check has passed: the folder may exist now
@@ -301,5 +302,6 @@ def throughput_summary(trainer) -> dict:
     """Totals over the run (tokens, rows, seconds) from a finished trainer."""
     hist = [h for h in trainer.state.log_history if "train_runtime" in h]
     rt = hist[-1]["train_runtime"] if hist else float("nan")
-    return {"tokens": trainer._tokens, "rows": trainer._samples, "seconds": rt,
-            "tokens_per_second": trainer._tokens / rt if rt and not math.isnan(rt) else float("nan")}
+    tokens = trainer._tokens
+    return {"tokens": tokens, "rows": trainer._samples, "seconds": rt,
+            "tokens_per_second": tokens / rt if rt and not math.isnan(rt) else float("nan")}

@@ -1181,6 +1181,12 @@ def _varlen_order(cu_q: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
     return _seq_order((cu_q[1:] - cu_q[:-1]) + (cu_k[1:] - cu_k[:-1]))
 
 
+def _mask_holes(mask) -> bool:
+    """The forward's and dQ's ``MASK_HOLES``: a mask not known hole-free (``is_hole_free``)
+    needs their loop copy that reads the mask per block."""
+    return mask is not None and not is_hole_free(mask)
+
+
 def _layout_args(cu_q, cu_k, mask, dummy):
     """``(mask_u8, range, order, mask batch stride)`` of a launch: the padded layout's mask
     and spans (:func:`_mask_range`), the sequence order where lengths vary, dummies elsewhere."""
@@ -1292,7 +1298,7 @@ def attention_forward(
     consts = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), IS_VARLEN=varlen, HAS_MASK=mask is not None,
         HAS_SOFTCAP=bool(softcap), DOT_PREC="ieee" if fp32 else "tf32",
-        DROPOUT=bool(dropout_p), ROUNDS=PHILOX_ROUNDS, MASK_HOLES=mask is not None and not is_hole_free(mask),
+        DROPOUT=bool(dropout_p), ROUNDS=PHILOX_ROUNDS, MASK_HOLES=_mask_holes(mask),
     )
     _launch("fwd", grid_len, (H, B), args, consts, D, fp32, max(max_seqlen_q, S), q.is_cuda)
     return out, lse
@@ -1415,8 +1421,8 @@ def attention_backward(
             *args, **consts, DELTA_ONLY=True, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=16, num_warps=DELTA_WARPS,
         )
     else:
-        holes = mask is not None and not is_hole_free(mask)
-        _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=holes), D, fp32, max(max_seqlen_q, S), q.is_cuda)
+        _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=_mask_holes(mask)), D, fp32, max(max_seqlen_q, S),
+                q.is_cuda)
     args = [
         q, k, v, do, dk, dv, dq_arg, lse, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
