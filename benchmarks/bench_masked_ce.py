@@ -9,6 +9,9 @@ Providers, side by side in one run on the same inputs:
   strategy-two_pass-triton-fwd
                 two-pass with its Triton forward kernel instead of the cuBLAS-chunk
                 forward it runs with d weight (GEMM_FORWARD off), a peer
+  strategy-eager-chunked
+                eager with d weight accumulated chunk by chunk (EAGER_STORED off) instead
+                of made once from the stored dz, a peer
   ref_chunked   the chunked PyTorch reference (backend="torch")
   ours_torch, torch-two_pass
                 the reference as our CPU path runs it (backend="torch", strategy "auto",
@@ -60,15 +63,21 @@ PRESETS = {
     # the acceptance shapes, with a trained and a frozen LM head (~60 s on an H200 for the first
     # two vocabularies; V = 151936 last, so a run cut by gpu_check.sh's limit keeps the others)
     "gpu-quick": dict(C=[4096], V=[32000, 128256, 151936], tokens=[16384], frac=[0.2], modes=["full"], w_grad=[True, False],
-                      providers=["ours", "strategy-eager", "strategy-two_pass", "strategy-two_pass-triton-fwd", "torch_full",
-                                 "liger", "cce", "cce-shift"]),
+                      providers=["ours", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
+                                 "strategy-two_pass-triton-fwd", "torch_full", "liger", "cce", "cce-shift"]),
     "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
                      modes=["fwd", "bwd", "full"], w_grad=[True, False],
-                     providers=["ours", "strategy-eager", "strategy-two_pass", "strategy-two_pass-triton-fwd", "ref_chunked",
-                                "torch_full",
+                     providers=["ours", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
+                                "strategy-two_pass-triton-fwd", "ref_chunked", "torch_full",
                                 "torch_compile", "liger", "cce", "cce-shift"]),
 }
 SEQ = 512  # tokens per sequence (the MNTP recipe's chunk length)
+# Providers that force a strategy with one switch of kernels.triton.masked_ce off (read in the
+# forward, which decides how the gradients are made).
+FLAG_OFF = {
+    "strategy-two_pass-triton-fwd": ("two_pass", "GEMM_FORWARD"),
+    "strategy-eager-chunked": ("eager", "EAGER_STORED"),
+}
 
 
 def main(argv=None) -> int:
@@ -135,16 +144,19 @@ def main(argv=None) -> int:
         nonlocal compiled_ref
         if name == "ours":
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton")
-        if name == "strategy-two_pass-triton-fwd":  # two-pass with the Triton forward kernel (GEMM_FORWARD off)
+        if name in FLAG_OFF:  # a strategy forced with one of its module switches off
             from llm2vec_fast.kernels.triton import masked_ce as mce
 
-            def triton_fwd(h, w, y):
-                mce.GEMM_FORWARD = False
+            strategy, flag = FLAG_OFF[name]
+
+            def switched_off(h, w, y):
+                was = getattr(mce, flag)
+                setattr(mce, flag, False)
                 try:
-                    return L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy="two_pass")
+                    return L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy=strategy)
                 finally:
-                    mce.GEMM_FORWARD = True
-            return triton_fwd
+                    setattr(mce, flag, was)
+            return switched_off
         if name.startswith("strategy-"):
             strategy = name.split("-", 1)[1]
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton", strategy=strategy)

@@ -134,20 +134,25 @@ ROWS_VOCABS = (16, 200, 1000, 2048, 32000, 151936)
 
 def _compile_rows(cc: int) -> list[dict]:
     """The eager strategy's row kernel (memory-bound, no tl.dot): every launch shape, dz in a
-    16-bit dtype and in fp32, all options on; with its dz pass (eager) and without (the
-    two-pass strategy's GEMM forward, statistics only)."""
+    16-bit dtype and in fp32, all options on; with its dz pass (eager), with dz also stored
+    in the blocked layout (stored eager) and without (the two-pass strategy's GEMM forward,
+    statistics only)."""
     from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
     kernel = mce._mce_rows_kernel
-    ptrs = {"Z": "*fp32", "Bias": "*E", "Y": "*i32", "DZ": "*E", "Loss": "*fp32", "Lse": "*fp32", "Arg": "*i32"}
+    ptrs = {"Z": "*fp32", "Bias": "*E", "Y": "*i32", "DZ": "*E", "Loss": "*fp32", "Lse": "*fp32", "Arg": "*i32",
+            "DZT": "*E", "DZB": "*E"}
     out = []
+    # (WRITE_DZ, STORE_BLOCKS): eager, stored eager, statistics only
+    modes = {(True, False): "", (True, True): "-stored", (False, False): "-stats"}
     for bv, warps in sorted({mce._rows_block(V, True) for V in ROWS_VOCABS}):
-        for elem, write_dz in itertools.product(("bf16", "fp32"), (True, False)):
-            consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, BLOCK_V=bv, WRITE_DZ=write_dz)
+        for elem, (write_dz, store) in itertools.product(("bf16", "fp32"), modes):
+            consts = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTH=True, BLOCK_V=bv, WRITE_DZ=write_dz,
+                          STORE_BLOCKS=store)
             sig = triton_signature(kernel, consts, ptrs, FLOATS, elem)
-            r = dict(id=f"rows-{elem}-v{bv}w{warps}{'' if write_dz else '-stats'}-sm{cc}", fp32=elem == "fp32",
+            r = dict(id=f"rows-{elem}-v{bv}w{warps}{modes[write_dz, store]}-sm{cc}", fp32=elem == "fp32",
                      limit=SMEM_LIMIT[cc])
             try:
                 info = compile_for(kernel, sig, consts, cc, warps, mce.ROWS_STAGES, divisible=set(ptrs) | {"stride_z", "stride_dz"})

@@ -108,12 +108,43 @@ def test_gpu_matches_full_logits(dtype, B, T, C, V, frac, use_bias, kw, strategy
     _check(B, T, C, V, dtype, frac, use_bias, kw, strategy=strategy)
 
 
-@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
-def test_gpu_acceptance_shape_bf16(strategy):
+@pytest.mark.parametrize("strategy", ["two_pass", "eager", "eager-chunked"])
+def test_gpu_acceptance_shape_bf16(strategy, monkeypatch):
     """C = 4096, V = 32000, 4096 tokens, 20% labelled, bf16: the benchmark's shape family;
-    eager three times over (several row chunks each, dz written over the fp32 logits)."""
+    eager three times over: stored (dz kept, dW made once; one 819-row chunk here) and
+    chunked (EAGER_STORED off: dW accumulated over the row chunks, dz written over the fp32
+    logits)."""
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    if strategy == "eager-chunked":
+        monkeypatch.setattr(mce, "EAGER_STORED", False)
+        strategy = "eager"
+    mce.LAST_TILES.pop("eager", None)
     _check(8, 512, 4096, 32000, torch.bfloat16, 0.2, False, dict(shift=1, softcap=None, label_smoothing=0.0, z_loss=0.0),
            strategy=strategy, repeats=3 if strategy == "eager" else 1)
+    if strategy == "eager":
+        assert mce.LAST_TILES["eager"].startswith("stored") == mce.EAGER_STORED, mce.LAST_TILES
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_gpu_stored_eager_blocks_and_chunks(dtype, monkeypatch):
+    """The stored eager strategy with many dW blocks (V = 69961: the row kernel's 16-warp,
+    8192-column blocks straddle several 1024-column dW blocks) and several row chunks,
+    bias, smoothing and z-loss on, three times over; the plan asserted."""
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    monkeypatch.setattr(mce, "STORED_VC", 1024)
+    monkeypatch.setattr(mce, "STORED_MAX_ROWS", 128)
+    monkeypatch.setattr(mce, "EAGER_SCRATCH_MIN_ROWS", 64)
+    B, T, C, V = 4, 512, 1024, 69961
+    y = _inputs(B, T, C, V, dtype, 0.15, True)[3]
+    n = int((y[:, 1:] != -100).sum())
+    plan = mce.stored_plan(n, V, C, B * T, torch.finfo(dtype).bits // 8, True)
+    assert plan is not None and plan.vc == 1024 and plan.rows <= 128 < n and plan.vt < V, plan
+    mce.LAST_TILES.pop("eager", None)
+    _check(B, T, C, V, dtype, 0.15, True, dict(shift=1, softcap=None, label_smoothing=0.1, z_loss=1e-4),
+           strategy="eager", repeats=3)
+    assert mce.LAST_TILES["eager"].startswith("stored"), mce.LAST_TILES
 
 
 def test_gpu_two_pass_dh_accumulation_paths(monkeypatch):
@@ -138,22 +169,27 @@ def test_gpu_eager_large_vocab_row_kernel():
            dict(shift=1, softcap=None, label_smoothing=0.1, z_loss=1e-4), strategy="eager", repeats=3)
 
 
-@pytest.mark.parametrize("strategy", ["two_pass", "eager"])
-@pytest.mark.parametrize("in_grad", [False, True], ids=["own-buffers", "in-gradient"])
+@pytest.mark.parametrize("strategy,in_grad", [
+    ("two_pass", False), ("two_pass", True), ("eager", False), ("eager", True), ("eager", "stored"),
+], ids=["two_pass-own-buffers", "two_pass-in-gradient", "eager-own-buffers", "eager-in-gradient", "eager-stored"])
 def test_gpu_no_host_sync_after_the_gather(strategy, in_grad):
     """Forward and backward of the per-row function never synchronise with the host, with
-    buffers of their own and working inside hidden's gradient (IN_GRAD)."""
+    buffers of their own, working inside hidden's gradient (IN_GRAD) and, for eager, with
+    every dz stored (EAGER_STORED)."""
     from llm2vec_fast.kernels.triton import masked_ce as mce
     from llm2vec_fast.kernels.triton.masked_ce import MaskedLinearCEFunction
 
-    B, T, V, frac = (8, 1024, 4000, 0.1) if in_grad else (2, 512, 8000, 0.5)
-    h, w, b, y = _inputs(B, T, 512, V, torch.bfloat16, frac, True)
+    B, T, C, V, frac = {False: (2, 512, 512, 8000, 0.5), True: (8, 1024, 512, 4000, 0.1),
+                        "stored": (4, 1024, 1024, 8000, 0.1)}[in_grad]
+    h, w, b, y = _inputs(B, T, C, V, torch.bfloat16, frac, True)
     flat_h, h_index, y_sel, _, _ = labelled_rows(h, y, 1, -100)
     n = h_index.shape[0]
-    if strategy == "eager":
-        assert mce.eager_plan(n, V, B * T, 1024, True, mce._mm_out_fp32_ok(h))[1] == in_grad
-    else:
-        assert bool(mce.two_pass_plan(n, V, B * T, 512, 2, True)) == in_grad
+    stored = mce.stored_plan(n, V, C, B * T, 2, True, mce._mm_out_fp32_ok(h))
+    assert (stored is not None) == (in_grad == "stored"), stored
+    if strategy == "eager" and in_grad != "stored":
+        assert mce.eager_plan(n, V, B * T, 2 * C, True, mce._mm_out_fp32_ok(h))[1] == in_grad
+    elif strategy == "two_pass":
+        assert bool(mce.two_pass_plan(n, V, B * T, C, 2, True)) == in_grad
     flat_h, y_sel = flat_h.detach().requires_grad_(), y_sel.int()
     params = [flat_h, w.requires_grad_(), b.requires_grad_()]
 

@@ -152,6 +152,121 @@ def test_matches_full_logits(device, monkeypatch, dtype, shape, C, V, shift, sof
     assert abs(round(float(acc) * n) - correct) <= near, (float(acc), correct, n)
 
 
+STORED_CASES = [
+    # shape, C, V, frac_ignored, vc, max_rows, bias, softcap, smoothing, z_loss, z_in_w
+    # several dW blocks (the last narrower) and T, logits in d weight's tail, 4 row chunks
+    pytest.param((4, 60), 96, 1000, 0.8, 256, 16, True, None, 0.1, 1e-3, True, id="blocks-rows-in-w"),
+    # N close to C: the tail is small and a large room takes the logits; one block past T
+    pytest.param((2, 1000), 64, 1000, 0.97, 512, 4096, False, 20.0, 0.0, 0.0, False, id="in-room"),
+    # Vt = V: every column in T (no block in d weight), odd V, several row chunks
+    pytest.param((4, 70), 96, 123, 0.8, 512, 20, True, 5.0, 0.0, 0.0, None, id="all-in-t"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape,C,V,frac,vc,max_rows,use_bias,softcap,smoothing,z_loss,z_in_w", STORED_CASES)
+def test_stored_eager_matches_full_logits(device, monkeypatch, dtype, shape, C, V, frac, vc, max_rows, use_bias,
+                                          softcap, smoothing, z_loss, z_in_w):
+    """The stored eager strategy (every dz kept in d weight's buffer and hidden's room, dW
+    made at the end block by block, last first): loss, accuracy and every gradient against
+    fp64 full logits, buffers poisoned, the plan asserted (blocks, chunks, where the logits
+    live) so the case tests what its name says."""
+    monkeypatch.setattr(mce, "STORED_VC", vc)
+    monkeypatch.setattr(mce, "STORED_MIN_VC", vc)
+    monkeypatch.setattr(mce, "STORED_MAX_ROWS", max_rows)
+    monkeypatch.setattr(mce, "EAGER_SCRATCH_MIN_ROWS", 1)
+    hidden, weight, bias, labels = _make(shape, C, V, dtype, device, frac, use_bias, 1)
+    kw = dict(shift=1, softcap=softcap, label_smoothing=smoothing, z_loss=z_loss)
+    with torch.no_grad():
+        want, correct, near, n = _oracle(hidden, weight, labels, bias, **kw)
+    plan = mce.stored_plan(n, V, C, hidden.numel() // C, hidden.element_size(), True)
+    assert plan is not None and plan.vc == vc and z_in_w in (None, plan.z_in_w), (n, plan)
+    assert (plan.vt == V) == (V == 123), plan
+    assert max_rows >= n or -(-n // plan.rows) > 1, (plan, n)
+    params = [hidden, weight] + ([bias] if use_bias else [])
+    g_up = torch.rand((), device=device, dtype=torch.float64) + 0.5
+
+    def run(fn, tensors, **extra):
+        ts = [t.detach().clone().requires_grad_() for t in tensors]
+        loss, acc = fn(ts[0], ts[1], labels, ts[2] if use_bias else None, reduction="sum", return_accuracy=True,
+                       **kw, **extra)
+        (loss.double() * g_up).backward()
+        return loss.detach(), acc, [t.grad for t in ts]
+
+    mce.LAST_TILES.pop("eager", None)
+    fast, acc, fast_g = run(mce.masked_linear_cross_entropy_triton, params)  # "auto" takes it
+    assert mce.LAST_TILES["eager"].startswith("stored"), mce.LAST_TILES
+    ref_native, _, ref_g = run(masked_linear_cross_entropy_ref, params, upcast=False, strategy="eager")
+    oracle_t = [t.detach().double().requires_grad_() for t in params]
+    o_loss = _oracle(oracle_t[0], oracle_t[1], labels, oracle_t[2] if use_bias else None, **kw)[0].sum()
+    (o_loss * g_up).backward()
+    # the summed loss (~N x 7) is a few fp32 ulps of its own size from either summation order
+    assert_close_rule(fast, want.sum(), ref_native, atol=1e-5 + 2**-21 * float(want.sum().abs()), name="loss")
+    assert abs(round(float(acc) * n) - correct) <= near, (float(acc), correct, n)
+    for name, a, r, t in zip(["d hidden", "d weight", "d bias"], fast_g, ref_g, oracle_t):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert_close_rule(a, t.grad, r, factor=3.0, atol=1e-5, name=name)
+
+
+def _stored_order_ok(N, V, C, plan) -> bool:
+    """Replay the stored strategy's dW pass on an interval model of d weight's buffer: every
+    dz block must still be intact when it is read (no earlier dW write reached it)."""
+    _, vt, vc, _ = plan
+    nb = -(-(V - vt) // vc)
+    written = []  # element intervals of d weight written so far
+    for j in range(nb - 1, -1, -1):
+        c0 = vt + j * vc
+        width = min(vc, V - c0)
+        src = (j * N * vc, j * N * vc + N * width)
+        dst = (c0 * C, (c0 + width) * C)
+        if any(a < src[1] and src[0] < b for a, b in written + [dst]):
+            return False
+        written.append(dst)
+    return True
+
+
+def test_stored_plan_layout():
+    """The stored plan for LM shapes and small ones: regions inside their buffers and apart,
+    the write order safe (replayed), chunks within the room, and None where it cannot apply
+    (N > C, no d hidden, no room)."""
+    seen = 0
+    for C in (64, 96, 576, 2048, 4096):
+        for V in (123, 1000, 32000, 49152, 128256, 151936):
+            for tokens in (300, 4096, 16384):
+                for frac in (0.03, 0.15, 0.2, 0.5, 1.0):
+                    N = max(1, int(tokens * frac))
+                    for itemsize in (2, 4):
+                        plan = mce.stored_plan(N, V, C, tokens, itemsize, True)
+                        if plan is None:
+                            continue
+                        seen += 1
+                        R, vt, vc, z_in_w = plan
+                        assert N <= C and vc & (vc - 1) == 0 and vt % 8 == 0 or vt == V, plan
+                        assert vt == V or vt * C >= N * vc, plan
+                        per_z = (4 // itemsize) * V
+                        room = (tokens - mce._scratch_row0(N)) * C
+                        h_end = mce._aligned(N * C, itemsize)
+                        t_end = h_end + mce._aligned(N * vt, itemsize)
+                        d_end = mce._aligned(N * (V - vt), itemsize)
+                        assert t_end <= room
+                        if z_in_w:
+                            assert d_end + min(R, N) * per_z <= V * C, plan
+                        else:
+                            assert t_end + min(R, N) * per_z <= room, plan
+                        assert R >= min(N, mce.EAGER_SCRATCH_MIN_ROWS)
+                        assert _stored_order_ok(N, V, C, plan), (N, V, C, plan)
+    assert seen > 50
+    # the benchmark's shapes (16k tokens, 20% labelled, C = 4096, bf16) all take it
+    for V, N in ((32000, 3331), (128256, 3288), (151936, 3262)):
+        plan = mce.stored_plan(N, V, 4096, 16384, 2, True)
+        assert plan is not None and plan.rows >= 256, (V, plan)
+    assert mce.stored_plan(5000, 32000, 4096, 16384, 2, True) is None  # N > C
+    assert mce.stored_plan(3000, 32000, 4096, 16384, 2, False) is None  # no d hidden, no room
+    assert mce.stored_plan(3000, 32000, 4096, 3100, 2, True) is None  # almost every row labelled
+    # the replay catches an unsafe layout: T too narrow
+    assert not _stored_order_ok(3000, 32000, 4096, mce.StoredPlan(256, 8, 4096, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_sum_reduction_and_public_op(device, dtype):
     hidden, weight, bias, labels = _make((2, 33), 64, 123, dtype, device, 0.4, True)

@@ -85,12 +85,16 @@ def masked_linear_cross_entropy(
             inside hidden's gradient buffer where its unlabelled rows leave room, else 64 MB)
             and computes the gradients there; the backward only scales them (3
             GEMMs, 2 without d weight); d weight / d bias then need reduction mean or sum.
+            On the Triton backend, with d weight and at most C labelled rows, eager keeps
+            every labelled row's d logits in d weight's own buffer and makes d weight once
+            at the end (``stored_plan``), else it adds each chunk's share into d weight.
             ``"auto"``: on the torch backend eager whenever allowed (each chunk's dW update
             is cheap next to the saved GEMM on a CPU: measured 0.74x the two-pass time with
             a frozen head). On the Triton backend eager for a frozen head, and with d weight
-            where its row chunks are few and large enough to repay re-writing d weight
-            (``kernels.triton.masked_ce.choose_strategy``; on an H200 eager was 1.8x / 1.35x
-            faster than two-pass at V = 32000 without / with d weight).
+            where the d logits can be stored, or where its row chunks are few and large
+            enough to repay re-writing d weight (``kernels.triton.masked_ce.choose_strategy``;
+            on an H200 chunked eager was 1.8x / 1.35x faster than two-pass at V = 32000
+            without / with d weight; the stored form is not yet timed on a GPU).
 
     Returns:
         The loss (fp32), and the accuracy when asked. Every label ignored gives a loss of 0

@@ -63,6 +63,13 @@ Design (why it is built this way):
   tokens, 20% labelled, git c3c84b9): V = 32000 eager 6.5 ms vs two-pass 8.1 with d weight,
   4.3 vs 6.7 frozen; V = 128256 frozen 15.4 vs 23.4, with d weight two-pass (28.4 vs eager's
   31.3: 18 chunks of 192 rows).
+* Stored eager (``EAGER_STORED``, :func:`stored_plan`): with d weight wanted and at most C
+  labelled rows, eager keeps every labelled row's dz (input dtype) in d weight's own
+  buffer, in vocabulary blocks, and makes d weight once after the row loop, block by block
+  in an order that never overwrites a block before it is read: 3 GEMMs, dW written and
+  rounded once, the large chunked-eager dW traffic gone (13.8 of 31.3 ms at V = 128256 on
+  the H200), nothing allocated beyond the gradients. Untimed on a GPU; the benchmark's
+  ``strategy-eager-chunked`` provider times the chunked form beside it.
 * Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee"`` so
   the CPU interpreter and the GPU agree with the fp32 oracle. bf16 ``tl.dot`` is wrong in
   the interpreter, so bf16 is tested on the GPU only.
@@ -88,6 +95,7 @@ Design (why it is built this way):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 import triton
@@ -305,10 +313,10 @@ def _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS: tl.constexpr, HAS_SOFT
 
 @triton.jit
 def _mce_rows_kernel(
-    Z, Bias, Y, DZ, Loss, Lse, Arg,
-    V, stride_z, stride_dz, softcap, smoothing, z_loss,
+    Z, Bias, Y, DZ, Loss, Lse, Arg, DZT, DZB,
+    V, stride_z, stride_dz, softcap, smoothing, z_loss, N_all, row0, Vt, vc_log2,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr,
-    WRITE_DZ: tl.constexpr,
+    WRITE_DZ: tl.constexpr, STORE_BLOCKS: tl.constexpr,
 ):
     """One row of materialised fp32 logits: its loss, lse, argmax and (``WRITE_DZ``) ``d loss / d z``.
 
@@ -321,6 +329,12 @@ def _mce_rows_kernel(
     c / 2), which every thread has read by then, and the barrier before each block's store
     makes "every thread": without it one warp could overwrite block j (or the target logit)
     before another warp has loaded it. Later blocks' loads never meet earlier stores.
+
+    ``STORE_BLOCKS`` (the stored eager strategy, :func:`stored_plan`): pass 2 also stores dz
+    of labelled row ``row0 + r`` (of ``N_all``) in the vocabulary-blocked layout: columns
+    ``[0, Vt)`` into ``DZT`` ``(N_all, Vt)``, column block ``j`` (columns ``Vt + j * Vc`` on,
+    ``Vc = 2 ** vc_log2``, the last block narrower) into ``DZB`` at ``j * N_all * Vc`` as an
+    ``(N_all, width_j)`` matrix. Neither may overlap Z or DZ.
     """
     r = tl.program_id(0)
     z_row = Z + r.to(tl.int64) * stride_z
@@ -365,6 +379,15 @@ def _mce_rows_kernel(
             dz = _dlogits(z, t, lse, 1.0, cols == y, smoothing, z_loss, V, HAS_SOFTCAP).to(DZ.dtype.element_ty)
             tl.debug_barrier()  # all warps hold this block (and the target logit) before DZ overwrites Z
             tl.store(dz_row + cols, dz, mask=ok)
+            if STORE_BLOCKS:
+                rg = (row0 + r).to(tl.int64)
+                tl.store(DZT + rg * Vt + cols, dz, mask=ok & (cols < Vt))
+                u = tl.maximum(cols - Vt, 0)
+                j = u >> vc_log2
+                c0 = j << vc_log2
+                width = tl.minimum(V - Vt - c0, 1 << vc_log2)
+                off = j.to(tl.int64) * N_all * (1 << vc_log2) + rg * width + (u - c0)
+                tl.store(DZB + off, dz, mask=ok & (cols >= Vt))
 
 
 # The eager strategy's gradients (of sum(loss), made in the forward) are scaled by the upstream
@@ -805,14 +828,16 @@ def eager_plan(N: int, V: int, n_rows: int, row_bytes: int, need_h: bool, in_gra
 
 
 def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: bool, fp32_logits: bool = True,
-                    rows: int | None = None) -> str:
+                    rows: int | None = None, stored: bool = False) -> str:
     """``"eager"`` or ``"two_pass"`` for a call that needs gradients.
 
     Where the reference allows eager (``reference.eager_allowed``) and ``EAGER_AUTO`` is on,
     ``"auto"`` takes it when only d hidden is wanted (a frozen LM head: two GEMMs instead of
     three), and with d weight (three GEMMs instead of four) when the rows fit in one chunk or
     in at most ``EAGER_MAX_W_CHUNKS`` chunks of at least ``EAGER_MIN_W_ROWS`` rows each;
-    with ``EAGER_AUTO`` off ``"auto"`` is two-pass.
+    with ``EAGER_AUTO`` off ``"auto"`` is two-pass. ``stored`` (:func:`stored_plan` applies:
+    d weight made once from stored dz, no per-chunk dW traffic): eager with d weight at any
+    number of chunks.
     ``fp32_logits`` False (no fp32-output GEMM, see :func:`fp32_logits_available`): auto
     stays two-pass and ``strategy="eager"`` raises ``ValueError``. ``rows``: eager's rows per
     chunk (:func:`eager_plan`; default :func:`eager_rows`).
@@ -824,24 +849,27 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
             raise ValueError("strategy: 'eager' needs torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA "
                              "inputs, which this torch lacks; use 'two_pass' or 'auto'")
         return "two_pass"
-    if strategy == "eager" or not need_wb:
+    if strategy == "eager" or not need_wb or stored:
         return "eager"
     rows = rows or eager_rows(N, V)
     chunks = triton.cdiv(N, rows)
     return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
 
 
-def _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz=None):
+def _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz=None, blocks=None):
     """``_mce_rows_kernel`` over the fp32 logits chunk ``z`` (rows ``r0 ...`` of the labelled
     rows): their loss, lse and argmax into ``loss`` / ``lse`` / ``arg`` at ``r0``, and with
-    ``dz`` (which may alias ``z``'s storage) their d logits."""
+    ``dz`` (which may alias ``z``'s storage) their d logits; ``blocks`` ``(dzt, dzb, vt,
+    vc)``: dz also into the stored strategy's blocked layout (see the kernel)."""
     R, V = z.shape
     bv, warps = _rows_block(V, z.is_cuda)
+    dzt, dzb, vt, vc = blocks if blocks is not None else (z, z, 0, 1)
     _mce_rows_kernel[(R,)](
         z, b if b is not None else z, y[r0:r0 + R], z if dz is None else dz, loss[r0:r0 + R], lse[r0:r0 + R],
-        arg[r0:r0 + R], V, z.stride(0), z.stride(0) if dz is None else dz.stride(0), float(softcap or 1.0),
-        float(label_smoothing), float(z_loss), HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap),
-        HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv, WRITE_DZ=dz is not None, num_warps=warps, num_stages=ROWS_STAGES,
+        arg[r0:r0 + R], dzt, dzb, V, z.stride(0), z.stride(0) if dz is None else dz.stride(0), float(softcap or 1.0),
+        float(label_smoothing), float(z_loss), y.shape[0], r0, vt, vc.bit_length() - 1, HAS_BIAS=b is not None,
+        HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv, WRITE_DZ=dz is not None,
+        STORE_BLOCKS=blocks is not None, num_warps=warps, num_stages=ROWS_STAGES,
     )
 
 
@@ -871,6 +899,10 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     dt = flat_h.dtype
     V = w.shape[0]
     dev = flat_h.device
+    if need_w:
+        plan = stored_plan(N, V, C, n_rows, flat_h.element_size(), need_h, _mm_out_fp32_ok(flat_h))
+        if plan is not None:
+            return masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan)
     R, in_grad = eager_plan(N, V, n_rows, C * flat_h.element_size(), need_h, _mm_out_fp32_ok(flat_h))
     LAST_TILES["eager"] = f"{triton.cdiv(N, R)} x {R} rows, {'in the gradient' if in_grad else 'own buffer'}"
     loss = _alloc((N,), torch.float32, dev)
@@ -911,6 +943,125 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     if in_grad:
         _place_rows(dh, h_index)
     return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), in_grad
+
+
+# The stored eager strategy (d weight wanted; ``EAGER_STORED``). The chunked eager strategy
+# above adds each row chunk's ``dz.T @ h_c`` into dW: every chunk after the first re-reads and
+# re-writes all of dW, and its chunks are small where V is large (the fp32 logits of a chunk
+# must fit in hidden's unlabelled rows: 128-192 rows at V = 128k-152k), so on the H200 (git
+# c3c84b9, C = 4096, 16k tokens, 20% labelled) those dW updates took 13.8 of 31.3 ms at
+# V = 128256 and 24.5 of 48.2 at V = 151936, and "auto" chose the two-pass strategy there
+# (4 GEMMs, two of them Triton tiles at 340-440 TFLOP/s: 28.4 and 34.8 ms).
+# Stored instead keeps every labelled row's dz (input dtype, N x V) until the row loop ends,
+# in d weight's own buffer (V x C: it holds N x V when N <= C), and then makes dW once per
+# vocabulary block with one large cuBLAS GEMM each (dZ_j.T @ H, K = N): three GEMMs in all,
+# dW written once and rounded once, nothing allocated beyond the gradients. The layout:
+#   * hidden's gradient room (rows past the labelled ones, as in eager): the gathered rows
+#     H (N x C), then the dz of columns [0, Vt) as an (N, Vt) matrix ("T");
+#   * d weight's buffer: the dz of column block j (columns Vt + j Vc on, Vc a power of two,
+#     the last block narrower) as an (N, width_j) matrix at element j N Vc; past them, the
+#     free tail holds the fp32 logits chunk (or the room does, whichever holds more rows).
+# dW is then made block by block, last first, and T's columns last of all. Block j writes dW
+# rows [Vt + j Vc, ...), elements from (Vt + j Vc) C on, while the blocks still to be read
+# (0 ... j) end at (j + 1) N Vc: no block is overwritten before it is read when
+# Vt C >= N Vc and N <= C (the inequality for j = 0, and each later j adds Vc (C - N) >= 0
+# to its slack). Hence Vt = ceil(N Vc / C) (rounded up to 8 columns): the first block's dW
+# rows land on T's columns' rows, which is why T lives in hidden's room.
+EAGER_STORED = True
+# Columns per dW block (a power of two; halved down to STORED_MIN_VC while T does not fit):
+# at 4096, Vt ~ 0.8 x 4096 for N ~ 0.8 C, T ~ 21 MB and 31-37 dW GEMMs of 4096 x C x N at
+# V = 128k-152k.
+STORED_VC = 4096
+STORED_MIN_VC = 256
+# Most rows per logits chunk (the GEMMs' M; more rows than this buy no efficiency).
+STORED_MAX_ROWS = 4096
+
+
+class StoredPlan(NamedTuple):
+    rows: int  # rows per logits chunk
+    vt: int  # columns whose dz live in hidden's room ("T")
+    vc: int  # columns per block in d weight's buffer (a power of two)
+    z_in_w: bool  # the fp32 logits chunk in d weight's free tail (else in hidden's room)
+
+
+def stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool,
+                in_grad_ok: bool = True) -> StoredPlan | None:
+    """The stored eager strategy's layout for ``N`` labelled rows of a hidden ``(n_rows, C)``
+    in a dtype of ``itemsize`` bytes (see the comment above), or None where it does not
+    apply: ``EAGER_STORED`` off, d hidden not wanted (its buffer is the room), no
+    fp32-output GEMM into a given tensor (``in_grad_ok``), ``N > C``, or a room too small
+    for H, T and a logits chunk of ``min(N, EAGER_SCRATCH_MIN_ROWS)`` rows."""
+    if not (EAGER_STORED and IN_GRAD and need_h and in_grad_ok) or not 0 < N <= C:
+        return None
+    room = (n_rows - _scratch_row0(N)) * C  # elements of the input dtype
+    h_end = _aligned(N * C, itemsize)
+    per_z = (4 // itemsize) * V  # input-dtype elements of one fp32 logits row
+    vc = STORED_VC
+    while vc >= STORED_MIN_VC:
+        vt = min(V, triton.cdiv(triton.cdiv(N * vc, C), 8) * 8)
+        t_end = h_end + _aligned(N * vt, itemsize)
+        if t_end <= room:
+            d_end = _aligned(N * (V - vt), itemsize)
+            r_w = max(0, V * C - d_end) // per_z
+            r_h = (room - t_end) // per_z
+            r_max = min(max(r_w, r_h), STORED_MAX_ROWS)
+            if r_max >= min(N, EAGER_SCRATCH_MIN_ROWS):
+                return StoredPlan(_even_rows(N, r_max), vt, vc, r_w >= r_h)
+        vc //= 2
+    return None
+
+
+def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan: StoredPlan):
+    """The eager contract (:func:`masked_ce_eager`, ``in_grad`` True, d weight made) with
+    every dz stored and dW made once at the end (:func:`stored_plan`). Per chunk of rows:
+    the fp32 logits on cuBLAS, ``_mce_rows_kernel`` (statistics; dz over the logits for
+    ``dH_c = dz @ w``, and into the blocked store). Then per vocabulary block, last first:
+    ``dW_j = dZ_j.T @ H`` (and ``db_j``, column sums of dZ_j), T's block last."""
+    N = h_index.shape[0]
+    n_rows, C = flat_h.shape
+    dt = flat_h.dtype
+    V = w.shape[0]
+    dev = flat_h.device
+    R, vt, vc, z_in_w = plan
+    LAST_TILES["eager"] = (f"stored: {triton.cdiv(N, R)} x {R} rows, logits in "
+                           f"{'d weight' if z_in_w else 'the gradient'}, Vt {vt}, Vc {vc}")
+    loss = _alloc((N,), torch.float32, dev)
+    lse = _alloc((N,), torch.float32, dev)
+    arg = _alloc((N,), torch.int32, dev)
+    dh, room = _grad_with_room(flat_h, N)
+    dw = _alloc((V, C), w.dtype, dev)
+    flat_w = dw.view(-1)
+    h_all = torch.index_select(flat_h, 0, h_index, out=room[: N * C].view(N, C))
+    h_end = _aligned(N * C, dh.element_size())
+    t_end = h_end + _aligned(N * vt, dh.element_size())
+    d_end = _aligned(N * (V - vt), dh.element_size())
+    dzt = room[h_end: h_end + N * vt]
+    z_elems = R * V * (4 // dh.element_size())
+    z_room = (flat_w[d_end: d_end + z_elems] if z_in_w else room[t_end: t_end + z_elems]).view(torch.float32)
+    blocks = (dzt, flat_w, vt, vc)
+    for r0 in range(0, N, R):
+        r1 = min(N, r0 + R)
+        z = _logits_fp32(h_all[r0:r1], w, z_room[: (r1 - r0) * V].view(r1 - r0, V))
+        dz = z if dt == torch.float32 else z.view(dt)[:, :V]
+        _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz=dz, blocks=blocks)
+        torch.mm(dz, w, out=dh[r0:r1])
+        z = dz = None
+    db = _alloc((V,), torch.float32, dev) if need_b else None
+    for j in range(triton.cdiv(V - vt, vc) - 1, -1, -1):
+        c0 = vt + j * vc
+        width = min(vc, V - c0)
+        dz_j = flat_w[j * N * vc: j * N * vc + N * width].view(N, width)
+        if need_b:
+            db[c0:c0 + width] = dz_j.sum(0, dtype=torch.float32)
+        torch.mm(dz_j.t(), h_all, out=dw[c0:c0 + width])
+    if vt:
+        dz_t = dzt.view(N, vt)
+        if need_b:
+            db[:vt] = dz_t.sum(0, dtype=torch.float32)
+        torch.mm(dz_t.t(), h_all, out=dw[:vt])
+    del h_all, dzt, room
+    _place_rows(dh, h_index)
+    return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), True
 
 
 # The two-pass strategy's forward when d weight is wanted (``GEMM_FORWARD``): cuBLAS makes
@@ -1164,9 +1315,14 @@ def masked_linear_cross_entropy_triton(
     plan = None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
+        out_ok = _mm_out_fp32_ok(flat_h)
         rows, _ = eager_plan(n, w.shape[0], flat_h.shape[0], flat_h.shape[1] * flat_h.element_size(),
-                             hidden.requires_grad, _mm_out_fp32_ok(flat_h))
-        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h), rows)
+                             hidden.requires_grad, out_ok)
+        stored = weight.requires_grad and stored_plan(
+            n, w.shape[0], flat_h.shape[1], flat_h.shape[0], flat_h.element_size(), hidden.requires_grad, out_ok,
+        ) is not None
+        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h), rows,
+                               stored)
     loss, correct = MaskedLinearCEFunction.apply(
         flat_h, h_index, w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
         reduction, plan,
