@@ -108,19 +108,22 @@ def _compile_move(cc: int) -> list[dict]:
 
 
 def _compile_scale(cc: int) -> list[dict]:
-    """The eager backward's scaling kernel (``scale_``): 16-bit and fp32 x, one factor or one per row."""
+    """The eager backward's scaling kernel (``scale_``): 16-bit and fp32 x, one factor or one
+    per row, with and without the rows it zeroes (``keep``)."""
     from helpers import SMEM_LIMIT, USAGE_KEYS, compile_for, triton_signature
 
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
     out = []
     for elem in ("bf16", "fp32"):
-        for per_row in (False, True):
-            consts = dict(PER_ROW=per_row, BLOCK=mce.SCALE_BLOCK)
-            sig = triton_signature(mce._scale_kernel, consts, {"X": "*E", "G": "*fp32"}, (), elem)
-            r = dict(id=f"scale-{elem}-{'rows' if per_row else 'scalar'}-sm{cc}", fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+        for per_row, keep in itertools.product((False, True), (False, True)):
+            consts = dict(PER_ROW=per_row, HAS_KEEP=keep, BLOCK=mce.SCALE_BLOCK)
+            sig = triton_signature(mce._scale_kernel, consts, {"X": "*E", "G": "*fp32", "KEEP": "*u8"}, (), elem)
+            r = dict(id=f"scale-{elem}-{'rows' if per_row else 'scalar'}{'-keep' if keep else ''}-sm{cc}",
+                     fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
             try:
-                info = compile_for(mce._scale_kernel, sig, consts, cc, mce.SCALE_WARPS, 1, divisible={"X", "G", "cols"})
+                info = compile_for(mce._scale_kernel, sig, consts, cc, mce.SCALE_WARPS, 1,
+                                   divisible={"X", "G", "KEEP", "cols"})
                 r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
             except Exception as e:
                 r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")

@@ -431,10 +431,12 @@ def test_eager_makes_logits_once(device, monkeypatch, frozen):
     (700, 300, None, "random"), (700, 600, None, "random"), (1100, 513, None, "dense-tail"),
 ])
 @pytest.mark.parametrize("C", [5, 64, 130])
-def test_place_rows(device, n_rows, N, block, layout, C):
+@pytest.mark.parametrize("zero", [True, False], ids=["zero", "keep-others"])
+def test_place_rows(device, n_rows, N, block, layout, C, zero):
     """Rows [0, N) land on h_index (strictly increasing, h_index[i] >= i), every other row is
-    zero: the in-place move the eager forward ends with, by the kernel (``block`` None: whole
-    256-row steps, a partial one, column blocks past C) and by the copied-block loop."""
+    zero (``zero``; else what the move left there): the in-place move the eager forward ends
+    with, by the kernel (``block`` None: whole 256-row steps, a partial one, column blocks
+    past C) and by the copied-block loop."""
     g = torch.Generator().manual_seed(n_rows * 31 + N + C)
     if layout == "first":
         idx = torch.arange(N)
@@ -448,21 +450,34 @@ def test_place_rows(device, n_rows, N, block, layout, C):
     rows = torch.randn(N, C, generator=g).to(device)
     buf = torch.randn(n_rows, C, generator=g).to(device) * 1e3  # stale data: the logits chunks were here
     buf[:N] = rows
-    mce._place_rows(buf, idx, block)
+    mce._place_rows(buf, idx, block, zero=zero)
     want = torch.zeros(n_rows, C, device=device)
     want[idx] = rows
-    assert torch.equal(buf, want)
+    if zero:
+        assert torch.equal(buf, want)
+    else:
+        assert torch.equal(buf[idx], rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("rows,cols,per_row", [(1, 1, False), (37, 29, False), (37, 29, True), (131, 67, True), (131, 67, False)])
-def test_scale_matches_mul(device, dtype, rows, cols, per_row):
+@pytest.mark.parametrize("keep", [False, True], ids=["all-rows", "keep"])
+def test_scale_matches_mul(device, dtype, rows, cols, per_row, keep):
     """scale_ (the eager backward's upstream-gradient scaling) rounds as x.mul_(g) does: x in
-    fp32 times g, once to x's dtype; per-row factors and sizes past one block (4096) included."""
+    fp32 times g, once to x's dtype; per-row factors and sizes past one block (4096) included.
+    With ``keep`` the other rows become 0 even where they held NaN or inf (the eager forward
+    leaves them unwritten)."""
     x = torch.randn(rows, cols, device=device).to(dtype)
     g = (torch.rand(rows, device=device) * 3 - 1) if per_row else torch.rand((), device=device) / 7
     want = x.clone().mul_(g[:, None] if per_row else g)
-    got = mce.scale_(x, g)
+    kept = None
+    if keep:
+        kept = torch.rand(rows, device=device) < 0.6
+        kept[0] = rows > 1  # a dropped row, unless it is the only one
+        x[~kept] = float("nan")
+        x[~kept, :1] = float("inf")
+        want[~kept] = 0
+    got = mce.scale_(x, g, kept)
     assert got is x
     if dtype == torch.bfloat16 and not x.is_cuda:
         # Triton's interpreter casts fp32 to bf16 by truncation (the GPU rounds to nearest even):
@@ -479,6 +494,8 @@ def test_scale_rejects_bad_input(device):
         mce.scale_(x.t(), torch.ones((), device=device))
     with pytest.raises(ValueError, match=r"g: expected a 0-d tensor or shape \(8,\)"):
         mce.scale_(x, torch.ones(6, device=device))
+    with pytest.raises(ValueError, match=r"keep: expected a bool or uint8 tensor of shape \(8,\)"):
+        mce.scale_(x, torch.ones((), device=device), torch.ones(8, device=device))
 
 
 @pytest.mark.parametrize("N,V,C,itemsize", [(3331, 128256, 4096, 2), (3331, 32000, 4096, 2), (100, 1000, 64, 4),

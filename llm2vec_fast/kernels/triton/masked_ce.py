@@ -400,21 +400,44 @@ SCALE_WARPS = 4
 
 
 @triton.jit
-def _scale_kernel(X, G, n, cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """``X[i] *= G[i // cols]`` (``PER_ROW``) or ``X[i] *= G[0]`` over ``n`` contiguous elements."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    x = tl.load(X + offs, mask=ok)
-    if PER_ROW:
-        g = tl.load(G + offs // cols, mask=ok, other=0.0)
+def _scale_kernel(X, G, KEEP, n, cols, PER_ROW: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr):
+    """``X *= g`` over ``n`` contiguous elements, rounded once to X's dtype.
+
+    Flat (neither ``PER_ROW`` nor ``HAS_KEEP``): program p scales elements ``[p * BLOCK, ...)``
+    by ``G[0]``. Per row (grid ``(rows, cdiv(cols, BLOCK))``, rows of ``cols`` elements):
+    program (r, j) scales columns ``[j * BLOCK, ...)`` of row r by ``G[r]`` (``PER_ROW``) or
+    ``G[0]``; with ``HAS_KEEP`` a row whose ``KEEP`` byte is 0 is written as zeros without
+    being read (it may hold anything, NaN included). The row is the program's, so no
+    per-element division finds it."""
+    if PER_ROW or HAS_KEEP:
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = c < cols
+        offs = row.to(tl.int64) * cols + c
     else:
-        g = tl.load(G)
-    tl.store(X + offs, (x.to(tl.float32) * g).to(X.dtype.element_ty), mask=ok)
+        row = 0
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+    keep = True
+    if HAS_KEEP:
+        keep = tl.load(KEEP + row) != 0
+    if keep:
+        if PER_ROW:
+            g = tl.load(G + row)
+        else:
+            g = tl.load(G)
+        x = tl.load(X + offs, mask=ok)
+        tl.store(X + offs, (x.to(tl.float32) * g).to(X.dtype.element_ty), mask=ok)
+    else:
+        tl.store(X + offs, tl.zeros([BLOCK], X.dtype.element_ty), mask=ok)
 
 
-def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def scale_(x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``x *= g`` in place, rounded once to x's dtype, as ``x.mul_(g)`` computes it: ``x``
     contiguous, ``g`` an fp32 scalar (0-d) or one factor per row of ``x`` (``(x.shape[0],)``).
+    ``keep`` (``(x.shape[0],)`` bool or uint8): rows where it is False are set to 0 instead,
+    whatever they held (the eager forward leaves the unlabelled rows of hidden's gradient
+    unwritten: this pass, which visits every row anyway, zeroes them without reading them).
     Returns ``x``."""
     if x.numel() == 0:
         return x
@@ -423,10 +446,22 @@ def scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     per_row = g.dim() > 0
     if per_row and g.shape != (x.shape[0],):
         raise ValueError(f"g: expected a 0-d tensor or shape ({x.shape[0]},), got {tuple(g.shape)}")
+    if keep is not None and (keep.shape != (x.shape[0],) or keep.dtype not in (torch.bool, torch.uint8)):
+        raise ValueError(f"keep: expected a bool or uint8 tensor of shape ({x.shape[0]},), "
+                         f"got {keep.dtype} {tuple(keep.shape)}")
     g = g.to(torch.float32).contiguous()
     n = x.numel()
-    _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](
-        x, g, n, max(1, n // max(x.shape[0], 1)), PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
+    rows = x.shape[0]
+    cols = n // rows
+    if per_row or keep is not None:
+        block = min(SCALE_BLOCK, triton.next_power_of_2(cols))
+        grid = (rows, triton.cdiv(cols, block))
+    else:
+        block = SCALE_BLOCK
+        grid = (triton.cdiv(n, block),)
+    _scale_kernel[grid](
+        x, g, (keep.contiguous().view(torch.uint8) if keep is not None else g), n, cols,
+        PER_ROW=per_row, HAS_KEEP=keep is not None, BLOCK=block, num_warps=SCALE_WARPS,
     )
     return x
 
@@ -941,7 +976,7 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
             db += dz.sum(0, dtype=torch.float32)
         z = dz = hc = None  # freed before the next chunk's: one chunk alive at a time
     if in_grad:
-        _place_rows(dh, h_index)
+        _place_rows(dh, h_index, zero=False)  # the backward's scaling zeroes the other rows
     return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), in_grad
 
 
@@ -1060,7 +1095,7 @@ def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z
             db[:vt] = dz_t.sum(0, dtype=torch.float32)
         torch.mm(dz_t.t(), h_all, out=dw[:vt])
     del h_all, dzt, room
-    _place_rows(dh, h_index)
+    _place_rows(dh, h_index, zero=False)  # the backward's scaling zeroes the other rows
     return loss, lse, arg == y, dh, dw, (db.to(b.dtype) if need_b else None), True
 
 
@@ -1151,9 +1186,11 @@ def _move_rows(buf: torch.Tensor, h_index: torch.Tensor) -> None:
     )
 
 
-def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = None) -> None:
+def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = None, zero: bool = True) -> None:
     """Move rows ``[0, N)`` of ``buf`` to rows ``h_index`` (``N`` of them, strictly increasing)
-    and zero every other row, in place.
+    and (``zero``) zero every other row, in place. Without ``zero`` the other rows keep what
+    they held: the eager forward's caller zeroes them later, in the backward's scaling pass
+    (:func:`scale_` with ``keep``), which reads and writes every row anyway.
 
     Row ``i`` goes to ``h_index[i] >= i``. One kernel launch moves them
     (``_move_rows_kernel``, no copy). With ``block`` given (the tests' oracle), or a buffer
@@ -1171,8 +1208,9 @@ def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = No
         for a in range(triton.cdiv(N, block) * block - block, -1, -block):
             b = min(N, a + block)
             buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
-    drop = torch.ones(buf.shape[0], device=buf.device, dtype=torch.bool).index_fill_(0, h_index, False)
-    buf.masked_fill_(drop[:, None], 0)
+    if zero:
+        drop = torch.ones(buf.shape[0], device=buf.device, dtype=torch.bool).index_fill_(0, h_index, False)
+        buf.masked_fill_(drop[:, None], 0)
 
 
 def _scatter_rows(rows: torch.Tensor, h_index: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -1241,12 +1279,13 @@ class MaskedLinearCEFunction(torch.autograd.Function):
             # copy of dW) and handed over once. A second backward (retain_graph) recomputes below.
             dh, dw, db, in_grad = ctx.eager
             ctx.eager = None
-            if in_grad and g.dim():
-                # hidden's whole gradient already: each labelled row times its own factor
-                gt = torch.zeros(flat_h.shape[0], device=g.device, dtype=torch.float32)
-                scale_(dh, gt.index_copy_(0, h_index, g))
-            elif in_grad:
-                scale_(dh, g)
+            if in_grad:
+                # hidden's whole gradient already, its unlabelled rows unwritten: the labelled
+                # rows times their factor (one per row for reduction none), every other row 0
+                keep = torch.zeros(flat_h.shape[0], device=g.device, dtype=torch.uint8).index_fill_(0, h_index, 1)
+                if g.dim():
+                    g = torch.zeros(flat_h.shape[0], device=g.device, dtype=torch.float32).index_copy_(0, h_index, g)
+                scale_(dh, g, keep)
             elif dh is not None:
                 dh = _scatter_rows(scale_(dh, g), h_index, flat_h.shape[0])
             return (dh, None, scale_(dw, g) if dw is not None else None, db.mul_(g) if db is not None else None) + none
