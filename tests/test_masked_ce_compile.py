@@ -115,19 +115,22 @@ def _compile_scale(cc: int) -> list[dict]:
     from llm2vec_fast.kernels.triton import masked_ce as mce
 
     out = []
-    for elem in ("bf16", "fp32"):
-        for per_row, keep in itertools.product((False, True), (False, True)):
-            consts = dict(PER_ROW=per_row, HAS_KEEP=keep, BLOCK=mce.SCALE_BLOCK)
-            sig = triton_signature(mce._scale_kernel, consts, {"X": "*E", "G": "*fp32", "KEEP": "*u8"}, (), elem)
-            r = dict(id=f"scale-{elem}-{'rows' if per_row else 'scalar'}{'-keep' if keep else ''}-sm{cc}",
-                     fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
-            try:
-                info = compile_for(mce._scale_kernel, sig, consts, cc, mce.SCALE_WARPS, 1,
-                                   divisible={"X", "G", "KEEP", "cols"})
-                r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
-            except Exception as e:
-                r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
-            out.append(r)
+    # the row-wise variants launch BLOCK = min(SCALE_BLOCK, next power of two of the row): 4096
+    # at C >= 4096, 1024 at SmolLM2's C = 576
+    for elem, per_row, keep, block in itertools.product(("bf16", "fp32"), (False, True), (False, True), (1024, 4096)):
+        if block != mce.SCALE_BLOCK and not (per_row or keep):
+            continue
+        consts = dict(PER_ROW=per_row, HAS_KEEP=keep, BLOCK=block)
+        sig = triton_signature(mce._scale_kernel, consts, {"X": "*E", "G": "*fp32", "KEEP": "*u8"}, (), elem)
+        r = dict(id=f"scale-{elem}-{'rows' if per_row else 'scalar'}{'-keep' if keep else ''}-b{block}-sm{cc}",
+                 fp32=elem == "fp32", limit=SMEM_LIMIT[cc])
+        try:
+            info = compile_for(mce._scale_kernel, sig, consts, cc, mce.SCALE_WARPS, 1,
+                               divisible={"X", "G", "KEEP", "cols"})
+            r.update(ok=True, **{k: info[k] for k in USAGE_KEYS})
+        except Exception as e:
+            r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
+        out.append(r)
     return out
 
 
