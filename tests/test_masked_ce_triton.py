@@ -533,6 +533,37 @@ def test_eager_plan():
             assert (mce._scratch_row0(N) * row) + r * (V * 4 + row) + 16 <= n_rows * row
 
 
+def test_grad_chunk_ends():
+    """In-gradient eager chunks: they cover the labelled rows in order, each one's fp32 logits
+    and gathered rows fit between its own gradient rows (rounded up to 16) and the buffer's
+    end, none is smaller than the fixed plan's chunk (but the last), and there are never more
+    of them; at C = 4096, 16k tokens, V = 151936 the early chunks are larger (192 rows)."""
+    seen = 0
+    for C, itemsize in ((4096, 2), (576, 2), (96, 4), (64, 2)):
+        rb = C * itemsize
+        for V in (123, 1000, 32000, 128256, 151936):
+            for n_rows in (300, 4096, 16384):
+                for N in (1, 37, n_rows // 5, n_rows // 2, n_rows - 40):
+                    base, in_grad = mce.eager_plan(N, V, n_rows, rb, True)
+                    if not in_grad:
+                        continue
+                    seen += 1
+                    ends = mce.grad_chunk_ends(N, V, n_rows, rb, base)
+                    starts = [0] + ends[:-1]
+                    assert ends[-1] == N and all(b > a for a, b in zip(starts, ends)), ends
+                    assert len(ends) <= -(-N // base), (N, V, n_rows, base, ends)
+                    for a, b in zip(starts, ends):
+                        assert b - a >= base or b == N, (a, b, base)
+                        z0 = mce._scratch_row0(b) * C
+                        h0 = mce._aligned(z0 + (b - a) * V * (4 // itemsize), itemsize)
+                        assert h0 + (b - a) * C <= n_rows * C, (N, V, n_rows, a, b)
+    assert seen > 40
+    base, _ = mce.eager_plan(3262, 151936, 16384, 8192, True)
+    ends = mce.grad_chunk_ends(3262, 151936, 16384, 8192, base)
+    sizes = [b - a for a, b in zip([0] + ends[:-1], ends)]
+    assert base == 128 and sizes[:10] == [192] * 10 and len(ends) < -(-3262 // 128), sizes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("frozen,reduction", [(False, "mean"), (False, "none"), (True, "none"), (True, "sum")])
 def test_in_grad_matches_separate(device, monkeypatch, dtype, frozen, reduction):
