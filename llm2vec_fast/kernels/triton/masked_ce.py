@@ -316,7 +316,7 @@ def _mce_rows_kernel(
     Z, Bias, Y, DZ, Loss, Lse, Arg, DZT, DZB,
     V, stride_z, stride_dz, softcap, smoothing, z_loss, N_all, row0, Vt, vc_log2,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr,
-    WRITE_DZ: tl.constexpr, STORE_BLOCKS: tl.constexpr,
+    WRITE_DZ: tl.constexpr, STORE_BLOCKS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One row of materialised fp32 logits: its loss, lse, argmax and (``WRITE_DZ``) ``d loss / d z``.
 
@@ -346,7 +346,7 @@ def _mce_rows_kernel(
     zsum = 0.0
     best = float("-inf")
     arg = 0
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
         cols = v0 + offs
         ok = cols < V
         z, _t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
@@ -372,7 +372,7 @@ def _mce_rows_kernel(
     tl.store(Lse + r, lse)
     tl.store(Arg + r, arg)
     if WRITE_DZ:
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in tl.range(0, V, BLOCK_V, num_stages=STAGES):
             cols = v0 + offs
             ok = cols < V
             z, t = _row_logits(z_row, Bias, cols, ok, softcap, HAS_BIAS, HAS_SOFTCAP)
@@ -751,8 +751,16 @@ EAGER_MAX_W_CHUNKS = 8
 EAGER_AUTO = True
 
 
-# The row kernel streams its row twice with 16 fp32 per thread in flight; no software pipeline.
-ROWS_STAGES = 1
+# The row kernel streams its row twice, 16 fp32 per thread per block. Its block loops are
+# software-pipelined (``tl.range(num_stages=ROWS_STAGES)``: the next block's loads are issued,
+# as cp.async into shared memory, while this block is reduced), so two blocks per program are
+# in flight instead of one: at V >= 128k a chunk has about one row per SM and the H200 run
+# (git c3c84b9) streamed ~2.3 TB/s there (1.9-2.2 ms for ~5 GB at V = 151936), half the
+# chip's bandwidth. Safe with dz written over the row: block j's 16-bit stores land in fp32
+# columns below (j + 1) * BLOCK_V / 2, never in a block still to be loaded. 32 KB of shared
+# memory per stage at BLOCK_V 8192. Untimed on a GPU (its ``kernel_ms`` against those rows
+# will say); the compile test checks the cp.async and that nothing spills.
+ROWS_STAGES = 2
 # From this vocabulary up, a chunk holds at most EAGER_CHUNK_ELEMS // V <= 256 rows, so the
 # row kernel (one program per row) has about one program per SM: it runs 16 warps over
 # 8192-column blocks, twice the bytes in flight per SM of 8 warps over 4096 (16 fp32 per
@@ -934,7 +942,7 @@ def _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz
         arg[r0:r0 + R], dzt, dzb, V, z.stride(0), z.stride(0) if dz is None else dz.stride(0), float(softcap or 1.0),
         float(label_smoothing), float(z_loss), y.shape[0], r0, vt, vc.bit_length() - 1, HAS_BIAS=b is not None,
         HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv, WRITE_DZ=dz is not None,
-        STORE_BLOCKS=blocks is not None, num_warps=warps, num_stages=ROWS_STAGES,
+        STORE_BLOCKS=blocks is not None, STAGES=ROWS_STAGES, num_warps=warps,
     )
 
 
