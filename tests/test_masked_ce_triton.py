@@ -208,6 +208,53 @@ def test_stored_eager_matches_full_logits(device, monkeypatch, dtype, shape, C, 
         assert_close_rule(a, t.grad, r, factor=3.0, atol=1e-5, name=name)
 
 
+def test_stored_eager_random_layouts(device, monkeypatch):
+    """Random small layouts through the stored eager strategy (vocabulary, hidden size, rows,
+    labelled fraction, dW block width, rows per chunk, bias drawn; fp32): loss and every
+    gradient within the rule against fp64 full logits, buffers poisoned. Bounded: 10 draws,
+    at least 6 of which take the stored plan."""
+    monkeypatch.setattr(mce, "EAGER_SCRATCH_MIN_ROWS", 1)
+    rng = torch.Generator().manual_seed(1234)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    taken = 0
+    for _ in range(10):
+        C, V = pick([32, 48, 64, 96]), int(torch.randint(40, 1500, (1,), generator=rng))
+        B, T = pick([1, 2, 3]), int(torch.randint(60, 260, (1,), generator=rng))
+        frac = float(torch.empty(()).uniform_(0.75, 0.97, generator=rng))
+        monkeypatch.setattr(mce, "STORED_VC", pick([64, 128, 256, 1024]))
+        monkeypatch.setattr(mce, "STORED_MIN_VC", 64)
+        monkeypatch.setattr(mce, "STORED_MAX_ROWS", pick([8, 16, 64, 4096]))
+        use_bias = bool(pick([True, False]))
+        hidden, weight, bias, labels = _make((B, T), C, V, torch.float32, device, frac, use_bias, 1)
+        with torch.no_grad():
+            want, _, _, n = _oracle(hidden, weight, labels, bias, 1, None, 0.0, 0.0)
+        if mce.stored_plan(n, V, C, B * T, 4, True) is None:
+            continue
+        taken += 1
+        params = [hidden, weight] + ([bias] if use_bias else [])
+
+        def run(fn, **extra):
+            ts = [t.detach().clone().requires_grad_() for t in params]
+            loss = fn(ts[0], ts[1], labels, ts[2] if use_bias else None, reduction="sum", **extra)
+            loss.backward()
+            return loss.detach(), [t.grad for t in ts]
+
+        mce.LAST_TILES.pop("eager", None)
+        fast, fast_g = run(mce.masked_linear_cross_entropy_triton)
+        assert mce.LAST_TILES["eager"].startswith("stored"), mce.LAST_TILES
+        ref_native, ref_g = run(masked_linear_cross_entropy_ref, upcast=False, strategy="eager")
+        o = [t.detach().double().requires_grad_() for t in params]
+        _oracle(o[0], o[1], labels, o[2] if use_bias else None, 1, None, 0.0, 0.0)[0].sum().backward()
+        case = (C, V, B, T, n, mce.STORED_VC, mce.STORED_MAX_ROWS)
+        assert_close_rule(fast, want.sum(), ref_native, atol=1e-5 + 2**-21 * float(want.sum().abs()), name=f"loss {case}")
+        for name, a, r, t in zip(["d hidden", "d weight", "d bias"], fast_g, ref_g, o):
+            assert_close_rule(a, t.grad, r, factor=3.0, atol=1e-5, name=f"{name} {case}")
+    assert taken >= 6, taken
+
+
 def _stored_order_ok(N, V, C, plan) -> bool:
     """Replay the stored strategy's dW pass on an interval model of d weight's buffer: every
     dz block must still be intact when it is read (no earlier dW write reached it)."""
