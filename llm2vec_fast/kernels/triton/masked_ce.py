@@ -63,8 +63,8 @@ Design (why it is built this way):
   tokens, 20% labelled, git c3c84b9): V = 32000 eager 6.5 ms vs two-pass 8.1 with d weight,
   4.3 vs 6.7 frozen; V = 128256 frozen 15.4 vs 23.4, with d weight two-pass (28.4 vs eager's
   31.3: 18 chunks of 192 rows).
-* Stored eager (``EAGER_STORED``, :func:`stored_plan`): with d weight wanted and at most C
-  labelled rows, eager keeps every labelled row's dz (input dtype) in d weight's own
+* Stored eager (``EAGER_STORED``, :func:`stored_plan`): with d weight wanted, at most C
+  labelled rows and more than one row chunk (:func:`eager_stored_plan`), eager keeps every labelled row's dz (input dtype) in d weight's own
   buffer, in vocabulary blocks, and makes d weight once after the row loop, block by block
   in an order that never overwrites a block before it is read: 3 GEMMs, dW written and
   rounded once, the large chunked-eager dW traffic gone (13.8 of 31.3 ms at V = 128256 on
@@ -973,7 +973,7 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     V = w.shape[0]
     dev = flat_h.device
     if need_w:
-        plan = stored_plan(N, V, C, n_rows, flat_h.element_size(), need_h, _mm_out_fp32_ok(flat_h))
+        plan = eager_stored_plan(N, V, C, n_rows, flat_h.element_size(), need_h, _mm_out_fp32_ok(flat_h))
         if plan is not None:
             return masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan)
     row_bytes = C * flat_h.element_size()
@@ -1085,6 +1085,19 @@ def stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool
                 return StoredPlan(_even_rows(N, r_max), vt, vc, r_w >= r_h)
         vc //= 2
     return None
+
+
+def eager_stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool,
+                      in_grad_ok: bool = True) -> StoredPlan | None:
+    """The stored plan eager runs with d weight, or None where it runs chunked: where
+    :func:`stored_plan` applies and the chunked form would take more than one row chunk (in
+    one chunk it makes dW with one GEMM already, without stored's blocked dz copy)."""
+    plan = stored_plan(N, V, C, n_rows, itemsize, need_h, in_grad_ok)
+    if plan is None:
+        return None
+    R, in_grad = eager_plan(N, V, n_rows, C * itemsize, need_h, in_grad_ok)
+    chunks = len(grad_chunk_ends(N, V, n_rows, C * itemsize, R)) if in_grad else triton.cdiv(N, R)
+    return plan if chunks > 1 else None
 
 
 def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan: StoredPlan):
@@ -1398,7 +1411,7 @@ def masked_linear_cross_entropy_triton(
         out_ok = _mm_out_fp32_ok(flat_h)
         rows, _ = eager_plan(n, w.shape[0], flat_h.shape[0], flat_h.shape[1] * flat_h.element_size(),
                              hidden.requires_grad, out_ok)
-        stored = weight.requires_grad and stored_plan(
+        stored = weight.requires_grad and eager_stored_plan(
             n, w.shape[0], flat_h.shape[1], flat_h.shape[0], flat_h.element_size(), hidden.requires_grad, out_ok,
         ) is not None
         plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h), rows,
