@@ -85,9 +85,10 @@ def masked_linear_cross_entropy(
             inside hidden's gradient buffer where its unlabelled rows leave room, else 64 MB)
             and computes the gradients there; the backward only scales them (3
             GEMMs, 2 without d weight); d weight / d bias then need reduction mean or sum.
-            On the Triton backend, with d weight and at most C labelled rows, eager keeps
-            every labelled row's d logits in d weight's own buffer and makes d weight once
-            at the end (``stored_plan``), else it adds each chunk's share into d weight.
+            On the Triton backend, with d weight, at most C labelled rows and more than
+            one row chunk, eager keeps every labelled row's d logits in d weight's own
+            buffer and makes d weight once at the end (``eager_stored_plan``), else it adds
+            each chunk's share into d weight.
             ``"auto"``: on the torch backend eager whenever allowed (each chunk's dW update
             is cheap next to the saved GEMM on a CPU: measured 0.74x the two-pass time with
             a frozen head). On the Triton backend eager for a frozen head, and with d weight
