@@ -64,12 +64,13 @@ Design (why it is built this way):
   4.3 vs 6.7 frozen; V = 128256 frozen 15.4 vs 23.4, with d weight two-pass (28.4 vs eager's
   31.3: 18 chunks of 192 rows).
 * Stored eager (``EAGER_STORED``, :func:`stored_plan`): with d weight wanted, at most C
-  labelled rows and more than one row chunk (:func:`eager_stored_plan`), eager keeps every labelled row's dz (input dtype) in d weight's own
-  buffer, in vocabulary blocks, and makes d weight once after the row loop, block by block
-  in an order that never overwrites a block before it is read: 3 GEMMs, dW written and
-  rounded once, the large chunked-eager dW traffic gone (13.8 of 31.3 ms at V = 128256 on
-  the H200), nothing allocated beyond the gradients. Untimed on a GPU; the benchmark's
-  ``strategy-eager-chunked`` provider times the chunked form beside it.
+  labelled rows and more than one row chunk (:func:`eager_stored_plan`), eager keeps every
+  labelled row's dz (input dtype) in d weight's own buffer, in vocabulary blocks, and makes
+  d weight once after the row loop, block by block in an order that never overwrites a
+  block before it is read: 3 GEMMs, dW written and rounded once, the large chunked-eager dW
+  traffic gone (13.8 of 31.3 ms at V = 128256 on the H200), nothing allocated beyond the
+  gradients. Untimed on a GPU; the benchmark's ``strategy-eager-chunked`` provider times the
+  chunked form beside it.
 * Precision: fp32 accumulation everywhere; fp32 inputs use ``input_precision="ieee"`` so
   the CPU interpreter and the GPU agree with the fp32 oracle. bf16 ``tl.dot`` is wrong in
   the interpreter, so bf16 is tested on the GPU only.
@@ -951,9 +952,10 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
 
     ``flat_h`` ``(n_rows, C)`` every row of hidden, ``h_index`` ``(N,)`` the labelled ones
     (strictly increasing, as ``reference.labelled_rows`` makes them). Per chunk of ``R`` rows
-    (:func:`eager_plan`; in hidden's gradient, :func:`grad_chunk_ends`): the chunk's rows are gathered (``R x C``), ``Z = h_c @ w.T`` on
-    cuBLAS into an fp32 ``(R, V)`` buffer, ``_mce_rows_kernel`` turns each row into its
-    statistics and writes dz (input dtype) over the buffer, then ``dH_c = dz @ w`` (rows of dH
+    (:func:`eager_plan`; in hidden's gradient, :func:`grad_chunk_ends`): the chunk's rows
+    are gathered (``R x C``), ``Z = h_c @ w.T`` on cuBLAS into an fp32 ``(R, V)`` buffer,
+    ``_mce_rows_kernel`` turns each row into its statistics and writes dz (input dtype) over
+    the buffer, then ``dH_c = dz @ w`` (rows of dH
     are disjoint: written once, in the input dtype), ``dW += dz.T @ h_c`` and
     ``db += sum(dz)``. Three GEMMs of ``N x C x V`` with d weight (two without) instead of the
     two-pass strategy's four (three).
