@@ -258,6 +258,40 @@ def test_stored_eager_random_layouts(device, monkeypatch):
     assert taken >= 6, taken
 
 
+def test_row_kernel_falls_back_to_the_plain_loop(device, monkeypatch):
+    """A Triton that cannot build the pipelined row kernel (ROWS_STAGES > 1): one warning, the
+    plain loop from then on, and the same loss and gradients as the plain loop from the start."""
+    real = mce._mce_rows_kernel
+    seen = []
+
+    class Refuses:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["STAGES"])
+                if kw["STAGES"] > 1:
+                    raise RuntimeError("PassManager::run failed")
+                return real[grid](*args, **kw)
+            return launch
+
+    hidden, weight, _, labels = _make((2, 60), 64, 300, torch.float32, device, 0.5, False, 1)
+
+    def grads():
+        h = hidden.clone().requires_grad_()
+        loss = mce.masked_linear_cross_entropy_triton(h, weight, labels, strategy="eager")
+        loss.backward()
+        return loss.detach(), h.grad
+
+    want = grads()
+    monkeypatch.setattr(mce, "_mce_rows_kernel", Refuses())
+    monkeypatch.setattr(mce, "_ROWS_PIPELINE_FAILED", False)
+    with pytest.warns(RuntimeWarning, match="pipelined loop failed to build"):
+        got = grads()
+    again = grads()
+    assert seen[:2] == [mce.ROWS_STAGES, 1] and set(seen[2:]) == {1}, seen
+    for out in (got, again):
+        assert all(torch.equal(a, b) for a, b in zip(want, out))
+
+
 def _stored_order_ok(N, V, C, plan) -> bool:
     """Replay the stored strategy's dW pass on an interval model of d weight's buffer: every
     dz block must still be intact when it is read (no earlier dW write reached it)."""

@@ -96,6 +96,7 @@ Design (why it is built this way):
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -762,6 +763,9 @@ EAGER_AUTO = True
 # memory per stage at BLOCK_V 8192. Untimed on a GPU (its ``kernel_ms`` against those rows
 # will say); the compile test checks the cp.async and that nothing spills.
 ROWS_STAGES = 2
+# Set when a launch with ROWS_STAGES failed to build (another Triton's pipeliner): every later
+# launch runs the plain loop (see _row_stats).
+_ROWS_PIPELINE_FAILED = False
 # From this vocabulary up, a chunk holds at most EAGER_CHUNK_ELEMS // V <= 256 rows, so the
 # row kernel (one program per row) has about one program per SM: it runs 16 warps over
 # 8192-column blocks, twice the bytes in flight per SM of 8 warps over 4096 (16 fp32 per
@@ -935,16 +939,32 @@ def _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz
     rows): their loss, lse and argmax into ``loss`` / ``lse`` / ``arg`` at ``r0``, and with
     ``dz`` (which may alias ``z``'s storage) their d logits; ``blocks`` ``(dzt, dzb, vt,
     vc)``: dz also into the stored strategy's blocked layout (see the kernel)."""
+    global _ROWS_PIPELINE_FAILED
     R, V = z.shape
     bv, warps = _rows_block(V, z.is_cuda)
     dzt, dzb, vt, vc = blocks if blocks is not None else (z, z, 0, 1)
-    _mce_rows_kernel[(R,)](
-        z, b if b is not None else z, y[r0:r0 + R], z if dz is None else dz, loss[r0:r0 + R], lse[r0:r0 + R],
-        arg[r0:r0 + R], dzt, dzb, V, z.stride(0), z.stride(0) if dz is None else dz.stride(0), float(softcap or 1.0),
-        float(label_smoothing), float(z_loss), y.shape[0], r0, vt, vc.bit_length() - 1, HAS_BIAS=b is not None,
-        HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv, WRITE_DZ=dz is not None,
-        STORE_BLOCKS=blocks is not None, STAGES=ROWS_STAGES, num_warps=warps,
-    )
+
+    def launch(stages):
+        _mce_rows_kernel[(R,)](
+            z, b if b is not None else z, y[r0:r0 + R], z if dz is None else dz, loss[r0:r0 + R], lse[r0:r0 + R],
+            arg[r0:r0 + R], dzt, dzb, V, z.stride(0), z.stride(0) if dz is None else dz.stride(0),
+            float(softcap or 1.0), float(label_smoothing), float(z_loss), y.shape[0], r0, vt, vc.bit_length() - 1,
+            HAS_BIAS=b is not None, HAS_SOFTCAP=bool(softcap), HAS_SMOOTH=bool(label_smoothing), BLOCK_V=bv,
+            WRITE_DZ=dz is not None, STORE_BLOCKS=blocks is not None, STAGES=stages, num_warps=warps,
+        )
+
+    if ROWS_STAGES < 2 or _ROWS_PIPELINE_FAILED:
+        launch(1)
+        return
+    try:
+        launch(ROWS_STAGES)
+    except Exception as e:  # noqa: BLE001 - a Triton build whose pipeliner rejects the loop
+        # Compiled here for sm_90 / sm_80 with this checkout's Triton; another Triton may
+        # refuse the pipelined loop. One warning, then the plain loop (same results).
+        _ROWS_PIPELINE_FAILED = True
+        warnings.warn(f"masked CE row kernel: the pipelined loop failed to build ({type(e).__name__}: "
+                      f"{str(e)[:200]}); running it unpipelined", RuntimeWarning, stacklevel=2)
+        launch(1)
 
 
 def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
