@@ -15,8 +15,10 @@ Providers (each only where it accepts the case):
   sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math
                 F.scaled_dot_product_attention pinned to one backend (unpadded: no mask;
                 padded: boolean key mask, which flash and cuDNN refuse)
-  hf-sdpa       what stock transformers does with a padded batch: K/V repeated for GQA, an
-                expanded (B, 1, S, S) boolean mask, SDPA picks its backend
+  hf-sdpa       what stock transformers does with a padded batch: its sdpa_attention_forward
+                (K/V repeated for GQA, SDPA with the materialised (B, 1, S, S) boolean mask its
+                create_bidirectional_mask builds, SDPA picks the backend, output made
+                (B, S, H, D)-contiguous), fed the (B, H, S, D) views a layer passes
   flex          FlexAttention (torch.compile'd) with a padding block mask
   flash-attn    flash_attn_func / flash_attn_varlen_func when importable
 
@@ -35,6 +37,7 @@ import math
 import os
 import sys
 import time
+import types
 import warnings
 
 import torch
@@ -180,12 +183,25 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
         return f
     if name == "hf-sdpa":
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        attn_mask = None if mask is None else mask[:, None, None, :].expand(B, 1, S, S)
+        # The (B, 1, S, S) boolean mask transformers' create_bidirectional_mask builds for SDPA
+        # (materialised, made once per forward for all layers: outside the timing).
+        attn_mask = None if mask is None else mask[:, None, None, :].expand(B, 1, S, S).contiguous()
+        try:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        except ImportError:
+            sdpa_attention_forward = None
+        if sdpa_attention_forward is not None:
+            # transformers' own attention function: K/V repeated for GQA (repeat_kv) when a mask
+            # is given, SDPA, and the output made (B, S, H, D)-contiguous, as a layer runs it
+            layer = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=False)
+            return lambda: sdpa_attention_forward(layer, qt, kt, vt, attn_mask, dropout=0.0, scaling=scale,
+                                                  is_causal=False)[0]
 
         def f():
             kr = kt.repeat_interleave(H // Hkv, dim=1) if H != Hkv else kt
             vr = vt.repeat_interleave(H // Hkv, dim=1) if H != Hkv else vt
-            return F.scaled_dot_product_attention(qt, kr, vr, attn_mask=attn_mask, scale=scale)
+            out = F.scaled_dot_product_attention(qt, kr, vr, attn_mask=attn_mask, scale=scale)
+            return out.transpose(1, 2).contiguous()
 
         return f
     if name == "flex":
