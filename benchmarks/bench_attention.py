@@ -37,7 +37,6 @@ import math
 import os
 import sys
 import time
-import types
 import warnings
 
 import torch
@@ -193,7 +192,8 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
         if sdpa_attention_forward is not None:
             # transformers' own attention function: K/V repeated for GQA (repeat_kv) when a mask
             # is given, SDPA, and the output made (B, S, H, D)-contiguous, as a layer runs it
-            layer = types.SimpleNamespace(num_key_value_groups=H // Hkv, is_causal=False)
+            layer = torch.nn.Module()  # what the function reads of an attention layer
+            layer.num_key_value_groups, layer.is_causal = H // Hkv, False
             return lambda: sdpa_attention_forward(layer, qt, kt, vt, attn_mask, dropout=0.0, scaling=scale,
                                                   is_causal=False)[0]
 
