@@ -967,7 +967,7 @@ def _row_stats(z, b, y, loss, lse, arg, r0, softcap, label_smoothing, z_loss, dz
         launch(1)
 
 
-def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b):
+def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b, plan=None):
     """Loss, lse, correctness and the gradients of ``sum(loss)``, in one pass over the logits.
 
     ``flat_h`` ``(n_rows, C)`` every row of hidden, ``h_index`` ``(N,)`` the labelled ones
@@ -994,13 +994,11 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     dt = flat_h.dtype
     V = w.shape[0]
     dev = flat_h.device
-    if need_w:
-        plan = eager_stored_plan(N, V, C, n_rows, flat_h.element_size(), need_h, _mm_out_fp32_ok(flat_h))
-        if plan is not None:
-            return masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan)
-    row_bytes = C * flat_h.element_size()
-    R, in_grad = eager_plan(N, V, n_rows, row_bytes, need_h, _mm_out_fp32_ok(flat_h))
-    ends = grad_chunk_ends(N, V, n_rows, row_bytes, R) if in_grad else list(range(R, N, R)) + [N]
+    if plan is None:
+        plan = plan_eager(N, V, C, n_rows, flat_h.element_size(), need_h, need_w, _mm_out_fp32_ok(flat_h))
+    if need_w and plan.stored is not None:
+        return masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan.stored)
+    _, ends, in_grad, _ = plan
     sizes = sorted({b - a for a, b in zip([0] + ends[:-1], ends)}, reverse=True)
     LAST_TILES["eager"] = (f"{len(ends)} x {'/'.join(map(str, sizes[:3]))} rows, "
                            f"{'in the gradient' if in_grad else 'own buffer'}")
@@ -1109,17 +1107,32 @@ def stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool
     return None
 
 
+class EagerChunks(NamedTuple):
+    """How one eager call runs (:func:`plan_eager`)."""
+
+    rows: int  # the chunked form's rows per chunk (:func:`eager_plan`)
+    ends: list  # its chunk ends (grown in hidden's gradient, :func:`grad_chunk_ends`)
+    in_grad: bool  # its chunks live in hidden's gradient
+    stored: StoredPlan | None  # d weight made from stored dz instead (:func:`eager_stored_plan`)
+
+
+def plan_eager(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool, need_w: bool,
+               in_grad_ok: bool = True) -> EagerChunks:
+    """The whole eager plan of a call, made once on the host: the chunked form's chunks and,
+    with d weight, the stored layout where :func:`stored_plan` applies and the chunked form
+    would take more than one row chunk (in one chunk it makes dW with one GEMM already,
+    without stored's blocked dz copy)."""
+    row_bytes = C * itemsize
+    R, in_grad = eager_plan(N, V, n_rows, row_bytes, need_h, in_grad_ok)
+    ends = grad_chunk_ends(N, V, n_rows, row_bytes, R) if in_grad else list(range(R, N, R)) + [N]
+    stored = stored_plan(N, V, C, n_rows, itemsize, need_h, in_grad_ok) if need_w and len(ends) > 1 else None
+    return EagerChunks(R, ends, in_grad, stored)
+
+
 def eager_stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool,
                       in_grad_ok: bool = True) -> StoredPlan | None:
-    """The stored plan eager runs with d weight, or None where it runs chunked: where
-    :func:`stored_plan` applies and the chunked form would take more than one row chunk (in
-    one chunk it makes dW with one GEMM already, without stored's blocked dz copy)."""
-    plan = stored_plan(N, V, C, n_rows, itemsize, need_h, in_grad_ok)
-    if plan is None:
-        return None
-    R, in_grad = eager_plan(N, V, n_rows, C * itemsize, need_h, in_grad_ok)
-    chunks = len(grad_chunk_ends(N, V, n_rows, C * itemsize, R)) if in_grad else triton.cdiv(N, R)
-    return plan if chunks > 1 else None
+    """The stored plan eager runs with d weight, or None where it runs chunked (:func:`plan_eager`)."""
+    return plan_eager(N, V, C, n_rows, itemsize, need_h, True, in_grad_ok).stored
 
 
 def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan: StoredPlan):
@@ -1299,7 +1312,7 @@ class MaskedLinearCEFunction(torch.autograd.Function):
     """Masked linear cross-entropy over the labelled rows of hidden (Triton forward and backward).
 
     forward(flat_h (rows, C), h_index (N,) int64, w (V, C), b (V,) or None, y (N,) int32,
-    softcap, label_smoothing, z_loss, reduction, strategy) -> (loss, correct (N,) bool, not
+    softcap, label_smoothing, z_loss, reduction, strategy[, eager]) -> (loss, correct (N,) bool, not
     differentiable); loss is 0-d fp32 for ``mean`` / ``sum`` and the per-row ``(N,)`` fp32
     losses for ``none``. The labelled rows ``flat_h[h_index]`` are gathered here (eager: a
     chunk at a time), used and dropped: nothing of size ``N x C`` is kept for the backward
@@ -1308,11 +1321,12 @@ class MaskedLinearCEFunction(torch.autograd.Function):
     it can (``eager_plan``), else in the backward. ``strategy`` is ``None`` when no gradient
     will be asked for (the statistics-only forward, one GEMM), else ``"eager"`` (gradients
     computed here, scaled by the upstream gradient in backward) or ``"two_pass"`` (logits
-    recomputed in backward).
+    recomputed in backward). ``eager``: the caller's :func:`plan_eager` for this call (made
+    here when None).
     """
 
     @staticmethod
-    def forward(ctx, flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy):
+    def forward(ctx, flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy, eager=None):
         N = h_index.shape[0]
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and b is not None
@@ -1321,7 +1335,7 @@ class MaskedLinearCEFunction(torch.autograd.Function):
             # Gradients of sum(loss): unit scale keeps fp16 dz out of the subnormals (mean's
             # 1 / N is applied with the upstream gradient, after the GEMMs).
             per_row, lse, correct, dh, dw, db, in_grad = masked_ce_eager(
-                flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b,
+                flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_h, need_w, need_b, eager,
             )
             ctx.eager = (dh, dw, db, in_grad)
         elif strategy == "two_pass" and need_w and GEMM_FORWARD and fp32_logits_available(flat_h):
@@ -1345,7 +1359,7 @@ class MaskedLinearCEFunction(torch.autograd.Function):
         softcap, eps, zl, reduction = ctx.cfg
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         need_b = need_b and b is not None
-        none = (None,) * 6
+        none = (None,) * 7
         if not (need_h or need_w or need_b):
             return (None, None, None, None) + none
         N = h_index.shape[0]
@@ -1427,20 +1441,17 @@ def masked_linear_cross_entropy_triton(
         return (loss, acc) if return_accuracy else loss
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    plan = None
+    plan = eager = None
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
-        out_ok = _mm_out_fp32_ok(flat_h)
-        rows, _ = eager_plan(n, w.shape[0], flat_h.shape[0], flat_h.shape[1] * flat_h.element_size(),
-                             hidden.requires_grad, out_ok)
-        stored = weight.requires_grad and eager_stored_plan(
-            n, w.shape[0], flat_h.shape[1], flat_h.shape[0], flat_h.element_size(), hidden.requires_grad, out_ok,
-        ) is not None
-        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h), rows,
-                               stored)
+        # the eager plan once per call: it decides the strategy and the forward runs it
+        eager = plan_eager(n, w.shape[0], flat_h.shape[1], flat_h.shape[0], flat_h.element_size(),
+                           hidden.requires_grad, weight.requires_grad, _mm_out_fp32_ok(flat_h))
+        plan = choose_strategy(strategy, n, w.shape[0], need_wb, reduction != "none", fp32_logits_available(flat_h),
+                               eager.rows, eager.stored is not None)
     loss, correct = MaskedLinearCEFunction.apply(
         flat_h, h_index, w, b, y_sel.to(torch.int32), softcap or 0.0, float(label_smoothing), float(z_loss),
-        reduction, plan,
+        reduction, plan, eager,
     )
     if reduction == "none":
         full = torch.zeros(shape.numel(), device=hidden.device, dtype=torch.float32)
