@@ -28,7 +28,9 @@ TFLOP/s counts valid tokens only: forward 4 * sum(s_i^2) * H * D, backward 2.5x,
 Rows go to benchmarks/results/attention.jsonl with device, versions and git sha.
 
     python benchmarks/bench_attention.py --device cuda --preset gpu-quick
-    python benchmarks/bench_attention.py --device cpu --preset cpu
+    python benchmarks/bench_attention.py --device cpu --preset cpu     # the reference and SDPA math
+    python benchmarks/bench_attention.py --device cpu --preset smoke --dtype fp16   # every provider's
+                                          # plumbing on one tiny batch, ours interpreted (not timings)
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ def _padded_lengths(B, S, gen):
 
 def cases_for(preset: str):
     gen = torch.Generator().manual_seed(0)
+    if preset == "smoke":
+        # one tiny padded GQA batch on which every provider's plumbing runs (tests/test_bench.py;
+        # on a CPU ours runs interpreted): not a measurement
+        return [_case("padded", 3, 40, 4, 2, 64, [40, 23, 9])]
     if preset == "cpu":
         return [
             _case("unpadded", 2, 128, 4, 4, 64),
@@ -94,8 +100,8 @@ def cases_for(preset: str):
     return out
 
 
-def default_providers(case, device: str):
-    if device == "cpu":
+def default_providers(case, device: str, preset: str = ""):
+    if device == "cpu" and preset != "smoke":
         return ["reference", "sdpa-math"]
     p = ["ours"]
     if case["D"] in (64, 128):
@@ -339,13 +345,15 @@ def _run_one(provider, case, mode, device, dtype):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", choices=["cpu", "gpu-quick", "gpu-full"], default=None)
+    ap.add_argument("--preset", choices=["cpu", "smoke", "gpu-quick", "gpu-full"], default=None)
     ap.add_argument("--modes", default="fwd,bwd,full", help="comma-separated subset of fwd,bwd,full")
     ap.add_argument("--providers", default=None, help="comma-separated; default: every applicable one")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     ap.add_argument("--out-dir", default=None, help="where attention.jsonl is appended (default benchmarks/results)")
     args = ap.parse_args(argv)
     preset = args.preset or ("cpu" if args.device == "cpu" else "gpu-quick")
+    if args.device == "cpu":  # our providers run under Triton's interpreter (set before triton is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
@@ -359,7 +367,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"{'case':9s} {'B':>3s} {'S':>6s} {'H/Hkv':>6s} {'D':>4s} {'mode':5s} {'provider':15s} {'ms':>9s} {'TFLOP/s':>8s} {'MB':>8s}")
     for case in cases_for(preset):
-        provs = args.providers.split(",") if args.providers else default_providers(case, args.device)
+        provs = args.providers.split(",") if args.providers else default_providers(case, args.device, preset)
         for mode in modes:
             for p in provs:
                 try:

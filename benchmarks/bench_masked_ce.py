@@ -44,6 +44,7 @@ where the time went. Rows go to benchmarks/results/masked_ce.jsonl.
     python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu   # Triton interpreted
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu-smollm   # our CPU path (torch backend)
+    python benchmarks/bench_masked_ce.py --device cpu --preset smoke   # every provider's plumbing, tiny
     python benchmarks/bench_masked_ce.py --providers strategy-eager,cce --eager-chunk-mb 128   # a bigger chunk
 """
 from __future__ import annotations
@@ -56,6 +57,12 @@ PRESETS = {
     # tiny, under a minute on 2 CPU cores; ours runs under the Triton interpreter
     "cpu": dict(C=[64], V=[1000, 4000], tokens=[512], frac=[0.2], modes=["full"], w_grad=[True, False],
                 providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full"]),
+    # every provider's plumbing on one tiny case (tests/test_bench.py; ours interpreted on a CPU):
+    # not a measurement
+    "smoke": dict(C=[64], V=[1000], tokens=[256], frac=[0.2], modes=["fwd", "bwd", "full"], w_grad=[True, False],
+                  providers=["ours", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
+                             "strategy-two_pass-triton-fwd", "ref_chunked", "torch_full", "liger", "cce", "cce-shift"],
+                  seq=64, rep=1),
     # our CPU path (the torch backend) at the CPU end-to-end MNTP step's LM head: SmolLM2-135M
     # (C = 576, V = 49152), 8 x 128 tokens, 20% labelled, fp32; ~1 min on 2 cores
     "cpu-smollm": dict(C=[576], V=[49152], tokens=[1024], frac=[0.2], modes=["full"], w_grad=[False, True],

@@ -1,5 +1,7 @@
 """The benchmark harness: SUMMARY.md from fabricated rows, gpu_check.sh --dry-run, the bench
-subcommand's arguments, and a tiny end-to-end run (2-layer SmolLM2-shaped model, stock vs patched)."""
+subcommand's arguments, a tiny end-to-end run (2-layer SmolLM2-shaped model, stock vs patched),
+and the attention and masked-CE scripts' smoke presets (every provider the GPU run times, ours
+interpreted; the padded attention peers checked against the reference)."""
 from __future__ import annotations
 
 import importlib.util
@@ -212,3 +214,75 @@ def test_bench_counts_cpu_peak_memory():
 
     assert common.bench(together, "cpu", warmup=1, rep=2)["peak_mem_mb"] == pytest.approx(5.0, abs=0.05)
     assert common.bench(in_turn, "cpu", warmup=1, rep=2)["peak_mem_mb"] == pytest.approx(4.0, abs=0.05)
+
+
+def _one_call(fn, device, **kw):
+    """common.bench for plumbing tests: one untimed call, fixed figures (no timing here)."""
+    fn()
+    return {"ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mem_mb": 0.0}
+
+
+def test_attention_bench_providers_agree_on_the_smoke_case():
+    """Every provider the GPU run times on padded batches computes the same attention as the
+    reference (valid query rows), so no peer is timed on a different computation; ours runs
+    interpreted."""
+    import torch
+
+    ba = _load("bench_attention")
+    case = ba.cases_for("smoke")[0]
+    torch.manual_seed(0)
+    q, k, v, mask, cu, idx = ba._inputs(case, "cpu", torch.float32, requires_grad=False)
+    want = ba.make_provider("reference", case, q, k, v, mask, cu, idx)()
+    valid = mask.reshape(-1)
+    for name in ("ours", "ours-holes", "ours-gridorder", "ours-varlen", "hf-sdpa", "sdpa-math"):
+        got = ba.make_provider(name, case, q, k, v, mask, cu, idx)()
+        if name == "ours-varlen":  # (T, H, D): the valid tokens in batch order
+            full = torch.zeros(case["B"] * case["S"], case["H"], case["D"])
+            full[idx] = got.float()
+            got = full
+        if name.startswith("sdpa-"):  # SDPA's own (B, H, S, D); the peer times no copy back
+            got = got.transpose(1, 2)
+        got = got.reshape(-1, case["H"], case["D"]).float()
+        err = (got[valid] - want.reshape(-1, case["H"], case["D"])[valid].float()).abs().max().item()
+        assert err < 1e-4, (name, err)
+
+
+def test_attention_bench_runs_every_provider_on_cpu(tmp_path, monkeypatch):
+    """The smoke preset through main(): a row for every provider and mode the padded GPU case
+    times, each with the tiles ours launched; the switches it flips are restored."""
+    ba = _load("bench_attention")
+    monkeypatch.setattr(ba, "bench", _one_call)
+    assert ba.main(["--device", "cpu", "--preset", "smoke", "--dtype", "fp16", "--out-dir", str(tmp_path)]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "attention.jsonl").read_text().splitlines()]
+    got = {(r["provider"], r["mode"]): r for r in rows}
+    for p in ("ours", "ours-holes", "ours-gridorder", "ours-varlen", "hf-sdpa", "reference"):
+        for mode in ("fwd", "bwd", "full"):
+            assert (p, mode) in got, (p, mode, sorted(got))
+    assert ("ours-atomic", "bwd") in got and ("ours-atomic", "fwd") not in got
+    assert "dkdv_atomic" in got["ours-atomic", "bwd"]["tiles"] and "dq" in got["ours", "bwd"]["tiles"]
+    assert all(r["device"].startswith("cpu") and r["valid_tokens"] == 72 for r in rows)
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    assert tk.LONGEST_FIRST and "LLM2VEC_FAST_ATTN_BWD" not in os.environ
+
+
+def test_masked_ce_bench_runs_every_provider_on_cpu(tmp_path, monkeypatch):
+    """The smoke preset through main(): every strategy provider of the GPU run (the forced ones
+    with a module switch off restore it), with and without d weight, in every mode, without error."""
+    sys.path.insert(0, BENCH)
+    import common
+
+    from llm2vec_fast.kernels.triton import masked_ce as mce
+
+    monkeypatch.setattr(common, "bench", _one_call)
+    bm = _load("bench_masked_ce")
+    flags = {flag: getattr(mce, flag) for _, flag in bm.FLAG_OFF.values()}
+    assert bm.main(["--device", "cpu", "--preset", "smoke", "--out-dir", str(tmp_path)]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "masked_ce.jsonl").read_text().splitlines()]
+    want = [p for p in bm.PRESETS["gpu-quick"]["providers"] if p == "ours" or p.startswith("strategy-")] + ["torch_full"]
+    for p in want:
+        for w_grad in (True, False):
+            for mode in ("fwd", "bwd", "full"):
+                r = [r for r in rows if (r["provider"], r["w_grad"], r["mode"]) == (p, w_grad, mode)]
+                assert len(r) == 1 and "error" not in r[0] and r[0]["ms"] == 1.0, (p, w_grad, mode, r)
+    assert {flag: getattr(mce, flag) for flag in flags} == flags
