@@ -17,12 +17,16 @@
 #    SUMMARY.md to $OUT when set (at most 8 files come back from the device tool), and prints
 #    the summary last.
 #
-# Budget: under 9.9 minutes (worst case: install ~15 s, tests 185 s + benchmarks 385 s, the
+# Budget: under 9.9 minutes (worst case: install ~15 s, tests 180 s + benchmarks 395 s, the
 # sum of their timeouts). Measured on the H200 (27 Nov, git c3c84b9): the tests on 4 workers
 # were at 99% when a 170 s limit cut them, attention took 122 s, masked CE ~60 s, e2e +
 # info_nce + encode 169 s together; 6 workers since (the machine has 16 cores and the tests
-# wait on compiles; 28 Nov added ~8 masked-CE GPU tests). Override with GPU_CHECK_TEST_TIMEOUT, GPU_CHECK_TEST_WORKERS and
-# GPU_CHECK_BENCH_TIMEOUTS="attention=140 masked_ce=90 info_nce=30 e2e=95 encode=35".
+# wait on compiles; 28 Nov added ~8 masked-CE GPU tests). The open issues' benchmarks come
+# first in the budget: attention has since gained three padded-case providers (~+45 s of
+# autotuning and timing, estimated), masked CE one; e2e / info_nce / encode, whose issues are
+# closed, keep what is left (a cut script keeps the rows it wrote). Override with
+# GPU_CHECK_TEST_TIMEOUT, GPU_CHECK_TEST_WORKERS and
+# GPU_CHECK_BENCH_TIMEOUTS="attention=200 masked_ce=100 info_nce=25 e2e=45 encode=25".
 # Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is
 # printed either way).
 set -u
@@ -32,15 +36,15 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a (expected --dry-run)" >&2; exit 2 ;;
   esac
 done
 
 PY=${PYTHON:-python3}
-TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-185}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-180}
 TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-6}
-BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=140 masked_ce=90 info_nce=30 e2e=95 encode=35"}
+BENCH_TIMEOUTS=${GPU_CHECK_BENCH_TIMEOUTS:-"attention=200 masked_ce=100 info_nce=25 e2e=45 encode=25"}
 RESULTS=benchmarks/results
 START=$(date +%s)
 STAMP=$(mktemp)  # results files newer than this were written by this run
