@@ -999,7 +999,7 @@ def masked_ce_eager(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, 
     if need_w and plan.stored is not None:
         return masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, need_b, plan.stored)
     _, ends, in_grad, _ = plan
-    sizes = sorted({b - a for a, b in zip([0] + ends[:-1], ends)}, reverse=True)
+    sizes = sorted({e - s for s, e in zip([0] + ends[:-1], ends)}, reverse=True)
     LAST_TILES["eager"] = (f"{len(ends)} x {'/'.join(map(str, sizes[:3]))} rows, "
                            f"{'in the gradient' if in_grad else 'own buffer'}")
     loss = _alloc((N,), torch.float32, dev)
@@ -1073,6 +1073,13 @@ STORED_MIN_VC = 256
 STORED_MAX_ROWS = 4096
 
 
+def _stored_offsets(N: int, C: int, V: int, vt: int, itemsize: int) -> tuple[int, int, int]:
+    """Where the stored layout's pieces end, in input-dtype elements: the gathered rows H and
+    T in hidden's room (``h_end``, ``t_end``), the dW blocks in d weight's buffer (``d_end``)."""
+    h_end = _aligned(N * C, itemsize)
+    return h_end, h_end + _aligned(N * vt, itemsize), _aligned(N * (V - vt), itemsize)
+
+
 class StoredPlan(NamedTuple):
     rows: int  # rows per logits chunk
     vt: int  # columns whose dz live in hidden's room ("T")
@@ -1090,14 +1097,12 @@ def stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool
     if not (EAGER_STORED and IN_GRAD and need_h and in_grad_ok) or not 0 < N <= C:
         return None
     room = (n_rows - _scratch_row0(N)) * C  # elements of the input dtype
-    h_end = _aligned(N * C, itemsize)
     per_z = (4 // itemsize) * V  # input-dtype elements of one fp32 logits row
     vc = STORED_VC
     while vc >= STORED_MIN_VC:
         vt = min(V, triton.cdiv(triton.cdiv(N * vc, C), 8) * 8)
-        t_end = h_end + _aligned(N * vt, itemsize)
+        _, t_end, d_end = _stored_offsets(N, C, V, vt, itemsize)
         if t_end <= room:
-            d_end = _aligned(N * (V - vt), itemsize)
             r_w = max(0, V * C - d_end) // per_z
             r_h = (room - t_end) // per_z
             r_max = min(max(r_w, r_h), STORED_MAX_ROWS)
@@ -1156,9 +1161,7 @@ def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z
     dw = _alloc((V, C), w.dtype, dev)
     flat_w = dw.view(-1)
     h_all = torch.index_select(flat_h, 0, h_index, out=room[: N * C].view(N, C))
-    h_end = _aligned(N * C, dh.element_size())
-    t_end = h_end + _aligned(N * vt, dh.element_size())
-    d_end = _aligned(N * (V - vt), dh.element_size())
+    h_end, t_end, d_end = _stored_offsets(N, C, V, vt, dh.element_size())
     dzt = room[h_end: h_end + N * vt]
     z_elems = R * V * (4 // dh.element_size())
     z_room = (flat_w[d_end: d_end + z_elems] if z_in_w else room[t_end: t_end + z_elems]).view(torch.float32)
