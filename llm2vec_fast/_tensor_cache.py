@@ -22,24 +22,32 @@ def version(t: torch.Tensor) -> int:
 _MISS = object()
 
 
-def _lookup(slot: list, key: torch.Tensor):
-    """``slot[0]``'s value if it was stored for this very ``key`` at its current version, else ``_MISS``."""
+def _keys(key) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _lookup(slot: list, key):
+    """``slot[0]``'s value if it was stored for this very ``key`` (a tensor, or a tuple of
+    tensors) at its current version(s), else ``_MISS``."""
     entry = slot[0]
     if entry is not None:
-        ref, ver, value = entry
-        if ref() is key and ver == version(key):
+        refs, vers, value = entry
+        keys = _keys(key)
+        if len(refs) == len(keys) and all(r() is k and v == version(k) for r, v, k in zip(refs, vers, keys)):
             return value
     return _MISS
 
 
-def _store(slot: list, key: torch.Tensor, value):
-    slot[0] = (weakref.ref(key), version(key), value)
+def _store(slot: list, key, value):
+    keys = _keys(key)
+    slot[0] = (tuple(weakref.ref(k) for k in keys), tuple(version(k) for k in keys), value)
     return value
 
 
-def cached(slot: list, key: torch.Tensor, build):
-    """``slot[0]``'s value when it was built from this very ``key`` at its current version,
-    else ``build()``, stored in ``slot`` (a one-element list owned by the caller)."""
+def cached(slot: list, key, build):
+    """``slot[0]``'s value when it was built from this very ``key`` (a tensor, or a tuple of
+    tensors: every one the same object at the same version), else ``build()``, stored in
+    ``slot`` (a one-element list owned by the caller)."""
     value = _lookup(slot, key)
     return _store(slot, key, build()) if value is _MISS else value
 

@@ -253,10 +253,28 @@ def test_sequence_order_longest_first(device):
     assert tk._varlen_order(cu, cu) is tk._varlen_order(cu, cu)  # cached for the object
     cu_k = _cu([5, 1, 1, 1, 1], device)
     assert tk._varlen_order(cu, cu_k).tolist() == [1, 3, 0, 4, 2]  # 8, 10, 1, 10, 5
+    assert tk._varlen_order(cu, cu_k) is tk._varlen_order(cu, cu_k)  # cached for the pair
+    cu_k2 = cu_k.clone()
+    assert tk._varlen_order(cu, cu_k2) is not tk._varlen_order(cu, cu_k)  # another object rebuilds
+    cu_k2[1:] = _cu([0, 0, 0, 0, 20], device)[1:]  # in place: 3, 9, 0, 9, 24
+    assert tk._varlen_order(cu, cu_k2).tolist() == [4, 1, 3, 0, 2]
     mask = torch.zeros(4, 10, dtype=torch.bool, device=device)
     mask[0, :4] = mask[1, 2:9] = mask[3, 5:] = True
     mask[1, 5] = False  # a hole counts inside its span
     assert tk._mask_range(mask)[2].tolist() == [1, 3, 0, 2]
+
+
+def test_identity_order_once_per_object(device, monkeypatch):
+    """With ``LONGEST_FIRST`` off the kernels get batch order, built once per mask /
+    ``cu_seqlens`` object like the longest-first order, not once per launch."""
+    monkeypatch.setattr(tk, "LONGEST_FIRST", False)
+    monkeypatch.setattr(tk, "_IDENTITY_SLOT", [None])
+    cu = _cu([3, 9, 0, 9, 4], device)
+    mask = torch.ones(3, 7, dtype=torch.bool, device=device)
+    assert tk._varlen_order(cu, cu).tolist() == [0, 1, 2, 3, 4]
+    assert tk._varlen_order(cu, cu) is tk._varlen_order(cu, cu)
+    assert tk._mask_range(mask)[2].tolist() == [0, 1, 2]
+    assert tk._mask_range(mask)[2] is tk._mask_range(mask)[2]
 
 
 @pytest.mark.parametrize("layout", ["varlen", "padded"])

@@ -1132,6 +1132,7 @@ def _strides3(t: torch.Tensor, varlen: bool):
 
 _RANGE_SLOT: list = [None]
 _ORDER_SLOT: list = [None]
+_IDENTITY_SLOT: list = [None]
 
 # Programs of the varlen and masked padded layouts take their sequences longest first
 # (``_sequence`` reads ``_seq_order``'s permutation): with lengths 30-100% of the longest
@@ -1152,7 +1153,7 @@ def _mask_range(mask: torch.Tensor):
     and backward, so the ~15 small ops run once per batch, not twice per layer.
     """
     mask_u8, rng, order = cached(_RANGE_SLOT, mask, lambda: _build_mask_range(mask))
-    return mask_u8, rng, order if LONGEST_FIRST else _identity_order(mask.shape[0], mask.device)
+    return mask_u8, rng, order if LONGEST_FIRST else _identity_order(mask)
 
 
 def _build_mask_range(mask: torch.Tensor):
@@ -1167,18 +1168,21 @@ def _seq_order(lengths: torch.Tensor) -> torch.Tensor:
     return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
 
 
-def _identity_order(n: int, device) -> torch.Tensor:
-    return torch.arange(n, device=device, dtype=torch.int32)
+def _identity_order(key: torch.Tensor) -> torch.Tensor:
+    """``0 .. n-1`` (batch order) for the mask (B, S) or ``cu_seqlens`` (B + 1,) ``key``, once per object."""
+    n = key.shape[0] if key.dim() == 2 else key.numel() - 1
+    return cached(_IDENTITY_SLOT, key, lambda: torch.arange(n, device=key.device, dtype=torch.int32))
 
 
 def _varlen_order(cu_q: torch.Tensor, cu_k: torch.Tensor) -> torch.Tensor:
     """The packed layout's sequence order (longest first by query + key length), once per
-    ``cu_seqlens`` object when queries and keys share it (a patched model's every layer)."""
+    pair of ``cu_seqlens`` objects (a patched model passes one object for both, to every layer
+    and the backward)."""
     if not LONGEST_FIRST:
-        return _identity_order(cu_q.numel() - 1, cu_q.device)
+        return _identity_order(cu_q)
     if cu_k is cu_q:
         return cached(_ORDER_SLOT, cu_q, lambda: _seq_order(cu_q[1:] - cu_q[:-1]))
-    return _seq_order((cu_q[1:] - cu_q[:-1]) + (cu_k[1:] - cu_k[:-1]))
+    return cached(_ORDER_SLOT, (cu_q, cu_k), lambda: _seq_order((cu_q[1:] - cu_q[:-1]) + (cu_k[1:] - cu_k[:-1])))
 
 
 def _mask_holes(mask) -> bool:
