@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, bench, kernel_times  # noqa: E402
+from common import append_rows, bench, device_gaps, kernel_times  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Cases
@@ -341,6 +341,8 @@ def _run_one(provider, case, mode, device, dtype):
         # where the backward's time goes: dQ vs dK/dV kernels, the delta pass, the atomic
         # backward's accumulator memset and cast
         r["kernel_ms"] = kernel_times(step, iters=3, top=6)
+    if provider.startswith("ours") and str(device).startswith("cuda"):
+        r["device_gaps"] = device_gaps(step)  # the device waiting on the host within a call
     return r
 
 

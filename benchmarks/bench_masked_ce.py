@@ -39,7 +39,10 @@ max_memory_allocated during one call above what was allocated before it (the inp
 includes the gradients each provider returns. On CUDA, our rows also carry ``kernel_ms``:
 the device time per call of the ten most expensive kernels (torch.profiler) and of all of
 them (``(all kernels)``: the rest of ``ms`` is the device waiting on the host), so a row says
-where the time went. Rows go to benchmarks/results/masked_ce.jsonl.
+where the time went, and ``device_gaps``: within a call started on an idle device, the idle
+time and its longest gaps, each named by the device activities around it (the wait for the
+labelled-row count's host sync shows as a gap after the nonzero's copy). Rows go to
+benchmarks/results/masked_ce.jsonl.
 
     python benchmarks/bench_masked_ce.py --device cuda --preset gpu-quick
     python benchmarks/bench_masked_ce.py --device cpu --preset cpu   # Triton interpreted
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import append_rows, bench, kernel_times
+    from common import append_rows, bench, device_gaps, kernel_times
 
     import llm2vec_fast as L
     from llm2vec_fast.kernels import reference as ref
@@ -242,6 +245,7 @@ def main(argv=None) -> int:
                         row["tiles"] = dict(tk.LAST_TILES)  # the autotuners' picks
                     if args.device == "cuda" and (prov == "ours" or prov.startswith("strategy-")):
                         row["kernel_ms"] = kernel_times(run)  # where our time goes: GEMMs, row kernel, copies
+                        row["device_gaps"] = device_gaps(run)  # where the device waits on the host, and for what
                         # how the two-pass d-hidden accumulation ran: one in-place GEMM, or mm + add
                         row.setdefault("tiles", {})["dh_accumulate"] = (
                             "addmm-inplace" if tk._addmm_into_fp32_ok(hidden) else "mm+add")

@@ -150,3 +150,76 @@ def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10, 
     out = {"(all kernels)": round(total / 1e3 / iters, 4)}
     out.update(sorted(times.items(), key=lambda kv: -kv[1])[:top])
     return out
+
+
+def idle_gaps(window: tuple[float, float], busy: list[tuple[float, float, str]], top: int = 3) -> dict:
+    """Where the device sat idle within one call: ``window`` = (call start on the host, µs),
+    ``busy`` = the device's activities in it as ``(start, end, name)`` µs. Returns ``span_us``
+    (call start to the last activity's end), ``busy_us`` (their union), ``idle_us`` (the rest)
+    and the ``top`` longest gaps, each ``{"us", "after", "before"}`` (``after`` is
+    ``"(call start)"`` for the wait before the first activity). Overlapping activities (two
+    streams) count once."""
+    t0 = window[0]
+    acts = sorted((max(s, t0), e, n) for s, e, n in busy if e > t0)
+    if not acts:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": []}
+    gaps, busy_us, cur_end, prev = [], 0.0, t0, "(call start)"
+    for s, e, n in acts:
+        if s > cur_end:
+            gaps.append({"us": round(s - cur_end, 1), "after": prev[:60], "before": n[:60]})
+        busy_us += max(0.0, e - max(s, cur_end))
+        if e > cur_end:
+            cur_end, prev = e, n
+    span = cur_end - t0
+    gaps.sort(key=lambda g: -g["us"])
+    return {"span_us": round(span, 1), "busy_us": round(busy_us, 1), "idle_us": round(span - busy_us, 1),
+            "gaps": gaps[:top]}
+
+
+def device_gaps(step, iters: int = 3, top: int = 3, device: str = "cuda") -> dict:
+    """Idle time of the device within calls of ``step`` (torch.profiler), for rows whose
+    wall-clock time exceeds their kernels' (``kernel_times``' ``(all kernels)``): each call
+    runs after a synchronize (an idle device, as in ``do_bench`` after its cache flush) inside
+    a profiler range; :func:`idle_gaps` of the call's device activities (kernels, copies,
+    memsets) from the range's start. The last call's result, with ``idle_us`` per call
+    averaged over all. On ``device="cpu"`` the activities are the operators the step calls
+    directly (a test of the plumbing). Under the profiler each launch costs the host a few µs
+    more than in the timed runs, so gaps are upper bounds. A failure here is reported as
+    ``{"error": ...}`` and never costs the row its timing."""
+    try:
+        return _device_gaps(step, iters, top, device)
+    except Exception as e:  # noqa: BLE001 - a diagnostic, not the measurement
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def _device_gaps(step, iters: int, top: int, device: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=acts) as prof:
+        for i in range(iters):
+            with record_function(f"device_gaps_call_{i}"):
+                step()
+            sync()
+    events = list(prof.events())
+    results = []
+    for i in range(iters):
+        call = next(e for e in events if e.name == f"device_gaps_call_{i}" and e.device_type.name == "CPU")
+        start = call.time_range.start
+        nxt = next((e.time_range.start for e in events if e.name == f"device_gaps_call_{i + 1}"
+                    and e.device_type.name == "CPU"), float("inf"))
+        if cuda:
+            # kernels, copies, memsets; not the profiler's GPU-side copy of the call's range
+            busy = [(e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.device_type.name == "CUDA" and start <= e.time_range.start < nxt
+                    and not e.name.startswith("device_gaps_call_") and not getattr(e, "is_user_annotation", False)]
+        else:
+            busy = [(e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.cpu_parent is call]
+        results.append(idle_gaps((start, call.time_range.end), busy, top))
+    out = dict(results[-1])
+    out["idle_us_mean"] = round(sum(r["idle_us"] for r in results) / iters, 1)
+    return out

@@ -194,6 +194,41 @@ def test_kernel_times_ranks_what_a_step_spends():
     assert only and all("sum" in k for k in only), only
 
 
+def test_idle_gaps_of_a_call():
+    """The idle accounting behind ``device_gaps``: overlapping activities count once, the wait
+    before the first one is a gap named after the call's start, gaps are ranked and named by
+    their neighbours, activities ending before the call are ignored."""
+    common = _load("common")
+    acts = [(5, 10, "a"), (8, 12, "b"), (20, 25, "c"), (21, 22, "d"), (30, 31, "e"), (-9, -1, "old")]
+    r = common.idle_gaps((0, 40), acts, top=2)
+    assert (r["span_us"], r["busy_us"], r["idle_us"]) == (31, 13, 18), r
+    assert r["gaps"] == [{"us": 8, "after": "b", "before": "c"}, {"us": 5, "after": "(call start)", "before": "a"}], r
+    assert common.idle_gaps((0, 1), [])["idle_us"] == 0.0
+
+
+def test_device_gaps_finds_the_host_wait():
+    """A step that keeps the host busy (a sleep) between two operators: the profiler plumbing
+    finds that gap, between those two operators, as the longest (CPU operators stand in for
+    device kernels here)."""
+    import time
+
+    import torch
+
+    common = _load("common")
+    a = torch.randn(64, 64)
+
+    def step():
+        torch.mm(a, a)
+        time.sleep(0.02)
+        a.sum()
+
+    r = common.device_gaps(step, iters=2, device="cpu")
+    g = r["gaps"][0]
+    assert g["us"] >= 19000 and g["after"] == "aten::mm" and g["before"] == "aten::sum", r
+    assert r["idle_us"] >= 19000 and r["idle_us_mean"] >= 19000 and r["busy_us"] > 0, r
+    assert r["span_us"] >= r["idle_us"] + r["busy_us"] - 1, r
+
+
 def test_bench_counts_cpu_peak_memory():
     """CPU rows carry the peak the allocator saw above what was live before the call: two
     buffers alive together count twice, one freed before the next does not."""
