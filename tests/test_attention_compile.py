@@ -175,7 +175,7 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
 
     kernel = _kinds()[kind][0]
     ptrs = {n: "*E" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    ptrs.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64", ORDER="*i32")
+    ptrs.update(LSE="*fp32", LSE2="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", RANGE="*i32", MASK="*u8", SEED="*i64", ORDER="*i32")
     if kernel is tk._attn_bwd_dkdv_kernel:
         ptrs["DQ"] = "*fp32"  # the atomic backward's accumulator (a dummy without ATOMIC_DQ)
     varlen, mask, softcap = VARIANTS[variant]
@@ -231,20 +231,25 @@ def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None =
 # The backward's hot loops at D = 128 (sm_90, the heuristic's first tile of each dK/dV
 # list): the allowances above bound the whole kernel; these bound the innermost MMA loop,
 # which runs once per (query block, key block) pair, in the layouts LLM2Vec runs (no softcap):
-# (kind, variant) -> the most spill loads allowed there (spill stores: none).
-HOT_LOOPS = {("dkdv", "dense"): 0, ("dkdv", "varlen"): 5, ("dkdv", "mask"): 0,
-             ("dkdv_atomic", "dense"): 0, ("dkdv_atomic", "varlen"): 0}
+# (kind, variant) -> (the most spill loads allowed there, spill stores: none; the most SASS
+# instructions, ~3% above the count when pinned, so a change that lengthens the loop shows:
+# 28 Nov, with the lse converted once by the dQ kernel and one FFMA per score, 570 / 564 /
+# 620 / 722 / 698, from 646 / 643 / 694 / 802 / 778). tests/test_gpu_triton_compile.py bounds
+# the same loops as the GPU machines' Triton builds them.
+HOT_LOOPS = {("dkdv", "dense"): (0, 590), ("dkdv", "varlen"): (5, 585), ("dkdv", "mask"): (0, 640),
+             ("dkdv_atomic", "dense"): (0, 745), ("dkdv_atomic", "varlen"): (0, 720)}
 
 
 def _compile_hot() -> list[dict]:
     from helpers import inner_mma_loop
 
     out = []
-    for (kind, variant), most in HOT_LOOPS.items():
+    for (kind, variant), (most_ldl, most_n) in HOT_LOOPS.items():
         c = _kinds()[kind][1](128, False, False, 90)[0]
         r = _compile_one(kind, 128, False, c, 90, False, variant, keep_cubin=True)
         cubin = r.pop("cubin", None)
-        r.update(loop=inner_mma_loop(bytes.fromhex(cubin)) if cubin else None, most_ldl=most)
+        r.update(loop=inner_mma_loop(bytes.fromhex(cubin)) if cubin else None, most_ldl=most_ldl, most_n=most_n,
+                 hot=(kind, variant))
         out.append(r)
     return out
 
@@ -317,20 +322,28 @@ def test_spill_check_sees_spills():
         assert_compile_results([clean], 90, {clean["case"]: (1, "test")})
 
 
-def test_hot_loops():
-    """The dK/dV kernels' innermost loop at D = 128 on sm_90 (HOT_LOOPS), found in the SASS:
-    no spill stores, at most the listed spill loads; its tile is the list's first entry."""
-    from helpers import run_compile_worker
-
-    results = run_compile_worker(__file__, "hot")
-    assert len(results) == len(HOT_LOOPS)
+def check_hot_loops(results: list[dict], bounds: dict) -> None:
+    """Each hot loop found, spill-store free, within ``bounds[(kind, variant)]`` =
+    (most spill loads, most instructions)."""
+    assert len(results) == len(bounds)
     for r in results:
         assert r["ok"], r
         loop = r["loop"]
+        most_ldl, most_n = bounds[tuple(r["hot"])]
         assert loop is not None and loop["n"] > 100, f"{r['id']}: no MMA loop found in the SASS ({loop})"
-        assert loop["stl"] == 0 and loop["ldl"] <= r["most_ldl"], (
+        assert loop["stl"] == 0 and loop["ldl"] <= most_ldl, (
             f"{r['id']}: the inner MMA loop ({loop['n']} instructions) spills: STL={loop['stl']} LDL={loop['ldl']} "
-            f"(allowed: 0 / {r['most_ldl']})")
+            f"(allowed: 0 / {most_ldl})")
+        assert loop["n"] <= most_n, f"{r['id']}: the inner MMA loop grew to {loop['n']} instructions (at most {most_n})"
+
+
+def test_hot_loops():
+    """The dK/dV kernels' innermost loop at D = 128 on sm_90 (HOT_LOOPS), found in the SASS:
+    no spill stores, at most the listed spill loads and instructions; its tile is the list's
+    first entry."""
+    from helpers import run_compile_worker
+
+    check_hot_loops(run_compile_worker(__file__, "hot"), HOT_LOOPS)
 
 
 @pytest.mark.parametrize("kind,cc,dropout", GROUPS, ids=[f"{k}-sm{cc}{'-dropout' if d else ''}" for k, cc, d in GROUPS])

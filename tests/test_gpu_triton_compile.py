@@ -59,6 +59,22 @@ def test_attention_builds(gpu_python, kind, dropout):
     assert_compile_results(results, 90, spills=False)
 
 
+# The dK/dV hot loops (test_attention_compile.HOT_LOOPS) as this Triton builds them: (most
+# spill loads, most SASS instructions), ~3% above the counts pinned on 28 Nov (702 / 701 /
+# 747 / 700 / 689 instructions; 5 / 6 / 3 / 0 / 0 spill loads, as before that day's change).
+# These loops are what the GPU rows time, so a change that lengthens them here shows.
+GPU_HOT_LOOPS = {("dkdv", "dense"): (5, 725), ("dkdv", "varlen"): (6, 725), ("dkdv", "mask"): (3, 770),
+                 ("dkdv_atomic", "dense"): (0, 725), ("dkdv_atomic", "varlen"): (0, 710)}
+
+
+def test_attention_hot_loops(gpu_python):
+    from test_attention_compile import HOT_LOOPS, check_hot_loops
+
+    assert set(GPU_HOT_LOOPS) == set(HOT_LOOPS)
+    check_hot_loops(run_compile_worker(os.path.join(HERE, "test_attention_compile.py"), "hot", python=gpu_python),
+                    GPU_HOT_LOOPS)
+
+
 def test_masked_ce_builds(gpu_python):
     results = run_compile_worker(os.path.join(HERE, "test_masked_ce_compile.py"), 90, python=gpu_python)
     assert_compile_results(results, 90, spills=False)

@@ -16,13 +16,14 @@ One kernel family serves both layouts:
 Forward: online softmax in base 2 with fp32 running max / sum / accumulator, the
 log-sum-exp saved (natural log). Backward, two strategies (``BWD_MODE``, :func:`bwd_mode`):
 
-- separate (the default): a dQ kernel (which also computes ``delta = rowsum(dO * O)``, so
-  no separate preprocess launch) and a dK/dV kernel whose program owns one K/V block of
+- separate (the default): a dQ kernel (which also computes ``delta = rowsum(dO * O)`` and
+  the base-2 lse with ``+inf`` for rows without keys, ``LSE2``, so no separate preprocess
+  launch and no per-load conversion in the dK/dV loop) and a dK/dV kernel whose program owns one K/V block of
   one K/V head and loops over the query blocks of all ``G`` query heads sharing it: GQA
   gradients are summed in registers, never through repeated K/V or atomics, so this
   backward is deterministic. Both kernels recompute ``P`` and ``dP``: 7 block matmuls per
   (query block, key block) pair.
-- atomic: a delta pass (the dQ kernel with ``DELTA_ONLY``), then the same dK/dV kernel
+- atomic: a delta / ``LSE2`` pass (the dQ kernel with ``DELTA_ONLY``), then the same dK/dV kernel
   with ``ATOMIC_DQ``, which also computes each pair's ``dS K`` and adds it into an fp32 dQ
   accumulator with (vectorised) atomics: 5 block matmuls per pair, plus the accumulator's
   memset, atomics and final cast. The summation order of dQ varies from run to run, so ``deterministic=True`` takes
@@ -355,7 +356,9 @@ def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.con
     """Probabilities and the softcap derivative factor from raw scores ``qk`` (fp32).
 
     ``lse2`` is the base-2 lse with ``+inf`` for rows that have no valid key, ``K_AXIS``
-    says which axis of ``qk`` runs over keys (1: ``(M, N)``, 0: ``(N, M)``).
+    says which axis of ``qk`` runs over keys (1: ``(M, N)``, the dQ kernel; 0: ``(N, M)``,
+    the dK/dV kernel). Invalid keys get exactly 0 from a select, never a product, so
+    whatever their scores hold (NaN included) never gets through.
     """
     if HAS_SOFTCAP:
         t = _tanh(qk * cap_in)
@@ -368,10 +371,21 @@ def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.con
         if KMASK:
             s = tl.where(kvalid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-    else:
+    elif HAS_SOFTCAP:
         if KMASK:
             s = tl.where(kvalid[:, None], s, float("-inf"))
         p = tl.exp2(s - lse2[None, :])
+    else:
+        # The dK/dV kernel's inner loop without softcap: one FFMA per score instead of a
+        # product and a difference, and the key mask selected after exp2 (sm_90, D = 128,
+        # 64 x 64 on 4 warps: 769 -> 737 instructions per query block with Triton 3.6, 646
+        # -> 625 with 3.9). Elsewhere it did not pay: the dQ kernel's loop kept its count
+        # with 3.6 and grew with 3.9 (masked, 330 -> 340), its fp32 tiles and the softcapped
+        # dK/dV tiles spilled more (D = 256 fp32 dQ with dropout 512 -> 572 STL, D = 80 dK/dV
+        # 55 -> 58).
+        p = tl.exp2(tl.fma(qk, qk_scale, -lse2[None, :]))
+        if KMASK:
+            p = tl.where(kvalid[:, None], p, 0.0)
     return p, dcap
 
 
@@ -446,7 +460,7 @@ def _dq_loop(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
+    Q, K, V, O, DO, DQ, LSE, LSE2, DELTA, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
     sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -460,11 +474,12 @@ def _attn_bwd_dq_kernel(
     DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, DELTA_ONLY: tl.constexpr = False,
     MASK_HOLES: tl.constexpr = True,
 ):
-    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta too.
+    """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta and
+    ``LSE2`` (the base-2 lse the dK/dV kernel reads, ``+inf`` for rows without keys) too.
 
     ``dS = P * (dP - delta)`` with ``dP = dO V^T`` (with ``DROPOUT``: ``dP = Z * (dO V^T) /
     (1 - p)``, the forward's mask regenerated); ``dQ = scale * (dS * softcap') K``.
-    ``DELTA_ONLY``: only ``delta = rowsum(dO * O)`` (the atomic backward's first pass).
+    ``DELTA_ONLY``: only ``delta = rowsum(dO * O)`` and ``LSE2`` (the atomic backward's first pass).
     ``MASK_HOLES`` False (a mask known hole-free, as for the forward): only the key loop
     without per-block mask reads is compiled.
     """
@@ -496,6 +511,12 @@ def _attn_bwd_dq_kernel(
     do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
+    # The dK/dV kernel reads every row's lse once per key block: converted here once (base 2,
+    # +inf for a row without keys) rather than there per load (16 compares, products and
+    # selects per thread and query block on its 64 x 64 tile at D = 128; with the FFMA form
+    # of _bwd_scores its inner loop went from 769 to 702 SASS instructions with Triton 3.6
+    # and from 646 to 570 with 3.9, sm_90; its spill loads stay 5 / 0, as before).
+    tl.store(LSE2 + l_off + offs_m, _load_lse2(LSE + l_off + offs_m, rmask), mask=rmask)
     if DELTA_ONLY:
         return
     if DROPOUT:
@@ -535,7 +556,7 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, kvalid, q_base, do_base, lse_base, delta_base, dq_base, start_m, lo, hi_q, stride_qt,
+    dk, dv, k, v, kvalid, q_base, do_base, lse2_base, delta_base, dq_base, start_m, lo, hi_q, stride_qt,
     stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
     ROWMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr,
@@ -562,7 +583,7 @@ def _dkdv_block(
         # Rows outside load as zeros with lse = +inf: their probabilities are exactly 0.
         qT = tl.load(q_ptrs, mask=dmask[:, None] & rmask[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
-        lse2 = _load_lse2(lse_base + rows, rmask)
+        lse2 = tl.load(lse2_base + rows, mask=rmask, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
         if ROWMASK == 2:
             lse2 = tl.where(rows >= lo, lse2, float("inf"))
@@ -574,7 +595,7 @@ def _dkdv_block(
         else:
             qT = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
-        lse2 = _lse2(tl.load(lse_base + rows))
+        lse2 = tl.load(lse2_base + rows)
         delta = tl.load(delta_base + rows)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC)
     if (not DROPOUT) and (not ATOMIC_DQ):
@@ -631,7 +652,7 @@ def _dkdv_block(
 
 @triton.jit
 def _dkdv_loop(
-    dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+    dk, dv, k, v, kvalid, Q, DO, LSE2, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
     stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
@@ -669,7 +690,7 @@ def _dkdv_loop(
                 m_lo = lo
             for start_m in range(m_lo, hi_q, BLOCK_M):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
                     stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP, DOT_PREC,
                     DROPOUT, ROUNDS, ATOMIC_DQ,
@@ -681,14 +702,14 @@ def _dkdv_loop(
             end_full = lo + ((hi_q - lo) // BLOCK_M) * BLOCK_M
             for start_m in range(lo, end_full, BLOCK_M):
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
                     stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, False, HAS_SOFTCAP, DOT_PREC,
                     DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
             if end_full < hi_q:
                 dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE + l_off, DELTA + l_off, dq_base, end_full, lo, hi_q,
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, end_full, lo, hi_q,
                     stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
                     DROPOUT, ROUNDS, ATOMIC_DQ,
@@ -698,7 +719,7 @@ def _dkdv_loop(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DQ, LSE, DELTA, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
+    Q, K, V, DO, DK, DV, DQ, LSE2, DELTA, CU_Q, CU_K, RANGE, MASK, SEED, ORDER,
     sm_scale, softcap, drop_scale, SEQ, GROUP, drop_thresh, seqlen_bucket,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -717,6 +738,7 @@ def _attn_bwd_dkdv_kernel(
     Loops over every query block of the ``G`` query heads that share the K/V head, so the
     GQA sum happens in registers: ``dV = P^T dO``, ``dK = scale * (dS * softcap')^T Q``
     (with ``DROPOUT``: ``dV = (P * Z)^T dO / (1 - p)``, ``dS`` as in the dQ kernel).
+    ``LSE2``: the dQ kernel's base-2 lse (``+inf`` for rows without keys), not the forward's.
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -767,21 +789,21 @@ def _attn_bwd_dkdv_kernel(
         # softcap, 142 -> 96 with both; the atomic 64 x 128 one-stage tile 150 -> 64).
         if (BLOCK_D != 64) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+                dk, dv, k, v, kvalid, Q, DO, LSE2, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
             )
         elif holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+                dk, dv, k, v, kvalid, Q, DO, LSE2, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
             )
         else:
             dk, dv = _dkdv_loop(
-                dk, dv, k, v, kvalid, Q, DO, LSE, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
+                dk, dv, k, v, kvalid, Q, DO, LSE2, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
@@ -1392,6 +1414,7 @@ def attention_backward(
     dk = _alloc(k.shape, k)
     dv = _alloc(v.shape, v)
     delta = _alloc(lse.shape, lse)
+    lse2 = _alloc(lse.shape, lse)  # written by the dQ kernel / delta pass, read by dK/dV
     autotuned = q.is_cuda and _autotune_on()
     if atomic:
         # fp32 accumulator of dQ (already scaled by softmax_scale); zeroed here, or by the
@@ -1415,7 +1438,7 @@ def attention_backward(
     cus = [cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t, order]
     dq_arg, dq_strides = (acc, _strides3(acc, varlen)) if atomic else (dq, _strides3(dq, varlen))
     args = [
-        q, k, v, out, do, dq_arg, lse, delta, *cus, *common,
+        q, k, v, out, do, dq_arg, lse, lse2, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         *_strides3(do, varlen), *dq_strides, *lse_strides, stride_mb,
     ]
@@ -1428,7 +1451,7 @@ def attention_backward(
         _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=_mask_holes(mask)), D, fp32, max(max_seqlen_q, S),
                 q.is_cuda)
     args = [
-        q, k, v, do, dk, dv, dq_arg, lse, delta, *cus, *common,
+        q, k, v, do, dk, dv, dq_arg, lse2, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *dq_strides, *lse_strides, stride_mb,
     ]
