@@ -60,16 +60,24 @@ VARIANTS = {
     # left / right padding): only their loop copy for spans is compiled
     "mask-spans": (False, True, False),
     "mask-spans-softcap": (False, True, True),
+    # the dK/dV kernels for the dense layout with S a multiple of EVEN_M_ROWS (EVEN_M: query
+    # blocks without row masks)
+    "dense-even": (False, False, False),
+    "dense-even-softcap": (False, False, True),
 }
 SPAN_VARIANTS = ("mask-spans", "mask-spans-softcap")
+EVEN_VARIANTS = ("dense-even", "dense-even-softcap")
 
 
 def _variants(kind: str, hd: int, fp32: bool, dropout: bool):
     # D = 80 (BLOCK_D 128 with a head-dim mask) spilled within 1-2 STL of D = 128 in every
     # variant of the survey: the superset alone there.
+    # The dK/dV kernels' EVEN_M copy has no row masks: not within the superset, built beside it.
+    dkdv = kind.startswith("dkdv")
     if fp32 or dropout or kind == "delta" or hd == 80:
-        return ["mask-softcap"]
-    return [v for v in VARIANTS if kind in ("fwd", "dq") or v not in SPAN_VARIANTS]  # MASK_HOLES: fwd and dQ
+        return ["mask-softcap"] + (["dense-even-softcap"] if dkdv and not fp32 else [])  # EVEN_M: 16-bit only
+    # MASK_HOLES: the forward and dQ only; EVEN_M: dK/dV only
+    return [v for v in VARIANTS if v not in (EVEN_VARIANTS if not dkdv else SPAN_VARIANTS)]
 
 
 # Register spills the test allows: the cases where no spill-free configuration was found, or
@@ -86,9 +94,10 @@ def _variants(kind: str, hd: int, fp32: bool, dropout: bool):
 # candidates tried are the tiles (BLOCK_M, BLOCK_N, warps, stages) compiled while choosing.
 SPILL_ALLOWANCES = [
     # kernel, case, cc, max STL, reason
-    ("dkdv", "d80-bf16", 90, 55, "measured, not for want of a tile that spills less: on the H200 (git c3c84b9) "
+    ("dkdv", "d80-bf16", 90, 57, "measured, not for want of a tile that spills less: on the H200 (git c3c84b9) "
      "64 x 64 on 4 warps ran the D = 128 backward at 381 TFLOP/s and 64 x 128 on 8 warps at 366, against "
-     "295-305 for the 32-row tiles (attention_tiles.jsonl); 64 x 64 w4 spills most (55 STL here, 37 for 64 x 128)"),
+     "295-305 for the 32-row tiles (attention_tiles.jsonl); 64 x 64 w4 spills most (55 STL here, 37 for 64 x 128; "
+     "57 in its EVEN_M softcapped copy)"),
     ("dkdv_atomic", "d80-bf16", 90, 64, "untimed: the spill-free tiles at BLOCK_D 128 have 32 key rows, and the "
      "separate dK/dV kernel ran 1.7-2.2x faster on its spilling 64-row tile than on those; 64 x 128 w8 s1 "
      "(64 STL) and 64 x 64 w8 s1 (41) are listed beside two spill-free 32-row tiles for the autotuner to weigh"),
@@ -186,6 +195,7 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
     )
     if kernel is tk._attn_bwd_dkdv_kernel:
         consts["ATOMIC_DQ"] = kind == "dkdv_atomic"
+        consts["EVEN_M"] = variant in EVEN_VARIANTS
     if kernel is tk._attn_bwd_dq_kernel:
         consts["DELTA_ONLY"] = kind == "delta"
     if kernel is tk._attn_fwd_kernel or kind == "dq":
@@ -230,26 +240,30 @@ def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None =
 
 # The backward's hot loops at D = 128 (sm_90, the heuristic's first tile of each dK/dV
 # list): the allowances above bound the whole kernel; these bound the innermost MMA loop,
-# which runs once per (query block, key block) pair, in the layouts LLM2Vec runs (no softcap):
-# (kind, variant) -> (the most spill loads allowed there, spill stores: none; the most SASS
-# instructions, ~3% above the count when pinned, so a change that lengthens the loop shows:
-# 28 Nov, with the lse converted once by the dQ kernel and one FFMA per score, 570 / 564 /
-# 620 / 722 / 698, from 646 / 643 / 694 / 802 / 778). tests/test_gpu_triton_compile.py bounds
-# the same loops as the GPU machines' Triton builds them.
-HOT_LOOPS = {("dkdv", "dense"): (0, 590), ("dkdv", "varlen"): (5, 585), ("dkdv", "mask"): (0, 640),
-             ("dkdv_atomic", "dense"): (0, 745), ("dkdv_atomic", "varlen"): (0, 720)}
+# which runs once per (query block, key block) pair, in the layouts LLM2Vec runs (no softcap)
+# and the dense one with EVEN_M: (kind, variant) -> (the most spill stores and loads there,
+# the most SASS instructions, ~3% above the count when pinned, so a change that lengthens
+# the loop shows). Pinned 28 Nov, after the lse was converted once by the dQ kernel and
+# scored with one FFMA: 570 / 564 / 620 / 722 / 698 instructions (from 646 / 643 / 694 / 802
+# / 778); EVEN_M's loops 445 and 596, the first with 2 spill stores and 8 loads, where the
+# row-masked loop it replaces has 570 and none (ptxas spends the registers the masks freed on
+# a schedule that spills a few). tests/test_gpu_triton_compile.py bounds the same loops as
+# the GPU machines' Triton builds them.
+HOT_LOOPS = {("dkdv", "dense"): (0, 0, 590), ("dkdv", "varlen"): (0, 5, 585), ("dkdv", "mask"): (0, 0, 640),
+             ("dkdv", "dense-even"): (2, 8, 460),
+             ("dkdv_atomic", "dense"): (0, 0, 745), ("dkdv_atomic", "varlen"): (0, 0, 720),
+             ("dkdv_atomic", "dense-even"): (0, 3, 615)}
 
 
 def _compile_hot() -> list[dict]:
     from helpers import inner_mma_loop
 
     out = []
-    for (kind, variant), (most_ldl, most_n) in HOT_LOOPS.items():
+    for kind, variant in HOT_LOOPS:
         c = _kinds()[kind][1](128, False, False, 90)[0]
         r = _compile_one(kind, 128, False, c, 90, False, variant, keep_cubin=True)
         cubin = r.pop("cubin", None)
-        r.update(loop=inner_mma_loop(bytes.fromhex(cubin)) if cubin else None, most_ldl=most_ldl, most_n=most_n,
-                 hot=(kind, variant))
+        r.update(loop=inner_mma_loop(bytes.fromhex(cubin)) if cubin else None, hot=(kind, variant))
         out.append(r)
     return out
 
@@ -323,24 +337,24 @@ def test_spill_check_sees_spills():
 
 
 def check_hot_loops(results: list[dict], bounds: dict) -> None:
-    """Each hot loop found, spill-store free, within ``bounds[(kind, variant)]`` =
-    (most spill loads, most instructions)."""
+    """Each hot loop found and within ``bounds[(kind, variant)]`` = (most spill stores, most
+    spill loads, most instructions)."""
     assert len(results) == len(bounds)
     for r in results:
         assert r["ok"], r
         loop = r["loop"]
-        most_ldl, most_n = bounds[tuple(r["hot"])]
+        most_stl, most_ldl, most_n = bounds[tuple(r["hot"])]
         assert loop is not None and loop["n"] > 100, f"{r['id']}: no MMA loop found in the SASS ({loop})"
-        assert loop["stl"] == 0 and loop["ldl"] <= most_ldl, (
+        assert loop["stl"] <= most_stl and loop["ldl"] <= most_ldl, (
             f"{r['id']}: the inner MMA loop ({loop['n']} instructions) spills: STL={loop['stl']} LDL={loop['ldl']} "
-            f"(allowed: 0 / {most_ldl})")
+            f"(allowed: {most_stl} / {most_ldl})")
         assert loop["n"] <= most_n, f"{r['id']}: the inner MMA loop grew to {loop['n']} instructions (at most {most_n})"
 
 
 def test_hot_loops():
     """The dK/dV kernels' innermost loop at D = 128 on sm_90 (HOT_LOOPS), found in the SASS:
-    no spill stores, at most the listed spill loads and instructions; its tile is the list's
-    first entry."""
+    at most the listed spill stores, loads and instructions; its tile is the list's first
+    entry."""
     from helpers import run_compile_worker
 
     check_hot_loops(run_compile_worker(__file__, "hot"), HOT_LOOPS)

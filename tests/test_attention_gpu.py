@@ -71,6 +71,13 @@ def test_long_unpadded_gqa(dtype):
     _check_padded(1, 2048 + 17, 8, 1, 128, dtype, None)
 
 
+@pytest.mark.parametrize("D,softcap,bwd", [(128, 0.0, "separate"), (80, 20.0, "separate"), (128, 0.0, "atomic")])
+def test_bf16_dense_even_rows(D, softcap, bwd, monkeypatch):
+    """Dense layout with S a multiple of EVEN_M_ROWS: the dK/dV kernels without row masks."""
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", bwd)
+    _check_padded(2, 1024, 8, 2, D, torch.bfloat16, None, softcap)
+
+
 def test_bf16_right_left_padding_softcap():
     B, S = 4, 700
     lens = torch.tensor([700, 1, 350, 0], device=DEV)

@@ -162,6 +162,55 @@ def test_padded_modes(mode, dtype, softcap, device):
             assert (g[pad] == 0).all(), "padded positions must get zero gradient"
 
 
+EVEN_CASES = [  # (D, dtype, softcap, tiles, backward): the dK/dV kernels' one-loop path at every BLOCK_D but 64
+    (32, torch.float16, 0.0, "interp", "separate"), (64, torch.float32, 0.0, "interp", "separate"),
+    (80, torch.float16, 5.0, "interp", "separate"), (128, torch.float16, 0.0, "interp", "separate"),
+    (256, torch.float16, 0.0, "interp", "separate"), (128, torch.float16, 10.0, "gpu", "separate"),
+    (80, torch.float16, 0.0, "gpu", "separate"), (128, torch.float16, 0.0, "gpu", "atomic"),
+    (64, torch.float16, 0.0, "interp", "atomic"),
+]
+
+
+@pytest.mark.parametrize("D,dtype,softcap,tiles,bwd", EVEN_CASES,
+                         ids=[f"d{d}-{str(t)[6:]}-cap{c:g}-{ti}-{b}" for d, t, c, ti, b in EVEN_CASES])
+def test_dense_even_rows(device, monkeypatch, D, dtype, softcap, tiles, bwd):
+    """Dense layout, S a multiple of EVEN_M_ROWS, 16-bit: the dK/dV kernel runs with EVEN_M
+    (query blocks without row masks) and keeps the rule; S one row off, or fp32, takes the
+    masked loop."""
+    if tiles == "gpu":  # the GPU's 64-row tiles (the heuristic's first dK/dV entry at D = 128)
+        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: tk._cfg(64, 64, 4, 1) if kind.startswith("dkdv")
+                            else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1))
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", bwd)
+    launched = []
+    real = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kind, *a, **kw: launched.append((kind, a[3].get("EVEN_M"))) or real(kind, *a, **kw))
+    B, H, Hkv = 2, 4, 2
+    S = tk.EVEN_M_ROWS * (1 if D == 256 else 2)
+    _padded_case(None, B, S, H, Hkv, D, dtype, device, softcap)
+    assert [e for k, e in launched if k.startswith("dkdv")] == [dtype != torch.float32], launched
+    launched.clear()
+    _padded_case(None, B, S - 1, H, Hkv, D, dtype, device, softcap)
+    assert [e for k, e in launched if k.startswith("dkdv")] == [False], launched
+
+
+def test_even_m_rows_divisible_by_every_dkdv_tile():
+    """EVEN_M is decided before the autotuner picks a tile: every BLOCK_M the dK/dV kernels
+    may launch with (every list, chip, dtype, dropout, the atomic lists, the interpreter's
+    tiles) must divide EVEN_M_ROWS."""
+    lists = [tk.BWD_DKDV_CONFIGS, tk.BWD_DKDV_ATOMIC_CONFIGS, tk.DROPOUT_DKDV_CONFIGS, tk.FP32_CONFIGS["dkdv"]]
+    cfgs = [c for table in lists for entries in table.values() for c in entries]
+    cfgs += [c for (kind, _, _), entries in tk.SM80_CONFIGS.items() if kind.startswith("dkdv") for c in entries]
+    for hd in tk.SUPPORTED_HEAD_DIMS:
+        for fp32 in (False, True):
+            for dropout in (False, True):
+                for chip in tk.CHIPS:
+                    cfgs += [tk.heuristic_config("dkdv", hd, fp32, s, cuda, dropout, chip)
+                             for s in (64, 4096) for cuda in (True, False)]
+    assert len(cfgs) > 30
+    for c in cfgs:
+        assert tk.EVEN_M_ROWS % c.kwargs["BLOCK_M"] == 0, c
+
+
 def test_mask_spans_built_once_per_mask(device, monkeypatch):
     """The per-row [lo, hi, holes] of a padding mask are built once for the mask object (every
     layer's forward and backward reuse them) and rebuilt for a new mask or an in-place change."""
@@ -236,12 +285,13 @@ def test_power_of_two_helpers():
 
 def test_autotune_keys():
     """The tuners are keyed on the layout and, where the kernel compiles the hole-free copy
-    alone (forward, dQ), on MASK_HOLES; every key names an argument of its kernel (Triton
-    refuses the tuner otherwise)."""
+    alone (forward, dQ), on MASK_HOLES, the dK/dV kernels on EVEN_M; every key names an
+    argument of its kernel (Triton refuses the tuner otherwise)."""
     for kind in ("fwd", "dq", "dkdv", "dkdv_atomic"):
         tuner = tk._tuned(kind, 128, False, False, 90)
         assert set(tuner.keys) <= set(tuner.arg_names)
         assert ("MASK_HOLES" in tuner.keys) == (kind in ("fwd", "dq")), (kind, tuner.keys)
+        assert ("EVEN_M" in tuner.keys) == kind.startswith("dkdv"), (kind, tuner.keys)
 
 
 def test_sequence_order_longest_first(device):
