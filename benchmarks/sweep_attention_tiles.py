@@ -48,13 +48,13 @@ DEFAULT_TILES = {
     ("fwd", 64): "128x64w8s3,128x128w8s3,128x64w4s3,128x32w4s3",
     ("dq", 128): "64x64w4s2,128x64w8s2,128x64w8s3,128x128w8s2,128x128w8s1",
     ("dq", 64): "64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
-    ("dkdv", 128): "64x128w8s2,64x128w8s1,32x128w8s2,32x64w4s2,64x64w4s2,64x64w8s1",
+    ("dkdv", 128): "64x128w8s2,64x128w8s1,64x128w8s1split,32x128w8s2,32x64w4s2,64x64w4s2,64x64w8s1",
     ("dkdv", 64): "32x64w4s3,64x64w4s2,32x128w8s2,64x128w8s2,64x64w4s3",
     # the atomic backward's dK/dV kernel (its list, then tiles that spill more; never timed yet)
     ("dkdv_atomic", 128): "64x128w8s1,64x64w8s1,32x128w8s1,32x64w8s2,64x128w8s2,64x64w8s2",
     ("dkdv_atomic", 64): "64x128w8s1,64x64w8s2,32x128w8s2,64x128w8s2,64x64w4s2",
 }
-TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)$")
+TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(split)?$")
 
 
 def parse_tile(s: str):
@@ -62,9 +62,13 @@ def parse_tile(s: str):
 
     m = TILE_RE.match(s.strip())
     if m is None:
-        raise ValueError(f"--tiles: expected entries like 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages), got {s!r}")
-    bm, bn, w, st = map(int, m.groups())
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        raise ValueError(f"--tiles: expected entries like 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages; a dK/dV "
+                         f"tile may end in 'split', its SPLIT_M option), got {s!r}")
+    bm, bn, w, st = map(int, m.groups()[:4])
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if m.group(5):
+        kw["SPLIT_M"] = True
+    return triton.Config(kw, num_warps=w, num_stages=st)
 
 
 def layout_mask(layout: str, B: int, S: int):

@@ -170,8 +170,9 @@ def _case(kind, hd, fp32, dropout=False):
 
 
 def _case_id(kind, hd, fp32, c, cc, dropout=False, variant="mask-softcap"):
+    split = "-split" if c.kwargs.get("SPLIT_M") else ""
     return (f"{_case(kind, hd, fp32, dropout)}-{variant}"
-            f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}-sm{cc}")
+            f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{split}-sm{cc}")
 
 
 def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = False, variant: str = "mask-softcap",
@@ -196,6 +197,7 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
     if kernel is tk._attn_bwd_dkdv_kernel:
         consts["ATOMIC_DQ"] = kind == "dkdv_atomic"
         consts["EVEN_M"] = variant in EVEN_VARIANTS
+        consts["SPLIT_M"] = bool(c.kwargs.get("SPLIT_M", False))
     if kernel is tk._attn_bwd_dq_kernel:
         consts["DELTA_ONLY"] = kind == "delta"
     if kernel is tk._attn_fwd_kernel or kind == "dq":

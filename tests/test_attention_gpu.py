@@ -78,6 +78,39 @@ def test_bf16_dense_even_rows(D, softcap, bwd, monkeypatch):
     _check_padded(2, 1024, 8, 2, D, torch.bfloat16, None, softcap)
 
 
+@pytest.mark.parametrize("layout", ["right", "left", "varlen"])
+def test_bf16_split_tile_option(layout, monkeypatch):
+    """The dK/dV tile option SPLIT_M (unmasked interior query blocks) on the GPU, bf16."""
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    split = tk._cfg(64, 128, 8, 1, split=True)
+    real = tk.heuristic_config
+    monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: split if kind == "dkdv" else real(kind, *a, **kw))
+    B, S = 3, 700
+    pos = torch.arange(S, device=DEV)[None]
+    lens = torch.tensor([700, 333, 65], device=DEV)
+    mask = pos >= S - lens[:, None] if layout == "left" else pos < lens[:, None]
+    if layout == "varlen":
+        _, varlen = _ops()
+        from llm2vec_fast.kernels.reference import attention_varlen_ref
+
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=DEV)
+        cu[1:] = torch.cumsum(lens, 0)
+        T = int(cu[-1])
+        q, k, v = (torch.randn(T, h, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+        out = varlen(q, k, v, cu, cu, S, S, backend="triton")
+        do = torch.randn_like(out)
+        g = _grads(out, (q, k, v), do)
+        ref32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        g_or = _grads(attention_varlen_ref(*ref32, cu, cu, 128 ** -0.5, 0.0, upcast=True), ref32, do.float())
+        g_nat = _grads(attention_varlen_ref(q, k, v, cu, cu, 128 ** -0.5, 0.0, upcast=False), (q, k, v), do)
+        for n, a, b, c in zip("qkv", g, g_or, g_nat):
+            assert_close_rule(a, b, c, factor=3.0, atol=1e-3, name=f"d{n}")
+    else:
+        _check_padded(B, S, 8, 2, 128, torch.bfloat16, mask)
+    assert tk.LAST_TILES["dkdv"] == "64x128 w8 s1 split"
+
+
 def test_bf16_right_left_padding_softcap():
     B, S = 4, 700
     lens = torch.tensor([700, 1, 350, 0], device=DEV)

@@ -193,6 +193,29 @@ def test_dense_even_rows(device, monkeypatch, D, dtype, softcap, tiles, bwd):
     assert [e for k, e in launched if k.startswith("dkdv")] == [False], launched
 
 
+@pytest.mark.parametrize("layout,D", [("varlen", 128), ("left", 80), ("random", 128), ("third", 128), ("none", 128)])
+def test_split_tile_option(device, monkeypatch, layout, D):
+    """The dK/dV tile option SPLIT_M (full query blocks unmasked, a masked first block where
+    the span starts inside one, a masked tail) keeps the rule in the packed and padded
+    layouts (left padding starts mid-block; holes; a row without valid tokens; dense with a
+    ragged S), and its name reaches the benchmark rows."""
+    split = tk._cfg(64, 128, 8, 1, split=True)
+    monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: split if kind == "dkdv"
+                        else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1))
+    tk.LAST_TILES.clear()
+    if layout == "varlen":
+        _varlen_case([130, 64, 1, 0, 200], 4, 2, D, torch.float16, device)
+    else:
+        B, S = 3, 200
+        mask = _mask(layout, B, S, device)
+        if mask is not None and layout != "random":
+            mask[2] = False
+        out, _, grads = _padded_case(mask, B, S, 4, 2, D, torch.float16, device)
+        if mask is not None:
+            assert (out[~mask] == 0).all() and all((g[~mask] == 0).all() for g in grads)
+    assert tk.LAST_TILES["dkdv"] == "64x128 w8 s1 split", tk.LAST_TILES
+
+
 def test_even_m_rows_divisible_by_every_dkdv_tile():
     """EVEN_M is decided before the autotuner picks a tile: every BLOCK_M the dK/dV kernels
     may launch with (every list, chip, dtype, dropout, the atomic lists, the interpreter's
@@ -438,7 +461,8 @@ def test_gpu_tiles_in_interpreter(monkeypatch, device, D):
             assert (g[~mask] == 0).all(), "padded positions must get zero gradient"
 
 
-@pytest.mark.parametrize("D,big,atomic", [(64, False, False), (128, False, False), (128, True, False), (128, True, True)])
+@pytest.mark.parametrize("D,big,atomic", [(64, False, False), (128, False, False), (128, True, False), (128, True, True),
+                                          (128, "split", False)])
 @pytest.mark.parametrize("mode", ["left", "third"])
 def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, atomic, mode):
     """Left / right padding (no holes): whatever q, k, v and dO hold at padded positions
@@ -447,7 +471,8 @@ def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, 
     (aligned) and must not let those rows in (at D = 128: its one-loop path; big: the GPU's
     64-row tiles; atomic: the atomic backward, which starts at the first valid row)."""
     if big:
-        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: tk._cfg(64, 128, 4, 1) if kind.startswith("dkdv")
+        dkdv = tk._cfg(64, 128, 8, 1, split=True) if big == "split" else tk._cfg(64, 128, 4, 1)
+        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: dkdv if kind.startswith("dkdv")
                             else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1))
     monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic" if atomic else "separate")
     B, S, H = 3, 150, 2

@@ -657,7 +657,7 @@ def _dkdv_loop(
     stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, SPLIT_M: tl.constexpr,
 ):
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -694,13 +694,46 @@ def _dkdv_loop(
                 m_lo = (lo // BLOCK_M) * BLOCK_M
             else:
                 m_lo = lo
-            for start_m in range(m_lo, hi_q, BLOCK_M):
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
-                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
-                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS, ATOMIC_DQ,
-                )
+            if SPLIT_M and row_mode != 0 and not (DROPOUT or ATOMIC_DQ or HAS_SOFTCAP) and DOT_PREC != "ieee":
+                # A tile option for the packed and padded layouts (the autotuner weighs it):
+                # the interior query blocks without row masks, a masked first block where it
+                # starts below lo and a masked tail. Two more copies of the block: on 64 x 128
+                # with 8 warps and one stage the loop stays spill-free with Triton 3.6 and
+                # shrinks from 484 to 420 SASS instructions packed, 533 to 459 masked (sm_90,
+                # D = 128); smaller tiles spilled in it, and so did softcap (5-12 spill stores
+                # in the loop), which keeps the one masked loop.
+                start = m_lo
+                if row_mode == 2 and start < lo:  # (row mode 1 starts at lo)
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start, lo, hi_q,
+                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP,
+                        DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                    )
+                    start += BLOCK_M
+                end_full = start + (tl.maximum(hi_q - start, 0) // BLOCK_M) * BLOCK_M
+                for start_m in range(start, end_full, BLOCK_M):
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, 0, HAS_SOFTCAP, DOT_PREC,
+                        DROPOUT, ROUNDS, ATOMIC_DQ,
+                    )
+                if end_full < hi_q:
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, end_full, lo, hi_q,
+                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, 1, HAS_SOFTCAP, DOT_PREC,
+                        DROPOUT, ROUNDS, ATOMIC_DQ,
+                    )
+            else:
+                for start_m in range(m_lo, hi_q, BLOCK_M):
+                    dk, dv = _dkdv_block(
+                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP,
+                        DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                    )
         else:
             # Full query blocks first without row masks, then one masked tail block, as the
             # forward does for keys: the inner loop's sm_90 SASS at D = 64 (32 x 64, 4 warps)
@@ -738,6 +771,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr = False, EVEN_M: tl.constexpr = False,
+    SPLIT_M: tl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hkv, B)``: dK, dV of one key block of one K/V head.
 
@@ -748,6 +782,9 @@ def _attn_bwd_dkdv_kernel(
     ``EVEN_M``: 16-bit inputs in the dense layout (no mask, not packed) with ``S`` a multiple
     of :data:`EVEN_M_ROWS`, which every listed ``BLOCK_M`` divides: query blocks load
     unmasked (fp32's FMA-dot tiles gain nothing from it and spilled a few registers).
+    ``SPLIT_M`` (a tile option, ``triton.Config`` kwarg): elsewhere, full query blocks unmasked
+    and only the first / last masked, in the one-loop path of 16-bit tiles without dropout
+    or softcap.
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -802,7 +839,7 @@ def _attn_bwd_dkdv_kernel(
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
-                EVEN_M,
+                EVEN_M, SPLIT_M,
             )
         elif holes | (start_n < lo) | (start_n + BLOCK_N > hi_k):
             dk, dv = _dkdv_loop(
@@ -810,7 +847,7 @@ def _attn_bwd_dkdv_kernel(
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
-                EVEN_M,
+                EVEN_M, SPLIT_M,
             )
         else:
             dk, dv = _dkdv_loop(
@@ -818,7 +855,7 @@ def _attn_bwd_dkdv_kernel(
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
                 stride_lb, stride_lh, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0, offs_n, drop_thresh,
                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ, HAS_MASK,
-                EVEN_M,
+                EVEN_M, SPLIT_M,
             )
     if DROPOUT:
         dv = dv * drop_scale
@@ -853,8 +890,11 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _cfg(bm, bn, w, s, split=False):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if split:  # the dK/dV kernel's SPLIT_M option
+        kw["SPLIT_M"] = True
+    return triton.Config(kw, num_warps=w, num_stages=s)
 
 
 # H100-oriented tiles per BLOCK_D (sane on A100: every entry is compiled for sm_80 too and
@@ -903,10 +943,13 @@ BWD_DQ_CONFIGS = {
     128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)],
 }
+# The last D = 128 entry is a SPLIT_M option (packed / padded layouts: interior query blocks
+# without row masks), untimed: chosen by its SASS with Triton 3.6 (loop 484 -> 420
+# instructions packed, 533 -> 459 masked, spill-free there), left to the autotuner.
 BWD_DKDV_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
     64: [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
-    128: [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2)],
+    128: [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 1, split=True)],
     256: [_cfg(16, 64, 8, 2)],
 }
 # The atomic backward's dK/dV kernel (ATOMIC_DQ: it also computes each block's dQ share and
