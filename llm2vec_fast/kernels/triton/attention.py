@@ -688,70 +688,58 @@ def _dkdv_loop(
                 # 128, 64 x 64 on 4 warps: 702 -> 478 SASS instructions with Triton 3.6, 570
                 # -> 445 with 3.9), while one loop keeps the registers of one copy.
                 row_mode = 0
-            if DROPOUT:
-                m_lo = lo - lo % 4
-            elif row_mode == 2:
-                m_lo = (lo // BLOCK_M) * BLOCK_M
-            else:
-                m_lo = lo
-            if SPLIT_M and row_mode != 0 and not (DROPOUT or ATOMIC_DQ or HAS_SOFTCAP) and DOT_PREC != "ieee":
-                # A tile option for the packed and padded layouts (the autotuner weighs it):
-                # the interior query blocks without row masks, a masked first block where it
-                # starts below lo and a masked tail. Two more copies of the block: on 64 x 128
-                # with 8 warps and one stage the loop stays spill-free with Triton 3.6 and
-                # shrinks from 484 to 420 SASS instructions packed, 533 to 459 masked (sm_90,
-                # D = 128); smaller tiles spilled in it, and so did softcap (5-12 spill stores
-                # in the loop), which keeps the one masked loop.
-                start = m_lo
-                if row_mode == 2 and start < lo:  # (row mode 1 starts at lo)
-                    dk, dv = _dkdv_block(
-                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start, lo, hi_q,
-                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
-                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP,
-                        DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
-                    )
-                    start += BLOCK_M
-                end_full = start + (tl.maximum(hi_q - start, 0) // BLOCK_M) * BLOCK_M
-                for start_m in range(start, end_full, BLOCK_M):
-                    dk, dv = _dkdv_block(
-                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
-                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
-                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, 0, HAS_SOFTCAP, DOT_PREC,
-                        DROPOUT, ROUNDS, ATOMIC_DQ,
-                    )
-                if end_full < hi_q:
-                    dk, dv = _dkdv_block(
-                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, end_full, lo, hi_q,
-                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
-                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, 1, HAS_SOFTCAP, DOT_PREC,
-                        DROPOUT, ROUNDS, ATOMIC_DQ,
-                    )
-            else:
-                for start_m in range(m_lo, hi_q, BLOCK_M):
-                    dk, dv = _dkdv_block(
-                        dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
-                        stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
-                        offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP,
-                        DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
-                    )
+            # A tile option for the packed and padded layouts (the autotuner weighs it):
+            # the interior query blocks without row masks, a masked first block where it
+            # starts below lo and a masked tail. Two more copies of the block: on 64 x 128
+            # with 8 warps and one stage the loop stays spill-free with Triton 3.6 and
+            # shrinks from 484 to 420 SASS instructions packed, 533 to 459 masked (sm_90,
+            # D = 128); smaller tiles spilled in it, and so did softcap (5-12 spill stores
+            # in the loop), which keeps the one masked loop.
+            split = SPLIT_M and row_mode != 0 and not (DROPOUT or ATOMIC_DQ or HAS_SOFTCAP) and DOT_PREC != "ieee"
         else:
             # Full query blocks first without row masks, then one masked tail block, as the
             # forward does for keys: the inner loop's sm_90 SASS at D = 64 (32 x 64, 4 warps)
             # drops from 313 to 260 instructions (280 -> 228 without the key mask).
-            end_full = lo + ((hi_q - lo) // BLOCK_M) * BLOCK_M
-            for start_m in range(lo, end_full, BLOCK_M):
+            row_mode = 1
+            split = True
+        if DROPOUT:
+            m_lo = lo - lo % 4
+        elif row_mode == 2:
+            m_lo = (lo // BLOCK_M) * BLOCK_M
+        else:
+            m_lo = lo
+        if split:
+            start = m_lo
+            if row_mode == 2 and start < lo:  # a masked first block where the span starts inside it
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start, lo, hi_q,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                    offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP,
+                    DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                )
+                start += BLOCK_M
+            end_full = start + (tl.maximum(hi_q - start, 0) // BLOCK_M) * BLOCK_M
+            for start_m in range(start, end_full, BLOCK_M):
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
-                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
-                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, False, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS, ATOMIC_DQ,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                    offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, 0, HAS_SOFTCAP,
+                    DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
             if end_full < hi_q:
                 dk, dv = _dkdv_block(
                     dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, end_full, lo, hi_q,
-                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g, offs_n,
-                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, True, HAS_SOFTCAP, DOT_PREC,
-                    DROPOUT, ROUNDS, ATOMIC_DQ,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                    offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, 1, HAS_SOFTCAP,
+                    DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
+                )
+        else:
+            for start_m in range(m_lo, hi_q, BLOCK_M):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, kvalid, q_base, do_base, LSE2 + l_off, DELTA + l_off, dq_base, start_m, lo, hi_q,
+                    stride_qt, stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh0 + g,
+                    offs_n, drop_thresh, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, KMASK, row_mode, HAS_SOFTCAP,
+                    DOT_PREC, DROPOUT, ROUNDS, ATOMIC_DQ,
                 )
     return dk, dv
 
