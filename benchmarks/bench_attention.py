@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, bench, device_gaps, kernel_times  # noqa: E402
+from common import append_rows, bench, kernel_times_and_gaps  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Cases
@@ -337,12 +337,13 @@ def _run_one(provider, case, mode, device, dtype):
     tk = sys.modules.get("llm2vec_fast.kernels.triton.attention")  # imported by the first call if not before
     if provider.startswith("ours") and tk is not None and tk.LAST_TILES:
         r["tiles"] = dict(tk.LAST_TILES)  # what the autotuner (or the heuristic) launched
-    if provider.startswith("ours") and mode == "bwd" and str(device).startswith("cuda"):
-        # where the backward's time goes: dQ vs dK/dV kernels, the delta pass, the atomic
-        # backward's accumulator memset and cast
-        r["kernel_ms"] = kernel_times(step, iters=3, top=6)
     if provider.startswith("ours") and str(device).startswith("cuda"):
-        r["device_gaps"] = device_gaps(step)  # the device waiting on the host within a call
+        # kernel_ms (backward rows): where the backward's time goes, dQ vs dK/dV kernels, the
+        # delta pass, the atomic backward's accumulator memset and cast; device_gaps: the
+        # device waiting on the host within a call. One profiler session for both.
+        kms, r["device_gaps"] = kernel_times_and_gaps(step, iters=3, top=6)
+        if mode == "bwd":
+            r["kernel_ms"] = kms
     return r
 
 

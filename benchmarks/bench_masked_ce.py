@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import append_rows, bench, device_gaps, kernel_times
+    from common import append_rows, bench, kernel_times_and_gaps
 
     import llm2vec_fast as L
     from llm2vec_fast.kernels import reference as ref
@@ -244,8 +244,9 @@ def main(argv=None) -> int:
                     if args.device == "cuda" and tk is not None and tk.LAST_TILES:
                         row["tiles"] = dict(tk.LAST_TILES)  # the autotuners' picks
                     if args.device == "cuda" and (prov == "ours" or prov.startswith("strategy-")):
-                        row["kernel_ms"] = kernel_times(run)  # where our time goes: GEMMs, row kernel, copies
-                        row["device_gaps"] = device_gaps(run)  # where the device waits on the host, and for what
+                        # where our time goes (GEMMs, row kernel, copies) and where the device
+                        # waits on the host, and for what: one profiler session
+                        row["kernel_ms"], row["device_gaps"] = kernel_times_and_gaps(run)
                         # how the two-pass d-hidden accumulation ran: one in-place GEMM, or mm + add
                         row.setdefault("tiles", {})["dh_accumulate"] = (
                             "addmm-inplace" if tk._addmm_into_fp32_ok(hidden) else "mm+add")

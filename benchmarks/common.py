@@ -131,7 +131,9 @@ def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10, 
     optionally only names containing ``match``. Says where a measured time goes (a
     backward's dQ vs dK/dV kernels, a loss's GEMMs vs its row kernel vs copies). The entry
     ``"(all kernels)"`` is the sum over every kernel (or operator) the profiler saw, listed
-    or not: beside a wall-clock time it says how long the device sat idle (host-bound gaps)."""
+    or not: beside a wall-clock time it says how long the device sat idle (host-bound gaps).
+    The calls run back to back; :func:`kernel_times_and_gaps` gives this and
+    :func:`device_gaps` from one profiler session."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = str(device).startswith("cuda")
@@ -141,10 +143,15 @@ def kernel_times(step, iters: int = 3, match: str | None = None, top: int = 10, 
         for _ in range(iters):
             step()
         sync()
+    return _rank_kernels(prof, iters, cuda, match, top)
+
+
+def _rank_kernels(prof, iters: int, cuda: bool, match: str | None, top: int) -> dict:
     times, total = {}, 0.0
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if (e.device_type.name == "CUDA") == cuda and (match is None or match in e.key) and us > 0:
+        if ((e.device_type.name == "CUDA") == cuda and (match is None or match in e.key) and us > 0
+                and not e.key.startswith(_CALL_RANGE)):
             times[e.key[:80]] = round(us / 1e3 / iters, 4)
             total += us
     out = {"(all kernels)": round(total / 1e3 / iters, 4)}
@@ -187,12 +194,35 @@ def device_gaps(step, iters: int = 3, top: int = 3, device: str = "cuda") -> dic
     more than in the timed runs, so gaps are upper bounds. A failure here is reported as
     ``{"error": ...}`` and never costs the row its timing."""
     try:
-        return _device_gaps(step, iters, top, device)
+        return _gaps(_profile_calls(step, iters, device), iters, top, device)
     except Exception as e:  # noqa: BLE001 - a diagnostic, not the measurement
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
-def _device_gaps(step, iters: int, top: int, device: str) -> dict:
+def kernel_times_and_gaps(step, iters: int = 3, top: int = 10, gap_top: int = 3, device: str = "cuda"):
+    """``(kernel_times(step), device_gaps(step))`` from one profiler session, the calls run as
+    :func:`device_gaps` runs them (each after a synchronize; a kernel's duration does not
+    depend on that). Diagnostics, not the measurement: a failure makes the part it hit
+    ``{"error": ...}`` and never costs the row its timing."""
+    cuda = str(device).startswith("cuda")
+    try:
+        prof = _profile_calls(step, iters, device)
+    except Exception as e:  # noqa: BLE001
+        err = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return err, dict(err)
+    out = []
+    for part in (lambda: _rank_kernels(prof, iters, cuda, None, top), lambda: _gaps(prof, iters, gap_top, device)):
+        try:
+            out.append(part())
+        except Exception as e:  # noqa: BLE001
+            out.append({"error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return tuple(out)
+
+
+_CALL_RANGE = "device_gaps_call_"
+
+
+def _profile_calls(step, iters: int, device: str):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = str(device).startswith("cuda")
@@ -201,21 +231,26 @@ def _device_gaps(step, iters: int, top: int, device: str) -> dict:
     sync()
     with profile(activities=acts) as prof:
         for i in range(iters):
-            with record_function(f"device_gaps_call_{i}"):
+            with record_function(f"{_CALL_RANGE}{i}"):
                 step()
             sync()
+    return prof
+
+
+def _gaps(prof, iters: int, top: int, device: str) -> dict:
+    cuda = str(device).startswith("cuda")
     events = list(prof.events())
     results = []
     for i in range(iters):
-        call = next(e for e in events if e.name == f"device_gaps_call_{i}" and e.device_type.name == "CPU")
+        call = next(e for e in events if e.name == f"{_CALL_RANGE}{i}" and e.device_type.name == "CPU")
         start = call.time_range.start
-        nxt = next((e.time_range.start for e in events if e.name == f"device_gaps_call_{i + 1}"
+        nxt = next((e.time_range.start for e in events if e.name == f"{_CALL_RANGE}{i + 1}"
                     and e.device_type.name == "CPU"), float("inf"))
         if cuda:
             # kernels, copies, memsets; not the profiler's GPU-side copy of the call's range
             busy = [(e.time_range.start, e.time_range.end, e.name) for e in events
                     if e.device_type.name == "CUDA" and start <= e.time_range.start < nxt
-                    and not e.name.startswith("device_gaps_call_") and not getattr(e, "is_user_annotation", False)]
+                    and not e.name.startswith(_CALL_RANGE) and not getattr(e, "is_user_annotation", False)]
         else:
             busy = [(e.time_range.start, e.time_range.end, e.name) for e in events
                     if e.cpu_parent is call]

@@ -182,7 +182,9 @@ def test_kernel_times_ranks_what_a_step_spends():
     import torch
 
     common = _load("common")
-    a, b = torch.randn(384, 384), torch.randn(16, 16)
+    # the large matmul ~10 ms on a CPU core, so a loaded machine's preemption of a small op
+    # (2.5 ms seen under pytest -n 2) does not reorder them
+    a, b = torch.randn(768, 768), torch.randn(16, 16)
     t = common.kernel_times(lambda: (a @ a, b @ b, a.sum()), iters=3, device="cpu", top=2)
     assert next(iter(t)) == "(all kernels)", t
     total = t.pop("(all kernels)")
@@ -229,6 +231,30 @@ def test_device_gaps_finds_the_host_wait():
     assert g["us"] >= 19000 and g["after"] == "aten::mm" and g["before"] == "aten::sum", r
     assert r["idle_us"] >= 19000 and r["idle_us_mean"] >= 19000 and r["busy_us"] > 0, r
     assert r["span_us"] >= r["idle_us"] + r["busy_us"] - 1, r
+
+
+def test_kernel_times_and_gaps_from_one_profile(monkeypatch):
+    """The bench rows' pair from one profiler session: the same ranking as kernel_times (the
+    call ranges are not kernels) and the same gap as device_gaps; a profiler failure makes
+    both ``{"error"}`` and does not raise."""
+    import time
+
+    import torch
+
+    common = _load("common")
+    a, b = torch.randn(768, 768), torch.randn(16, 16)
+
+    def step():
+        a @ a
+        time.sleep(0.02)
+        b.sum()
+
+    kms, gaps = common.kernel_times_and_gaps(step, iters=2, top=5, device="cpu")
+    assert next(iter(kms)) == "(all kernels)" and not any(k.startswith("device_gaps_call") for k in kms), kms
+    assert list(kms)[1] in ("aten::mm", "aten::matmul"), kms
+    assert gaps["gaps"][0]["us"] >= 19000 and gaps["gaps"][0]["before"] == "aten::sum", gaps
+    monkeypatch.setattr(common, "_profile_calls", lambda *a: 1 / 0)
+    assert common.kernel_times_and_gaps(step, device="cpu") == ({"error": "ZeroDivisionError: division by zero"},) * 2
 
 
 def test_bench_counts_cpu_peak_memory():
