@@ -78,6 +78,40 @@ def test_empty_region_pools_to_zero_vector():
         assert not out.isnan().any() and (out[1] == 0).all()
 
 
+@pytest.mark.parametrize("mode", POOLING_MODES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_tokens_outside_the_region_never_reach_the_result(mode, packed):
+    """Padding and instruction tokens holding NaN (what a fully masked attention row can give)
+    leave the pooled vector and the pooled InfoNCE loss as they are with zeros there, and get
+    a zero gradient: the reference selects them out rather than weighting them by 0."""
+    B, T, C = 4, 9, 6
+    attn, embed = _masks(B, T)
+    region = (attn * embed).bool()
+    base = torch.randn(B, T, C)
+    cu = None
+    if packed:  # the valid tokens of each row, packed; instruction tokens stay in
+        lens = attn.sum(1)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
+
+    def run(fill):
+        h = base.clone()
+        h[~region] = fill
+        if packed:
+            h, e, m = h[attn.bool()], embed[attn.bool()], None
+        else:
+            e, m = embed, attn
+        h.requires_grad_()
+        out = L.pool(h, m, e, mode=mode, cu_seqlens=cu, backend="torch")
+        loss = L.pooled_info_nce(h, m, h, m, embed_mask_q=e, embed_mask_d=e,
+                                 cu_seqlens_q=cu, cu_seqlens_d=cu, pooling=mode, backend="torch")
+        (out.sum() + loss).backward()
+        return out.detach(), loss.detach(), h.grad, (region[attn.bool()] if packed else region)
+
+    (out0, loss0, g0, keep), (out1, loss1, g1, _) = run(0.0), run(float("nan"))
+    assert torch.equal(out0, out1) and torch.equal(loss0, loss1)
+    assert torch.isfinite(g1).all() and torch.equal(g0, g1) and (g1[~keep] == 0).all()
+
+
 def _loop_info_nce(q, d, neg, t, symmetric):
     q, d = F.normalize(q.double(), dim=-1), F.normalize(d.double(), dim=-1)
     cols = d if neg is None else torch.cat([d, F.normalize(neg.double(), dim=-1)])

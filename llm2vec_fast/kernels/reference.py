@@ -583,7 +583,9 @@ def pool_ref(
     ``(B, T)`` (1 = token belongs to the pooled text; instruction tokens 0). Packed:
     hidden ``(total, C)`` with ``cu_seqlens`` ``(B+1,)`` int32, attention_mask None,
     embed_mask ``(total,)``. The pooled region is attention_mask & embed_mask; an empty
-    region pools to the zero vector (documented, never NaN).
+    region pools to the zero vector (documented, never NaN). Tokens outside the region are
+    selected out, not weighted by 0, so whatever they hold (NaN from a fully masked
+    attention row, say) never reaches the result, and their gradient is 0.
     """
     cdt = _compute_dtype(hidden.dtype, upcast)
     if cu_seqlens is not None:
@@ -599,7 +601,8 @@ def pool_ref(
             region = region & embed_mask.to(torch.bool)
         w = pooling_weights(region, mode)
         h = hidden
-    num = torch.einsum("bt,btc->bc", w.to(cdt), h.to(cdt))
+    h = torch.where(region[..., None], h.to(cdt), 0.0)
+    num = torch.einsum("bt,btc->bc", w.to(cdt), h)
     den = w.sum(dim=1, keepdim=True).clamp_min(1.0).to(cdt)
     return (num / den).to(out_dtype or hidden.dtype)
 
