@@ -461,15 +461,22 @@ def test_gpu_tiles_in_interpreter(monkeypatch, device, D):
             assert (g[~mask] == 0).all(), "padded positions must get zero gradient"
 
 
-@pytest.mark.parametrize("D,big,atomic", [(64, False, False), (128, False, False), (128, True, False), (128, True, True),
-                                          (128, "split", False)])
-@pytest.mark.parametrize("mode", ["left", "third"])
-def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, atomic, mode):
+@pytest.mark.parametrize("D,big,atomic,softcap", [(64, False, False, 0.0), (64, False, False, 30.0), (128, False, False, 0.0),
+                                                  (128, True, False, 0.0), (128, True, False, 30.0), (128, True, True, 0.0),
+                                                  (128, "split", False, 0.0)])
+@pytest.mark.parametrize("mode,noted", [("left", True), ("left", False), ("third", False)])
+def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, atomic, softcap, mode, noted):
     """Left / right padding (no holes): whatever q, k, v and dO hold at padded positions
-    (here NaN against zeros), the output and the three gradients at valid positions are
-    the same to the bit. The dK/dV kernel starts its query blocks below the first valid row
-    (aligned) and must not let those rows in (at D = 128: its one-loop path; big: the GPU's
-    64-row tiles; atomic: the atomic backward, which starts at the first valid row)."""
+    (here NaN against zeros), the output and the three gradients at valid positions are the
+    same to the bit, and at padded positions exactly 0 (a NaN gradient there would reach the
+    projections' weight gradients). The dK/dV kernel starts its query blocks below the first
+    valid row (aligned) and must not let those rows in (at D = 128: its one-loop path; big:
+    the GPU's 64-row tiles; atomic: the atomic backward, which starts at the first valid
+    row); softcap: its derivative at padded keys. noted: the mask noted hole-free (the
+    forward's and dQ's MASK_HOLES off), as hf PaddingInfo does."""
+    from llm2vec_fast import _tensor_cache as tc
+
+    monkeypatch.setattr(tc, "_HOLE_FREE", [None])
     if big:
         dkdv = tk._cfg(64, 128, 8, 1, split=True) if big == "split" else tk._cfg(64, 128, 4, 1)
         monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: dkdv if kind.startswith("dkdv")
@@ -484,14 +491,23 @@ def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, 
         for t in (q, k, v, do):
             t[~mask] = fill
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        out = flash_attn_noncausal(q, k, v, mask, backend="triton")
+        m = mask.clone()
+        if noted:
+            tc.note_hole_free(m)
+        out = flash_attn_noncausal(q, k, v, m, backend="triton", softcap=softcap)
         out.backward(do)
         return [out] + [t.grad for t in (q, k, v)]
 
+    launched = []
+    real = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kind, *a, **kw: launched.append((kind, a[3].get("MASK_HOLES")))
+                        or real(kind, *a, **kw))
     clean, poisoned = run(0.0), run(float("nan"))
+    assert {h for k, h in launched if k in ("fwd", "dq")} == {not noted}, launched
     for name, a, b in zip(("out", "dq", "dk", "dv"), clean, poisoned):
         assert torch.isfinite(b[mask]).all(), f"{name}: padding leaked into valid positions"
         assert torch.equal(a[mask], b[mask]), f"{name}: valid positions changed with the padding's contents"
+        assert (b[~mask] == 0).all(), f"{name}: padded positions must be 0 whatever they hold"
 
 
 def test_unsupported_falls_back_with_warning(device):

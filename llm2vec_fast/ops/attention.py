@@ -159,8 +159,10 @@ def flash_attn_noncausal(
             right or arbitrary padding. None = every token valid. With left / right
             padding, whatever q, k, v and the upstream gradient hold at padded positions
             (NaN included) never reaches valid tokens' outputs or gradients on the Triton
-            backend; padding inside a row (holes) must hold finite values, since its rows
-            enter the fused matmuls with zero weight.
+            backend, and the gradients at padded positions are 0; padding inside a row
+            (holes) must hold finite values, since its rows enter the fused matmuls with
+            zero weight (masking them there cost the general kernels registers: measured,
+            not kept).
         softmax_scale, softcap, backend, dropout_p, deterministic: as in
             :func:`flash_attn_varlen_noncausal`.
         return_lse: also return the log-sum-exp ``(B, H, S)`` fp32 (``-inf`` on padding).

@@ -507,16 +507,24 @@ def _attn_bwd_dq_kernel(
     l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
     mask_base = MASK + bb * stride_mb
 
-    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=md, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=md, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
     # The dK/dV kernel reads every row's lse once per key block: converted here once (base 2,
     # +inf for a row without keys) rather than there per load (16 compares, products and
     # selects per thread and query block on its 64 x 64 tile at D = 128; with the FFMA form
     # of _bwd_scores its inner loop went from 769 to 702 SASS instructions with Triton 3.6
     # and from 646 to 570 with 3.9, sm_90; its spill loads stay 5 / 0, as before).
-    tl.store(LSE2 + l_off + offs_m, _load_lse2(LSE + l_off + offs_m, rmask), mask=rmask)
+    lse2_rows = _load_lse2(LSE + l_off + offs_m, rmask)
+    tl.store(LSE2 + l_off + offs_m, lse2_rows, mask=rmask)
+    if HAS_MASK:
+        # Padded rows (lse2 = +inf) load q and dO as zeros, so their dQ is exactly 0 whatever
+        # the padding holds (a NaN there would reach the weights' gradients through the
+        # projections). A select on dQ after the loop instead spilled more in the fp32 tiles.
+        ld = md & (lse2_rows < float("inf"))[:, None]
+    else:
+        ld = md
+    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=ld, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=ld, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + l_off + offs_m, delta, mask=rmask)
     if DELTA_ONLY:
         return
     if DROPOUT:
@@ -526,8 +534,12 @@ def _attn_bwd_dq_kernel(
     bh = b * tl.num_programs(1) + h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if (start_m + BLOCK_M > lo) & (start_m < hi_q):
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md, other=0.0)
         lse2 = _load_lse2(LSE + l_off + offs_m, rmask)
+        if HAS_MASK:
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md & (lse2 < float("inf"))[:, None],
+                        other=0.0)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md, other=0.0)
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
@@ -800,14 +812,22 @@ def _attn_bwd_dkdv_kernel(
         kvalid = (offs_n >= lo) & (offs_n < hi_k)
         if HAS_MASK:
             kvalid = kvalid & (tl.load(mask_base + offs_n, mask=nmask, other=0) != 0)
-        if ATOMIC_DQ:
-            # Keys outside the span load as zeros: their dS is 0 only if their V is finite,
-            # and dQ sums dS^T K over them (0 * NaN would reach valid queries' dQ).
-            kd = ((offs_n >= lo) & (offs_n < hi_k))[:, None] & dmask[None, :]
+        # Keys outside the span load as zeros where it matters. The atomic backward: their
+        # dS is 0 only if their V is finite, and dQ sums dS^T K over them (0 * NaN would
+        # reach valid queries' dQ). The padded layout: a zero V makes their dP, dS and so
+        # their own dK, dV 0 whatever the padding holds; their K only reaches scores the key
+        # mask drops, except through softcap's derivative (tanh' of a NaN score), so with
+        # softcap it loads as zeros too. Zeros for K without softcap put a spill reload into
+        # the masked D = 128 loop (sm_90).
+        span = ((offs_n >= lo) & (offs_n < hi_k))[:, None] & dmask[None, :]
+        if ATOMIC_DQ or (HAS_MASK and HAS_SOFTCAP):
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=span, other=0.0)
         else:
-            kd = nd
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kd, other=0.0)
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nd, other=0.0)
+        if ATOMIC_DQ or HAS_MASK:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=span, other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nd, other=0.0)
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
