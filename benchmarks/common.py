@@ -196,7 +196,7 @@ def device_gaps(step, iters: int = 3, top: int = 3, device: str = "cuda") -> dic
     try:
         return _gaps(_profile_calls(step, iters, device), iters, top, device)
     except Exception as e:  # noqa: BLE001 - a diagnostic, not the measurement
-        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return _error(e)
 
 
 def kernel_times_and_gaps(step, iters: int = 3, top: int = 10, gap_top: int = 3, device: str = "cuda"):
@@ -208,15 +208,18 @@ def kernel_times_and_gaps(step, iters: int = 3, top: int = 10, gap_top: int = 3,
     try:
         prof = _profile_calls(step, iters, device)
     except Exception as e:  # noqa: BLE001
-        err = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        return err, dict(err)
+        return _error(e), _error(e)
     out = []
     for part in (lambda: _rank_kernels(prof, iters, cuda, None, top), lambda: _gaps(prof, iters, gap_top, device)):
         try:
             out.append(part())
         except Exception as e:  # noqa: BLE001
-            out.append({"error": f"{type(e).__name__}: {str(e)[:200]}"})
+            out.append(_error(e))
     return tuple(out)
+
+
+def _error(e: Exception) -> dict:
+    return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
 _CALL_RANGE = "device_gaps_call_"
