@@ -535,7 +535,7 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if (start_m + BLOCK_M > lo) & (start_m < hi_q):
         lse2 = _load_lse2(LSE + l_off + offs_m, rmask)
-        if HAS_MASK:
+        if HAS_MASK:  # padded rows as zeros, from this lse2 (holding `ld` until here spilled more, fp32)
             q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=md & (lse2 < float("inf"))[:, None],
                         other=0.0)
         else:
