@@ -113,3 +113,38 @@ def test_randcontext_replays_dropout():
     d = torch.nn.functional.dropout(x, 0.5)
     assert torch.equal(a, c) and not torch.equal(a, b)
     assert not torch.equal(d, a), "replay must not rewind the caller's random stream"
+
+
+def test_gradcache_embeddings_keep_the_fp32_sums_of_bf16_hidden_states():
+    """``encode_chunk`` (GradCache's embeddings) pools bf16 hidden states into unrounded fp32
+    sums, as the direct path's ``pooled_info_nce`` does: both losses are the same number."""
+    wrapper, batch, host = _setup(dropout=0.0, n_groups=3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        hidden = wrapper(**host._model_inputs(batch))
+        emb = host.encode_chunk(wrapper, batch)
+        direct = host.contrastive_loss_from_hidden(hidden, batch)
+    assert hidden.dtype == torch.bfloat16 and emb.dtype == torch.float32
+    from llm2vec_fast.kernels import reference as ref
+
+    want = ref.pool_ref(hidden.double(), batch["attention_mask"], batch["embed_mask"], "mean")
+    assert max_err(emb, want) < 1e-6 * (want.abs().max().item() + 1)
+    assert abs(float(host.contrastive_loss_from_embeddings(emb)) - float(direct)) < 1e-5
+
+
+def test_gradcache_scales_a_short_accumulation_window_like_the_trainer(tmp_path):
+    """The epoch's last accumulation window may hold fewer batches than
+    ``gradient_accumulation_steps``; Trainer divides by the window's size, and so must the
+    GradCache step (it divided by the configured count)."""
+    from transformers import TrainingArguments
+
+    wrapper, batch, _ = _setup(dropout=0.0, n_groups=2, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=4, use_cpu=True, report_to=[])
+    grads = {}
+    for mbs in (None, 3):
+        tr = ContrastiveTrainer(model=wrapper, args=args, n_groups=2, mini_batch_size=mbs, cross_rank=False,
+                                loss_backend="torch")
+        tr.current_gradient_accumulation_steps = 1  # set by Trainer's loop: this window holds one batch
+        wrapper.zero_grad(set_to_none=True)
+        tr.training_step(wrapper, dict(batch))
+        grads[mbs] = _grads(wrapper)
+    _compare(grads[None], grads[3], 1e-4)

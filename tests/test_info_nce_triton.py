@@ -499,3 +499,52 @@ def test_cuda_backend_on_cpu_tensors_is_refused():
     h = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match="CUDA"):
         L.pool(h, torch.ones(2, 5), None, "mean", backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fn", ["info_nce", "pooled_info_nce"])
+def test_loss_under_autocast_keeps_fp32_scores(fn, backend, device):
+    """Under autocast the similarity matmul and the pooled sums stay fp32 and the backward
+    runs (it met an autocast-lowered score matrix against fp32 embeddings): the loss and the
+    gradients equal those without autocast."""
+    B, T, C = 5, 9, 48
+    h = [torch.randn(B, T, C, device=device) for _ in range(3)]
+    attn, embed = _padded_masks(B, T, device, empty_row=False)
+
+    def run(autocast):
+        xs = [t.detach().clone().requires_grad_() for t in h]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+            if fn == "info_nce":
+                loss = L.info_nce(xs[0][:, 0], xs[1][:, 0], xs[2][:, 0], symmetric=True, backend=backend)
+            else:
+                loss = L.pooled_info_nce(xs[0], attn, xs[1], attn, embed_mask_q=embed, hidden_neg=xs[2],
+                                         mask_neg=attn, symmetric=True, backend=backend)
+        loss.backward()
+        return loss.detach(), [x.grad for x in xs]
+
+    l0, g0 = run(False)
+    l1, g1 = run(True)
+    assert l1.dtype == torch.float32
+    assert max_err(l1, l0) <= 1e-6, (float(l0), float(l1))
+    for a, b in zip(g1, g0):
+        assert max_err(a, b) <= 1e-6 * (b.abs().max().item() + 1e-12)
+
+
+def test_pool_fp64_and_out_dtype(device):
+    """fp64 input pools in fp64 (every backend falls back to the reference for it), and
+    ``out_dtype=torch.float32`` returns the fp32 sums of 16-bit input unrounded."""
+    h, attn, embed, _ = _pool_case("padded", 3, 11, 40, torch.float64, device, empty_row=False)
+    h.requires_grad_()
+    for backend in ("torch", "triton"):
+        out = L.pool(h, attn, embed, "mean", backend=backend)
+        region = (attn.bool() & embed).double()
+        want = (h * region[..., None]).sum(1) / region.sum(1, keepdim=True).clamp_min(1)
+        assert out.dtype == torch.float64 and max_err(out, want) < 1e-14
+    assert torch.autograd.gradcheck(lambda x: L.pool(x, attn, embed, "weighted_mean", backend="torch"), (h,))
+    h16 = h.detach().to(torch.float16)
+    want = ref.pool_ref(h16.double(), attn, embed, "mean")
+    for backend in ("torch", "triton"):
+        out = L.pool(h16, attn, embed, "mean", backend=backend, out_dtype=torch.float32)
+        assert out.dtype == torch.float32 and max_err(out, want) < 1e-6
+        rounded = L.pool(h16, attn, embed, "mean", backend=backend)
+        assert rounded.dtype == torch.float16 and max_err(rounded, want) > 1e-5  # the rounding the option avoids

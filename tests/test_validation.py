@@ -147,3 +147,11 @@ def test_pooling_bad_input():
         L.info_nce(torch.randn(3, 4), torch.randn(3, 4), temperature=0)
     with pytest.raises(ValueError, match="hidden_d"):
         L.pooled_info_nce(h, m, torch.randn(3, 5, 4), torch.ones(3, 5))
+    with pytest.raises(ValueError, match="hidden_neg: expected hidden size 4"):
+        L.pooled_info_nce(h, m, h, m, hidden_neg=torch.randn(3, 5, 9), mask_neg=torch.ones(3, 5))
+    with pytest.raises(ValueError, match="hidden_neg: .*dtype torch.float32"):
+        L.pooled_info_nce(h, m, h, m, hidden_neg=torch.randn(3, 5, 4, dtype=torch.float64), mask_neg=torch.ones(3, 5))
+    with pytest.raises(ValueError, match="hidden_q: expected at least one row"):
+        L.pooled_info_nce(h[:0], m[:0], h[:0], m[:0])
+    with pytest.raises(ValueError, match="out_dtype"):
+        L.pool(h, m, out_dtype=torch.int32)

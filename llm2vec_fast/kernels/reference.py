@@ -602,7 +602,8 @@ def pool_ref(
         w = pooling_weights(region, mode)
         h = hidden
     h = torch.where(region[..., None], h.to(cdt), 0.0)
-    num = torch.einsum("bt,btc->bc", w.to(cdt), h)
+    with torch.autocast(hidden.device.type, enabled=False):  # sums in cdt under autocast too
+        num = torch.einsum("bt,btc->bc", w.to(cdt), h)
     den = w.sum(dim=1, keepdim=True).clamp_min(1.0).to(cdt)
     return (num / den).to(out_dtype or hidden.dtype)
 
@@ -672,9 +673,10 @@ def info_nce_ref(
             offset = rank * q.shape[0]
     cols = d_all if n_all is None else torch.cat([d_all, n_all], 0)
     labels = torch.arange(q.shape[0], device=q.device) + offset
-    loss = F.cross_entropy(q @ cols.t() / temperature, labels)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(d @ q_all.t() / temperature, labels))
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores under autocast too
+        loss = F.cross_entropy(q @ cols.t() / temperature, labels)
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(d @ q_all.t() / temperature, labels))
     return loss
 
 

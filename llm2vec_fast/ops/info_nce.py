@@ -49,6 +49,7 @@ def pool(
     cu_seqlens: torch.Tensor | None = None,
     normalize: bool = False,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Pool token states into one vector per text.
 
@@ -62,11 +63,16 @@ def pool(
         cu_seqlens: ``(B+1,)`` int32 offsets of packed input.
         normalize: L2-normalise the result.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        out_dtype: the result's floating dtype; None = hidden's. ``torch.float32`` keeps
+            the fp32 sums of 16-bit hidden states unrounded (GradCache's embeddings).
 
-    Returns ``(B, C)`` in hidden's dtype, summed in fp32. A text with no pooled token
-    gives the zero vector (documented; no NaN, no host sync to detect it).
+    Returns ``(B, C)`` in ``out_dtype``, summed in fp32 (fp64 for fp64 input). A text with
+    no pooled token gives the zero vector (documented; no NaN, no host sync to detect it).
     """
     _check_pool_args("", hidden, attention_mask, embed_mask, cu_seqlens, mode)
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype: expected None or a floating torch.dtype, got {out_dtype!r}")
+    want = out_dtype or hidden.dtype
     be = resolve_backend("pool", backend, hidden, allowed=_BACKENDS)
     if be == "triton":
         try:
@@ -75,15 +81,18 @@ def pool(
             warn_once("pool-import", f"pool: Triton kernel unavailable ({e}); using the reference")
             tk = None
         if tk is not None and hidden.dtype != torch.float64:
-            return tk.pool_triton(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, normalize=normalize)
+            return tk.pool_triton(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens,
+                                  normalize=normalize, out_dtype=want)
     if be == "cuda":
         ck = _cuda_kernels(hidden, "pool")
         if ck is not None:
-            return ck.pool_cuda(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, normalize=normalize)
-    out = ref.pool_ref(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, out_dtype=torch.float32)
+            return ck.pool_cuda(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, normalize=normalize,
+                                out_dtype=torch.float32 if want != hidden.dtype else None).to(want)
+    acc = torch.float64 if torch.float64 in (hidden.dtype, want) else torch.float32
+    out = ref.pool_ref(hidden, attention_mask, embed_mask, mode, cu_seqlens=cu_seqlens, out_dtype=acc)
     if normalize:
         out = torch.nn.functional.normalize(out, dim=-1)
-    return out.to(hidden.dtype)
+    return out.to(want)
 
 
 def _cuda_kernels(hidden, op):
@@ -113,11 +122,11 @@ def _check_emb(name, e, C=None):
         raise ValueError(f"{name}: expected {C} columns (emb_q's), got shape {tuple(e.shape)}")
 
 
-def _check_loss_args(temperature, batch):
+def _check_loss_args(temperature, batch, name="emb_q"):
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature: expected a float > 0, got {temperature!r}")
     if batch < 1:
-        raise ValueError(f"emb_q: expected at least one row, got {batch}")
+        raise ValueError(f"{name}: expected at least one row, got {batch}")
 
 
 def info_nce(
@@ -201,12 +210,13 @@ def pooled_info_nce(
     Bd = hidden_d.shape[0] if cu_seqlens_d is None else cu_seqlens_d.numel() - 1
     if Bq != Bd:
         raise ValueError(f"hidden_d: expected {Bq} texts (one positive per query), got {Bd}")
-    if hidden_d.shape[-1] != hidden_q.shape[-1] or hidden_d.dtype != hidden_q.dtype:
-        raise ValueError(
-            f"hidden_d: expected hidden size {hidden_q.shape[-1]} and dtype {hidden_q.dtype} (hidden_q's), "
-            f"got {hidden_d.shape[-1]} and {hidden_d.dtype}"
-        )
-    _check_loss_args(temperature, Bq)
+    for name, h in (("hidden_d", hidden_d), ("hidden_neg", hidden_neg)):
+        if h is not None and (h.shape[-1] != hidden_q.shape[-1] or h.dtype != hidden_q.dtype):
+            raise ValueError(
+                f"{name}: expected hidden size {hidden_q.shape[-1]} and dtype {hidden_q.dtype} (hidden_q's), "
+                f"got {h.shape[-1]} and {h.dtype}"
+            )
+    _check_loss_args(temperature, Bq, "hidden_q")
     be = resolve_backend("pooled_info_nce", backend, hidden_q, allowed=_BACKENDS)
     tk = _triton_kernels() if be in ("triton", "cuda") else None
     ck = _cuda_kernels(hidden_q, "pooled_info_nce") if be == "cuda" else None

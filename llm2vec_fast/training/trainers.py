@@ -244,8 +244,10 @@ class ContrastiveTrainer(_BaseTrainer):
     def encode_chunk(self, model, chunk):
         """Pooled embeddings ``(r, C)`` (fp32 sums) of a chunk of rows."""
         hidden = model(**self._model_inputs(chunk))
+        # fp32 out of the pooling (not rounded to a 16-bit hidden dtype), as the direct path's loss.
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return pool(hidden, chunk["attention_mask"], chunk.get("embed_mask"), mode=self.pooling_mode,
-                    backend=self.loss_backend).float()
+                    backend=self.loss_backend, out_dtype=acc)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count(inputs)
@@ -259,7 +261,8 @@ class ContrastiveTrainer(_BaseTrainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         self._count(inputs)
-        ga = max(int(self.args.gradient_accumulation_steps), 1)
+        # As Trainer.training_step: the epoch's last window may hold fewer batches.
+        ga = max(int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)), 1)
         no_sync = None
         if hasattr(model, "no_sync") and self.accelerator.sync_gradients:
             no_sync = model.no_sync  # DDP: all-reduce once, after the last chunk

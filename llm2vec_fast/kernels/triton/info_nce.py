@@ -539,16 +539,17 @@ def _pool_fp32(hidden, attention_mask, embed_mask, mode, cu_seqlens, normalize):
     return _PoolFn.apply(hidden, region, cu_seqlens, mode, bool(normalize))
 
 
-def pool_triton(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, normalize=False):
+def pool_triton(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, normalize=False, out_dtype=None):
     """Masked pooling (every mode) with fp32 sums; see :func:`llm2vec_fast.pool`.
 
     hidden ``(B, T, C)`` or packed ``(total, C)`` (fp16 / bf16 / fp32), attention_mask
     ``(B, T)`` (None when packed), embed_mask ``(B, T)`` / ``(total,)`` or None,
     cu_seqlens ``(B+1,)`` int32. ``normalize``: divide by ``max(||E||, 1e-12)`` in fp32, in
-    Triton (forward and backward). Returns ``(B, C)`` in hidden's dtype, differentiable.
+    Triton (forward and backward). Returns ``(B, C)`` in ``out_dtype`` (None = hidden's
+    dtype), differentiable.
     """
     E = _pool_fp32(hidden, attention_mask, embed_mask, mode, cu_seqlens, normalize)
-    return E.to(hidden.dtype)
+    return E.to(out_dtype or hidden.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -647,7 +648,8 @@ class _SimCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, cols, inv_t, symmetric):
         B = q.shape[0]
-        S = q @ cols.t()  # cuBLAS fp32, (B, N)
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores under autocast too
+            S = q @ cols.t()  # cuBLAS fp32, (B, N)
         loss, lse_r, lse_c = ce_forward(S, B, inv_t, symmetric)
         ctx.save_for_backward(q, cols, S, lse_r, lse_c)
         ctx.cfg = (inv_t, symmetric)
@@ -658,8 +660,9 @@ class _SimCEFn(torch.autograd.Function):
         q, cols, S, lse_r, lse_c = ctx.saved_tensors
         inv_t, symmetric = ctx.cfg
         dS = ce_backward(g, S, lse_r, lse_c, inv_t, symmetric)
-        dq = dS @ cols if ctx.needs_input_grad[0] else None
-        dcols = dS.t() @ q if ctx.needs_input_grad[1] else None
+        with torch.autocast(q.device.type, enabled=False):
+            dq = dS @ cols if ctx.needs_input_grad[0] else None
+            dcols = dS.t() @ q if ctx.needs_input_grad[1] else None
         return dq, dcols, None, None
 
 
