@@ -37,7 +37,9 @@ Differences in behaviour worth knowing: ``doc_max_length`` truncates the text to
 a few tokens more); a text with no pooled token (an empty text) pools to the zero vector
 (the original gave NaN for mean pooling); ``eos_token`` pooling appends the tokenizer's EOS
 token id (the original appended the string ``" </s>"`` for every Llama/Mistral config,
-which is not an EOS token for Llama-3 or SmolLM2 vocabularies).
+which is not an EOS token for Llama-3 or SmolLM2 vocabularies); ``bos_token`` pooling
+takes the BOS token's state, as the original, and the text's first token when the tokenizer
+adds no BOS (the original found no token there).
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ class LLM2Vec(torch.nn.Module):
             wrapped by peft.
         tokenizer: its tokenizer (a pad token is set to EOS when missing).
         pooling_mode: one of ``mean``, ``weighted_mean``, ``last_token``, ``eos_token``,
-            ``bos_token``.
+            ``bos_token`` (the BOS token's state; the text's first token without a BOS).
         max_length: tokens per input (instruction + text + special tokens) after truncation.
         doc_max_length: tokens of the text part (instructions not counted).
         skip_instruction: exclude instruction tokens (and special tokens) from the pooled
@@ -163,6 +165,8 @@ class LLM2Vec(torch.nn.Module):
         self.config = getattr(model, "config", None)
         # How to rebuild this encoder in another process (set by from_pretrained).
         self._load_spec: dict | None = None
+        # (base model, adapters merged into it at load) behind the model's weights, for save().
+        self._weights_recipe: tuple | None = None
         # None: character offsets when the tokenizer is a fast one (tests force False to
         # exercise the instruction-count fallback).
         self._use_offsets: bool | None = None
@@ -175,7 +179,7 @@ class LLM2Vec(torch.nn.Module):
         base_model_name_or_path: str,
         peft_model_name_or_path: str | None = None,
         merge_peft: bool = False,
-        enable_bidirectional: bool = True,
+        enable_bidirectional: bool | None = None,
         **kwargs,
     ) -> "LLM2Vec":
         """Load a model and tokenizer, make the model bidirectional, wrap it.
@@ -187,7 +191,8 @@ class LLM2Vec(torch.nn.Module):
             peft_model_name_or_path: a LoRA adapter to load on top (merged if
                 ``merge_peft``).
             enable_bidirectional: patch attention to be bidirectional
-                (:func:`llm2vec_fast.patch_model`); False keeps the causal model.
+                (:func:`llm2vec_fast.patch_model`); False keeps the causal model; None =
+                what a folder written by :meth:`save` recorded, else True.
             kwargs: encoder settings (``pooling_mode``, ``max_length``, ``doc_max_length``,
                 ``skip_instruction``, ``padding_side``, ``packed``, ``backend`` for
                 patch_model) override the saved ones; everything else goes to transformers'
@@ -222,24 +227,35 @@ class LLM2Vec(torch.nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
+        if enable_bidirectional is None:
+            enable_bidirectional = bool(saved.get("enable_bidirectional", True))
+        # What the model's (non-adapter) weights are: a base and the adapters merged into it,
+        # in order; save() of an unmerged adapter records this so the folder loads back.
+        weights_base, merged = base_model_name_or_path, []
         base_for_weights = path
         adapter_in_base = bool(saved.get("adapter_only", False))
         if adapter_in_base:  # save() of an unmerged peft model: the base weights live elsewhere
-            base_for_weights, extra2 = resolve_model_name(saved["base_model_name_or_path"])
+            weights_base = saved.get("base_model_name_or_path")
+            if not weights_base:
+                raise ValueError(f"base_model_name_or_path: {path} holds only an adapter and names no base model")
+            merged = list(saved.get("merged_adapters", [])) + [_abs_if_dir(path)]
+            base_for_weights, extra2 = resolve_model_name(weights_base)
             for k, v in extra2.items():
                 kwargs.setdefault(k, v)
 
         model = AutoModel.from_pretrained(base_for_weights, **kwargs)
-        if adapter_in_base:
+        if merged:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            for adapter in merged:
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         if peft_model_name_or_path is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, peft_model_name_or_path)
             if merge_peft:
                 model = model.merge_and_unload()
+                merged.append(_abs_if_dir(peft_model_name_or_path))
         if enable_bidirectional:
             from .hf.patch import patch_model
 
@@ -253,18 +269,31 @@ class LLM2Vec(torch.nn.Module):
         enc = cls(model, tokenizer, **config, padding_side=padding_side, packed=packed)
         enc._load_spec = spec
         enc._enable_bidirectional = enable_bidirectional
+        enc._weights_recipe = (_abs_if_dir(weights_base), merged)
         return enc
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
         """Write the model (safetensors), the tokenizer and ``llm2vec_fast_config.json``.
 
         A peft model is merged first when ``merge_before_save``; otherwise only its adapter
-        is written and the config records the base model, so :meth:`from_pretrained` on
-        ``output_path`` loads the base and applies the adapter.
+        is written and the config records the base model and the adapters merged into it
+        at load time, so :meth:`from_pretrained` on ``output_path`` rebuilds the weights and
+        applies the adapter. A peft model whose base is unknown (built in memory, no
+        ``base_model_name_or_path``) is written merged from a copy, with a warning.
         """
-        os.makedirs(output_path, exist_ok=True)
         model = self.model
         is_peft = hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+        base, merged = self._weights_recipe or (None, [])
+        if is_peft and not merge_before_save and not base:
+            base = getattr(model.peft_config.get("default"), "base_model_name_or_path", None)
+            if not base:
+                import copy
+
+                warn_once("encoder-save-unknown-base", "LLM2Vec.save: the peft model's base model is unknown "
+                          "(no base_model_name_or_path), so the weights are written merged (from a copy)")
+                model = copy.deepcopy(model).merge_and_unload()
+                is_peft = False
+        os.makedirs(output_path, exist_ok=True)
         if is_peft and merge_before_save:
             model = model.merge_and_unload()
             self.model = model
@@ -276,11 +305,10 @@ class LLM2Vec(torch.nn.Module):
             cfg["padding_side"] = self.padding_side
             cfg["enable_bidirectional"] = bool(getattr(self, "_enable_bidirectional", True))
             if is_peft:
-                base = (self._load_spec or {}).get("base_model_name_or_path") or getattr(
-                    model.peft_config.get("default"), "base_model_name_or_path", None
-                )
                 cfg["adapter_only"] = True
                 cfg["base_model_name_or_path"] = base
+                if merged:
+                    cfg["merged_adapters"] = list(merged)
             with open(os.path.join(output_path, CONFIG_NAME), "w") as f:
                 json.dump(cfg, f, indent=2)
 
@@ -312,6 +340,8 @@ class LLM2Vec(torch.nn.Module):
             instr_counts = self._instruction_token_counts(pairs)
         eos_id = tok.eos_token_id
         add_eos = self.pooling_mode == "eos_token" and eos_id is not None
+        bos_id = tok.bos_token_id
+        pad_id = next((t for t in (tok.pad_token_id, eos_id) if t is not None), 0)
         ids_out, starts, ends = [], [], []
         truncated = doc_truncated = False
         for i, ids in enumerate(enc["input_ids"]):
@@ -355,8 +385,14 @@ class LLM2Vec(torch.nn.Module):
             if self.skip_instruction:
                 s = len(body_pre)
                 e = s + len(text_ids) + (1 if add_eos else 0)
+                if self.pooling_mode == "bos_token" and lead and bos_id is not None and seq and seq[0] == bos_id:
+                    s = 0  # the BOS token's state, as the original (the text's first token without a BOS)
             else:
                 s, e = 0, len(seq)
+            if not seq:
+                # No token at all (an empty text, a tokenizer without BOS): one pad token
+                # outside the pooled region keeps the batch's shapes valid; the vector is 0.
+                seq, s, e = [pad_id], 0, 0
             ids_out.append(seq)
             starts.append(s)
             ends.append(e)
@@ -424,8 +460,9 @@ class LLM2Vec(torch.nn.Module):
         )
 
     def tokenize(self, sentences, device=None) -> dict:
-        """Padded features ``input_ids``, ``attention_mask``, ``position_ids``, ``embed_mask``
-        ``(B, T)`` int64 for texts or ``[instruction, text]`` pairs (for :meth:`forward`)."""
+        """Padded features ``input_ids``, ``position_ids``, ``embed_mask`` ``(B, T)`` int64 and
+        ``attention_mask`` ``(B, T)`` bool for texts or ``[instruction, text]`` pairs (for
+        :meth:`forward`)."""
         pairs, _ = normalize_inputs(sentences)
         ids, st, en = self._tokenize_items(pairs)
         return self._collate(ids, st, en, device or "cpu", packed=False)
@@ -433,9 +470,15 @@ class LLM2Vec(torch.nn.Module):
     # ---------------------------------------------------------------- forward / pooling
 
     def _use_packed(self, device) -> bool:
-        if self.packed is not None:
-            return bool(self.packed)
-        return torch.device(device).type == "cuda" and self._is_patched()
+        if self.packed is None:
+            return torch.device(device).type == "cuda" and self._is_patched()
+        if self.packed and not self._is_patched():
+            # Only the patched attention reads the packed batch's sequence boundaries: a
+            # stock model would let every text attend to the ones packed before it.
+            warn_once("encoder-packed-unpatched", "LLM2Vec: packed=True needs a model patched by patch_model "
+                      "(llm2vec_fast); this one is not, so batches are padded instead")
+            return False
+        return bool(self.packed)
 
     def _base_model(self):
         m = self.model
@@ -525,15 +568,25 @@ class LLM2Vec(torch.nn.Module):
         return emb
 
     def _encode_local(self, pairs, batch_size, device, show_progress_bar) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
         if device is None:
             device = self._model_device()
         else:
             device = torch.device(device)
             if self._model_device() != device:
                 self.model.to(device)
+        # eval() for encoding, then every module's own mode back (a training loop that
+        # evaluates with encode keeps its dropout; frozen parts it keeps in eval stay so).
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        try:
+            return self._encode_batches(pairs, batch_size, device, show_progress_bar)
+        finally:
+            for m, t in modes:
+                m.training = t
+
+    def _encode_batches(self, pairs, batch_size, device, show_progress_bar) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
         ids, st, en = self._tokenize_items(pairs)
         # longest first: the biggest batch runs first, so memory errors come early
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -643,6 +696,11 @@ def _save_pretrained_dequantized(model, path) -> None:
         hf.hf_quantizer = q
         if had_qc:
             cfg.__dict__["quantization_config"] = qc
+
+
+def _abs_if_dir(path):
+    """An absolute path for a local folder (a saved config outlives the working directory)."""
+    return os.path.abspath(path) if isinstance(path, str) and os.path.isdir(path) else path
 
 
 def _read_saved_config(path) -> dict:

@@ -124,7 +124,8 @@ def oracle_embedding(model, tok, instruction, text, mode, skip_instruction=True,
     if mode in ("last_token", "eos_token"):
         return r[-1]
     if mode == "bos_token":
-        return r[0]
+        # the BOS token's state, as the original llm2vec; without a BOS the first pooled token
+        return h[0] if ids[0] == tok.bos_token_id else r[0]
     raise AssertionError(mode)
 
 
@@ -300,7 +301,7 @@ def test_save_peft_merged_and_unmerged(tmp_path):
 
     patch_model(peft_model, backend="torch")
     enc = LLM2Vec(peft_model, tok)
-    enc._load_spec = {"base_model_name_or_path": str(tmp_path / "base")}
+    enc._weights_recipe = (str(tmp_path / "base"), [])  # what from_pretrained / the trainer record
     inputs = texts_of(4, seed=9)
     before = enc.encode(inputs, show_progress_bar=False)
     enc.save(str(tmp_path / "adapter_only"))
@@ -435,3 +436,115 @@ def test_gpu_packed_and_padded_encode_match_reference(dtype):
         assert got.device.type == "cpu" and got.dtype == torch.float32 and torch.isfinite(got).all()
         err = max_err(got, oracle)
         assert err <= budget, f"{name} {dtype}: max error {err:.3e} > budget {budget:.3e}"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_empty_texts_in_any_batch(packed):
+    """A tokenizer without BOS gives an empty text no token at all: a batch of only such
+    texts (batch_size=1, say) still runs, and they pool to 0 (it failed in the model)."""
+    enc = make_encoder(bos=False, packed=packed)
+    inputs = ["", texts_of(1, seed=4)[0], "", [INSTR, ""]]
+    for bs in (1, 2, 4):
+        got = enc.encode(inputs, batch_size=bs, show_progress_bar=False)
+        assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[2], got[0])
+        assert_matches_oracle(enc, inputs[1:2], got[1:2])
+    only = enc.encode(["", ""], batch_size=2, show_progress_bar=False)
+    assert only.shape == (2, enc.model.config.hidden_size) and not only.any()
+
+
+def test_packed_on_an_unpatched_model_pads_with_a_warning():
+    """packed=True on a causal (unpatched) model: its attention ignores sequence boundaries
+    in a packed row, so the encoder pads instead (it let texts attend to earlier ones)."""
+    enc = make_encoder(bidirectional=False, packed=True)
+    inputs = texts_of(4, seed=12)
+    _dispatch._WARNED.discard("encoder-packed-unpatched")
+    with pytest.warns(RuntimeWarning, match="packed=True needs a model patched"):
+        got = enc.encode(inputs, batch_size=4, show_progress_bar=False)
+    assert_matches_oracle(enc, inputs, got)
+
+
+def test_encode_restores_each_modules_mode():
+    """encode runs in eval mode and leaves every module as it found it (dropout of a
+    training loop that evaluates with encode stays on)."""
+    enc = make_encoder()
+    enc.model.train()
+    frozen = enc.model.layers[0]
+    frozen.eval()
+    before = [(n, m.training) for n, m in enc.model.named_modules()]
+    enc.encode(texts_of(3, seed=1), show_progress_bar=False)
+    assert [(n, m.training) for n, m in enc.model.named_modules()] == before
+    assert enc.model.training and not frozen.training
+
+
+def test_save_then_load_keeps_a_causal_encoder_causal(tmp_path):
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.hf.patch import is_patched
+
+    tok = get_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    enc = LLM2Vec.from_pretrained(str(tmp_path / "base"), enable_bidirectional=False)
+    inputs = texts_of(3, seed=6)
+    before = enc.encode(inputs, show_progress_bar=False)
+    enc.save(str(tmp_path / "causal"))
+    loaded = LLM2Vec.from_pretrained(str(tmp_path / "causal"))
+    assert not is_patched(loaded.model)
+    assert torch.equal(loaded.encode(inputs, show_progress_bar=False), before)
+    # an explicit argument still wins over the saved setting
+    assert is_patched(LLM2Vec.from_pretrained(str(tmp_path / "causal"), enable_bidirectional=True).model)
+
+
+def _lora(seed):
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+def test_save_an_adapter_over_an_adapter_merged_at_load(tmp_path):
+    """The SimCSE flow: the MNTP adapter merged at load, a fresh adapter trained on top and
+    saved unmerged. The folder records the merged adapter, so it loads back the same
+    (it recorded only the base, and the MNTP weights were lost)."""
+    from peft import get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+
+    tok = get_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    get_peft_model(base, _lora(1)).save_pretrained(tmp_path / "mntp")
+    enc = LLM2Vec.from_pretrained(str(tmp_path / "base"), peft_model_name_or_path=str(tmp_path / "mntp"),
+                                  merge_peft=True)
+    enc.model = get_peft_model(enc.model, _lora(2))
+    inputs = texts_of(4, seed=8)
+    before = enc.encode(inputs, show_progress_bar=False)
+    enc.save(str(tmp_path / "simcse"))
+    loaded = LLM2Vec.from_pretrained(str(tmp_path / "simcse"))
+    torch.testing.assert_close(loaded.encode(inputs, show_progress_bar=False), before, rtol=0, atol=1e-5)
+    # and once more: an adapter saved over that folder's (adapter-only) model
+    loaded.model = get_peft_model(loaded.model, _lora(3))
+    before2 = loaded.encode(inputs, show_progress_bar=False)
+    loaded.save(str(tmp_path / "third"))
+    again = LLM2Vec.from_pretrained(str(tmp_path / "third")).encode(inputs, show_progress_bar=False)
+    torch.testing.assert_close(again, before2, rtol=0, atol=1e-5)
+
+
+def test_save_a_peft_model_with_an_unknown_base_writes_merged_weights(tmp_path):
+    from peft import get_peft_model
+
+    from llm2vec_fast import LLM2Vec, patch_model
+
+    tok = get_tokenizer()
+    model = patch_model(get_peft_model(tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512),
+                                       _lora(4)), backend="torch")
+    model.peft_config["default"].base_model_name_or_path = None
+    enc = LLM2Vec(model, tok)
+    inputs = texts_of(3, seed=2)
+    before = enc.encode(inputs, show_progress_bar=False)
+    _dispatch._WARNED.discard("encoder-save-unknown-base")
+    with pytest.warns(RuntimeWarning, match="base model is unknown"):
+        enc.save(str(tmp_path / "out"))
+    assert hasattr(enc.model, "peft_config"), "the encoder's own model stays unmerged"
+    loaded = LLM2Vec.from_pretrained(str(tmp_path / "out"))
+    torch.testing.assert_close(loaded.encode(inputs, show_progress_bar=False), before, rtol=0, atol=1e-5)
