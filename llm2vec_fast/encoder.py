@@ -202,7 +202,7 @@ class LLM2Vec(torch.nn.Module):
         """
         from transformers import AutoModel, AutoTokenizer
 
-        from .models import resolve_model_name
+        from .models import resize_for_adapter, resolve_model_name
 
         spec = dict(
             base_model_name_or_path=base_model_name_or_path, peft_model_name_or_path=peft_model_name_or_path,
@@ -248,10 +248,12 @@ class LLM2Vec(torch.nn.Module):
             from peft import PeftModel
 
             for adapter in merged:
+                resize_for_adapter(model, adapter)  # an adapter saved with added tokens' rows
                 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         if peft_model_name_or_path is not None:
             from peft import PeftModel
 
+            resize_for_adapter(model, peft_model_name_or_path)
             model = PeftModel.from_pretrained(model, peft_model_name_or_path)
             if merge_peft:
                 model = model.merge_and_unload()

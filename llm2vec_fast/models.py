@@ -59,3 +59,26 @@ def load_default_model(*, causal_lm: bool = False, dtype: torch.dtype = torch.fl
         model = model.to(dtype)
     model.eval()
     return model, tok
+
+
+def resize_for_adapter(model, adapter_path: str) -> None:
+    """Grow ``model``'s token embeddings to the rows a LoRA adapter folder saved for them.
+
+    An MNTP run that added a ``<mask>`` token resized the embeddings, and peft saves the
+    resized embedding (and a tied / untied LM head) with the adapter; the base model loads
+    at its original vocabulary, so loading that adapter needs the same resize first.
+    """
+    f = os.path.join(adapter_path, "adapter_model.safetensors") if isinstance(adapter_path, str) else None
+    if f is None or not os.path.isfile(f):
+        return
+    from safetensors import safe_open
+
+    emb = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if not name:
+        return
+    suffix = name.rsplit(".", 1)[-1] + ".weight"
+    with safe_open(f, "pt") as s:
+        rows = [s.get_slice(k).get_shape()[0] for k in s.keys() if k.endswith(suffix)]
+    if rows and max(rows) > emb.weight.shape[0]:
+        model.resize_token_embeddings(max(rows))

@@ -160,3 +160,40 @@ def test_mask_seed_makes_masks_independent_of_the_batch(tok):
     assert torch.equal(part["input_ids"], full["input_ids"][5:9, :n])
     other = coll([{**e, "mask_seed": e["mask_seed"] + 1000} for e in ex])
     assert not torch.equal(other["labels"], full["labels"])
+
+
+def test_added_special_tokens_are_never_selected_nor_drawn():
+    """Tokens added with ``special=True`` but not in ``all_special_ids`` (SmolLM2's
+    ``<repo_name>``..., Llama-3's reserved tokens) are specials for MNTP too."""
+    from tokenizers import AddedToken
+
+    t = toy_tokenizer()
+    t.add_tokens([AddedToken("<repo_name>", special=True)])
+    rid = t.convert_tokens_to_ids("<repo_name>")
+    assert rid not in t.all_special_ids  # the case: only added_tokens_decoder says it is special
+    coll = MNTPCollator(t, resolve_mask_token(t, "_", None), mlm_probability=0.5,
+                        generator=torch.Generator().manual_seed(0))
+    assert rid not in coll.random_pool.tolist()
+    texts = [f"<repo_name> {x} <repo_name>" for x in toy_texts(200, seed=3, max_words=12)]
+    batch = coll([{"input_ids": ids} for ids in t(texts)["input_ids"]])
+    at = t(texts, padding=True, return_tensors="pt")["input_ids"] == rid
+    assert at.sum() == 400 and (batch["labels"][at] == -100).all() and (batch["input_ids"][at] == rid).all()
+
+
+def test_blank_mask_token_is_the_vocabulary_token():
+    """``"_"`` means the vocabulary token ``_``, as the recipe's ``tokenizer.mask_token = "_"``;
+    a SentencePiece-style tokenizer turns the *text* "_" into "▁_", another token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁_": 3, "_": 4, "▁a": 5}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    t = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert t("_", add_special_tokens=False)["input_ids"] == [3]
+    assert resolve_mask_token(t, "_", None) == 4
+    del vocab["_"]  # no such token: the text "_" when it is one token
+    tk2 = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk2.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    t2 = PreTrainedTokenizerFast(tokenizer_object=tk2, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert resolve_mask_token(t2, "_", None) == 3

@@ -165,3 +165,18 @@ def test_smollm2_full_sts_baselines(smollm2):
     finally:
         unpatch_model(smollm2.model)
     assert abs(bidir - 16.25) <= 0.5, bidir
+
+
+def test_smollm2_mntp_output_of_the_gguf_model_saves(smollm2, tmp_path):
+    """Full fine-tuning of the default (GGUF-loaded) model: save_mntp_output writes plain
+    safetensors (transformers refuses to save a GGUF-quantised model as such)."""
+    from transformers import AutoModel
+
+    from llm2vec_fast.training.config import MNTPConfig, make_config
+    from llm2vec_fast.training.pipeline import save_mntp_output
+
+    out = str(tmp_path / "mntp")
+    save_mntp_output(smollm2.model, smollm2.tokenizer, make_config(MNTPConfig, dict(output_dir=out, use_lora=False)))
+    back = AutoModel.from_pretrained(out)
+    w = smollm2.model.layers[3].mlp.down_proj.weight
+    assert torch.equal(back.layers[3].mlp.down_proj.weight, w)

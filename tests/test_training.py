@@ -294,3 +294,59 @@ def test_token_count_reads_the_device_only_when_logging():
             _BaseTrainer._count(state, {"attention_mask": m, "input_ids": torch.zeros_like(m)})
     assert HostReads.n == 0
     assert _BaseTrainer._tokens.fget(state) == 6 and state._samples == 3
+
+
+def test_seed_fixes_the_lora_init_and_the_new_mask_row(tmp_path):
+    """cfg.seed, not whatever ran before, decides the LoRA weights and a new <mask> row
+    (both are drawn before Trainer seeds): same seed -> same run, another seed -> another."""
+    from llm2vec_fast.training.pipeline import train_mntp
+
+    def run(global_seed, seed):
+        torch.manual_seed(global_seed)
+        cfg = make_config(MNTPConfig, dict(FAST, output_dir=str(tmp_path / "m"), max_steps=1, per_device_batch_size=8,
+                                           use_lora=True, lora_r=4, mask_token="mask", seed=seed, backend="torch"))
+        model, tr = train_mntp(toy_model(True, seed=1), toy_tokenizer(), toy_texts(40, seed=1), cfg,
+                               save_checkpoints=False)
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        params["mask_row"] = model.get_input_embeddings().weight[-1].detach().clone()
+        return params, _losses(tr)
+
+    a, la = run(0, seed=7)
+    b, lb = run(123, seed=7)
+    c, _ = run(0, seed=8)
+    assert la == lb and a.keys() == b.keys() and len(a) > 2
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["mask_row"], c["mask_row"])
+    assert any(not torch.equal(a[k], c[k]) for k in a if k != "mask_row")
+
+
+def test_an_mntp_adapter_with_an_added_mask_token_loads_back(tmp_path, toy_dir):
+    """mask_token='mask' adds <mask> and resizes the embeddings; peft saves the resized rows
+    with the adapter, so both loaders resize the base before applying it (size mismatch)."""
+    from llm2vec_fast.encoder import LLM2Vec
+    from llm2vec_fast.training.pipeline import load_model, run_mntp
+
+    out = str(tmp_path / "mntp")
+    run_mntp(make_config(MNTPConfig, dict(FAST, model_name_or_path=toy_dir, output_dir=out, max_steps=1,
+                                          per_device_batch_size=8, lora_r=4, mask_token="mask",
+                                          train_file=_write(tmp_path / "t.txt", toy_texts(40, seed=2)))))
+    enc = LLM2Vec.from_pretrained(out)
+    assert enc.model.get_input_embeddings().weight.shape[0] == len(enc.tokenizer) == 69
+    assert torch.isfinite(enc.encode(["a <mask> dog"], convert_to_tensor=True)).all()
+    for causal in (False, True):  # the SimCSE stage (and a second MNTP) load it over the base
+        model, _ = load_model(toy_dir, causal_lm=causal, peft_model_name_or_path=out)
+        assert model.get_input_embeddings().weight.shape[0] == 69
+
+
+def test_supervised_without_hard_negatives_needs_no_negative_field(tmp_path, toy_dir):
+    from llm2vec_fast.cli import main
+
+    d = tmp_path / "sup"
+    d.mkdir()
+    _write(d / "qa.jsonl", [json.dumps({"query": q, "positive": p}) for q, p in
+                            zip(toy_texts(20, seed=1), toy_texts(20, seed=2))])
+    out = str(tmp_path / "out")
+    assert main(["supervised", "--train-files", str(d), "--output-dir", out, "--no-hard-negatives", "--no-use-lora",
+                 "--model-name-or-path", toy_dir, "--max-steps", "2", "--per-device-batch-size", "8",
+                 "--max-seq-length", "24"]) == 0
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))

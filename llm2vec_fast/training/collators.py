@@ -14,8 +14,9 @@ IGNORE_INDEX = -100
 def resolve_mask_token(tokenizer, choice: str, model=None) -> int:
     """The id used to mask selected tokens.
 
-    ``"_"``: the blank token the LLM2Vec recipe used for Llama / Mistral (falls back to the
-    tokenizer's own mask token, then EOS, when ``_`` is not a single token); ``"eos"``: the
+    ``"_"``: the blank token the LLM2Vec recipe used for Llama / Mistral: the vocabulary's
+    ``_`` token, as the recipe's ``tokenizer.mask_token = "_"`` gives (else the text ``_``
+    when it is one token, else the tokenizer's own mask token, else EOS); ``"eos"``: the
     EOS token; ``"mask"``: the tokenizer's mask token, else a new ``<mask>`` special token
     is added and ``model``'s embeddings are resized to the new vocabulary.
     """
@@ -24,6 +25,9 @@ def resolve_mask_token(tokenizer, choice: str, model=None) -> int:
             raise ValueError("mask_token: 'eos' chosen but the tokenizer has no EOS token")
         return int(tokenizer.eos_token_id)
     if choice == "_":
+        tid = tokenizer.convert_tokens_to_ids("_")
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tokenizer.convert_ids_to_tokens(tid) == "_":
+            return tid  # the vocabulary token (a SentencePiece tokenizer turns the text "_" into "▁_")
         ids = tokenizer("_", add_special_tokens=False)["input_ids"]
         if len(ids) == 1:
             return int(ids[0])
@@ -86,6 +90,10 @@ class MNTPCollator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)
         specials = set(int(i) for i in tokenizer.all_special_ids) | {self.pad_id}
+        # added tokens flagged special too (SmolLM2's <repo_name>..., Llama-3's reserved ones),
+        # which all_special_ids leaves out: never selected, never drawn as a random token
+        specials |= {int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                     if getattr(t, "special", False)}
         self.special_ids = torch.tensor(sorted(specials), dtype=torch.long)
         vocab = len(tokenizer)
         keep = torch.ones(vocab, dtype=torch.bool)

@@ -58,6 +58,9 @@ def merge_adapter(model, adapter_path: str):
     """
     from peft import PeftModel
 
+    from ..models import resize_for_adapter
+
+    resize_for_adapter(model, adapter_path)  # the whole model: its LM head grows too
     target = model
     if getattr(model, "base_model", model) is not model and _adapter_targets_base(adapter_path):
         target = model.base_model
@@ -210,8 +213,11 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
     ``model`` gets bidirectional attention (and LoRA when ``cfg.use_lora``); the returned
     model is the trained one (a ``PeftModel`` with LoRA).
     """
+    from transformers import set_seed
+
     from .trainers import MNTPModel, MNTPTrainer
 
+    set_seed(cfg.seed)  # the new <mask> row and the LoRA weights are drawn here, before Trainer seeds
     mask_id = resolve_mask_token(tokenizer, cfg.mask_token, model)
     model = prepare_for_training(model, cfg)
     rows = tokenize_texts(tokenizer, train_texts, cfg.max_seq_length, cfg.group_texts)
@@ -289,8 +295,10 @@ def save_mntp_output(model, tokenizer, cfg) -> None:
         _retarget_adapter_to_base(out)
         enc_cfg.update(adapter_only=True, base_model_name_or_path=cfg.model_name_or_path)
     else:
+        from ..encoder import _save_pretrained_dequantized
+
         m = model.merge_and_unload() if is_peft else model
-        m.save_pretrained(out, safe_serialization=True)
+        _save_pretrained_dequantized(m, out)  # the default model comes from a GGUF file
     tokenizer.save_pretrained(out)
     _write_json(os.path.join(out, CONFIG_NAME), enc_cfg)
 
@@ -316,8 +324,11 @@ def _retarget_adapter_to_base(folder: str) -> None:
 def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=None, save_checkpoints=True):
     """Train an ``XModel`` with SimCSE (``examples``: texts) or supervised contrastive
     (``datasets``: ``{name: rows}``) in memory; returns ``(model, trainer)``."""
+    from transformers import set_seed
+
     from .trainers import ContrastiveModel, ContrastiveTrainer, restore_attention_dropout, set_attention_dropout
 
+    set_seed(cfg.seed)  # the LoRA weights are drawn here, before Trainer seeds
     model = prepare_for_training(model, cfg)
     saved_dropout = set_attention_dropout(model, cfg.attention_dropout)
     hard = bool(getattr(cfg, "hard_negatives", False))
@@ -367,7 +378,7 @@ def run_simcse(cfg: SimCSEConfig) -> dict:
 def run_supervised(cfg: SupervisedConfig) -> dict:
     cfg.validate()
     instructions = read_instructions(cfg.instructions)
-    data = load_supervised(cfg.train_files, instructions, require_negative=True)
+    data = load_supervised(cfg.train_files, instructions, require_negative=cfg.hard_negatives)
     if cfg.max_train_samples:
         data = {k: v[: cfg.max_train_samples] for k, v in data.items()}
     _check_block(cfg, {k: len(v) for k, v in data.items()})
