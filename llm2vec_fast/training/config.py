@@ -7,8 +7,13 @@ checked by :meth:`BaseConfig.validate` before anything is loaded or written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +68,12 @@ class BaseConfig:
         default=False, metadata={"help": "batch texts of similar length together (less padding, faster steps)"})
 
     def validate(self) -> None:
-        """Raise ValueError naming the field for values no run could use."""
+        """Raise ValueError naming the field for values no run could use.
+
+        First every field is checked against its annotation (:func:`check_field_types`, which
+        also turns numeric strings such as YAML's ``2e-1`` into numbers), then the ranges.
+        """
+        check_field_types(self)
         pos = ("lora_r", "lora_alpha", "max_seq_length", "per_device_batch_size", "gradient_accumulation_steps",
                "max_steps", "logging_steps")
         for name in pos:
@@ -74,8 +84,18 @@ class BaseConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate: expected a float > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate: expected a finite float > 0, got {self.learning_rate!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay: expected a float >= 0, got {self.weight_decay!r}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            # transformers reads None *and* any value <= 0 as "keep every checkpoint": refuse the
+            # ambiguous spellings rather than keep all checkpoints after "keep at most -1"
+            raise ValueError(f"save_total_limit: expected None (keep every checkpoint) or an int >= 1, "
+                             f"got {self.save_total_limit!r}")
+        _check_choice("optim", self.optim, _optimizer_names())
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, _scheduler_names())
         if not (0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout: expected a float in [0, 1), got {self.lora_dropout!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -141,8 +161,9 @@ class ContrastiveConfig(BaseConfig):
 
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode: expected one of {list(POOLING_MODES)}, got {self.pooling_mode!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature: expected a float > 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature: expected a finite float > 0, got {self.temperature!r}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size: expected None or an int >= 1, got {self.mini_batch_size!r}")
         if self.attention_dropout is not None and not (0.0 <= self.attention_dropout < 1.0):
@@ -183,6 +204,146 @@ class SupervisedConfig(ContrastiveConfig):
 STAGES = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedConfig}
 
 
+# ----------------------------------------------------------------------------- field types
+#
+# Values reach a config from Python, JSON, YAML and flags. YAML 1.1 (PyYAML) reads ``2e-1`` as the
+# *string* "2e-1" (a float needs a dot), and a quoted ``"false"`` is a truthy string; so every
+# field is checked against its annotation, whatever the field, before the range checks run:
+#   bool   a real bool only: the CLI never parses bool strings (--flag / --no-flag), so neither
+#          does a config file; "false", "yes", 0 and 1 are refused
+#   int    an int (not a bool, not a float, even 3.0), or a string of digits ("5" -> 5; not "1e3")
+#   float  an int or float, or a string float() reads ("2e-1" -> 0.2); nan and inf are refused
+#   str    a string (an os.PathLike becomes its path string)
+#   list[X] a list or tuple of X; one scalar X is a one-element list (train_files: a.jsonl)
+#   X | None  None, or an X as above
+
+
+class _WrongType(Exception):
+    """A value that does not fit an annotation (turned into a ValueError naming the field)."""
+
+
+_NONE = type(None)
+_DESCRIPTIONS = {bool: ("a bool (true or false)", "bools"), int: ("an int", "ints"),
+                 float: ("a finite float", "finite floats"), str: ("a string", "strings")}
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls) -> dict[str, Any]:
+    """{field name: annotation as a type} (``from __future__ import annotations`` leaves strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _describe(tp) -> str:
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        text = " or ".join(_describe(a) for a in args if a is not _NONE)
+        return text + " or None" if _NONE in args else text
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_DESCRIPTIONS[elem][1]}" if elem in _DESCRIPTIONS else "a list"
+    return _DESCRIPTIONS[tp][0] if tp in _DESCRIPTIONS else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp, v):
+    """``v`` as annotation ``tp`` wants it; raises _WrongType when it cannot be."""
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if v is None and _NONE in args:
+            return None
+        for a in args:
+            if a is not _NONE:
+                try:
+                    return _coerce(a, v)
+                except _WrongType:
+                    pass
+        raise _WrongType
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp) or (Any,)
+        if isinstance(v, (str, os.PathLike)):
+            return [_coerce(elem, v)]
+        if isinstance(v, (list, tuple)):
+            return [_coerce(elem, x) for x in v]
+        raise _WrongType
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        raise _WrongType
+    if tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, str) and re.fullmatch(r"[+-]?[0-9]+", v.strip()):
+            return int(v)
+        raise _WrongType
+    if tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                x = float(v)
+            except OverflowError:
+                raise _WrongType from None
+        elif isinstance(v, str):
+            try:
+                x = float(v)
+            except ValueError:
+                raise _WrongType from None
+        else:
+            raise _WrongType
+        if not math.isfinite(x):
+            raise _WrongType
+        return x
+    if tp is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, os.PathLike) and isinstance(os.fspath(v), str):
+            return os.fspath(v)
+        raise _WrongType
+    return v  # an annotation without a rule here: left as given
+
+
+def check_field_types(cfg) -> None:
+    """Check (and convert in place) every field of ``cfg`` against its annotation.
+
+    Numeric strings become numbers (``"2e-1"`` -> 0.2 for a float field, ``"5"`` -> 5 for an
+    int field) and a single string becomes a one-element list for a list field; anything else
+    that does not fit raises ``ValueError("<field>: expected <type>, got <value>")``.
+    """
+    for name, tp in _field_types(type(cfg)).items():
+        v = getattr(cfg, name)
+        try:
+            setattr(cfg, name, _coerce(tp, v))
+        except _WrongType:
+            hint = ""
+            if isinstance(v, str) and (tp is bool or bool in typing.get_args(tp)):
+                flag = name.replace("_", "-")
+                hint = f" (unquoted true/false in a config file; --{flag} / --no-{flag} on the command line)"
+            raise ValueError(f"{name}: expected {_describe(tp)}, got {v!r}{hint}") from None
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer_names() -> tuple[str, ...]:
+    """The ``optim`` names ``TrainingArguments`` accepts (transformers' OptimizerNames)."""
+    from transformers.training_args import OptimizerNames
+
+    return tuple(o.value for o in OptimizerNames)
+
+
+@functools.lru_cache(maxsize=None)
+def _scheduler_names() -> tuple[str, ...]:
+    """The ``lr_scheduler_type`` names ``TrainingArguments`` accepts (transformers' SchedulerType)."""
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -190,8 +351,11 @@ def read_config_file(path: str) -> dict:
     """A JSON or YAML mapping of field names (``-`` or ``_`` spellings) to values."""
     if not os.path.isfile(path):
         raise ValueError(f"config: file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config: cannot read {path!r}: {e}") from e
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -205,7 +369,8 @@ def read_config_file(path: str) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    # str(): YAML reads a key such as 2024 as an int
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def make_config(cls, values: dict | None = None, **overrides) -> BaseConfig:
@@ -213,7 +378,7 @@ def make_config(cls, values: dict | None = None, **overrides) -> BaseConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     merged = dict(values or {})
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(merged) - names)
+    unknown = sorted(set(merged) - names, key=str)
     if unknown:
         raise ValueError(f"config: unknown setting(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
     cfg = cls(**merged)
