@@ -350,3 +350,12 @@ def test_supervised_without_hard_negatives_needs_no_negative_field(tmp_path, toy
                  "--model-name-or-path", toy_dir, "--max-steps", "2", "--per-device-batch-size", "8",
                  "--max-seq-length", "24"]) == 0
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+def test_text_files_split_at_newlines_only(tmp_path):
+    """A form feed, U+2028 or U+0085 inside a line stays in its text (str.splitlines split there)."""
+    from llm2vec_fast.training.data import read_texts
+
+    p = tmp_path / "t.txt"
+    p.write_bytes("one\x0cpage\r\ntwo\u2028lines\nthree\x85x\n\n".encode("utf-8"))
+    assert read_texts(str(p)) == ["one\x0cpage", "two\u2028lines", "three\x85x"]

@@ -89,3 +89,52 @@ def test_two_process_ddp_matches_single_process(tmp_path, mini_batch_size):
         assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5), k
         moved = max(moved, float((pa[k] - start[k]).abs().max()))
     assert moved > 1e-3, "training did not change the weights; the comparison would be vacuous"
+
+
+def _mntp_eval_rank(rank, world, port, out_dir, result_file):
+    """2 MNTP steps (a learning rate too small to matter: the ranks weight their tokens
+    differently in training), then evaluate: each rank evaluates its share of the rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)
+    from llm2vec_fast.training.config import MNTPConfig, make_config
+    from llm2vec_fast.training.pipeline import train_mntp
+    from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
+
+    cfg = make_config(MNTPConfig, dict(
+        output_dir=out_dir, max_steps=2, per_device_batch_size=GLOBAL_BATCH // world, learning_rate=1e-9, optim="sgd",
+        use_lora=False, logging_steps=1, progress=False, max_seq_length=16, seed=3, backend="torch", bf16=False))
+    texts = toy_texts(80, seed=5)
+    _, trainer = train_mntp(toy_model(True, seed=2), toy_tokenizer(), texts[:64], cfg, eval_texts=texts[64:],
+                            save_checkpoints=False)
+    metrics = [h for h in trainer.state.log_history if "eval_loss" in h][-1]
+    if trainer.is_world_process_zero():
+        with open(result_file, "w") as f:
+            json.dump(metrics, f)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_two_process_mntp_evaluation_matches_single_process(tmp_path):
+    """The evaluation set is split over the ranks, not run whole on each (the labelled-token
+    count came out times the world size), and its masks do not depend on the split."""
+    ctx = mp.get_context("spawn")
+    results = {}
+    for world in (1, 2):
+        res = str(tmp_path / f"eval{world}.json")
+        port = _free_port()
+        procs = [ctx.Process(target=_mntp_eval_rank, args=(r, world, port, str(tmp_path / f"o{world}"), res))
+                 for r in range(world)]
+        for q in procs:
+            q.start()
+        for q in procs:
+            q.join(600)
+        assert all(q.exitcode == 0 for q in procs), [q.exitcode for q in procs]
+        results[world] = json.load(open(res))
+    a, b = results[1], results[2]
+    assert a["eval_labelled_tokens"] == b["eval_labelled_tokens"] > 20
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+    assert b["eval_accuracy"] == pytest.approx(a["eval_accuracy"], abs=1e-6)

@@ -35,7 +35,9 @@ def _open_lines(path: str, what: str) -> list[str]:
         raise ValueError(f"{what}: file {path!r} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            # newlines only (open() already folded \r\n and \r): str.splitlines would also
+            # split a text at a form feed, U+2028 or U+0085 inside it
+            lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{what}: cannot read {path!r}: {e}") from e
     return lines

@@ -232,7 +232,10 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
     collator = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy)
     eval_ds = eval_coll = None
     if eval_texts:
-        eval_ds = ListDataset(tokenize_texts(tokenizer, eval_texts, cfg.max_seq_length, cfg.group_texts))
+        # seeds of their own too (negative: apart from the training rows'), so the masks, and
+        # the metrics, do not depend on how evaluate() splits the rows over ranks and batches
+        eval_ds = ListDataset([{"input_ids": r["input_ids"], "mask_seed": cfg.seed * 1_000_003 - 1 - i} for i, r in
+                               enumerate(tokenize_texts(tokenizer, eval_texts, cfg.max_seq_length, cfg.group_texts))])
         eval_coll = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy,
                                  generator=torch.Generator().manual_seed(cfg.seed))
     extra = {}

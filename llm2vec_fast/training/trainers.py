@@ -149,7 +149,8 @@ class _BaseTrainer(Trainer):
 
 class MNTPTrainer(_BaseTrainer):
     """Trainer for :class:`MNTPModel`; ``evaluate`` reports loss and masked-token accuracy
-    averaged over labelled tokens (masks drawn from a generator reseeded per evaluation)."""
+    averaged over labelled tokens (masks from each row's ``mask_seed``, else from a generator
+    reseeded per evaluation); under DDP each rank evaluates its share of the rows."""
 
     def __init__(self, *args, eval_collator=None, eval_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -167,6 +168,9 @@ class MNTPTrainer(_BaseTrainer):
             return {}
         if self.eval_collator is not None and self.eval_collator.generator is not None:
             self.eval_collator.generator.manual_seed(self.eval_seed)
+        if self.args.world_size > 1:  # each rank its share; the sums are reduced below
+            dataset = torch.utils.data.Subset(dataset, range(self.args.process_index, len(dataset),
+                                                             self.args.world_size))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.eval_collator or self.data_collator)
         model = self.model
