@@ -486,8 +486,9 @@ class LLM2Vec(torch.nn.Module):
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def forward(self, features: dict) -> torch.Tensor:
-        """Pooled embeddings ``(B, C)`` in the model's dtype (with autograd, for training).
+    def forward(self, features: dict, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Pooled embeddings ``(B, C)`` in the model's dtype, or ``out_dtype`` (with
+        autograd, for training; :meth:`encode` asks for the fp32 sums unrounded).
 
         ``features``: padded (``input_ids``, ``attention_mask``, ``embed_mask`` ``(B, T)``,
         optional ``position_ids``) or packed (``input_ids``/``position_ids`` ``(1, total)``,
@@ -504,7 +505,7 @@ class LLM2Vec(torch.nn.Module):
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mx, max_length_k=mx,
             )
             hidden = out.last_hidden_state[0]
-            return pool(hidden, None, embed_mask, self.pooling_mode, cu_seqlens=cu)
+            return pool(hidden, None, embed_mask, self.pooling_mode, cu_seqlens=cu, out_dtype=out_dtype)
         if "position_ids" not in feats:
             # positions from the mask: left padding must not shift a text's positions
             m = feats["attention_mask"].long()
@@ -513,7 +514,7 @@ class LLM2Vec(torch.nn.Module):
         hidden = out.last_hidden_state
         if embed_mask is None or not self.skip_instruction:
             embed_mask = None
-        return pool(hidden, feats["attention_mask"], embed_mask, self.pooling_mode)
+        return pool(hidden, feats["attention_mask"], embed_mask, self.pooling_mode, out_dtype=out_dtype)
 
     # ---------------------------------------------------------------- encoding
 
@@ -600,7 +601,7 @@ class LLM2Vec(torch.nn.Module):
             # structure keyed on the mask's version counter, which inference tensors lack.
             feats = self._collate([ids[i] for i in idx], [st[i] for i in idx], [en[i] for i in idx], device, packed)
             with torch.inference_mode():
-                e = self.forward(feats).float().cpu()
+                e = self.forward(feats, out_dtype=torch.float32).cpu()
             if out is None:
                 out = torch.empty(len(ids), e.shape[1], dtype=torch.float32)
             out[torch.tensor(idx)] = e

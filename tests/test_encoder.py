@@ -548,3 +548,20 @@ def test_save_a_peft_model_with_an_unknown_base_writes_merged_weights(tmp_path):
     assert hasattr(enc.model, "peft_config"), "the encoder's own model stays unmerged"
     loaded = LLM2Vec.from_pretrained(str(tmp_path / "out"))
     torch.testing.assert_close(loaded.encode(inputs, show_progress_bar=False), before, rtol=0, atol=1e-5)
+
+
+def test_bf16_model_embeddings_are_the_fp32_sums():
+    """A bf16 model's vectors are the pooled fp32 sums, not rounded to bf16 first."""
+    from llm2vec_fast.kernels import reference as ref
+
+    enc = make_encoder()
+    enc.model.to(torch.bfloat16)
+    texts = texts_of(3, seed=13)
+    got = enc.encode(texts, show_progress_bar=False)
+    feats = enc.tokenize(texts)
+    with torch.no_grad():
+        hidden = enc.model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"],
+                           position_ids=feats["position_ids"]).last_hidden_state
+    want = ref.pool_ref(hidden.double(), feats["attention_mask"], feats["embed_mask"], "mean")
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()  # bf16 rounding is ~4e-3
