@@ -379,6 +379,43 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(device, reduction):
         assert t.grad is not None and torch.isfinite(t.grad).all() and float(t.grad.abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind,frozen_bias", [("nan-inf", False), ("fp16-overflow", True)])
+def test_all_ignored_reads_no_values(device, kind, frozen_bias, reduction):
+    """Every label ignored while hidden / weight / bias hold NaN / inf, or finite fp16 values
+    whose sums overflow: loss exactly 0, exact-zero gradients (the 0 is not built from the
+    values). The checks: test_reference_masked_ce.check_all_ignored."""
+    from test_reference_masked_ce import check_all_ignored
+
+    check_all_ignored("triton", kind, reduction, frozen_bias, device)
+
+
+@pytest.mark.parametrize("ac_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["frozen-head", "hidden-no-grad"])
+def test_autocast_own_buffer_eager(device, ac_dtype, case):
+    """Under torch.autocast (HF Trainer bf16=True / fp16=True with fp32 weights) the op's host
+    GEMMs run with autocast off, so the kernels see what they see without autocast and loss
+    and gradients equal the no-autocast ones. The cases are the eager plans whose logits chunk
+    is a buffer of its own (``_logits_fp32`` without ``out=``, which autocast lowered to 16
+    bits and whose following GEMM into an fp32 buffer then failed): a frozen head on a mostly
+    labelled batch (no room in hidden's gradient), and hidden not requiring grad with a
+    trainable head (no gradient buffer to work in)."""
+    hidden, weight, _, labels = _make((4, 60), 64, 300, torch.float32, device, 0.05, False)
+    req_h, req_w = (True, False) if case == "frozen-head" else (False, True)
+    out = []
+    for ac in (False, True):
+        mce.LAST_TILES.pop("eager", None)
+        ts = [hidden.clone().requires_grad_(req_h), weight.clone().requires_grad_(req_w)]
+        with torch.autocast(device.type, dtype=ac_dtype, enabled=ac):
+            loss = L.masked_linear_cross_entropy(ts[0], ts[1], labels, backend="triton")  # strategy auto
+            loss.backward()
+        assert mce.LAST_TILES.get("eager", "").endswith("own buffer"), mce.LAST_TILES.get("eager")
+        out.append([loss.detach()] + [t.grad for t in ts if t.requires_grad])
+    for name, a, c in zip(("loss", "grad"), *out):
+        assert a.dtype == c.dtype and torch.isfinite(c).all(), name
+        assert (a - c).abs().max() <= 1e-6 * max(1.0, float(a.abs().max())), name
+
+
 def test_frozen_weight_skips_its_gradient(device):
     hidden, weight, _, labels = _make((2, 20), 64, 123, torch.float32, device, 0.3, False)
     h = hidden.clone().requires_grad_()

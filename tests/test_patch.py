@@ -681,3 +681,140 @@ def test_patched_model_trains_under_bf16_autocast():
     ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
     rel = (out.float() - ref).abs().max() / ref.abs().max()
     assert rel < 0.1, f"bf16 autocast output differs from fp32 by {float(rel):.3f} (relative)"
+
+
+# --------------------------------------------------------------------------------------
+# MNTP wrapper: transformers' ignore_index, return_dict=False, autocast
+# --------------------------------------------------------------------------------------
+
+
+def _mntp_batch(ignore=-100):
+    ids, mask = batch([12, 7, 10], "right")
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, ignore))
+    labels[:, 3] = ids[:, 3]
+    labels[mask == 0] = ignore
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_mntp_ignore_index_matches_transformers(model_type):
+    """``ignore_index=`` (a ForCausalLMLoss keyword) reaches the fused loss, not the base model:
+    the loss equals the unpatched model's with the same keyword, with labels, shift_labels and
+    num_items_in_batch, and the gradients too."""
+    ids, mask, labels = _mntp_batch(ignore=-1)
+    shift = torch.full_like(labels, -1)
+    shift[:, :-1] = labels[:, 1:]
+    full = patch_model(tiny_model(model_type, causal_lm=True, dtype=torch.float64))
+    fused = patch_model(tiny_model(model_type, causal_lm=True, dtype=torch.float64), mntp=True)
+    seen = []
+    fused.base_model.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw)), with_kwargs=True)
+    for kw in (dict(labels=labels), dict(labels=labels, shift_labels=shift),
+               dict(labels=labels, num_items_in_batch=torch.tensor(11))):
+        want = full(input_ids=ids, attention_mask=mask, ignore_index=-1, **kw).loss
+        got = fused(input_ids=ids, attention_mask=mask, ignore_index=-1, **kw).loss
+        # transformers' loss runs on fp32 logits (ForCausalLMLoss upcasts with .float()), hence 1e-6
+        assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want)), (kw.keys(), float(got), float(want))
+    assert seen and not any("ignore_index" in s for s in seen), seen
+    want.backward()
+    got.backward()
+    ref_params = dict(full.named_parameters())
+    for name, p in fused.named_parameters():
+        g = ref_params[name].grad
+        assert float((p.grad - g).abs().max()) <= 1e-6 * float(g.abs().max()) + 1e-12, name
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_cache=True), dict(use_cache=True, output_hidden_states=True),
+                                dict(use_cache=False, output_hidden_states=True)],
+                         ids=["plain", "cache", "cache-hidden", "hidden"])
+def test_mntp_return_dict_false_keeps_logits_place(kw):
+    """``return_dict=False``: transformers gives ``(loss, logits, *rest)``; the patched model
+    ``(loss, None, *rest)`` with the same ``rest`` in the same places (ModelOutput.to_tuple
+    would drop the None logits and move the cache to index 1)."""
+    ids, mask, labels = _mntp_batch()
+    full = patch_model(tiny_model("llama", causal_lm=True, dtype=torch.float64))
+    fused = patch_model(tiny_model("llama", causal_lm=True, dtype=torch.float64), mntp=True)
+    with torch.no_grad():
+        want = full(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False, **kw)
+        got = fused(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False, **kw)
+        as_dict = fused(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    assert isinstance(got, tuple) and len(got) == len(want), (len(got), len(want))
+    assert got[1] is None and isinstance(want[1], torch.Tensor) and want[1].shape[-1] == VOCAB
+    assert abs(float(got[0]) - float(want[0])) <= 1e-6 * abs(float(want[0]))
+    assert [type(x) for x in got[2:]] == [type(x) for x in want[2:]]
+    if kw.get("output_hidden_states"):
+        hs, hs_want = got[-1], want[-1]
+        assert len(hs) == len(hs_want) and all(torch.equal(a, b) for a, b in zip(hs, hs_want))
+    assert as_dict.logits is None and float(as_dict.loss) == float(got[0])
+
+
+def _mntp_autocast(model, ids, mask, labels, dtype):
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+    return out.loss.detach(), model.get_output_embeddings().weight.grad
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skip(reason="CPU autocast: bf16 tl.dot is wrong in the "
+                                                                 "interpreter (bf16 kernels: test_masked_ce_gpu.py)")),
+    torch.float16], ids=["bf16", "fp16"])
+def test_mntp_triton_under_autocast(dtype):
+    """patch_model(mntp=True, backend='triton') under autocast with fp32 weights (HF Trainer
+    bf16=True / fp16=True): it runs, the LM head's operands are in the autocast dtype (as
+    transformers' head under autocast), and its loss and LM head gradient equal the torch
+    backend's under the same autocast; the loss is within 16-bit rounding of the unpatched
+    model's (which makes bf16 / fp16 logits)."""
+    pytest.importorskip("llm2vec_fast.kernels.triton.masked_ce")
+    ids, mask, labels = _mntp_batch()
+    out = {}
+    for backend in ("triton", "torch"):
+        model = patch_model(tiny_model("llama", causal_lm=True), mntp=True, backend=backend)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # head dim 16: Triton attention falls back
+            out[backend] = _mntp_autocast(model, ids, mask, labels, dtype)
+    (lt, gt), (lr, gr) = out["triton"], out["torch"]
+    assert gt.dtype == torch.float32 and torch.isfinite(gt).all()
+    assert abs(float(lt) - float(lr)) <= 1e-6 * abs(float(lr))
+    # the head's gradient comes through its 16-bit copy: each backend rounds it to 16 bits once
+    assert float((gt - gr).abs().max()) <= 2 * torch.finfo(dtype).eps * float(gr.abs().max())
+    full = patch_model(tiny_model("llama", causal_lm=True), backend="torch")
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        want = full(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(float(lt) - float(want)) <= 2e-2 * abs(float(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mntp_autocast_with_fp32_head_on_16bit_model(dtype):
+    """A 16-bit model whose LM head was kept in fp32, under autocast: the final hidden states
+    are 16-bit, the head fp32. transformers' LM head runs in the autocast dtype; the wrapper
+    casts the head to the hidden states' dtype the same way (without, the fused loss rejects
+    the dtype mismatch), and the head's gradient reaches the fp32 weight."""
+    ids, mask, labels = _mntp_batch()
+    full = patch_model(tiny_model("llama", causal_lm=True, dtype=dtype), backend="torch")
+    fused = patch_model(tiny_model("llama", causal_lm=True, dtype=dtype), mntp=True, backend="torch")
+    for m in (full, fused):
+        m.get_output_embeddings().float()
+    loss, g = _mntp_autocast(fused, ids, mask, labels, dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        want = full(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and (g != 0).any()
+    assert abs(float(loss) - float(want)) <= 2e-2 * abs(float(want)), (float(loss), float(want))
+
+
+def test_lm_head_operands_follow_autocast():
+    """The fused MNTP head computes in the dtype transformers' head would: the autocast dtype
+    under autocast (fp32 weights, HF Trainer bf16=True), else the hidden states' dtype."""
+    from llm2vec_fast.hf.mntp import lm_head_operands
+
+    head = torch.nn.Linear(8, 5, bias=True)
+    h32 = torch.randn(2, 3, 8)
+    for dt in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dt):
+            assert all(t.dtype == dt for t in lm_head_operands(h32, head))
+            want = head(h32)
+        h, w, b = lm_head_operands(h32.to(dt), head)  # no autocast: a 16-bit model, fp32 head
+        assert h.dtype == w.dtype == b.dtype == dt
+        assert torch.equal(torch.nn.functional.linear(h, w, b), want)  # what autocast's head computes
+    assert all(t.dtype == torch.float32 for t in lm_head_operands(h32, head))

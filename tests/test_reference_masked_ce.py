@@ -113,3 +113,83 @@ def test_fp16_inputs_upcast():
     a = L.masked_linear_cross_entropy(h, w, y, shift=0, backend="torch")
     b = L.masked_linear_cross_entropy(h.half(), w.half(), y, shift=0, backend="torch")
     assert b.dtype == torch.float32 and abs(float(a) - float(b)) < 1e-2
+
+
+def _all_ignored_inputs(kind, device="cpu"):
+    """hidden (2, 9, C), weight (V, C), bias (V,) whose values would make a 0 built from them
+    NaN (``x.sum() * 0``), and labels none of which the shift keeps (position 0's label is
+    predicted by nothing). ``nan-inf``: NaN / inf in hidden (an unlabelled row), weight and
+    bias. ``fp16-overflow``: finite fp16 values whose sums overflow to inf. ``fp64``: finite,
+    to check the loss dtype."""
+    C, V = 64, 123
+    if kind == "fp16-overflow":
+        h = (torch.rand(2, 9, C, device=device) * 100 + 900).half()  # sum ~ 1e6 > 65504
+        w = (torch.rand(V, C, device=device) * 100 + 400).half()
+        b = (torch.rand(V, device=device) * 100 + 60000).half()
+    else:
+        dt = torch.float64 if kind == "fp64" else torch.float32
+        h, w, b = (torch.randn(*s, device=device, dtype=dt) for s in ((2, 9, C), (V, C), (V,)))
+        if kind == "nan-inf":
+            h[0, 3] = float("nan")
+            h[1, 5, 7] = float("inf")
+            w[7, 2] = float("-inf")
+            b[3] = float("nan")
+    y = torch.full((2, 9), -100, device=device)
+    y[:, 0] = 5
+    return h, w, b, y
+
+
+def check_all_ignored(backend, kind, reduction, frozen_bias, device="cpu"):
+    """Every label ignored: loss exactly 0 (zeros of the shifted label shape for 'none') in the
+    dtype a labelled batch gets, accuracy 0, and exact-zero gradients of each input's own
+    shape and dtype for every input that requires grad (None for the others)."""
+    import llm2vec_fast as L
+
+    h, w, b, y = _all_ignored_inputs(kind, device)
+    ts = [h.requires_grad_(), w.requires_grad_(), b.requires_grad_(not frozen_bias)]
+    loss, acc = L.masked_linear_cross_entropy(*ts[:2], y, ts[2], reduction=reduction, return_accuracy=True,
+                                              backend=backend)
+    y1 = y.clone()
+    y1[0, 4] = 3  # one labelled row: the dtype the loss has otherwise
+    with torch.no_grad():
+        want_dtype = L.masked_linear_cross_entropy(*(t.nan_to_num(0.0).clamp(-1, 1) for t in ts[:2]), y1,
+                                                   ts[2].nan_to_num(0.0).clamp(-1, 1), reduction=reduction,
+                                                   backend=backend).dtype
+    shape = (2, 8) if reduction == "none" else ()
+    assert loss.dtype == want_dtype and loss.shape == shape, (loss.dtype, want_dtype, loss.shape)
+    assert torch.equal(loss.detach(), torch.zeros(shape, dtype=want_dtype, device=device)), loss
+    assert float(acc) == 0.0
+    loss.sum().backward()
+    for name, t in zip(("hidden", "weight", "bias"), ts):
+        if not t.requires_grad:
+            assert t.grad is None, name
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        assert (t.grad == 0).all(), name  # exact zeros (NaN fails this too)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind,frozen_bias", [("nan-inf", False), ("fp16-overflow", True), ("fp64", False)])
+def test_all_ignored_reads_no_values(kind, frozen_bias, reduction):
+    check_all_ignored("torch", kind, reduction, frozen_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_changes_nothing(dtype):
+    """Under torch.autocast (HF Trainer bf16=True / fp16=True with fp32 weights) the op's own
+    GEMMs run with autocast off: the fp32 logits stay fp32, so loss and gradients equal those
+    without autocast (both strategies, d weight and d bias included)."""
+    h, w, b = torch.randn(3, 30, 32), torch.randn(201, 32) / 4, torch.randn(201)
+    y = torch.randint(0, 201, (3, 30))
+    y[torch.rand(3, 30) < 0.4] = -100
+    for strategy in ("eager", "two_pass"):
+        out = []
+        for ac in (False, True):
+            ts = [t.clone().requires_grad_() for t in (h, w, b)]
+            with torch.autocast("cpu", dtype=dtype, enabled=ac):
+                loss = L.masked_linear_cross_entropy(*ts[:2], y, ts[2], softcap=5.0, label_smoothing=0.1,
+                                                     z_loss=1e-3, backend="torch", strategy=strategy)
+                loss.backward()
+            out.append([loss.detach()] + [t.grad for t in ts])
+        for name, a, c in zip(("loss", "d hidden", "d weight", "d bias"), *out):
+            assert a.dtype == c.dtype and max_err(a, c) <= 1e-6 * max(1.0, float(a.abs().max())), (strategy, name)

@@ -155,3 +155,49 @@ def test_pooling_bad_input():
         L.pooled_info_nce(h[:0], m[:0], h[:0], m[:0])
     with pytest.raises(ValueError, match="out_dtype"):
         L.pool(h, m, out_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("over,needle", [
+    (dict(softcap=float("inf")), "softcap"),
+    (dict(softcap=float("nan")), "softcap"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(softcap=-2.0), "softcap"),
+    (dict(softcap="30"), "softcap"),
+    (dict(z_loss=float("nan")), "z_loss"),
+    (dict(z_loss=float("inf")), "z_loss"),
+    (dict(z_loss=-1e-4), "z_loss"),
+    (dict(z_loss=None), "z_loss"),
+    (dict(label_smoothing=None), "label_smoothing"),
+    (dict(label_smoothing=float("nan")), "label_smoothing"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(label_smoothing=-0.1), "label_smoothing"),
+    (dict(label_smoothing="0.1"), "label_smoothing"),
+    (dict(ignore_index=None), "ignore_index"),
+    (dict(ignore_index=-100.0), "ignore_index"),
+    (dict(ignore_index=torch.tensor(-100)), "ignore_index"),
+    (dict(hidden=torch.randn(2, 5, 0), weight=torch.randn(20, 0)), "hidden"),
+    (dict(hidden=torch.randn(5, 0), weight=torch.randn(20, 0), labels=torch.randint(0, 20, (5,))), "hidden"),
+])
+def test_masked_ce_bad_options(backend, over, needle):
+    """Option values that would give NaN / inf losses, or fail deep inside with a TypeError /
+    RuntimeError, raise a ValueError naming the argument, on either backend (before dispatch)."""
+    args = dict(hidden=torch.randn(2, 5, 8), weight=torch.randn(20, 8), labels=torch.randint(0, 20, (2, 5)))
+    args.update(over)
+    with pytest.raises(ValueError, match=f"^{needle}:"):
+        L.masked_linear_cross_entropy(**args, backend=backend)
+
+
+def test_masked_ce_good_options_still_pass():
+    """The boundaries that stay allowed: no softcap (None), an int softcap, z_loss 0,
+    label_smoothing 0, NumPy numbers, an ignore_index outside int32 with int32 labels."""
+    import numpy as np
+
+    h, w = torch.randn(2, 5, 8), torch.randn(20, 8)
+    y = torch.randint(0, 20, (2, 5))
+    base = L.masked_linear_cross_entropy(h, w, y, backend="torch")
+    for kw in (dict(softcap=None, z_loss=0.0, label_smoothing=0.0), dict(softcap=30), dict(softcap=np.float32(30.0)),
+               dict(z_loss=np.float64(0.0)), dict(ignore_index=np.int64(-100))):
+        assert torch.isfinite(L.masked_linear_cross_entropy(h, w, y, backend="torch", **kw)), kw
+    assert float(L.masked_linear_cross_entropy(h, w, y, ignore_index=np.int64(-100), backend="torch")) == float(base)
+    L.masked_linear_cross_entropy(h, w, y.int(), ignore_index=2**40, backend="torch")

@@ -16,7 +16,21 @@ import inspect
 import torch
 
 # Arguments of XForCausalLM.forward that concern the logits / loss, not the base model.
-_HEAD_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict")
+_HEAD_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict", "ignore_index")
+
+
+def lm_head_operands(hidden: torch.Tensor, head: torch.nn.Module):
+    """``(hidden, weight, bias)`` in the dtype transformers' LM head would compute in.
+
+    Under ``torch.autocast`` that is the autocast dtype (``nn.Linear`` is on autocast's
+    16-bit list; HF Trainer's ``bf16=True`` over fp32 weights), whatever the hidden states'
+    and the head's own dtypes; otherwise the hidden states' dtype (a head kept in fp32 on a
+    16-bit model is cast to it). The fused loss accumulates in fp32 either way.
+    """
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    weight, bias = head.weight, getattr(head, "bias", None)
+    return hidden.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
 
 
 def make_mntp_forward(model, original_forward, backend: str = "auto"):
@@ -25,7 +39,19 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
     The loss equals transformers' ``ForCausalLMLoss`` on full logits: label ``t`` is
     predicted from the hidden state at ``t - 1`` (``shift_labels`` given: no shift), mean
     over labelled tokens, or the sum divided by ``num_items_in_batch`` when the Trainer
-    passes it (gradient accumulation). Gemma2's ``final_logit_softcapping`` is applied.
+    passes it (gradient accumulation); ``ignore_index`` (default -100, as there) marks the
+    unlabelled tokens and goes to the loss only, not to the base model. Gemma2's
+    ``final_logit_softcapping`` is applied. The head runs in the dtype transformers' would
+    (:func:`lm_head_operands`: the autocast dtype under ``torch.autocast``).
+
+    Output: a ``CausalLMOutputWithPast`` with ``logits=None``; with ``return_dict=False``
+    (passed, or the config's ``return_dict``) a tuple that keeps that ``None`` in the
+    logits' place: ``(loss, None, *rest)`` where transformers gives ``(loss, logits,
+    *rest)``, ``rest`` being the same non-None fields in the same order (cache, hidden
+    states, attentions). ``ModelOutput.to_tuple`` would drop the ``None`` and shift
+    everything after it one place left, so ``outputs[1]`` would be the cache, not the
+    logits; keeping the place means index-based code reads the same fields as without the
+    patch (and finds no logits where it asks for them).
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -48,14 +74,17 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         if labels is None and shift_labels is None:
             return original_forward(*args, **kwargs)
         return_dict = named.get("return_dict")
+        if return_dict is None:  # as transformers' can_return_tuple: the config decides
+            return_dict = getattr(model.config, "return_dict", True)
         num_items = named.get("num_items_in_batch")
+        ignore_index = named.get("ignore_index", -100)
         base_kwargs = {
             n: val for n, val in named.items()
             if n not in _HEAD_ONLY and (n in base_params or base_takes_var_kw)
         }
         outputs = base(**base_kwargs)
         hidden = outputs[0]
-        head = model.get_output_embeddings()
+        hidden, weight, bias = lm_head_operands(hidden, model.get_output_embeddings())
         softcap = getattr(model.config, "final_logit_softcapping", None)
         if shift_labels is not None:
             target, shift = shift_labels, 0
@@ -64,7 +93,7 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         target = target.to(hidden.device)
         reduction = "sum" if num_items is not None else "mean"
         loss = masked_linear_cross_entropy(
-            hidden, head.weight, target, getattr(head, "bias", None), shift=shift, reduction=reduction,
+            hidden, weight, target, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
             softcap=softcap, backend=backend,
         )
         if num_items is not None:
@@ -76,7 +105,10 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         fields[cache_field] = getattr(outputs, "cache", None) if hasattr(outputs, "cache") else getattr(
             outputs, "past_key_values", None)
         out = CausalLMOutputWithPast(**fields)
-        return out if return_dict is not False else out.to_tuple()
+        if return_dict:
+            return out
+        # to_tuple() drops None fields: put logits' None back in its place (see the docstring)
+        return (loss, None) + out.to_tuple()[1:]
 
     forward.__wrapped__ = original_forward  # keeps inspect.signature (peft, Trainer) accurate
     forward.llm2vec_fast_mntp = True

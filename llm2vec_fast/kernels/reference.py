@@ -14,6 +14,8 @@ measure the reference's own rounding error (STYLE.md's tolerance rule).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -343,6 +345,29 @@ def _eager_linear_ce(h, w, b, y, softcap, label_smoothing, z_loss, rows, chunk_v
     return loss_all, lse_all, correct, dh, dw, db
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast off for ``device``'s type (nothing to do where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def without_autocast(fn):
+    """For an autograd Function's ``forward(ctx, x, ...)`` / ``backward(ctx, g, ...)``: run it
+    with autocast off for the device of its first tensor. Under ``torch.autocast`` (HF
+    Trainer's ``bf16=True``) the op's own matmuls would otherwise be lowered to the autocast
+    dtype: fp32 logits computed in 16 bits, and GEMMs into given fp32 buffers failing on the
+    dtype of ``out``. The op computes in the dtypes it chose for its inputs, whatever the
+    caller's autocast state; what its inputs are is the caller's business."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, x, *args):
+        with autocast_off(x.device):
+            return fn(ctx, x, *args)
+
+    return wrapper
+
+
 class ChunkedLinearCE(torch.autograd.Function):
     """Cross-entropy of ``h @ w.T + b`` over the vocabulary, in blocks.
 
@@ -356,6 +381,7 @@ class ChunkedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @without_autocast
     def forward(ctx, h, w, b, y, softcap, label_smoothing, z_loss, chunk_rows, chunk_vocab, cdt, reduction, eager):
         N, V = h.shape[0], w.shape[0]
         dev = h.device
@@ -404,6 +430,7 @@ class ChunkedLinearCE(torch.autograd.Function):
         return _reduce_rows(loss_all, reduction), correct
 
     @staticmethod
+    @without_autocast
     def backward(ctx, g, _gc):
         h, w, b, y, lse_all = ctx.saved_tensors
         softcap, eps, z_loss, chunk_rows, chunk_vocab, cdt, reduction = ctx.cfg
@@ -472,6 +499,24 @@ def _reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_row
 
 
+def all_ignored_loss(hidden, weight, bias, shape, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """The loss of a call with no labelled row: 0 (0-d for ``mean`` / ``sum``, zeros of the
+    shifted label ``shape`` for ``none``) in ``dtype``, never NaN.
+
+    Built from zero-size slices of hidden, weight and bias (never their values: a NaN / inf
+    in an ignored row, or a 16-bit sum that overflows, cannot reach it), so the graph stays
+    connected and the backward gives every input that requires grad an exact-zero gradient
+    of its own shape and dtype.
+    """
+    zero = hidden[..., :0].sum() + weight[:0].sum()
+    if bias is not None:
+        zero = zero + bias[:0].sum()
+    zero = zero.to(dtype)
+    if reduction == "none":
+        return zero + torch.zeros(shape, device=hidden.device, dtype=dtype)
+    return zero
+
+
 def masked_linear_cross_entropy_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -501,14 +546,9 @@ def masked_linear_cross_entropy_ref(
     h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0])
     cdt = _compute_dtype(hidden.dtype, upcast)
     n = h_sel.shape[0]
+    out_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if n == 0:
-        # Keep the graph connected so backward gives exact zeros, never NaN.
-        zero = (hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0)) * 0.0
-        zero = zero.float()
-        if reduction == "none":
-            loss = zero + torch.zeros(shape, device=hidden.device, dtype=torch.float32)
-        else:
-            loss = zero
+        loss = all_ignored_loss(hidden, weight, bias, shape, reduction, out_dt)
         acc = torch.zeros((), device=hidden.device)
         return (loss, acc) if return_accuracy else loss
     need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -520,7 +560,6 @@ def masked_linear_cross_entropy_ref(
         h_sel, weight, bias, y_sel, softcap or 0.0, float(label_smoothing), float(z_loss),
         chunk_rows, chunk_vocab, cdt, reduction, eager,
     )
-    out_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = loss.to(out_dt)
     if reduction == "none":
         full = torch.zeros(shape.numel(), device=hidden.device, dtype=out_dt)

@@ -5,6 +5,9 @@ size, ``V`` vocabulary.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .._validation import check_choice, check_same, check_tensor
@@ -12,8 +15,16 @@ from ..kernels import reference as ref
 from ._dispatch import resolve_backend, warn_once
 
 
-def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss, strategy):
+def _real(x) -> bool:
+    """A real Python / NumPy number (not a bool, a tensor or None)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, softcap, label_smoothing, z_loss,
+              strategy):
     check_tensor("hidden", hidden, ndims=(2, 3), float_=True)
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected a hidden size C > 0 (the last dim), got shape {tuple(hidden.shape)}")
     check_tensor("weight", weight, ndims=2, float_=True)
     check_same("hidden", hidden, "weight", weight)
     if weight.shape[1] != hidden.shape[-1]:
@@ -38,12 +49,14 @@ def _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smo
     need_wb = weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and need_wb:
         ref.eager_allowed(strategy, need_wb, reduction != "none")  # raises for eager with 'none'
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap: expected a float > 0 or None, got {softcap!r}")
-    if not (0.0 <= label_smoothing < 1.0):
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if softcap is not None and not (_real(softcap) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a finite float > 0, or None (no softcap), got {softcap!r}")
+    if not (_real(label_smoothing) and 0.0 <= label_smoothing < 1.0):  # NaN fails the comparison
         raise ValueError(f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss: expected a float >= 0, got {z_loss!r}")
+    if not (_real(z_loss) and math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss!r}")
 
 
 def masked_linear_cross_entropy(
@@ -67,15 +80,16 @@ def masked_linear_cross_entropy(
     Args:
         hidden: ``(B, T, C)`` or ``(N, C)``, fp16 / bf16 / fp32 (fp64 on the torch backend).
         weight: ``(V, C)``, hidden's dtype and device (the LM head).
-        labels: ``(B, T)`` or ``(N,)`` int64/int32; ``ignore_index`` marks unlabelled tokens.
+        labels: ``(B, T)`` or ``(N,)`` int64/int32; ``ignore_index`` (an int) marks unlabelled tokens.
         bias: optional ``(V,)``.
         shift: the label at position t is predicted from the hidden state at ``t - shift``
             (1 = MNTP / causal LM; 0 = same position). Applied per sequence for 3-d input.
         reduction: ``"mean"`` over labelled rows, ``"sum"``, or ``"none"`` (a loss per
             shifted label position, 0 where ignored).
-        softcap: final-logit softcap ``c * tanh(z / c)`` (Gemma2).
-        label_smoothing: as in ``F.cross_entropy``.
-        z_loss: adds ``z_loss * logsumexp(z)**2`` per row.
+        softcap: final-logit softcap ``c * tanh(z / c)`` (Gemma2): a finite ``c > 0``, or None
+            (no softcap).
+        label_smoothing: as in ``F.cross_entropy``, a float in ``[0, 1)``.
+        z_loss: adds ``z_loss * logsumexp(z)**2`` per row; a finite float ``>= 0``.
         return_accuracy: also return the argmax accuracy over labelled rows (0-d fp32).
         backend: ``"auto"``, ``"torch"`` (the chunked reference) or ``"triton"``.
         strategy: how gradients are made when they are wanted. ``"two_pass"``: the forward
@@ -98,19 +112,27 @@ def masked_linear_cross_entropy(
             without / with d weight; the stored form is not yet timed on a GPU).
 
     Returns:
-        The loss (fp32), and the accuracy when asked. Every label ignored gives a loss of 0
-        and zero gradients, never NaN.
+        The loss (fp32; fp64 for fp64 inputs), and the accuracy when asked. Every label
+        ignored gives a loss of 0 (zeros for ``"none"``) in that same dtype and exact-zero
+        gradients, never NaN, whatever hidden / weight / bias hold (their values are not read).
+
+    Autocast: the op runs with autocast off inside (its GEMMs compute in the dtypes it chose
+    for the inputs it is given, fp32 logits included), so under ``torch.autocast`` it gives
+    what it gives without; the inputs are used in the dtypes they have.
 
     Synchronisation: one. Finding the labelled rows (``torch.nonzero``) syncs because every
     later shape depends on their number; the label range check rides on that sync
     (``reference.labelled_rows``).
 
-    Raises ``ValueError`` for bad ranks / shapes / dtypes, labels that the shift keeps
-    outside ``[0, V)`` other than ``ignore_index`` (checked before the LM head is touched),
-    an unknown ``strategy``, and ``strategy="eager"`` with ``reduction="none"`` when weight
-    or bias requires grad.
+    Raises ``ValueError`` for bad ranks / shapes / dtypes, a hidden size ``C = 0``, labels
+    that the shift keeps outside ``[0, V)`` other than ``ignore_index`` (checked before the LM
+    head is touched), an ``ignore_index`` that is not an int, a ``softcap`` / ``z_loss`` /
+    ``label_smoothing`` that is not a real number in its range above (None included where
+    not documented as allowed, NaN and inf), an unknown ``strategy``, and
+    ``strategy="eager"`` with ``reduction="none"`` when weight or bias requires grad.
     """
-    _validate(hidden, weight, labels, bias, shift, reduction, softcap, label_smoothing, z_loss, strategy)
+    _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, softcap, label_smoothing, z_loss, strategy)
+    ignore_index = int(ignore_index)
     be = resolve_backend("masked_linear_cross_entropy", backend, hidden)
     if be == "triton":
         try:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..hf.mntp import lm_head_operands
 from ..ops.info_nce import info_nce, pool, pooled_info_nce
 from ..ops.masked_ce import masked_linear_cross_entropy
 from .gradcache import gradcache_step
@@ -50,14 +51,8 @@ class MNTPModel(nn.Module):
     def forward(self, input_ids, attention_mask, labels, position_ids=None):
         hf = unwrap_peft(self.model)
         out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out.last_hidden_state
-        head = hf.get_output_embeddings()
-        weight = head.weight
-        if hidden.dtype != weight.dtype:  # autocast: the LM head runs in the activations' dtype
-            weight = weight.to(hidden.dtype)
-        bias = getattr(head, "bias", None)
-        if bias is not None:
-            bias = bias.to(hidden.dtype)
+        # the head in the dtype transformers' would run it (the autocast dtype under bf16=True)
+        hidden, weight, bias = lm_head_operands(out.last_hidden_state, hf.get_output_embeddings())
         loss, acc = masked_linear_cross_entropy(
             hidden, weight, labels, bias, shift=1, return_accuracy=True,
             softcap=getattr(hf.config, "final_logit_softcapping", None), backend=self.backend,

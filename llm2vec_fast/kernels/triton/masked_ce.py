@@ -565,7 +565,10 @@ def _probe(what: str, a: torch.Tensor, check) -> bool:
     key = (what, a.device.type, a.dtype)
     if key not in _CAPS:
         try:
-            _CAPS[key] = bool(check())
+            # autocast off: a first call inside torch.autocast would otherwise compare against
+            # a 16-bit "fp32" product and cache a capability as missing for the process
+            with ref.autocast_off(a.device):
+                _CAPS[key] = bool(check())
         except (RuntimeError, TypeError, NotImplementedError):
             _CAPS[key] = False
     return _CAPS[key]
@@ -1329,6 +1332,7 @@ class MaskedLinearCEFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @ref.without_autocast  # its GEMMs compute (and write into buffers) in the dtypes chosen here
     def forward(ctx, flat_h, h_index, w, b, y, softcap, label_smoothing, z_loss, reduction, strategy, eager=None):
         N = h_index.shape[0]
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
@@ -1357,6 +1361,7 @@ class MaskedLinearCEFunction(torch.autograd.Function):
         return per_row, correct
 
     @staticmethod
+    @ref.without_autocast
     def backward(ctx, g, _gc):
         flat_h, h_index, w, b, y, lse = ctx.saved_tensors
         softcap, eps, zl, reduction = ctx.cfg
@@ -1437,9 +1442,8 @@ def masked_linear_cross_entropy_triton(
     flat_h, h_index, y_sel, index, shape = ref.labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0])
     n = h_index.shape[0]
     if n == 0:
-        # Keep the graph connected so backward gives exact zeros, never NaN.
-        zero = ((hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0)) * 0.0).float()
-        loss = zero + torch.zeros(shape, device=hidden.device, dtype=torch.float32) if reduction == "none" else zero
+        # 0 from zero-size slices (never hidden's values): exact-zero gradients, never NaN
+        loss = ref.all_ignored_loss(hidden, weight, bias, shape, reduction, torch.float32)
         acc = torch.zeros((), device=hidden.device)
         return (loss, acc) if return_accuracy else loss
     w = weight.contiguous()
