@@ -359,3 +359,24 @@ def test_text_files_split_at_newlines_only(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes("one\x0cpage\r\ntwo\u2028lines\nthree\x85x\n\n".encode("utf-8"))
     assert read_texts(str(p)) == ["one\x0cpage", "two\u2028lines", "three\x85x"]
+
+
+def test_mntp_loss_weighs_every_labelled_token_the_same_across_accumulation(tmp_path):
+    """8 rows in one batch or in 2 accumulated micro-batches of 4: the same gradient step (the
+    loss is the step's labelled-token mean; micro-batch means weighted alike made it differ)."""
+    from llm2vec_fast.training.pipeline import train_mntp
+
+    def run(per_device, ga):
+        cfg = make_config(MNTPConfig, dict(FAST, output_dir=str(tmp_path / f"m{ga}"), max_steps=3, optim="sgd",
+                                           per_device_batch_size=per_device, gradient_accumulation_steps=ga,
+                                           learning_rate=0.5, use_lora=False, backend="torch", seed=4))
+        model, tr = train_mntp(toy_model(True, seed=6), toy_tokenizer(), toy_texts(60, seed=6), cfg,
+                               save_checkpoints=False)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, _losses(tr)
+
+    (w1, l1), (w2, l2) = run(8, 1), run(4, 2)
+    assert l2 == pytest.approx(l1, rel=1e-5)
+    start = dict(toy_model(True, seed=6).named_parameters())
+    assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 1e-3  # training moved the weights
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)

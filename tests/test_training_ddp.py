@@ -92,8 +92,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, mini_batch_size):
 
 
 def _mntp_eval_rank(rank, world, port, out_dir, result_file):
-    """2 MNTP steps (a learning rate too small to matter: the ranks weight their tokens
-    differently in training), then evaluate: each rank evaluates its share of the rows."""
+    """3 MNTP steps (SGD), then evaluate: each rank evaluates its share of the rows."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
@@ -102,12 +101,13 @@ def _mntp_eval_rank(rank, world, port, out_dir, result_file):
     from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
 
     cfg = make_config(MNTPConfig, dict(
-        output_dir=out_dir, max_steps=2, per_device_batch_size=GLOBAL_BATCH // world, learning_rate=1e-9, optim="sgd",
+        output_dir=out_dir, max_steps=3, per_device_batch_size=GLOBAL_BATCH // world, learning_rate=0.5, optim="sgd",
         use_lora=False, logging_steps=1, progress=False, max_seq_length=16, seed=3, backend="torch", bf16=False))
     texts = toy_texts(80, seed=5)
     _, trainer = train_mntp(toy_model(True, seed=2), toy_tokenizer(), texts[:64], cfg, eval_texts=texts[64:],
                             save_checkpoints=False)
     metrics = [h for h in trainer.state.log_history if "eval_loss" in h][-1]
+    metrics["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if trainer.is_world_process_zero():
         with open(result_file, "w") as f:
             json.dump(metrics, f)
@@ -118,9 +118,11 @@ def _mntp_eval_rank(rank, world, port, out_dir, result_file):
         dist.destroy_process_group()
 
 
-def test_two_process_mntp_evaluation_matches_single_process(tmp_path):
-    """The evaluation set is split over the ranks, not run whole on each (the labelled-token
-    count came out times the world size), and its masks do not depend on the split."""
+def test_two_process_mntp_matches_single_process(tmp_path):
+    """MNTP training: the loss is the global batch's labelled-token mean (the ranks' token
+    counts differ, so averaging per-rank means did not equal it); evaluation: the set is split
+    over the ranks, not run whole on each (the labelled-token count came out times the world
+    size), and its masks do not depend on the split."""
     ctx = mp.get_context("spawn")
     results = {}
     for world in (1, 2):
@@ -135,6 +137,7 @@ def test_two_process_mntp_evaluation_matches_single_process(tmp_path):
         assert all(q.exitcode == 0 for q in procs), [q.exitcode for q in procs]
         results[world] = json.load(open(res))
     a, b = results[1], results[2]
+    assert len(a["losses"]) == 3 and b["losses"] == pytest.approx(a["losses"], rel=1e-4)
     assert a["eval_labelled_tokens"] == b["eval_labelled_tokens"] > 20
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     assert b["eval_accuracy"] == pytest.approx(a["eval_accuracy"], abs=1e-6)

@@ -38,8 +38,14 @@ class MNTPModel(nn.Module):
     ``forward(input_ids (B, T), attention_mask (B, T), labels (B, T))`` returns
     ``{"loss": 0-d fp32, "accuracy": 0-d fp32}``: ``labels[:, t]`` is predicted from the
     final hidden state at ``t - 1`` by the fused masked cross-entropy; no ``(B, T, V)``
-    logits exist.
+    logits exist. The loss is the mean over labelled tokens, or with ``num_items_in_batch``
+    (Trainer's count of the step's labelled tokens, over its accumulation window and, with
+    ``average_tokens_across_devices``, every rank) their sum divided by it, so each labelled
+    token weighs the same whatever micro-batch or rank holds it (Trainer counts
+    ``labels != -100``; the collators never label position 0, which no hidden state predicts).
     """
+
+    accepts_loss_kwargs = True  # read by Trainer: it then counts and passes num_items_in_batch
 
     def __init__(self, model, backend: str = "auto"):
         super().__init__()
@@ -48,15 +54,19 @@ class MNTPModel(nn.Module):
         # FSDP's auto-wrap policy reads the decoder-layer class names from here
         self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, num_items_in_batch=None):
         hf = unwrap_peft(self.model)
         out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         # the head in the dtype transformers' would run it (the autocast dtype under bf16=True)
         hidden, weight, bias = lm_head_operands(out.last_hidden_state, hf.get_output_embeddings())
         loss, acc = masked_linear_cross_entropy(
-            hidden, weight, labels, bias, shift=1, return_accuracy=True,
-            softcap=getattr(hf.config, "final_logit_softcapping", None), backend=self.backend,
+            hidden, weight, labels, bias, shift=1, return_accuracy=True, backend=self.backend,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            softcap=getattr(hf.config, "final_logit_softcapping", None),
         )
+        if num_items_in_batch is not None:
+            n = num_items_in_batch
+            loss = loss / (n.clamp_min(1) if torch.is_tensor(n) else max(n, 1))  # no labelled token: 0, not NaN
         return {"loss": loss, "accuracy": acc}
 
 
@@ -154,7 +164,14 @@ class MNTPTrainer(_BaseTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._count(inputs)
-        out = model(**inputs)
+        if num_items_in_batch is None:
+            out = model(**inputs)
+        else:
+            out = model(**inputs, num_items_in_batch=num_items_in_batch)
+            if getattr(self.args, "average_tokens_across_devices", False):
+                # As Trainer.compute_loss: the count spans every rank and DDP averages the
+                # ranks' gradients, so each rank's share is scaled back up by their number.
+                out["loss"] = out["loss"] * self.accelerator.num_processes
         return (out["loss"], out) if return_outputs else out["loss"]
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
