@@ -13,10 +13,20 @@ import weakref
 import torch
 
 
-def version(t: torch.Tensor) -> int:
-    """``t._version``; inference tensors (made under ``torch.inference_mode``) track none and
-    cannot be modified in place outside inference mode, so 0 is a safe constant for them."""
-    return 0 if t.is_inference() else t._version
+# Inference tensors (made under ``torch.inference_mode``) track no version, yet may be edited
+# in place inside inference mode; what is derived from one is trusted for one *generation*
+# only: a patched model's forward (its pre-hook starts one) or one direct call of a public op.
+_GENERATION = [0]
+
+
+def new_generation() -> None:
+    """Forget what was derived from inference tensors (see ``_GENERATION``)."""
+    _GENERATION[0] += 1
+
+
+def version(t: torch.Tensor):
+    """``t._version``; for an inference tensor, the current generation instead."""
+    return ("inference", _GENERATION[0]) if t.is_inference() else t._version
 
 
 _MISS = object()

@@ -33,11 +33,12 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, dt
         raise ValueError(f"{name_b}: expected device {a.device} (the device of {name_a}), got {b.device}")
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, *, check_values: bool = True) -> None:
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, *, check_values: bool = True) -> int | None:
     """``cu`` must be int32 ``(B+1,)``, start at 0, be non-decreasing and end at ``total``.
 
     The value checks read the tensor (a host sync for a CUDA tensor); callers on a
-    hot path that built ``cu`` themselves pass ``check_values=False``.
+    hot path that built ``cu`` themselves pass ``check_values=False``. Returns the longest
+    sequence when the values were read, else None.
     """
     if not isinstance(cu, torch.Tensor):
         raise ValueError(f"{name}: expected an int32 torch.Tensor of shape (B+1,), got {type(cu).__name__}")
@@ -56,6 +57,7 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, *, check_values: b
         raise ValueError(
             f"{name}: last entry {int(c[-1])} disagrees with the tensors' total length {total}"
         )
+    return int((c[1:] - c[:-1]).max())
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -149,7 +149,8 @@ def llm2vec_attention(
 
     def varlen(qp, kp, vp, cu, max_len):
         return flash_attn_varlen_noncausal(
-            qp, kp, vp, cu, cu, max_len, max_len, scale, softcap, be, dropout_p=dropout, _check_values=False
+            qp, kp, vp, cu, cu, max_len, max_len, scale, softcap, be, dropout_p=dropout, _check_values=False,
+            _in_model=True,
         )
 
     # 1. Padding-free batches described by transformers' flash-attention keywords.
@@ -170,7 +171,7 @@ def llm2vec_attention(
             # views by strides and skips padded blocks, so no gather / scatter of q, k, v and the
             # output per layer; on the reference backend this is SDPA with a boolean mask.
             # Padded query rows are 0, as on the varlen path.
-            out = flash_attn_noncausal(q, k, v, info.mask, scale, softcap, be, dropout_p=dropout)
+            out = flash_attn_noncausal(q, k, v, info.mask, scale, softcap, be, dropout_p=dropout, _in_model=True)
             return out, None
         out = varlen(info.unpad(q), info.unpad(k), info.unpad(v), info.cu_seqlens, info.max_seqlen)
         return info.pad(out), None
@@ -189,7 +190,7 @@ def llm2vec_attention(
         cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
         flat = lambda t: t.reshape(B * S, t.shape[2], D)  # noqa: E731
         return varlen(flat(q), flat(k), flat(v), cu, S).reshape(B, S, H, D), None
-    return flash_attn_noncausal(q, k, v, None, scale, softcap, be, dropout_p=dropout), None
+    return flash_attn_noncausal(q, k, v, None, scale, softcap, be, dropout_p=dropout, _in_model=True), None
 
 
 _REGISTERED = [False]

@@ -115,7 +115,7 @@ def packed_from_position_ids(position_ids: torch.Tensor, batch: int):
     the first token of each row and wherever the position does not continue the previous
     one by +1 (positions restarting at 0, as padding-free collators produce). Returns
     ``(cu_seqlens (n + 1,) int32, max_seqlen int)`` over the flattened ``B * S`` tokens.
-    Cached on the tensor's identity: computed once per forward.
+    Cached on the tensor's identity (and ``batch``): computed once per forward.
     """
     def build():
         pos = position_ids
@@ -133,4 +133,7 @@ def packed_from_position_ids(position_ids: torch.Tensor, batch: int):
         cu = torch.cat([begin, begin.new_tensor([B * S])]).to(torch.int32)
         return cu, int((cu[1:] - cu[:-1]).max())
 
-    return _cached(_POS_SLOT, position_ids, build)
+    per_batch = _cached(_POS_SLOT, position_ids, dict)  # the same ids may be broadcast to another batch
+    if batch not in per_batch:
+        per_batch[batch] = build()
+    return per_batch[batch]

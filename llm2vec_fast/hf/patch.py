@@ -28,6 +28,7 @@ import inspect
 
 import torch
 
+from .._tensor_cache import new_generation
 from ..ops._dispatch import warn_once
 
 # The one table of supported architectures: model_type -> what is special about it.
@@ -114,6 +115,7 @@ def _make_positions_hook(base):
         return args
 
     def hook(module, args, kwargs):
+        new_generation()  # what inference-mode masks gave is trusted for this forward only
         fusion = module.__dict__.get(_FUSION_ATTR)  # looked up on the module: right in a deepcopy
         if fusion is not None:
             fusion.sync()

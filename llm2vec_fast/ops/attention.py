@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .._tensor_cache import new_generation
 from .._validation import check_cu_seqlens, check_same, check_tensor
 from ..kernels import reference as ref
 from ._dispatch import resolve_backend, warn_once
@@ -27,16 +28,18 @@ def _check_heads(q, k, v, head_axis: int):
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"k: expected head dim {q.shape[-1]} (q's last dim), got {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q: expected a head dim D > 0 (the last dim), got shape {tuple(q.shape)}")
     H, Hkv = q.shape[head_axis], k.shape[head_axis]
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"k: number of K/V heads {Hkv} must divide the number of query heads {H} (H % Hkv == 0)")
 
 
 def _check_scalars(softmax_scale, softcap, dropout_p):
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale: expected a positive float or None, got {softmax_scale!r}")
-    if not (isinstance(softcap, (int, float)) and softcap >= 0):
-        raise ValueError(f"softcap: expected a float >= 0 (0 = off), got {softcap!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+        raise ValueError(f"softmax_scale: expected a finite float > 0 or None, got {softmax_scale!r}")
+    if not (isinstance(softcap, (int, float)) and 0 <= softcap < math.inf):
+        raise ValueError(f"softcap: expected a finite float >= 0 (0 = off), got {softcap!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
 
@@ -71,6 +74,7 @@ def flash_attn_varlen_noncausal(
     return_lse: bool = False,
     deterministic: bool = False,
     _check_values: bool = True,
+    _in_model: bool = False,
 ):
     """Bidirectional attention over packed variable-length sequences (flash-attn's varlen layout).
 
@@ -79,7 +83,8 @@ def flash_attn_varlen_noncausal(
         k, v: ``(total_k, Hkv, D)``, q's dtype and device, ``H % Hkv == 0``.
         cu_seqlens_q, cu_seqlens_k: ``(B+1,)`` int32 offsets, starting at 0, non-decreasing,
             ending at ``total_q`` / ``total_k``.
-        max_seqlen_q, max_seqlen_k: Python ints, the longest sequence (an upper bound is fine).
+        max_seqlen_q, max_seqlen_k: Python ints, the longest sequence (an upper bound is fine;
+            one below the longest is refused, the kernels' grid would not cover it).
         softmax_scale: defaults to ``1 / sqrt(D)``.
         softcap: ``softcap * tanh(s / softcap)`` on the scaled scores when > 0 (Gemma2).
         backend: ``"auto"`` (Triton on CUDA, the reference elsewhere), ``"torch"``,
@@ -89,7 +94,8 @@ def flash_attn_varlen_noncausal(
             torch's generator of q's device on each call, regenerated in the backward; the
             lse stays that of the undropped softmax); the torch backend uses
             ``F.dropout`` / SDPA's dropout. Either way ``torch.manual_seed`` reproduces it.
-        return_lse: also return the log-sum-exp ``(H, total_q)`` fp32.
+        return_lse: also return the log-sum-exp ``(H, total_q)`` fp32, without gradient (as
+            flash-attn's): gradients flow through the output only.
         deterministic: Triton backward without atomics (bit-reproducible) even where
             ``LLM2VEC_FAST_ATTN_BWD`` asks for the atomic one (the default backward is
             already deterministic); flash-attn's own deterministic mode.
@@ -102,18 +108,25 @@ def flash_attn_varlen_noncausal(
     ``H % Hkv != 0`` or ``cu_seqlens`` that are not int32, not monotonic or disagree with
     the tensors. Checking the offsets reads them (a host sync on CUDA).
     """
+    if not _in_model:  # (a patched model's layers share its forward's generation)
+        new_generation()  # a direct call: nothing derived from an inference-mode mask before is trusted
     check_tensor("q", q, ndims=3)
     _check_heads(q, k, v, head_axis=1)
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], check_values=_check_values)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], check_values=_check_values)
+    longest_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], check_values=_check_values)
+    longest_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], check_values=_check_values)
+    for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if c.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (q's), got {c.device}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"cu_seqlens_k: expected the shape of cu_seqlens_q {tuple(cu_seqlens_q.shape)} (same batch), "
             f"got {tuple(cu_seqlens_k.shape)}"
         )
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+    for name, m, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
         if not isinstance(m, int) or m < 0:
             raise ValueError(f"{name}: expected a Python int >= 0, got {m!r}")
+        if longest is not None and m < longest:
+            raise ValueError(f"{name}: expected at least the longest sequence ({longest} tokens), got {m}")
     _check_scalars(softmax_scale, softcap, dropout_p)
     be = resolve_backend("flash_attn_varlen_noncausal", backend, q, allowed=_BACKENDS)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -133,9 +146,10 @@ def flash_attn_varlen_noncausal(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
                 dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic,
             )
-    return ref.attention_varlen_ref(
+    out = ref.attention_varlen_ref(
         q, k, v, cu_seqlens_q, cu_seqlens_k, scale, softcap, dropout_p, upcast=True, return_lse=return_lse
     )
+    return (out[0], out[1].detach()) if return_lse else out  # the lse has no gradient on any backend
 
 
 def flash_attn_noncausal(
@@ -150,6 +164,7 @@ def flash_attn_noncausal(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     deterministic: bool = False,
+    _in_model: bool = False,
 ):
     """Bidirectional attention over a padded batch with any padding pattern.
 
@@ -165,11 +180,14 @@ def flash_attn_noncausal(
             not kept).
         softmax_scale, softcap, backend, dropout_p, deterministic: as in
             :func:`flash_attn_varlen_noncausal`.
-        return_lse: also return the log-sum-exp ``(B, H, S)`` fp32 (``-inf`` on padding).
+        return_lse: also return the log-sum-exp ``(B, H, S)`` fp32 (``-inf`` on padding),
+            without gradient, as in :func:`flash_attn_varlen_noncausal`.
 
     Returns:
         ``(B, S, H, D)`` in q's dtype; padded query rows are 0, never NaN.
     """
+    if not _in_model:
+        new_generation()  # as in flash_attn_varlen_noncausal
     check_tensor("q", q, ndims=4)
     _check_heads(q, k, v, head_axis=2)
     if k.shape[:2] != q.shape[:2]:
@@ -197,6 +215,7 @@ def flash_attn_noncausal(
     if not return_lse and not softcap and q.dtype != torch.float64:
         # SDPA (fused on CPU) with a boolean padding mask: the fast reference path.
         return ref.attention_padded_sdpa(q, k, v, key_padding_mask, scale, dropout_p)
-    return ref.attention_padded_ref(
+    out = ref.attention_padded_ref(
         q, k, v, key_padding_mask, scale, softcap, dropout_p, upcast=True, return_lse=return_lse
     )
+    return (out[0], out[1].detach()) if return_lse else out  # the lse has no gradient on any backend

@@ -1555,7 +1555,7 @@ def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, soft
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], H, q.shape[1]), dtype=torch.float32)
-    return torch.empty_like(q), lse
+    return q.new_empty(q.shape), lse  # contiguous, as attention_forward's (not q's strides)
 
 
 @torch.library.custom_op("llm2vec_fast::attn_bwd", mutates_args=())
@@ -1574,7 +1574,7 @@ def _attn_bwd_op(
 @_attn_bwd_op.register_fake
 def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None,
       deterministic=False):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the launcher's
 
 
 def _setup_context(ctx, inputs, output):
@@ -1618,6 +1618,7 @@ class _AttnFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not lost terms
     def backward(ctx, dout, dlse):
         return _backward(ctx, dout, dlse, attention_backward)
 
