@@ -3,7 +3,8 @@
 For each benchmark file and device the latest row of every (case, provider) is kept; within
 a case, "ours" is the fastest of our providers (``ours*``, ``patched``, ``llm2vec_fast``,
 ``triton``) and every other provider is a peer, reported as ``peer ms / ours ms`` (above 1:
-ours is faster) and, where both rows carry a peak memory, ``ours / peer`` memory. Attention
+ours is faster) and, where both rows carry a peak memory, ``ours / peer`` memory; a peer row
+from another run than ours (other git / torch / triton) is marked ``*``. Attention
 rows are also set against the published figures of ``docs/ANCHORS.md`` (H100, bf16,
 non-causal, TFLOP/s on valid tokens). End-to-end rows are checked against the targets (GPU:
 >= 2x faster, <= 0.5x peak memory; CPU: <= 0.8x time, <= 0.5x peak memory).
@@ -26,7 +27,7 @@ CONTEXT_KEYS = {"device", "torch", "triton", "transformers", "git", "time", "pre
 MEASURE_KEYS = {
     "ms", "ms_p20", "ms_p80", "peak_mem_mb", "step_mem_mb", "mem_kind", "tflops", "tokens_per_s", "texts_per_s",
     "cpu_ms", "loss0", "steps", "speedup_vs_stock", "mem_ratio_vs_stock", "loss0_diff_vs_stock", "max_err",
-    "note", "gbps", "seconds", "threads", "tiles",
+    "note", "gbps", "seconds", "threads", "tiles", "device_gaps", "error",
 }
 MEASURE_SUFFIXES = ("_ms", "_mb", "_per_s", "_vs_stock", "_err", "_diff", "_ratio", "_speedup")
 OURS_PREFIXES = ("ours", "patched", "llm2vec_fast", "llm2vec-fast", "triton", "fast")
@@ -160,6 +161,7 @@ def table_for(name: str, rows: list[dict]) -> list[str]:
             head.append("published (TFLOP/s)")
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
+        any_stale = False
         for key, provs in cases.items():
             ours = [r for p, r in provs.items() if is_ours(p) and r.get("ms")]
             peers = {p: r for p, r in provs.items() if not is_ours(p) and r.get("ms")}
@@ -172,7 +174,11 @@ def table_for(name: str, rows: list[dict]) -> list[str]:
                 lines.append("| " + " | ".join(cells) + " |")
                 continue
             best = min(ours, key=lambda r: r["ms"])
-            speed = ", ".join(f"{p} {r['ms'] / best['ms']:.2f}x" for p, r in sorted(peers.items()))
+            run = lambda r: (r.get("git"), r.get("torch"), r.get("triton"))  # noqa: E731
+            stale = {p for p, r in peers.items() if run(r) != run(best)}
+            any_stale = any_stale or bool(stale)
+            speed = ", ".join(f"{p} {r['ms'] / best['ms']:.2f}x" + ("*" if p in stale else "")
+                              for p, r in sorted(peers.items()))
             mem = ", ".join(
                 f"{p} {best['peak_mem_mb'] / r['peak_mem_mb']:.2f}x" for p, r in sorted(peers.items())
                 if best.get("peak_mem_mb") and r.get("peak_mem_mb")
@@ -185,6 +191,8 @@ def table_for(name: str, rows: list[dict]) -> list[str]:
                 cells.append(anchor_for(best))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if any_stale:
+            lines += ["\\* the peer's latest row comes from another run than ours (other git / torch / triton).", ""]
         if name == "e2e":
             lines += e2e_checks(cases, dev)
     return lines

@@ -75,6 +75,30 @@ def test_summary_ratios_latest_rows_anchors_and_e2e_verdicts(tmp_path):
     assert "## broken" in text  # an unknown file still gets a table; the truncated line is skipped
 
 
+def test_summary_pairs_rows_with_diagnostics_and_marks_peers_of_another_run(tmp_path):
+    """Rows of ours carry ``device_gaps`` (a dict) on CUDA: a diagnostic, not part of the case
+    (it split ours from its peers); a peer whose latest row is from another run is marked."""
+    summary = _load("summary")
+    h100 = "NVIDIA H100 80GB HBM3"
+    case = dict(bench="masked_ce", V=32000, tokens=16384, frac=0.2, dtype="bfloat16", mode="full")
+    t1, t2 = "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"
+    _write(tmp_path / "masked_ce.jsonl", [
+        dict(CTX, device=h100, time=t1, provider="liger", ms=9.0, **case),
+        dict(CTX, device=h100, time=t1, provider="torch-full", ms=12.0, **case),
+        dict(CTX, device=h100, time=t2, provider="ours", ms=3.0, kernel_ms={"k": 1.0},
+             device_gaps={"idle_ms": 0.1, "gaps": [[1, 0.05]]}, **case),
+        dict(CTX, device=h100, time=t2, provider="torch-full", ms=15.0, **case),
+        dict(CTX, device=h100, time=t2, provider="liger-bad", error="RuntimeError: x", **case),
+    ])
+    _write(tmp_path / "masked_ce.jsonl", [dict(r, git="new") if r["time"] == t2 else r
+                                          for r in map(json.loads, open(tmp_path / "masked_ce.jsonl"))])
+    text = summary.generate(str(tmp_path))
+    rows = [l for l in text.splitlines() if l.startswith("| ") and "V=32000" in l]
+    assert len(rows) == 1, rows  # one case: ours with its peers
+    assert "torch-full 5.00x" in rows[0] and "liger 3.00x*" in rows[0], rows[0]
+    assert "another run" in text
+
+
 def test_summary_with_no_results(tmp_path):
     text = _load("summary").generate(str(tmp_path))
     assert "No results yet" in text
