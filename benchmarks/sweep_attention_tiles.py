@@ -168,13 +168,15 @@ def main(argv=None) -> int:
                 step()
                 torch.cuda.synchronize()
                 ms = triton.testing.do_bench(step, rep=a.rep)
+                # profiled while the swept tile is still the table's only entry (the launcher
+                # reads the table at every launch; restored below, it profiled the default)
+                kms = None if a.no_kernel_times else kernel_times(step, iters=5, match="attn")
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"{kind:5s} {spec:12s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 save({**meta, "kind": kind, "provider": f"ours {spec}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 continue
             finally:
                 tables[kind][bd] = list(base[kind])
-            kms = None if a.no_kernel_times else kernel_times(step, iters=5, match="attn")
             bwd_ms = ms - t_fwd0 if kind != "fwd" else None
             tf = fwd_flops / ms / 1e9 if kind == "fwd" else 2.5 * fwd_flops / bwd_ms / 1e9
             print(f"{kind:5s} {spec:12s} {ms:8.3f} ms  {'bwd ' + format(bwd_ms, '.3f') + ' ms ' if bwd_ms else ''}"
