@@ -113,11 +113,18 @@ def test_gpu_check_dry_run_lists_everything_and_runs_nothing(tmp_path):
     s = r.stdout
     assert "pip install -q --no-deps --no-build-isolation -e ." in s
     assert "-m pytest -m gpu -v" in s and "timeout" in s
-    assert "bench_e2e.py --preset gpu-quick --device cuda" in s
-    assert "bench_encode.py --preset gpu-quick --device cuda" in s
+    assert "bench_attention.py --preset gpu-quick --device cuda" in s
+    assert "bench_masked_ce.py --preset gpu-quick --device cuda" in s
+    assert "bench_e2e.py" not in s  # closed issues' benchmarks: only on request (they did not fit)
     assert "benchmarks/summary.py" in s and f"{out}/results" in s
-    assert s.index("summary.py") > s.index("bench_e2e.py") > s.index("pytest")
+    assert s.index("summary.py") > s.index("bench_masked_ce.py") > s.index("bench_attention.py") > s.index("pytest")
     assert not out.exists()  # a dry run creates nothing
+    # the closed issues' benchmarks in a call of their own, tests skipped
+    env2 = dict(env, GPU_CHECK_TEST_TIMEOUT="0", GPU_CHECK_BENCH_TIMEOUTS="info_nce=100 e2e=250 encode=150")
+    s2 = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                        env=env2, cwd=str(tmp_path), timeout=60).stdout
+    assert "tests skipped" in s2 and "-m pytest" not in s2
+    assert "bench_e2e.py --preset gpu-quick --device cuda --profile" in s2 and "bench_encode.py" in s2
     bad = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2
 
