@@ -496,3 +496,99 @@ def test_fuse_lora_auto_leaves_cuda_to_peft(monkeypatch):
     torch.testing.assert_close(auto[0], plain[0], rtol=1e-6, atol=1e-6)
     _loss_and_grads(_lora_model("llama", fuse=True, dtype=torch.float32).cuda(), batch)
     assert calls["_LoraLinearFn"] and calls["_GatedMLPFn"], calls
+
+
+def _embed_rows(model, c):
+    """Mean of the last hidden states over the valid tokens: a contrastive-style embedding."""
+    h = model(input_ids=c["input_ids"], attention_mask=c["attention_mask"], output_hidden_states=True).hidden_states[-1]
+    m = c["attention_mask"][..., None].to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
+
+
+def test_gradcache_with_lora_dropout_draws_the_replayed_masks():
+    """GradCache's first pass runs without grad and its replay with: the fused functions run in
+    both (with a LoRA dropout active), so the replay draws the first pass's masks and the
+    gradients are those of the loss it reports (peft's nn.Dropout in the first pass and
+    seeded masks in the replay made them up to 4x off)."""
+    from llm2vec_fast.training.gradcache import gradcache_step
+
+    ids, mask, _ = _batch(B=4, seed=5)
+    feats = {"input_ids": ids, "attention_mask": mask}
+    loss_fn = lambda e: (e @ e.t()).logsumexp(-1).mean()  # noqa: E731 - rows interact, as in InfoNCE
+    runs = []
+    for cached in (False, True):
+        model = _lora_model("llama", fuse=True, dropout=0.2)
+        torch.manual_seed(99)
+        if cached:
+            loss = gradcache_step(lambda c: _embed_rows(model, c), feats, loss_fn, 4)
+        else:
+            loss = loss_fn(_embed_rows(model, feats))
+            loss.backward()
+        runs.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = runs
+    assert l1 == pytest.approx(l0, rel=1e-12) and g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_reentrant_checkpointing_with_lora_dropout():
+    """Reentrant checkpointing runs each layer first without grad, then again with it: the
+    same masks both times, so the step equals the one without checkpointing."""
+    batch = _batch(seed=6)
+    runs = []
+    for ckpt in (False, True):
+        model = _lora_model("llama", fuse=True, dropout=0.2)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
+        torch.manual_seed(2025)
+        runs.append(_loss_and_grads(model, batch))
+    (l0, g0, f0), (l1, g1, _) = runs
+    assert _fused_nodes(_graph_names(f0))
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_hooks_on_modules_the_fused_paths_read_are_honoured():
+    """The fused MLP reads gate / up / down's weights without calling them, and the LoRA
+    function its base layer's: a hook there (user code, accelerate, peft's mixed-adapter
+    batches) sends the module to its own forward instead of being skipped."""
+    batch = _batch(seed=3)
+    out = {}
+    for fuse in (True, False):
+        model = _lora_model("llama", fuse=fuse)
+        base = model.get_base_model()
+        base.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: o * 1.5)
+        fired = []
+        base.model.layers[1].self_attn.q_proj.base_layer.register_forward_pre_hook(lambda m, a: fired.append(1))
+        out[fuse] = (_loss_and_grads(model, batch)[0], len(fired))
+    assert out[True][1] == out[False][1] == 1
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-12, atol=0)
+
+
+def test_unpatch_also_restores_copies_peft_made():
+    """peft's modules_to_save deep-copies a module patch_model had given a fused forward;
+    unpatch_model removes the copies' forwards too."""
+    model = _lora_model("llama", fuse=True, modules_to_save=["mlp", "post_attention_layernorm"])
+    unpatch_model(model)
+    assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert not _fused_nodes(_graph_names(_loss_and_grads(model, _batch())[2]))
+
+
+def test_deepcopy_of_an_mntp_patched_model_runs_the_copy():
+    """The MNTP forward is a method bound to the model: a deep copy runs (and trains) the
+    copy, not the original (it closed over the original model)."""
+    model = _lora_model("llama", fuse=False)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    batch = _batch(seed=2)
+    l_orig = _loss_and_grads(model, batch)[0]
+    model.zero_grad(set_to_none=True)
+    l_twin, g_twin, _ = _loss_and_grads(twin, batch)
+    assert float((l_twin - l_orig).abs()) > 1e-3
+    assert g_twin and all(p.grad is None for p in model.parameters())

@@ -35,10 +35,13 @@ git 71fe4ae): such a step looks bound by the host's launches (not yet profiled),
 functions' dense-mask dropout and Python-issued backward add launches there. ``fuse_lora=True`` fuses on every
 device (the memory saving).
 
-The fast path runs only when autograd is recording, no autocast is active, the base
-weights are frozen and each LoRA module is vanilla (one active adapter, no DoRA / variant,
-not merged, not disabled, ``nn.Linear`` base without ``fan_in_fan_out``); anything else
-calls peft's own forward (unchanged results, no warning needed: nothing is approximated).
+The fast path runs only when autograd is recording (or a LoRA dropout is active: a first pass
+without grad, GradCache's or reentrant checkpointing's, must draw the masks its replay
+draws), no autocast is active, no hook is registered on a module it reads without calling
+(``gate_proj``, ``base_layer``, ... : forward / backward hooks, peft's mixed-adapter batches),
+the base weights are frozen and each LoRA module is vanilla (one active adapter, no DoRA /
+variant, not merged, not disabled, ``nn.Linear`` base without ``fan_in_fan_out``); anything
+else calls peft's own forward (unchanged results, no warning needed: nothing is approximated).
 """
 from __future__ import annotations
 
@@ -506,10 +509,11 @@ def make_rms_norm_forward(norm, cpu_only: bool = False):
     eps_attr, gemma = _NORMS[type(norm).__name__]
 
     def forward(self, x):
-        if _fast_ok(x, cpu_only) and not self.weight.requires_grad and x.requires_grad:
+        if _fast_ok(x, cpu_only) and torch.is_grad_enabled() and not self.weight.requires_grad and x.requires_grad:
             return _RMSNormFn.apply(x, self.weight, float(getattr(self, eps_attr)), gemma)
         return orig(self, x)
 
+    forward._llm2vec_fast_fused = True
     return types.MethodType(forward, norm)
 
 
@@ -560,14 +564,35 @@ def lora_parts(module):
 
 
 def _fast_ok(x: torch.Tensor, cpu_only: bool = False) -> bool:
-    return (not (cpu_only and x.device.type != "cpu") and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type))
+    """The device and autocast allow the fused functions (grad mode is the caller's test:
+    with dropout they run without grad too, see :func:`_use_fused`)."""
+    return not (cpu_only and x.device.type != "cpu") and not torch.is_autocast_enabled(x.device.type)
+
+
+def _use_fused(dropout: bool) -> bool:
+    """Autograd records (the memory saving), or a LoRA dropout is active: then the fused
+    functions run without grad too, so both passes of GradCache and of reentrant
+    checkpointing (the first without grad, the replay with) draw the same masks from the
+    same seeds (peft's nn.Dropout in one pass and seeded masks in the other did not)."""
+    return torch.is_grad_enabled() or dropout
+
+
+def _hooked(module) -> bool:
+    """A hook would run on ``module``'s submodules (or on every module): the fused paths read
+    their weights without calling them, so they leave such a module to its own forward."""
+    from torch.nn.modules import module as mm
+
+    if (mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+            or mm._global_backward_pre_hooks):
+        return True
+    return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
+               for sub in module.modules() if sub is not module)
 
 
 def _fast_lora_forward(self, x, *args, _cpu_only: bool = False, **kwargs):
     """Instance ``forward`` of a peft LoRA ``Linear``: :class:`_LoraLinearFn` when it applies."""
-    parts = None if (args or kwargs or not _fast_ok(x, _cpu_only)) else lora_parts(self)
-    if parts is None or parts[2] is None or x.dtype != parts[0].dtype:
+    parts = None if (args or kwargs or not _fast_ok(x, _cpu_only) or _hooked(self)) else lora_parts(self)
+    if parts is None or parts[2] is None or x.dtype != parts[0].dtype or not _use_fused(parts[5] > 0):
         return type(self).forward(self, x, *args, **kwargs)
     W, b, A, B, s, p = parts
     seed = new_seed() if p > 0 else None
@@ -579,15 +604,16 @@ def make_gated_mlp_forward(mlp, kind: str, cpu_only: bool = False):
     orig = type(mlp).forward
 
     def forward(self, x):
-        if _fast_ok(x, cpu_only):
+        if _fast_ok(x, cpu_only) and not _hooked(self):
             parts = [lora_parts(getattr(self, n)) for n in ("gate_proj", "up_proj", "down_proj")]
             if all(pt is not None for pt in parts) and all(pt[0].dtype == x.dtype for pt in parts) \
-                    and any(pt[2] is not None for pt in parts):
+                    and any(pt[2] is not None for pt in parts) and _use_fused(any(pt[5] > 0 for pt in parts)):
                 cfg = tuple((pt[4], pt[5]) for pt in parts)
                 tensors = [t for pt in parts for t in pt[:4]]
                 return _GatedMLPFn.apply(x, kind, cfg, _norm_source(x), *tensors)
         return orig(self, x)
 
+    forward._llm2vec_fast_fused = True
     return types.MethodType(forward, mlp)
 
 
@@ -616,6 +642,7 @@ class LoraFusion:
     def __init__(self, hf, cpu_only: bool = False):
         # cpu_only (patch_model's fuse_lora="auto"): CUDA inputs take peft's own forwards
         self.cpu_only = cpu_only
+        self._root = weakref.ref(hf)  # remove() also finds copies peft made of patched modules
         self.modules_patched: list[torch.nn.Module] = []  # MLPs and norms
         self.slots: list[tuple[torch.nn.Module, str]] = []
         self.installed: list[torch.nn.Module] = []
@@ -637,10 +664,16 @@ class LoraFusion:
             child = getattr(parent, name)
             if "forward" not in child.__dict__ and hasattr(child, "lora_A") and hasattr(child, "base_layer"):
                 fwd = functools.partial(_fast_lora_forward, _cpu_only=True) if self.cpu_only else _fast_lora_forward
+                fwd._llm2vec_fast_fused = True
                 child.forward = types.MethodType(fwd, child)
                 self.installed.append(child)
 
     def remove(self):
         for m in self.modules_patched + self.installed:
             m.__dict__.pop("forward", None)
+        root = self._root()
+        if root is not None:  # copies of patched modules (peft's modules_to_save deep-copies them)
+            for m in root.modules():
+                if getattr(getattr(m.__dict__.get("forward"), "__func__", None), "_llm2vec_fast_fused", False):
+                    del m.__dict__["forward"]
         self.modules_patched, self.installed = [], []

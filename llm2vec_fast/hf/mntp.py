@@ -12,6 +12,7 @@ Without labels it calls the original forward unchanged.
 from __future__ import annotations
 
 import inspect
+import types
 
 import torch
 
@@ -59,12 +60,17 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
 
     sig = inspect.signature(original_forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    base = model.base_model
-    base_params = inspect.signature(base.forward).parameters
+    base_params = inspect.signature(model.base_model.forward).parameters
     base_takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in base_params.values())
     cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    # Bound to the model (a method, not a closure over it), so a deepcopy of the patched model
+    # rebinds it to the copy; the class's forward unless the model had an instance forward.
+    class_forward = type(model).forward
+    unbound = getattr(original_forward, "__func__", None) is class_forward
 
-    def forward(*args, **kwargs):
+    def forward(self, *args, **kwargs):
+        original = class_forward.__get__(self) if unbound else original_forward
+        base = self.base_model
         bound = sig.bind(*args, **kwargs)
         named = dict(bound.arguments)
         extra = named.pop(var_kw, {}) if var_kw else {}
@@ -72,10 +78,10 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         labels = named.get("labels")
         shift_labels = named.get("shift_labels")
         if labels is None and shift_labels is None:
-            return original_forward(*args, **kwargs)
+            return original(*args, **kwargs)
         return_dict = named.get("return_dict")
         if return_dict is None:  # as transformers' can_return_tuple: the config decides
-            return_dict = getattr(model.config, "return_dict", True)
+            return_dict = getattr(self.config, "return_dict", True)
         num_items = named.get("num_items_in_batch")
         ignore_index = named.get("ignore_index", -100)
         base_kwargs = {
@@ -84,8 +90,8 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         }
         outputs = base(**base_kwargs)
         hidden = outputs[0]
-        hidden, weight, bias = lm_head_operands(hidden, model.get_output_embeddings())
-        softcap = getattr(model.config, "final_logit_softcapping", None)
+        hidden, weight, bias = lm_head_operands(hidden, self.get_output_embeddings())
+        softcap = getattr(self.config, "final_logit_softcapping", None)
         if shift_labels is not None:
             target, shift = shift_labels, 0
         else:
@@ -110,6 +116,15 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         # to_tuple() drops None fields: put logits' None back in its place (see the docstring)
         return (loss, None) + out.to_tuple()[1:]
 
-    forward.__wrapped__ = original_forward  # keeps inspect.signature (peft, Trainer) accurate
+    if not unbound:  # an instance forward was there before: a closure over this model
+        def closure(*args, **kwargs):
+            return forward(model, *args, **kwargs)
+
+        closure.__wrapped__ = original_forward
+        closure.llm2vec_fast_mntp = True
+        return closure
+    # inspect.signature (peft, Trainer) follows __wrapped__: the class forward, self included,
+    # which the bound method then drops
+    forward.__wrapped__ = class_forward
     forward.llm2vec_fast_mntp = True
-    return forward
+    return types.MethodType(forward, model)
