@@ -264,7 +264,8 @@ def _lora_fwd(x2, W, b, lora, p, seed):
         # h = (x - x * dropped) A^T: the dense product minus the sparse one
         drops = _Drops(xa.shape[0], xa.shape[1], p, seed)
         h = (xa @ A.t()).sub_(drops.rows_times(xa, A.t())).mul_(1.0 / (1.0 - p))
-        pos = drops.pos.to(torch.int32)  # 4 bytes per dropped element, instead of redrawing
+        # 4 bytes per dropped element, instead of redrawing (int64 past 2**31 positions)
+        pos = drops.pos.to(torch.int32) if xa.numel() < 2**31 else drops.pos
     else:
         h = (_masked(xa, keep_mask(x2.shape, p, seed, x2.device)) @ A.t()).mul_(1.0 / (1.0 - p))
     if y.dtype == A.dtype:
