@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, bench, kernel_times_and_gaps  # noqa: E402
+from common import append_rows, bench, comma_list, kernel_times_and_gaps  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Cases
@@ -100,6 +100,12 @@ def cases_for(preset: str):
     for S in (2048, 8192):
         out.append(_case("gqa", max(1, 16384 // S), S, 32, 8, 128))
     return out
+
+
+MODES = ("fwd", "bwd", "full")
+# every provider make_provider knows (see the module docstring)
+PROVIDERS = ("ours", "ours-atomic", "ours-holes", "ours-gridorder", "ours-varlen", "reference", "sdpa-flash",
+             "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "hf-sdpa", "flex", "flash-attn")
 
 
 def default_providers(case, device: str, preset: str = ""):
@@ -351,8 +357,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=["cpu", "smoke", "gpu-quick", "gpu-full"], default=None)
-    ap.add_argument("--modes", default="fwd,bwd,full", help="comma-separated subset of fwd,bwd,full")
-    ap.add_argument("--providers", default=None, help="comma-separated; default: every applicable one")
+    ap.add_argument("--modes", default=list(MODES), type=comma_list(MODES), help="comma-separated subset of fwd,bwd,full")
+    ap.add_argument("--providers", default=None, type=comma_list(PROVIDERS),
+                    help=f"comma-separated subset of {','.join(PROVIDERS)}; default: every applicable one")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     ap.add_argument("--out-dir", default=None, help="where attention.jsonl is appended (default benchmarks/results)")
     args = ap.parse_args(argv)
@@ -365,14 +372,14 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     ]
-    modes = [m for m in args.modes.split(",") if m]
+    modes = args.modes
     # SDPA explains at length why a pinned backend refuses a case; the table says it once.
     warnings.filterwarnings("ignore", message=".*(kernel not used|runtime disabled|fused kernels require).*")
     rows, n_saved, path = [], 0, None
     t0 = time.time()
     print(f"{'case':9s} {'B':>3s} {'S':>6s} {'H/Hkv':>6s} {'D':>4s} {'mode':5s} {'provider':15s} {'ms':>9s} {'TFLOP/s':>8s} {'MB':>8s}")
     for case in cases_for(preset):
-        provs = args.providers.split(",") if args.providers else default_providers(case, args.device, preset)
+        provs = args.providers or default_providers(case, args.device, preset)
         for mode in modes:
             for p in provs:
                 try:

@@ -52,6 +52,7 @@ sys.path.insert(0, HERE)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # patched providers -> patch_model's fuse_lora
 PATCHED = {"patched": "auto", "patched_nofuse": False, "patched_fuse": True}
+TASKS = ("mntp", "simcse")
 
 # Llama-shaped configs with random weights. SmolLM2-135M's is copied from its config.json
 # (the GGUF holds the same numbers); the 1B class is Llama-3.2-1B's shape and the 7B class
@@ -423,21 +424,36 @@ def run_pair(args, config, task, B, T, ckpt, p, providers) -> list[dict]:
     return rows
 
 
+def _dropout(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}")
+    return v
+
+
 def main(argv=None) -> int:
+    from common import comma_list, device_arg, nonnegative_int, positive_int, shape_arg
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--preset", default=None, choices=list(PRESETS), help="default: cpu on CPU, gpu-quick on CUDA")
     ap.add_argument("--out-dir", default=None, help="where e2e.jsonl goes (default benchmarks/results)")
-    ap.add_argument("--tasks", default="mntp,simcse")
-    ap.add_argument("--providers", default="stock,patched")
-    ap.add_argument("--configs", default=None, help="comma list overriding the preset's configs")
-    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (smoke tests)")
-    ap.add_argument("--mntp-shape", default=None, help="BxT overriding the preset's MNTP batch")
-    ap.add_argument("--simcse-shape", default=None, help="BxT overriding the preset's SimCSE batch")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per provider")
+    ap.add_argument("--tasks", default=["mntp", "simcse"], type=comma_list(TASKS),
+                    help="comma-separated subset of mntp,simcse")
+    ap.add_argument("--providers", default=["stock", "patched"], type=comma_list(("stock", *PATCHED)),
+                    help=f"comma-separated subset of {','.join(('stock', *PATCHED))}")
+    ap.add_argument("--configs", default=None, type=comma_list(CONFIGS),
+                    help=f"comma list overriding the preset's configs ({','.join(CONFIGS)})")
+    ap.add_argument("--layers", type=positive_int, default=None, help="override the number of layers (smoke tests)")
+    ap.add_argument("--mntp-shape", default=None, type=shape_arg, help="BxT overriding the preset's MNTP batch")
+    ap.add_argument("--simcse-shape", default=None, type=shape_arg, help="BxT overriding the preset's SimCSE batch")
+    ap.add_argument("--warmup", type=nonnegative_int, default=None)
+    ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per provider")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--attn-dropout", type=float, default=0.0,
+    ap.add_argument("--attn-dropout", type=_dropout, default=0.0,
                     help="attention dropout for both providers (the SimCSE recipe used 0.3; LoRA dropout "
                          "0.05 already makes the two views differ)")
     ap.add_argument("--ckpt", default="preset", choices=["preset", "on", "off"],
@@ -451,11 +467,11 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("--provider", help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=positive_int, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=positive_int, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     ap.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=positive_int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.device is None:
@@ -470,24 +486,24 @@ def main(argv=None) -> int:
 
     preset = args.preset or ("cpu" if args.device == "cpu" else "gpu-quick")
     p = PRESETS[preset]
-    tasks = args.tasks.split(",")
+    tasks = args.tasks
     cases = []
     for config, task, shape, ckpt in p["cases"]:
         if task not in tasks:
             continue
         override = args.mntp_shape if task == "mntp" else args.simcse_shape
         if override:
-            shape = tuple(int(x) for x in override.lower().split("x"))
+            shape = override
         if args.ckpt != "preset":
             ckpt = args.ckpt == "on"
-        for c in (args.configs.split(",") if args.configs else [config]):
+        for c in (args.configs or [config]):
             if (c, task, shape, ckpt) not in cases:
                 cases.append((c, task, shape, ckpt))
 
     n_rows, failed = 0, 0
     for config, task, (B, T), ckpt in cases:
         try:
-            got = run_pair(args, config, task, B, T, ckpt, p, args.providers.split(","))
+            got = run_pair(args, config, task, B, T, ckpt, p, args.providers)
         except RuntimeError as e:
             print(f"[e2e] FAILED: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -512,7 +528,13 @@ def main(argv=None) -> int:
             # appended pair by pair: a run cut short by a timeout keeps what it finished
             from common import append_rows
 
-            path = append_rows("e2e", list(pair.values()), args.device, args.out_dir)
+            # The device string names the threads the workers ran with (their rows' threads:
+            # the preset's), not this driver's count.
+            by_threads = {}
+            for row in pair.values():
+                by_threads.setdefault(row.get("threads"), []).append(row)
+            for threads, rs in by_threads.items():
+                path = append_rows("e2e", rs, args.device, args.out_dir, threads=threads)
             n_rows += len(pair)
             print(f"[e2e] {len(pair)} rows -> {path}", flush=True)
     return 1 if failed else 0

@@ -135,13 +135,15 @@ def stock_encode(model, tok, texts, batch_size, device):
 
 
 def main(argv=None) -> int:
+    from common import device_arg, positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--preset", default=None, choices=list(PRESETS))
     ap.add_argument("--out-dir", default=None, help="where encode.jsonl goes (default benchmarks/results)")
-    ap.add_argument("--n-texts", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--n-texts", type=positive_int, default=None)
+    ap.add_argument("--batch-size", type=positive_int, default=None)
+    ap.add_argument("--reps", type=positive_int, default=None, help="timed reps per provider (after one warm-up)")
     ap.add_argument("--model", default=None, choices=["smollm2-135m", "llama-1b", "mistral-7b"],
                     help="override the preset's model")
     ap.add_argument("--seed", type=int, default=0)

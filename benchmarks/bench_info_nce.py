@@ -39,13 +39,20 @@ PRESETS = {
 }
 
 
+PROVIDERS = ("ours_triton", "ours_cuda", "eager", "torch_compile")
+
+
 def main(argv=None) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import comma_list
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--preset", choices=list(PRESETS), default=None)
     p.add_argument("--out-dir", default=None, help="where info_nce.jsonl is appended (default benchmarks/results)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--providers", default=None, help="comma-separated subset of the preset's providers")
+    p.add_argument("--providers", default=None, type=comma_list(PROVIDERS),
+                   help=f"comma-separated subset of {','.join(PROVIDERS)} (default: the preset's)")
     args = p.parse_args(argv)
     preset_name = args.preset or ("gpu-quick" if args.device == "cuda" else "cpu")
     preset = PRESETS[preset_name]
@@ -67,7 +74,7 @@ def main(argv=None) -> int:
     dev = args.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if dev == "cuda" else "fp32")]
-    providers = preset["providers"] if not args.providers else args.providers.split(",")
+    providers = args.providers or preset["providers"]
 
     # Providers run in the preset's order within each case, the comparisons that matter first
     # (ours, then torch.compile): a run cut short by a timeout keeps those rows. The CUDA

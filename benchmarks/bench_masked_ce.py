@@ -88,9 +88,14 @@ FLAG_OFF = {
     "strategy-two_pass-triton-fwd": ("two_pass", "GEMM_FORWARD"),
     "strategy-eager-chunked": ("eager", "EAGER_STORED"),
 }
+# every provider make_fn knows: those of the presets
+PROVIDERS = tuple(dict.fromkeys(x for preset in PRESETS.values() for x in preset["providers"]))
 
 
 def main(argv=None) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import comma_list
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--preset", choices=list(PRESETS), default=None)
@@ -99,7 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--eager-chunk-mb", type=int, default=None,
                    help="the eager strategy's fp32 logits chunk in MiB (default: the module's EAGER_CHUNK_ELEMS, "
                         "64 MiB); rows record it as eager_chunk_mib (a case of its own in the summary), to weigh speed against peak memory")
-    p.add_argument("--providers", default=None, help="comma-separated subset of the preset's providers")
+    p.add_argument("--providers", default=None, type=comma_list(PROVIDERS),
+                   help=f"comma-separated subset of {','.join(PROVIDERS)} (default: the preset's)")
     args = p.parse_args(argv)
     preset = args.preset or ("gpu-quick" if args.device == "cuda" else "cpu")
     if args.device == "cpu":
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     ]
     cfg = dict(PRESETS[preset])
     if args.providers:
-        cfg["providers"] = [x for x in args.providers.split(",") if x]
+        cfg["providers"] = args.providers
     seq = cfg.get("seq", SEQ)
     chunk_mb = None
     if args.eager_chunk_mb is not None:

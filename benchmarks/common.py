@@ -6,6 +6,7 @@ so a number never exists without the context that produced it.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -36,15 +37,19 @@ def git_sha() -> str:
         return "unknown"
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, threads: int | None = None) -> str:
+    """The GPU's name, or ``cpu:<processor> x<N> threads`` with N the torch CPU threads the
+    measured work ran with: ``threads`` when that was another process or another setting
+    (a benchmark's workers), else this process's ``torch.get_num_threads()``."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    n = threads if threads else torch.get_num_threads()
+    return f"cpu:{platform.processor() or platform.machine()} x{n} threads"
 
 
-def context(device: str) -> dict:
+def context(device: str, threads: int | None = None) -> dict:
     return {
-        "device": device_name(device),
+        "device": device_name(device, threads),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
@@ -53,16 +58,85 @@ def context(device: str) -> dict:
     }
 
 
-def append_rows(name: str, rows: list[dict], device: str, out_dir: str | None = None) -> str:
-    """Append ``rows`` (each merged with the run's context) to ``<out_dir>/<name>.jsonl``."""
+def append_rows(name: str, rows: list[dict], device: str, out_dir: str | None = None,
+                threads: int | None = None) -> str:
+    """Append ``rows`` (each merged with the run's context) to ``<out_dir>/<name>.jsonl``;
+    ``threads``: the CPU threads the rows' work ran with, when not this process's count
+    (see :func:`device_name`)."""
     out_dir = out_dir or RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.jsonl")
-    ctx = context(device)
+    ctx = context(device, threads)
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps({**ctx, **r}) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------
+# argparse types: a bad option value stops a script at parse time (argparse's one-line
+# error, exit status 2) instead of a traceback, or a run that measures nothing, later on
+# --------------------------------------------------------------------------------------
+
+
+def int_at_least(lo: int):
+    """An argparse ``type``: an int >= ``lo``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def comma_list(choices):
+    """An argparse ``type``: a non-empty comma-separated list, each item one of ``choices``
+    (returned as a list, in the order given, without repeats)."""
+    choices = list(choices)
+
+    def parse(text: str) -> list[str]:
+        items = []
+        for x in (t.strip() for t in text.split(",")):
+            if x and x not in items:
+                items.append(x)
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            got = ",".join(bad) if bad else repr(text)
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(choices)}, got {got}")
+        return items
+
+    parse.__name__ = "comma-separated list"
+    return parse
+
+
+def shape_arg(text: str) -> tuple[int, int]:
+    """An argparse ``type``: ``BxT`` with B, T >= 1 (``8x128``)."""
+    parts = text.lower().split("x")
+    try:
+        b, t = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BxT with two ints >= 1 (8x128), got {text!r}") from None
+    if b < 1 or t < 1:
+        raise argparse.ArgumentTypeError(f"expected BxT with two ints >= 1 (8x128), got {text!r}")
+    return b, t
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    head, _, idx = text.partition(":")
+    if text == "cpu" or (head == "cuda" and (not _ or idx.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def allocation_peak(fn) -> tuple[int, int]:

@@ -161,16 +161,42 @@ def spearman_of(emb, rows) -> float:
     return float(spearmanr(cos, [r[2] for r in rows]).statistic) * 100
 
 
-def main() -> None:
+IMPLS = ("original", "fast", "fast-causal")
+DTYPES = ("float32", "bfloat16")
+
+
+def _configs(text: str) -> list[tuple[str, str]]:
+    """``--configs``: comma-separated ``impl:dtype`` runs (impl in IMPLS, dtype in DTYPES)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        impl, _, dtype = item.partition(":")
+        if impl not in IMPLS or dtype not in DTYPES:
+            raise argparse.ArgumentTypeError(
+                f"expected impl:dtype items, impl in {','.join(IMPLS)} and dtype in {','.join(DTYPES)}, got {item!r}")
+        out.append((impl, dtype))
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one impl:dtype, got {text!r}")
+    return out
+
+
+def main(argv=None) -> None:
+    sys.path.insert(0, HERE)
+    from common import int_at_least, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--orig-python", default="/work/llm2vec-orig-venv/bin/python")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--configs", default="original:float32,fast:float32,fast:bfloat16",
-                   help="comma-separated impl:dtype runs per round, in this order")
-    p.add_argument("--limit", type=int, default=None, help="first N pairs only (recorded with the limit in the row)")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--rounds", type=positive_int, default=1)
+    p.add_argument("--configs", default="original:float32,fast:float32,fast:bfloat16", type=_configs,
+                   help="comma-separated impl:dtype runs per round, in this order (impl: original, fast, "
+                        "fast-causal; dtype: float32, bfloat16)")
+    p.add_argument("--limit", type=int_at_least(2), default=None,
+                   help="first N pairs only, N >= 2 (recorded with the limit in the row)")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--out-dir", default=None, help="where encode_vs_original.jsonl is appended (default benchmarks/results)")
     p.add_argument("--record-from-log", default=None,
                    help="record the runs printed to a log by an interrupted driver (rows, summary) and exit")
     # worker mode
@@ -180,13 +206,13 @@ def main() -> None:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--texts", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         return worker(args)
 
     import numpy as np
 
-    configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    configs = args.configs
     if args.record_from_log:
         with open(args.record_from_log) as f:
             runs = [json.loads(line) for line in f if line.startswith('{"impl"')]
@@ -220,7 +246,11 @@ def main() -> None:
 
 def record(runs, configs, args) -> None:
     """Print the summary (medians and per-round ratios) and append runs + summary as rows."""
-    summary = {"kind": "summary", "threads": args.threads, "batch_size": args.batch_size, "rounds": args.rounds,
+    # The workers' thread count (each run records it; --threads unless recorded from a log),
+    # for the summary and the rows' device string: never this driver's own count.
+    threads = sorted({x["threads"] for x in runs if x.get("threads")}) or [args.threads]
+    threads = threads[0] if len(threads) == 1 else threads
+    summary = {"kind": "summary", "threads": threads, "batch_size": args.batch_size, "rounds": args.rounds,
                "n_texts": runs[0]["n_texts"], "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised)",
                "attention": "bidirectional (fast-causal: causal)", "pooling": "mean"}
     for impl, dtype in configs:
@@ -253,7 +283,13 @@ def record(runs, configs, args) -> None:
         sys.path.insert(0, HERE)
         from common import append_rows
 
-        path = append_rows("encode_vs_original", [dict(kind="run", **x) for x in runs] + [summary], "cpu")
+        rows = [dict(kind="run", **x) for x in runs] + [summary]
+        by_threads = {}  # one device string per thread count (runs from a log may mix them)
+        for row in rows:
+            t = row.get("threads")
+            by_threads.setdefault(t if isinstance(t, int) else None, []).append(row)
+        for t, rs in by_threads.items():
+            path = append_rows("encode_vs_original", rs, "cpu", getattr(args, "out_dir", None), threads=t)
         print("appended to", path)
 
 

@@ -47,7 +47,15 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    from llm2vec_fast.commands import UsageError
+
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        # One line and status 2, as argparse reports its own errors (the train commands
+        # return 2 after printing theirs); raised on, so callers of main() see which option.
+        print(f"llm2vec-fast {args.command}: error: {e}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

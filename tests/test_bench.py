@@ -380,3 +380,90 @@ def test_masked_ce_bench_runs_every_provider_on_cpu(tmp_path, monkeypatch):
                 r = [r for r in rows if (r["provider"], r["w_grad"], r["mode"]) == (p, w_grad, mode)]
                 assert len(r) == 1 and "error" not in r[0] and r[0]["ms"] == 1.0, (p, w_grad, mode, r)
     assert {flag: getattr(mce, flag) for flag in flags} == flags
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench_attention", ["--device", "cpu", "--preset", "cpu", "--modes", "fw"]),
+    ("bench_attention", ["--device", "cpu", "--preset", "cpu", "--modes", ","]),
+    ("bench_attention", ["--device", "cpu", "--preset", "cpu", "--providers", "bogus"]),
+    ("bench_info_nce", ["--device", "cpu", "--preset", "cpu", "--providers", "ours"]),
+    ("bench_masked_ce", ["--device", "cpu", "--preset", "cpu", "--providers", "strategy-auto"]),
+    ("bench_encode", ["--device", "cpu", "--preset", "cpu", "--n-texts", "4", "--reps", "0"]),
+    ("bench_encode", ["--device", "cpu", "--preset", "cpu", "--batch-size", "0"]),
+    ("bench_e2e", ["--device", "cpu", "--preset", "cpu", "--steps", "0"]),
+    ("bench_e2e", ["--device", "cpu", "--preset", "cpu", "--warmup", "-1"]),
+    ("bench_e2e", ["--device", "cpu", "--preset", "cpu", "--tasks", "mntp,nope"]),
+    ("bench_e2e", ["--device", "cpu", "--preset", "cpu", "--providers", "stock,bogus"]),
+    ("bench_e2e", ["--device", "cpu", "--preset", "cpu", "--mntp-shape", "8x"]),
+    ("compare_original_encode", ["--configs", "fast:float16", "--no-record"]),
+    ("compare_original_encode", ["--rounds", "0", "--no-record"]),
+])
+def test_bench_scripts_refuse_bad_option_values_at_parse_time(tmp_path, capsys, script, argv):
+    """argparse's one-line error and status 2, before anything runs or is written (the
+    values used to print "unsupported" rows and exit 0, or end in a StatisticsError)."""
+    mod = _load(script)
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as e:
+        mod.main([*argv, "--out-dir", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    bad = [a for a in argv if a.startswith("--") and a not in ("--device", "--preset", "--no-record")][-1]
+    assert f": error: argument {bad}: expected " in err[-1], err
+    assert not out.exists()
+
+
+def _e2e_row(provider, threads):
+    return dict(bench="e2e", config="smollm2-135m-1L", task="simcse", provider=provider, batch=2, seq=16, tokens=64,
+                threads=threads, steps=1, ms=10.0, ms_p20=10.0, ms_p80=10.0, cpu_ms=20.0, tokens_per_s=6400.0,
+                loss0=1.0, peak_mem_mb=100.0, step_mem_mb=10.0, mem_kind="peak_rss_subprocess")
+
+
+def test_e2e_rows_name_the_workers_thread_count(tmp_path, monkeypatch):
+    """The workers run with the preset's threads (2 on the CPU): the rows' device string says
+    so, whatever the driver's own count (1 under OMP_NUM_THREADS=1)."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path / "results"))  # never the repository's
+    be = _load("bench_e2e")
+    monkeypatch.setattr(be, "run_pair", lambda args, config, task, B, T, ckpt, p, providers:
+                        [_e2e_row(prov, p["threads"]) for prov in providers])
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert be.main(["--device", "cpu", "--preset", "cpu", "--tasks", "simcse", "--out-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(old)
+    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and be.PRESETS["cpu"]["threads"] == 2
+    assert all(r["threads"] == 2 and r["device"].endswith(" x2 threads") for r in rows), [r["device"] for r in rows]
+
+
+def test_compare_original_encode_rows_name_the_workers_thread_count(tmp_path, monkeypatch):
+    """Rows recorded by the driver (or from a log) carry the workers' --threads in the device
+    string, and go to --out-dir."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, BENCH)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path / "results"))  # never the repository's
+    co = _load("compare_original_encode")
+    runs = [dict(impl=impl, dtype="float32", n_texts=4, encode_s=1.0, texts_per_s=4.0, cpu_s=2.0, texts_per_cpu_s=2.0,
+                 load_s=1.0, threads=3, batch_size=2, round=0, stsb_test_spearman_x100=50.0, wall_s=2.0)
+           for impl in ("original", "fast")]
+    args = argparse.Namespace(threads=3, batch_size=2, rounds=1, limit=2, no_record=False, out_dir=str(tmp_path / "out"))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        co.record(runs, [("original", "float32"), ("fast", "float32")], args)
+    finally:
+        torch.set_num_threads(old)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "encode_vs_original.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["run", "run", "summary"]
+    assert all(r["device"].endswith(" x3 threads") and r["threads"] == 3 for r in rows), [r["device"] for r in rows]
+    assert not (tmp_path / "results").exists()

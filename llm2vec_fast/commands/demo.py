@@ -76,22 +76,58 @@ def run(args) -> int:
     import shutil
     import time
 
-    import torch
+    from . import UsageError
 
     for name in ("eval_pairs", "mntp_steps", "simcse_steps"):
         if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected an int >= 0, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 0, got {getattr(args, name)}")
     if args.simcse_batch_size < 2:
-        raise SystemExit(f"--simcse-batch-size: a contrastive loss needs at least 2 sentences, got {args.simcse_batch_size}")
+        raise UsageError(f"--simcse-batch-size: a contrastive loss needs at least 2 sentences, "
+                         f"got {args.simcse_batch_size}")
     if args.eval_pairs == 1:
-        raise SystemExit("--eval-pairs: Spearman needs at least 2 pairs (0 = the full split)")
+        raise UsageError("--eval-pairs: Spearman needs at least 2 pairs (0 = the full split)")
+
+    import torch
+
+    from llm2vec_fast.training.config import MNTPConfig, SimCSEConfig, make_config
+    from llm2vec_fast.training.pipeline import check_output_dir
+
+    # The output folder and both stages' settings are checked before anything loads or is
+    # written (the encoder is saved in the folder at the end); errors name the demo's flags.
+    try:
+        check_output_dir(args.output_dir, "--output-dir")
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    workdir = os.path.join(args.output_dir, "_stages")  # Trainer scratch; removed at the end
+    common = dict(use_lora=args.lora, group_by_length=True, max_seq_length=args.max_seq_length, seed=args.seed,
+                  bf16=args.bf16, progress=args.progress, save_steps=0, warmup_steps=0)
+
+    def stage_config(cls, flags, **values):
+        try:  # a skipped stage (0 steps) still gets a valid config, never used
+            return make_config(cls, dict(common, **values))
+        except ValueError as e:
+            field, _, rest = str(e).partition(": ")
+            raise UsageError(f"{flags.get(field, field)}: {rest}" if rest else str(e)) from e
+
+    mntp_cfg = stage_config(
+        MNTPConfig, {"per_device_batch_size": "--mntp-batch-size", "learning_rate": "--mntp-lr",
+                     "max_seq_length": "--max-seq-length"},
+        output_dir=os.path.join(workdir, "mntp"), max_steps=max(1, args.mntp_steps),
+        per_device_batch_size=args.mntp_batch_size, learning_rate=args.mntp_lr,
+        logging_steps=max(1, args.mntp_steps // 10), mlm_probability=0.2, mask_token="_")
+    simcse_cfg = stage_config(
+        SimCSEConfig, {"per_device_batch_size": "--simcse-batch-size", "learning_rate": "--simcse-lr",
+                       "attention_dropout": "--simcse-dropout", "max_seq_length": "--max-seq-length"},
+        output_dir=os.path.join(workdir, "simcse"), max_steps=max(1, args.simcse_steps),
+        per_device_batch_size=args.simcse_batch_size, learning_rate=args.simcse_lr,
+        logging_steps=max(1, args.simcse_steps // 10), attention_dropout=args.simcse_dropout,
+        temperature=0.05, pooling_mode="mean")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from llm2vec_fast.encoder import LLM2Vec
     from llm2vec_fast.evaluation import spearman_x100
     from llm2vec_fast.hf.patch import patch_model
-    from llm2vec_fast.training.config import MNTPConfig, SimCSEConfig, make_config
     from llm2vec_fast.training.pipeline import save_encoder, train_contrastive, train_mntp
 
     t_all, c_all = time.perf_counter(), time.process_time()
@@ -111,8 +147,6 @@ def run(args) -> int:
             self.wall, self.cpu = time.perf_counter() - self.t, time.process_time() - self.c
             if exc[0] is None:
                 rows.append((self.name, self.score, self.wall, self.cpu))
-
-    workdir = os.path.join(args.output_dir, "_stages")  # Trainer scratch; removed at the end
 
     with Stage("load model + data") as st:
         if args.toy:
@@ -158,15 +192,9 @@ def run(args) -> int:
     patch_model(model)
     evaluate("bidirectional, untrained", model.base_model)
 
-    common = dict(use_lora=args.lora, group_by_length=True, max_seq_length=args.max_seq_length, seed=args.seed,
-                  bf16=args.bf16, progress=args.progress, save_steps=0, warmup_steps=0)
     if args.mntp_steps:
         with Stage("MNTP training") as st:
-            cfg = make_config(MNTPConfig, dict(
-                common, output_dir=os.path.join(workdir, "mntp"), max_steps=args.mntp_steps,
-                per_device_batch_size=args.mntp_batch_size, learning_rate=args.mntp_lr,
-                logging_steps=max(1, args.mntp_steps // 10), mlm_probability=0.2, mask_token="_"))
-            model, trainer = train_mntp(model, tok, sentences, cfg, save_checkpoints=False)
+            model, trainer = train_mntp(model, tok, sentences, mntp_cfg, save_checkpoints=False)
             if hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -178,12 +206,7 @@ def run(args) -> int:
     base = model.base_model
     if args.simcse_steps:
         with Stage("SimCSE training") as st:
-            cfg = make_config(SimCSEConfig, dict(
-                common, output_dir=os.path.join(workdir, "simcse"), max_steps=args.simcse_steps,
-                per_device_batch_size=args.simcse_batch_size, learning_rate=args.simcse_lr,
-                logging_steps=max(1, args.simcse_steps // 10), attention_dropout=args.simcse_dropout,
-                temperature=0.05, pooling_mode="mean"))
-            base, trainer = train_contrastive(base, tok, sentences, cfg, mode="simcse", save_checkpoints=False)
+            base, trainer = train_contrastive(base, tok, sentences, simcse_cfg, mode="simcse", save_checkpoints=False)
             if hasattr(base, "merge_and_unload"):
                 base = base.merge_and_unload()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

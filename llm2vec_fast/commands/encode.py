@@ -1,6 +1,11 @@
 """``llm2vec-fast encode``: embed the lines of a text file into a ``.npy`` matrix."""
 from __future__ import annotations
 
+import os
+import re
+
+from . import UsageError
+
 HELP = "embed a text file (one text per line) into an (N, C) float32 .npy matrix"
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -28,7 +33,9 @@ def add_model_arguments(p) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
-    p.add_argument("--output", required=True, help="where to write the .npy matrix (N, C) float32")
+    p.add_argument("--output", required=True,
+                   help="where to write the (N, C) float32 matrix: a .npy path (.npy is added to a name "
+                        "without a suffix; other suffixes are refused); its folder must exist")
     p.add_argument("--instruction", default="",
                    help="instruction paired with every text (attended to, excluded from pooling)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
@@ -36,8 +43,52 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
 
 
+# What huggingface_hub accepts as a repo id ("name" or "namespace/name"); anything else
+# that is not an existing folder cannot load.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+# What a folder needs to load: a transformers config or an encoder config (an adapter saved
+# by LLM2Vec.save names its base there); an adapter folder (--peft) needs peft's config.
+_MODEL_FILES = ("config.json", "llm2vec_fast_config.json", "llm2vec_config.json")
+_ADAPTER_FILES = ("adapter_config.json",)
+
+
+def _check_model_path(option: str, name: str, needs=_MODEL_FILES) -> None:
+    """``name`` must be a folder holding one of ``needs``, a known alias or a hub id: a local
+    path that does not exist (absolute, ``./x``, ``~/x``, ``a/b/c``), a file or a folder
+    without a model is refused before anything loads."""
+    from llm2vec_fast.models import resolve_model_name
+
+    if os.path.isdir(name):
+        if not any(os.path.isfile(os.path.join(name, f)) for f in needs):
+            raise UsageError(f"{option}: {name} holds no model (none of {', '.join(needs)})")
+        return
+    if os.path.exists(name):
+        raise UsageError(f"{option}: {name} is a file; expected a model folder or a hub name")
+    if resolve_model_name(name)[0] != name:  # an alias of the offline default model
+        return
+    if not _HUB_ID.fullmatch(name) or "--" in name or ".." in name:
+        raise UsageError(f"{option}: no such folder: {name}")
+
+
+def check_model_arguments(args) -> None:
+    """The shared options' values, checked before the model loads (heavy imports come later)."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected an int >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError(f"--max-length: expected an int >= 1, got {args.max_length}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected an int >= 1, got {args.threads}")
+    _check_model_path("--model", args.model)
+    if args.peft is not None:
+        _check_model_path("--peft", args.peft, _ADAPTER_FILES)
+
+
 def load_encoder(args):
-    """Build an LLM2Vec from the shared options (heavy imports happen here)."""
+    """Build an LLM2Vec from the shared options (heavy imports happen here). A model that
+    does not load (a folder without a model, an unknown or unreachable hub name) is a
+    one-line :class:`UsageError` naming the option."""
     import torch
 
     from llm2vec_fast.encoder import LLM2Vec
@@ -49,8 +100,14 @@ def load_encoder(args):
         kw["pooling_mode"] = args.pooling
     if args.max_length:
         kw["max_length"] = args.max_length
-    enc = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft,
-                                  enable_bidirectional=not args.causal, **kw)
+    try:
+        enc = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft,
+                                      enable_bidirectional=not args.causal, **kw)
+    except (OSError, ValueError) as e:  # transformers / hub: missing or unusable files, unknown repo
+        what = "--model / --peft" if args.peft else "--model"
+        names = f"{args.model}" + (f" / {args.peft}" if args.peft else "")
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"{what}: cannot load {names}: {msg[:300]}") from e
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if not devices:
@@ -64,18 +121,58 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
+def read_input(path: str) -> list[str]:
+    """The lines of ``--input``; an unreadable, non-UTF-8 or empty file is a UsageError."""
+    try:
+        texts = read_lines(path)
+    except OSError as e:
+        raise UsageError(f"--input: cannot read {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--input: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not texts:
+        raise UsageError(f"--input: {path} holds no lines to embed")
+    return texts
+
+
+def output_path(path: str) -> str:
+    """The file ``--output`` names, checked before any work: ``.npy`` is the only format, so a
+    name without a suffix gets ``.npy`` (what ``np.save`` would write) and another suffix
+    is refused; the folder must exist and be writable, and the path must not be a folder."""
+    if not os.path.basename(path):
+        raise UsageError(f"--output: expected a .npy file path, got the folder {path}")
+    ext = os.path.splitext(path)[1]
+    if ext == "":
+        path += ".npy"
+    elif ext.lower() != ".npy":
+        raise UsageError(f"--output: expected a .npy path (the only format written), got {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        probe = folder  # the nearest ancestor that exists (below a file nothing does)
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        why = f"{probe} is a file, not a folder" if not os.path.isdir(probe) else f"folder {folder} does not exist"
+        raise UsageError(f"--output: cannot write {path}: {why}")
+    if os.path.isdir(path):
+        raise UsageError(f"--output: {path} is a folder; expected a .npy file path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"--output: cannot write {path}: permission denied")
+    return path
+
+
 def run(args) -> int:
+    check_model_arguments(args)
+    out = output_path(args.output)
+    texts = read_input(args.input)
     import numpy as np
 
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size: expected an int >= 1, got {args.batch_size}")
-    texts = read_lines(args.input)
-    if not texts:
-        raise SystemExit(f"--input: {args.input} holds no lines to embed")
     enc, devices = load_encoder(args)
     inputs = [[args.instruction, t] for t in texts] if args.instruction else texts
     emb = enc.encode(inputs, batch_size=args.batch_size, show_progress_bar=not args.no_progress,
                      convert_to_numpy=True, normalize_embeddings=args.normalize, devices=devices)
-    np.save(args.output, emb.astype(np.float32))
-    print(f"wrote {args.output}: {emb.shape[0]} x {emb.shape[1]} float32")
+    try:
+        with open(out, "wb") as f:  # a file object: np.save writes exactly this path
+            np.save(f, emb.astype(np.float32))
+    except OSError as e:
+        raise UsageError(f"--output: cannot write {out}: {e.strerror or e}") from e
+    print(f"wrote {out}: {emb.shape[0]} x {emb.shape[1]} float32")
     return 0

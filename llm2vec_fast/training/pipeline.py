@@ -250,6 +250,25 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
     return model, trainer
 
 
+def check_output_dir(path: str, what: str = "output_dir") -> None:
+    """ValueError unless ``path`` is a writable folder or one this process can create (under
+    a writable folder, not under a file). Creates nothing: a refused run leaves no folder."""
+    full = os.path.abspath(path)
+    if os.path.exists(full):
+        if not os.path.isdir(full):
+            raise ValueError(f"{what}: {path!r} exists and is not a folder")
+        if not os.access(full, os.W_OK | os.X_OK):
+            raise ValueError(f"{what}: {path!r} is not writable")
+        return
+    parent = full
+    while not os.path.lexists(parent):  # the nearest ancestor that exists (a file reads as none below it)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what}: cannot create {path!r}: {parent!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot create {path!r}: {parent!r} is not writable")
+
+
 def _check_mntp_inputs(cfg: MNTPConfig):
     train = read_texts(cfg.train_file, "train_file") if cfg.train_file else None
     if train is None:
@@ -267,6 +286,7 @@ def _check_mntp_inputs(cfg: MNTPConfig):
 def run_mntp(cfg: MNTPConfig) -> dict:
     """MNTP from files to a saved model. Returns the final metrics."""
     cfg.validate()
+    check_output_dir(cfg.output_dir)
     train, evals = _check_mntp_inputs(cfg)
     model, tok = load_model(cfg.model_name_or_path, causal_lm=True, dtype=cfg.dtype,
                             peft_model_name_or_path=cfg.peft_model_name_or_path)
@@ -365,6 +385,7 @@ def _check_block(cfg, sizes: dict):
 
 def run_simcse(cfg: SimCSEConfig) -> dict:
     cfg.validate()
+    check_output_dir(cfg.output_dir)
     if not cfg.train_file:
         raise ValueError("train_file: expected a .txt or .jsonl file of training texts")
     texts = read_texts(cfg.train_file, "train_file")
@@ -380,6 +401,7 @@ def run_simcse(cfg: SimCSEConfig) -> dict:
 
 def run_supervised(cfg: SupervisedConfig) -> dict:
     cfg.validate()
+    check_output_dir(cfg.output_dir)
     instructions = read_instructions(cfg.instructions)
     data = load_supervised(cfg.train_files, instructions, require_negative=cfg.hard_negatives)
     if cfg.max_train_samples:
