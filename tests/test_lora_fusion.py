@@ -561,6 +561,7 @@ def test_hooks_on_modules_the_fused_paths_read_are_honoured():
         model = _lora_model("llama", fuse=fuse)
         base = model.get_base_model()
         base.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: o * 1.5)
+        base.model.layers[1].mlp.act_fn.register_forward_hook(lambda m, a, o: o * 0.5)
         fired = []
         base.model.layers[1].self_attn.q_proj.base_layer.register_forward_pre_hook(lambda m, a: fired.append(1))
         out[fuse] = (_loss_and_grads(model, batch)[0], len(fired))

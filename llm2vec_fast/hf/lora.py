@@ -578,21 +578,30 @@ def _use_fused(dropout: bool) -> bool:
     return torch.is_grad_enabled() or dropout
 
 
-def _hooked(module) -> bool:
-    """A hook would run on ``module``'s submodules (or on every module): the fused paths read
-    their weights without calling them, so they leave such a module to its own forward."""
+def _skipped(module, itself: bool) -> list:
+    """The modules whose ``__call__`` a fused path skips when it stands in for ``module``'s
+    forward: a LoRA ``Linear``'s base layer, A, B and dropout (and the LoRA module itself when
+    a fused MLP reads it), a plain ``nn.Linear`` itself."""
+    if not hasattr(module, "base_layer"):
+        return [module] if itself else []
+    subs = [module.base_layer, *module.lora_A.values(), *module.lora_B.values(), *module.lora_dropout.values()]
+    return [module, *subs] if itself else subs
+
+
+def _hooked(mods) -> bool:
+    """A hook would run on one of ``mods`` (or on every module): the fused paths read their
+    weights without calling them, so they leave the work to the modules' own forwards."""
     from torch.nn.modules import module as mm
 
     if (mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
             or mm._global_backward_pre_hooks):
         return True
-    return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
-               for sub in module.modules() if sub is not module)
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in mods)
 
 
 def _fast_lora_forward(self, x, *args, _cpu_only: bool = False, **kwargs):
     """Instance ``forward`` of a peft LoRA ``Linear``: :class:`_LoraLinearFn` when it applies."""
-    parts = None if (args or kwargs or not _fast_ok(x, _cpu_only) or _hooked(self)) else lora_parts(self)
+    parts = None if (args or kwargs or not _fast_ok(x, _cpu_only) or _hooked(_skipped(self, False))) else lora_parts(self)
     if parts is None or parts[2] is None or x.dtype != parts[0].dtype or not _use_fused(parts[5] > 0):
         return type(self).forward(self, x, *args, **kwargs)
     W, b, A, B, s, p = parts
@@ -605,7 +614,8 @@ def make_gated_mlp_forward(mlp, kind: str, cpu_only: bool = False):
     orig = type(mlp).forward
 
     def forward(self, x):
-        if _fast_ok(x, cpu_only) and not _hooked(self):
+        if _fast_ok(x, cpu_only) and not _hooked([self.act_fn] + [m for n in ("gate_proj", "up_proj", "down_proj")
+                                                                   for m in _skipped(getattr(self, n), True)]):
             parts = [lora_parts(getattr(self, n)) for n in ("gate_proj", "up_proj", "down_proj")]
             if all(pt is not None for pt in parts) and all(pt[0].dtype == x.dtype for pt in parts) \
                     and any(pt[2] is not None for pt in parts) and _use_fused(any(pt[5] > 0 for pt in parts)):
