@@ -270,7 +270,6 @@ class LLM2Vec(torch.nn.Module):
             padding_side = saved.get("padding_side")
         enc = cls(model, tokenizer, **config, padding_side=padding_side, packed=packed)
         enc._load_spec = spec
-        enc._enable_bidirectional = enable_bidirectional
         enc._weights_recipe = (_abs_if_dir(weights_base), merged)
         return enc
 
@@ -305,7 +304,7 @@ class LLM2Vec(torch.nn.Module):
         if save_config:
             cfg = {k: getattr(self, k) for k in ENCODER_KEYS}
             cfg["padding_side"] = self.padding_side
-            cfg["enable_bidirectional"] = bool(getattr(self, "_enable_bidirectional", True))
+            cfg["enable_bidirectional"] = self._is_patched()  # what the saved model is, however it was built
             if is_peft:
                 cfg["adapter_only"] = True
                 cfg["base_model_name_or_path"] = base
@@ -618,8 +617,7 @@ class LLM2Vec(torch.nn.Module):
             # An in-memory model: write it once, every worker loads the folder (no pickling).
             tmp = tempfile.TemporaryDirectory(prefix="llm2vec_fast_encode_")
             self.save(tmp.name)
-            spec = dict(base_model_name_or_path=tmp.name,
-                        enable_bidirectional=bool(getattr(self, "_enable_bidirectional", self._is_patched())),
+            spec = dict(base_model_name_or_path=tmp.name, enable_bidirectional=self._is_patched(),
                         dtype=next(self.model.parameters()).dtype)
         spec = dict(spec)
         for k in ENCODER_KEYS:

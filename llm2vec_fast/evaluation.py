@@ -46,7 +46,8 @@ def evaluate_sts(
         max_pairs: evaluate the first N pairs only (a fixed, documented subset).
         batch_size: texts per forward pass.
         instruction: optional instruction paired with every sentence (excluded from pooling).
-        return_details: return ``dict(spearman=..., n_pairs=..., sims=list)`` instead.
+        return_details: return ``dict(spearman=..., n_pairs=..., n_sentences=..., sims=list)``
+            instead (``n_sentences``: the unique sentences embedded).
 
     Returns the score as a float (e.g. 37.15). Each unique sentence is embedded once.
     """

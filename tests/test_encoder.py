@@ -492,6 +492,10 @@ def test_save_then_load_keeps_a_causal_encoder_causal(tmp_path):
     assert torch.equal(loaded.encode(inputs, show_progress_bar=False), before)
     # an explicit argument still wins over the saved setting
     assert is_patched(LLM2Vec.from_pretrained(str(tmp_path / "causal"), enable_bidirectional=True).model)
+    # an encoder built around an unpatched model (not by from_pretrained) saves as causal too
+    built = LLM2Vec(loaded.model, tok)
+    built.save(str(tmp_path / "built"))
+    assert not is_patched(LLM2Vec.from_pretrained(str(tmp_path / "built")).model)
 
 
 def _lora(seed):

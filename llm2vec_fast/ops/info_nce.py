@@ -149,7 +149,7 @@ def info_nce(
         cross_rank: with an initialised ``torch.distributed`` group, score against the
             documents of every rank (gradients flow back to the local shard).
 
-    Returns the mean loss, a 0-d fp32 tensor.
+    Returns the mean loss, a 0-d fp32 tensor (fp64 for fp64 embeddings).
     """
     _check_emb("emb_q", emb_q)
     _check_emb("emb_d", emb_d, emb_q.shape[1])
@@ -199,7 +199,8 @@ def pooled_info_nce(
         embed_mask_*: tokens that enter the pooled vector (instructions excluded).
         temperature, symmetric, cross_rank: as in :func:`info_nce`; pooling: as ``pool``'s mode.
 
-    Returns the mean loss (0-d fp32). Pooled sums are fp32 whatever the input dtype.
+    Returns the mean loss (0-d fp32). Pooled sums are fp32 whatever the 16-bit / fp32 input
+    dtype (fp64 input: fp64 sums and loss).
     """
     check_choice("pooling", pooling, POOLING_MODES)
     _check_pool_args("_q", hidden_q, mask_q, embed_mask_q, cu_seqlens_q)

@@ -422,7 +422,6 @@ def save_encoder(model, tokenizer, output_dir: str, *, pooling_mode: str = "mean
     enc = LLM2Vec(model, tokenizer, pooling_mode=pooling_mode, max_length=max(max_length, 8),
                   doc_max_length=max(max_length, 8), padding_side="right")
     enc._weights_recipe = (base_model_name_or_path, [])
-    enc._enable_bidirectional = True
     enc.save(output_dir, merge_before_save=merge)
 
 
