@@ -118,3 +118,19 @@ def test_position_ids_reused_for_another_batch_size():
     cu2, _ = packed_from_position_ids(pos, 2)
     assert cu1.tolist() == [0, 3, 6] and cu2.tolist() == [0, 3, 6, 9, 12]
     assert packed_from_position_ids(pos, 1)[0] is cu1  # still cached per batch size
+
+
+def test_varlen_compiles_with_fullgraph(device):
+    """Under torch.compile the offsets' value checks (a host read, a data-dependent guard)
+    are skipped: fullgraph=True compiles (it failed on the guard) and gives the eager result."""
+    cu = _cu([7, 12], device)
+    q, k, v = _qkv((19, 2, 32), (19, 2, 32), device, grad=True)
+
+    def f(q, k, v):
+        return flash_attn_varlen_noncausal(q, k, v, cu, cu, 12, 12, backend="triton").square().sum()
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    (g_c,) = torch.autograd.grad(got, q)
+    want = f(q, k, v)
+    (g_e,) = torch.autograd.grad(want, q)
+    assert max_err(got, want) <= 1e-5 * float(want.abs()) and max_err(g_c, g_e) <= 1e-5

@@ -106,12 +106,16 @@ def flash_attn_varlen_noncausal(
 
     Raises ``ValueError`` for wrong ranks, mismatched shapes / dtypes / devices,
     ``H % Hkv != 0`` or ``cu_seqlens`` that are not int32, not monotonic or disagree with
-    the tensors. Checking the offsets reads them (a host sync on CUDA).
+    the tensors. Checking the offsets reads them (a host sync on CUDA; skipped inside
+    ``torch.compile``, where the offsets are trusted as given).
     """
     if not _in_model:  # (a patched model's layers share its forward's generation)
         new_generation()  # a direct call: nothing derived from an inference-mode mask before is trusted
     check_tensor("q", q, ndims=3)
     _check_heads(q, k, v, head_axis=1)
+    # Reading the offsets is a host sync, and a data-dependent guard that breaks a
+    # torch.compile(fullgraph=True) graph: skipped while compiling (shapes are still checked).
+    _check_values = _check_values and not torch.compiler.is_compiling()
     longest_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], check_values=_check_values)
     longest_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], check_values=_check_values)
     for name, c in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
