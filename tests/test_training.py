@@ -380,3 +380,20 @@ def test_mntp_loss_weighs_every_labelled_token_the_same_across_accumulation(tmp_
     assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 1e-3  # training moved the weights
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_mntp_too_few_texts_for_a_step_fails_before_the_model_loads(tmp_path, toy_dir, monkeypatch, group):
+    from llm2vec_fast.training import pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input check")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    texts = _write(tmp_path / "t.txt", toy_texts(5))
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="per_device_batch_size: 16 training rows per step, but 5 training texts"):
+        pipeline.run_mntp(make_config(MNTPConfig, dict(model_name_or_path=toy_dir, train_file=texts, output_dir=out,
+                                                       per_device_batch_size=16, group_texts=group,
+                                                       validation_split_percentage=0)))
+    _no_output(out)

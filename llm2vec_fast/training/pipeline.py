@@ -279,6 +279,13 @@ def _check_mntp_inputs(cfg: MNTPConfig):
     if evals is None and cfg.validation_split_percentage > 0:
         n = max(1, int(len(train) * cfg.validation_split_percentage / 100))
         train, evals = train[n:], train[:n]
+    # Before the model loads: the most training rows the texts can make (a text is at most one
+    # row, or, grouped, a token per character plus a few special ones) must fill a step.
+    block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
+    most = len(train) if not cfg.group_texts else sum(len(t) + 3 for t in train) // cfg.max_seq_length + 1
+    if most < block:
+        raise ValueError(f"per_device_batch_size: {block} training rows per step, but {len(train)} training texts "
+                         f"make at most {most}")
     resolve_checkpoint(cfg)
     return train, evals
 
