@@ -147,7 +147,8 @@ def info_nce(
         temperature: logits are ``cos / temperature`` (0.05 = scale 20).
         symmetric: average with the document->query direction.
         cross_rank: with an initialised ``torch.distributed`` group, score against the
-            documents of every rank (gradients flow back to the local shard).
+            documents of every rank (gradients flow back to the local shard). Every rank
+            must pass the same number of rows (an all-gather; the trainer's batches are).
 
     Returns the mean loss, a 0-d fp32 tensor (fp64 for fp64 embeddings).
     """
