@@ -397,3 +397,17 @@ def test_mntp_too_few_texts_for_a_step_fails_before_the_model_loads(tmp_path, to
                                                        per_device_batch_size=16, group_texts=group,
                                                        validation_split_percentage=0)))
     _no_output(out)
+
+
+def test_instructions_keep_dataset_names_as_written(tmp_path):
+    """Dataset names are file stems: "my-data" stays "my-data" (the config reader's '-' to '_'
+    made it "my_data", which matched no file)."""
+    from llm2vec_fast.training.data import load_supervised, read_instructions
+
+    d = tmp_path / "sup"
+    d.mkdir()
+    _write(d / "my-data.jsonl", [json.dumps({"query": "q", "positive": "p", "negative": "n"})])
+    instr = read_instructions(_write(tmp_path / "i.json", [json.dumps({"my-data": "retrieve"})]))
+    assert instr == {"my-data": "retrieve"}
+    data = load_supervised([str(d)], instr)
+    assert list(data) == ["my-data"] and data["my-data"][0]["instruction"] == "retrieve"

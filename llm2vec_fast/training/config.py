@@ -347,8 +347,9 @@ def _scheduler_names() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- loading
 
 
-def read_config_file(path: str) -> dict:
-    """A JSON or YAML mapping of field names (``-`` or ``_`` spellings) to values."""
+def read_config_file(path: str, *, field_names: bool = True) -> dict:
+    """A JSON or YAML mapping of field names (``-`` or ``_`` spellings) to values; with
+    ``field_names=False`` the keys are kept as written (dataset names, say)."""
     if not os.path.isfile(path):
         raise ValueError(f"config: file {path!r} does not exist")
     try:
@@ -370,7 +371,7 @@ def read_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
     # str(): YAML reads a key such as 2024 as an int
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {(str(k).replace("-", "_") if field_names else str(k)): v for k, v in data.items()}
 
 
 def make_config(cls, values: dict | None = None, **overrides) -> BaseConfig:

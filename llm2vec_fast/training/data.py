@@ -141,7 +141,7 @@ def read_instructions(path: str | None) -> dict[str, str]:
     from .config import read_config_file
 
     try:
-        return read_config_file(path)
+        return read_config_file(path, field_names=False)  # dataset names as written ("my-data")
     except ValueError as e:
         raise ValueError(str(e).replace("config:", "instructions:", 1)) from e
 
