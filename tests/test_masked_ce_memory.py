@@ -131,7 +131,10 @@ def test_shift_gathers_without_copying_hidden(strategy, backend):
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["grad_ok"], r
     assert r["control"] > 0.9 * HIDDEN_MB, f"a copy of hidden is not visible in peak RSS: {r}"
-    bound = HIDDEN_MB + 4 * ROWS_MB + 16
+    # Slack 32 MiB: the peak RSS of this very run spreads over 101-111 MiB (glibc arenas; six
+    # runs each at 371fcc1 and after, the old code too reached 107 > its former 16 MiB slack's
+    # 106 bound); a copy of hidden or a second full gradient adds 64 (the old gather: 146-159).
+    bound = HIDDEN_MB + 4 * ROWS_MB + 32
     assert r["op"] < bound, f"peak RSS grew by {r['op']:.0f} MiB (bound {bound:.0f}; hidden {HIDDEN_MB:.0f}): {r}"
 
 

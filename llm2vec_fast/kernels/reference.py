@@ -346,8 +346,8 @@ def _eager_linear_ce(h, w, b, y, softcap, label_smoothing, z_loss, rows, chunk_v
 
 
 def autocast_off(device: torch.device):
-    """A context with autocast off for ``device``'s type (nothing to do where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
+    """A context with autocast off for ``device``'s type; nothing when it is off already."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
