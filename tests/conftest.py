@@ -52,11 +52,14 @@ def device():
 
 # LLM2VEC_FAST_FAILURES=path (benchmarks/gpu_check.sh sets it): each failing test's report is
 # appended there as soon as it fails, so a run cut by its time limit still says why a test
-# failed (pytest prints failures only at the end). Runs in the controller under xdist too.
+# failed (pytest prints failures only at the end). Under xdist the controller writes them (the
+# hook runs in the workers too: each failure would be written twice).
 _FAILURES = os.environ.get("LLM2VEC_FAST_FAILURES")
 
 
 def pytest_runtest_logreport(report):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if _FAILURES and report.failed:
         with open(_FAILURES, "a") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

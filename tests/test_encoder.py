@@ -416,10 +416,13 @@ def test_gpu_packed_and_padded_encode_match_reference(dtype):
 
     tok = get_tokenizer()
     inputs = [[INSTR, t] if i % 2 else t for i, t in enumerate(texts_of(11, seed=13))]
-    oracle = make_encoder().encode(inputs, batch_size=4, show_progress_bar=False)  # fp32, CPU
+    # head dim 64: the tiny configs' 16 is not a Triton head dim (the attention would fall back)
+    cfg = dict(vocab_size=len(tok), max_position_embeddings=512, head_dim=64)
+    oracle = LLM2Vec(patch_model(tiny_model("llama", **cfg), backend="torch"), tok).encode(
+        inputs, batch_size=4, show_progress_bar=False)  # fp32, CPU
 
     def cuda_encoder(backend):
-        m = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512, dtype=dtype).cuda()
+        m = tiny_model("llama", dtype=dtype, **cfg).cuda()
         patch_model(m, backend=backend)
         return LLM2Vec(m, tok)
 
@@ -428,9 +431,11 @@ def test_gpu_packed_and_padded_encode_match_reference(dtype):
     ref_native = ref.encode(inputs, batch_size=4, show_progress_bar=False)
     enc = cuda_encoder("auto")
     assert enc._use_packed(torch.device("cuda")), "packed forward must be the default on CUDA when patched"
-    packed = enc.encode(inputs, batch_size=4, show_progress_bar=False)
-    enc.packed = False
-    padded = enc.encode(inputs, batch_size=4, show_progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn
+        packed = enc.encode(inputs, batch_size=4, show_progress_bar=False)
+        enc.packed = False
+        padded = enc.encode(inputs, batch_size=4, show_progress_bar=False)
     budget = 2 * max_err(ref_native, oracle) + 1e-3
     for name, got in (("packed", packed), ("padded", padded)):
         assert got.device.type == "cpu" and got.dtype == torch.float32 and torch.isfinite(got).all()

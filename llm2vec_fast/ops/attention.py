@@ -142,7 +142,7 @@ def flash_attn_varlen_noncausal(
             softmax_scale=scale, causal=False, softcap=softcap, return_attn_probs=return_lse,
             deterministic=deterministic,
         )
-        return (out[0], out[1]) if return_lse else out
+        return (out[0], out[1].detach()) if return_lse else out  # flash-attn's lse: no gradient either
     if be == "triton":
         tk = _triton_or_fallback("flash_attn_varlen_noncausal", q, softcap, dropout_p)
         if tk is not None:
