@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(POOL_THREADS) pool_bwd_kernel(
     } else {
       w = t == s ? 1.f : 0.f;
     }
-    out[t * st] = from_f32<scalar_t>(w * g);
+    // selected, not w * g: an inf / NaN g must give 0, not NaN, outside the region
+    out[t * st] = from_f32<scalar_t>(w != 0.f ? w * g : 0.f);
   }
 }
 

@@ -548,3 +548,22 @@ def test_pool_fp64_and_out_dtype(device):
         assert out.dtype == torch.float32 and max_err(out, want) < 1e-6
         rounded = L.pool(h16, attn, embed, "mean", backend=backend)
         assert rounded.dtype == torch.float16 and max_err(rounded, want) > 1e-5  # the rounding the option avoids
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_gradient_outside_the_region_is_zero_even_for_an_inf_gradient(mode, layout, backend, device):
+    """A text whose incoming gradient is inf (an fp16 loss-scaling overflow): its tokens
+    outside the pooled region still get exactly 0 (the kernel computed 0 * inf = NaN there)."""
+    h, attn, embed, cu = _pool_case(layout, 3, 11, 40, torch.float32, device, empty_row=False)
+    h.requires_grad_()
+    out = L.pool(h, attn, embed, mode, cu_seqlens=cu, backend=backend)
+    g = torch.randn_like(out)
+    g[1, :5] = float("inf")
+    (dh,) = torch.autograd.grad(out, h, g)
+    if cu is None:
+        outside = ~(attn.bool() & embed)
+    else:
+        outside = ~embed
+    assert outside.any() and (dh[outside] == 0).all()

@@ -409,7 +409,9 @@ def _pool_bwd_kernel(
                 w = rf
         else:
             w = (offs_t.to(tl.int64) == sel).to(tl.float32)
-        dh = w[:, None] * g[None, :]
+        # selected, not multiplied by a 0 weight: an inf / NaN gradient of the text (fp16 loss
+        # scaling) must not make 0 * inf = NaN at tokens outside its region
+        dh = tl.where(w[:, None] != 0, w[:, None] * g[None, :], 0.0)
         tl.store(h_base + offs_t[:, None] * stride_ht + offs_c[None, :], dh.to(DH.dtype.element_ty),
                  mask=tm[:, None] & cm[None, :])
 
