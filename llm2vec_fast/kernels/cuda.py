@@ -131,8 +131,8 @@ def pool_cuda(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, norm
 
     hidden ``(B, T, C)`` or packed ``(total, C)`` CUDA fp32 / fp16 / bf16; attention_mask
     ``(B, T)`` (None when packed); embed_mask ``(B, T)`` / ``(total,)`` or None; cu_seqlens
-    ``(B+1,)`` int32. Returns ``(B, C)`` in hidden's dtype (or fp32 with
-    ``out_dtype=torch.float32``), summed in fp32, differentiable. Raises RuntimeError if the
+    ``(B+1,)`` int32. Returns ``(B, C)`` in ``out_dtype`` (None: hidden's dtype; fp32 is
+    written by the kernel, unrounded), summed in fp32, differentiable. Raises RuntimeError if the
     extension is unavailable (the dispatcher checks :func:`cuda_ext_available` first).
     """
     if mode not in POOLING_MODES:
@@ -144,4 +144,4 @@ def pool_cuda(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, norm
         cu = torch.empty(0, device=hidden.device, dtype=torch.int32)
     out_f32 = out_dtype == torch.float32 and hidden.dtype != torch.float32
     out = PoolCUDAFunction.apply(hidden, region, cu, _MODE_IDS[mode], bool(normalize), bool(out_f32 or hidden.dtype == torch.float32))
-    return out
+    return out if out_dtype is None else out.to(out_dtype)
