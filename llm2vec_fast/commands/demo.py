@@ -23,7 +23,7 @@ HELP = "MNTP + SimCSE on SmolLM2-135M with an STS-B before/after table (about 12
 # to the longest of a random batch would triple the work); a short MNTP warm-up at a high
 # rate (the bidirectional model starts near the uniform loss), most of the budget on SimCSE.
 # A 40-step SimCSE probe at 5e-5 learned too slowly (first 150 test pairs: -0.2 -> ~16),
-# hence 1e-4. Measured with these defaults (2 CPU cores, mostly free, 28 Nov, git 4cbe398):
+# hence 1e-4. Measured with these defaults (2 CPU cores, mostly free, 28 Nov, git 95cc3d0):
 # 538 s in total; first 500 test pairs 44.51 causal -> 7.22 bidirectional -> 19.02 MNTP ->
 # 69.33 SimCSE; eval-sts on the full test split: 57.61 (causal mean pooling: 37.15).
 DEFAULTS = dict(
