@@ -273,7 +273,9 @@ def main(argv=None) -> int:
         path = append_rows("masked_ce", rows[n_saved:], args.device, out_dir=args.out_dir)
         n_saved = len(rows)
     print(f"{len(rows)} rows -> {path if rows else '(nothing)'}")
-    return 0
+    if not rows:
+        print("no rows: every selected provider was unsupported on every case (see above)", file=sys.stderr)
+    return 0 if rows else 1  # a run that measured nothing is not a success (gpu_check.sh reads this)
 
 
 if __name__ == "__main__":

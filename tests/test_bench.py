@@ -467,3 +467,16 @@ def test_compare_original_encode_rows_name_the_workers_thread_count(tmp_path, mo
     assert [r["kind"] for r in rows] == ["run", "run", "summary"]
     assert all(r["device"].endswith(" x3 threads") and r["threads"] == 3 for r in rows), [r["device"] for r in rows]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_bench_run_that_measures_nothing_fails(tmp_path):
+    """Every selected provider unsupported on every case: no rows, and exit status 1 (it was 0,
+    so gpu_check.sh counted a run that measured nothing as a success)."""
+    att = _load("bench_attention")
+    assert att.main(["--device", "cpu", "--preset", "cpu", "--providers", "flex", "--out-dir", str(tmp_path)]) == 1
+    out = tmp_path / "attention.jsonl"
+    assert not out.exists() or not out.read_text().strip()
+    if importlib.util.find_spec("liger_kernel") is None:
+        mce = _load("bench_masked_ce")
+        assert mce.main(["--device", "cpu", "--preset", "cpu", "--providers", "liger", "--out-dir",
+                         str(tmp_path)]) == 1
