@@ -818,3 +818,14 @@ def test_lm_head_operands_follow_autocast():
         assert h.dtype == w.dtype == b.dtype == dt
         assert torch.equal(torch.nn.functional.linear(h, w, b), want)  # what autocast's head computes
     assert all(t.dtype == torch.float32 for t in lm_head_operands(h32, head))
+
+
+def test_mntp_step_without_labelled_tokens_is_zero_not_nan():
+    """num_items_in_batch = 0 (every label of the step ignored): loss 0, gradients 0, not NaN."""
+    model = patch_model(tiny_model("llama", causal_lm=True), mntp=True, backend="torch")
+    ids = torch.randint(3, 50, (2, 9))
+    labels = torch.full_like(ids, -100)
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(0))
+    out.loss.backward()
+    assert float(out.loss) == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

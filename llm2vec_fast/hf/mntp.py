@@ -34,6 +34,14 @@ def lm_head_operands(hidden: torch.Tensor, head: torch.nn.Module):
     return hidden.to(dt), weight.to(dt), (bias.to(dt) if bias is not None else None)
 
 
+def per_item(loss_sum: torch.Tensor, num_items) -> torch.Tensor:
+    """A summed loss over Trainer's ``num_items_in_batch`` (int or tensor); a step with no
+    labelled token gives 0, not 0 / 0 = NaN."""
+    if isinstance(num_items, torch.Tensor):
+        return loss_sum / num_items.to(loss_sum.device).clamp_min(1)
+    return loss_sum / max(num_items, 1)
+
+
 def make_mntp_forward(model, original_forward, backend: str = "auto"):
     """A bound ``forward`` for ``model`` (an ``XForCausalLM``) computing the MNTP loss fused.
 
@@ -103,9 +111,7 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
             softcap=softcap, backend=backend,
         )
         if num_items is not None:
-            if isinstance(num_items, torch.Tensor):
-                num_items = num_items.to(loss.device)
-            loss = loss / num_items
+            loss = per_item(loss, num_items)
         fields = dict(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
                       attentions=getattr(outputs, "attentions", None))
         fields[cache_field] = getattr(outputs, "cache", None) if hasattr(outputs, "cache") else getattr(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..hf.mntp import lm_head_operands
+from ..hf.mntp import lm_head_operands, per_item
 from ..ops.info_nce import info_nce, pool, pooled_info_nce
 from ..ops.masked_ce import masked_linear_cross_entropy
 from .gradcache import gradcache_step
@@ -65,8 +65,7 @@ class MNTPModel(nn.Module):
             softcap=getattr(hf.config, "final_logit_softcapping", None),
         )
         if num_items_in_batch is not None:
-            n = num_items_in_batch
-            loss = loss / (n.clamp_min(1) if torch.is_tensor(n) else max(n, 1))  # no labelled token: 0, not NaN
+            loss = per_item(loss, num_items_in_batch)
         return {"loss": loss, "accuracy": acc}
 
 
