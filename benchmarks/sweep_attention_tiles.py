@@ -39,7 +39,7 @@ import time
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import kernel_times  # noqa: E402
+from common import comma_list, kernel_times, positive_int  # noqa: E402
 
 # Candidates per (kind, BLOCK_D): the current lists and their neighbours (the H200 sweep of
 # 27 Nov 2026 timed the earlier ones; attention_tiles.jsonl).
@@ -71,6 +71,34 @@ def parse_tile(s: str):
     return triton.Config(kw, num_warps=w, num_stages=st)
 
 
+KINDS = ("fwd", "dq", "dkdv", "dkdv_atomic")
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def tile_list(text: str) -> list[str]:
+    """An argparse ``type``: a comma list of tiles, each checked by :func:`parse_tile`."""
+    specs = [t.strip() for t in text.split(",") if t.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f"expected a comma list of tiles like 64x64w4s2, got {text!r}")
+    for spec in specs:
+        if TILE_RE.match(spec) is None:
+            raise argparse.ArgumentTypeError(f"expected tiles like 64x64w4s2 (a dK/dV tile may end in 'split'), "
+                                             f"got {spec!r}")
+    return specs
+
+
+def set_arg(text: str) -> dict[str, str]:
+    """An argparse ``type``: ``kind=tile,...`` for the kinds not swept."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        kind, eq, spec = item.partition("=")
+        if not eq or kind not in KINDS or TILE_RE.match(spec) is None:
+            raise argparse.ArgumentTypeError(f"expected kind=tile with kind in {','.join(KINDS)} and a tile like "
+                                             f"64x64w4s2, got {item!r}")
+        out[kind] = spec
+    return out
+
+
 def layout_mask(layout: str, B: int, S: int):
     """The key padding mask (B, S) of ``--layout`` (None for dense): right padding with lengths
     uniform in [0.3, 1] x S (the first sequence full), and for ``holes`` every fifth token
@@ -88,16 +116,16 @@ def layout_mask(layout: str, B: int, S: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--d", type=int, default=128, help="head dim")
-    ap.add_argument("--b", type=int, default=4)
-    ap.add_argument("--s", type=int, default=4096)
-    ap.add_argument("--h", type=int, default=32)
-    ap.add_argument("--kinds", default="dkdv,dq,fwd")
-    ap.add_argument("--tiles", default=None, help="comma list for every kind (default: DEFAULT_TILES)")
-    ap.add_argument("--rep", type=int, default=40, help="do_bench rep, ms")
+    ap.add_argument("--d", type=int, choices=HEAD_DIMS, default=128, help="head dim")
+    ap.add_argument("--b", type=positive_int, default=4)
+    ap.add_argument("--s", type=positive_int, default=4096)
+    ap.add_argument("--h", type=positive_int, default=32)
+    ap.add_argument("--kinds", type=comma_list(KINDS), default="dkdv,dq,fwd")
+    ap.add_argument("--tiles", type=tile_list, default=None, help="comma list for every kind (default: DEFAULT_TILES)")
+    ap.add_argument("--rep", type=positive_int, default=40, help="do_bench rep, ms")
     ap.add_argument("--layout", choices=["dense", "padded", "holes"], default="dense",
                     help="dense: no mask; padded: right padding (the masked kernels); holes: padding plus masked tokens inside")
-    ap.add_argument("--set", default="", help="tiles for the kinds not swept, e.g. dkdv=64x128w8s2,dq=64x64w4s2 "
+    ap.add_argument("--set", type=set_arg, default={}, help="tiles for the kinds not swept, e.g. dkdv=64x128w8s2,dq=64x64w4s2 "
                     "(default: each list's first entry)")
     ap.add_argument("--no-kernel-times", action="store_true", help="skip the per-kernel profile of each tile")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention_tiles.jsonl"))
@@ -129,10 +157,7 @@ def main(argv=None) -> int:
     bd = att._block_d(D)
     tables = {"fwd": att.FWD_CONFIGS, "dq": att.BWD_DQ_CONFIGS, "dkdv": att.BWD_DKDV_CONFIGS,
               "dkdv_atomic": att.BWD_DKDV_ATOMIC_CONFIGS}
-    for item in filter(None, a.set.split(",")):
-        kind, _, spec = item.partition("=")
-        if kind not in tables:
-            raise SystemExit(f"--set: expected kind=tile with kind in {sorted(tables)}, got {item!r}")
+    for kind, spec in a.set.items():
         tables[kind][bd] = [parse_tile(spec)] + [c for c in tables[kind][bd]]
     base = {kind: list(t[bd]) for kind, t in tables.items()}
     meta = {
@@ -149,8 +174,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         t_fwd0 = triton.testing.do_bench(lambda: flash_attn_noncausal(q, k, v, mask, backend="triton"), rep=a.rep)
     print(f"default forward {t_fwd0:.3f} ms ({fwd_flops / t_fwd0 / 1e9:.1f} TFLOP/s)", flush=True)
-    for kind in a.kinds.split(","):
-        tiles = (a.tiles or DEFAULT_TILES.get((kind, bd), "")).split(",")
+    for kind in a.kinds:
+        tiles = a.tiles or DEFAULT_TILES.get((kind, bd), "").split(",")
         for spec in filter(None, tiles):
             cfg = parse_tile(spec)
             tables[kind][bd] = [cfg]

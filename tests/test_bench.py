@@ -174,7 +174,7 @@ def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
     assert got[("mntp", "stock")]["tokens"] == 2 * 16
 
 
-def test_sweep_attention_tiles_parses_its_tiles():
+def test_sweep_attention_tiles_parses_its_tiles(capsys):
     """The GPU-only tile sweep: every default tile parses to a config, bad specs are named
     errors, and without CUDA it says so (exit 2) instead of failing later."""
     import torch
@@ -204,6 +204,17 @@ def test_sweep_attention_tiles_parses_its_tiles():
     r = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_attention_tiles.py"), "--d", "128"],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 2 and "CUDA" in r.stderr
+    # bad arguments are refused by name before anything runs
+    for bad, name in ((["--b", "0"], "--b"), (["--s", "x"], "--s"), (["--d", "100"], "--d"),
+                      (["--kinds", "dkdv,bwd"], "--kinds"), (["--tiles", "64x64"], "--tiles"),
+                      (["--set", "dq=64"], "--set"), (["--set", "bwd=64x64w4s2"], "--set")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            sw.main(bad)
+        assert e.value.code == 2 and name in capsys.readouterr().err, bad
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "sweep_attention_tiles.py"), "--rep", "-1"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 2 and "--rep" in r.stderr and "CUDA" not in r.stderr
 
 
 def test_kernel_times_ranks_what_a_step_spends():
