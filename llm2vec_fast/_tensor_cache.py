@@ -16,11 +16,25 @@ import torch
 # Inference tensors (made under ``torch.inference_mode``) track no version, yet may be edited
 # in place inside inference mode; what is derived from one is trusted for one *generation*
 # only: a patched model's forward (its pre-hook starts one) or one direct call of a public op.
+# The counter must never be traced by torch.compile: Dynamo would guard on its value, and
+# every call would recompile (then fall back to eager, or fail with ``fullgraph=True``).
+# So :func:`new_generation` does nothing while compiling; compiled code starts a generation
+# at run time instead: the public ops through their custom op's ``fresh`` argument, the
+# patched model's pre-hook through :func:`new_generation_eager` (a graph break).
 _GENERATION = [0]
 
 
 def new_generation() -> None:
-    """Forget what was derived from inference tensors (see ``_GENERATION``)."""
+    """Forget what was derived from inference tensors (see ``_GENERATION``); nothing while
+    torch.compile traces (the caller arranges a run-time call instead)."""
+    if torch.compiler.is_compiling():
+        return
+    _GENERATION[0] += 1
+
+
+@torch.compiler.disable
+def new_generation_eager() -> None:
+    """:func:`new_generation`, run eagerly even inside a compiled region (a graph break there)."""
     _GENERATION[0] += 1
 
 

@@ -134,3 +134,46 @@ def test_varlen_compiles_with_fullgraph(device):
     want = f(q, k, v)
     (g_e,) = torch.autograd.grad(want, q)
     assert max_err(got, want) <= 1e-5 * float(want.abs()) and max_err(g_c, g_e) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_compiled_calls_do_not_recompile(layout, device):
+    """Every direct call starts a cache generation; traced, the counter's value became a
+    guard, so each call recompiled and the 9th failed under fullgraph=True (recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    if layout == "padded":
+        q, k, v = _qkv((2, 9, 2, 32), (2, 9, 1, 32), device)
+        mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+        mask[1, 6:] = False
+        f = lambda q, k, v: flash_attn_noncausal(q, k, v, mask, backend="triton")  # noqa: E731
+    else:
+        q, k, v = _qkv((12, 2, 32), (12, 1, 32), device)
+        cu = _cu([5, 7], device)
+        f = lambda q, k, v: flash_attn_varlen_noncausal(q, k, v, cu, cu, 7, 7, backend="triton")  # noqa: E731
+    torch._dynamo.reset()
+    counters.clear()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    want = f(q, k, v)
+    for _ in range(10):
+        assert max_err(cf(q, k, v), want) <= 1e-6
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+
+
+def test_compiled_call_reads_an_inference_mask_edited_in_place(device):
+    """Inside a compiled graph the generation starts at run time (the custom op's ``fresh``):
+    the mask edited in place between two compiled calls is read again."""
+    B, S, H, D = 2, 20, 2, 32
+    torch._dynamo.reset()
+    cf = torch.compile(lambda q, k, v, m: flash_attn_noncausal(q, k, v, m, backend="triton"), fullgraph=True,
+                       backend="aot_eager")
+    with torch.inference_mode():
+        q, k, v = _qkv((B, S, H, D), (B, S, H, D), device)
+        mask = torch.ones(B, S, dtype=torch.bool, device=device)
+        first = cf(q, k, v, mask)
+        mask[1, 10:] = False
+        mask[0, :5] = False
+        second = cf(q, k, v, mask)
+        want = ref.attention_padded_ref(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(D), 0.0, 0.0)
+    assert max_err(first, second) > 1e-2  # the edit matters
+    assert max_err(second, want) < 1e-5

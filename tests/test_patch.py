@@ -583,6 +583,29 @@ def test_triton_backend_runs_dropout_in_the_kernels(monkeypatch):
     assert torch.equal(c, d) and seen and all(p == 0.0 for p in seen)
 
 
+def test_compiled_patched_model_does_not_recompile_per_call():
+    """The pre-hook starts a cache generation per forward; traced, the counter's value became
+    a guard and every call recompiled until Dynamo's limit (then ran eagerly). Now the
+    generation starts eagerly (a graph break at the hook), and the graphs stay those of the
+    first call."""
+    from torch._dynamo.utils import counters
+
+    model = patch_model(tiny_model("llama"), backend="torch").eval()
+    ids, mask = batch([6, 4], "right")
+    want = hidden(model, ids, mask)
+    torch._dynamo.reset()
+    counters.clear()
+    cm = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        got = cm(input_ids=ids, attention_mask=mask).last_hidden_state
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(9):
+            got = cm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
+    m = mask.bool()
+    assert float((got[m] - want[m]).abs().max()) <= bound(want)
+
+
 # --------------------------------------------------------------------------------------
 # GPU (run by the lead on the GPU machine): the compiled kernels inside real layers.
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import inspect
 
 import torch
 
-from .._tensor_cache import new_generation
+from .._tensor_cache import new_generation_eager
 from ..ops._dispatch import warn_once
 
 # The one table of supported architectures: model_type -> what is special about it.
@@ -115,7 +115,9 @@ def _make_positions_hook(base):
         return args
 
     def hook(module, args, kwargs):
-        new_generation()  # what inference-mode masks gave is trusted for this forward only
+        # what inference-mode masks gave is trusted for this forward only (eagerly, so a compiled
+        # model does not guard on the counter: a graph break at the start of its forward)
+        new_generation_eager()
         fusion = module.__dict__.get(_FUSION_ATTR)  # looked up on the module: right in a deepcopy
         if fusion is not None:
             fusion.sync()
@@ -172,6 +174,11 @@ def patch_model(model, *, backend: str = "auto", mntp: bool = False, fuse_lora: 
     dropout in training (the reference runs it where a kernel has none, with a one-time
     warning). Patching a patched model with the same arguments does nothing; other
     arguments re-patch.
+
+    ``torch.compile`` of a patched model runs with graph breaks, not ``fullgraph=True``: at
+    the start of each forward (the pre-hook's cache generation, run eagerly) and where the
+    padding or packing structure is read on the host (once per forward); the attention
+    kernels are custom ops inside the graphs, and later calls reuse the first call's graphs.
 
     Raises ``ValueError`` for an unsupported model type (listing the supported ones), an
     unknown backend, or ``mntp=True`` on a model without an LM head.

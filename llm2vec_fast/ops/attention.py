@@ -110,7 +110,9 @@ def flash_attn_varlen_noncausal(
     ``torch.compile``, where the offsets are trusted as given).
     """
     if not _in_model:  # (a patched model's layers share its forward's generation)
-        new_generation()  # a direct call: nothing derived from an inference-mode mask before is trusted
+        # a direct call: nothing derived from an inference-mode mask before is trusted (inside
+        # torch.compile this does nothing; the Triton custom op starts the generation at run time)
+        new_generation()
     check_tensor("q", q, ndims=3)
     _check_heads(q, k, v, head_axis=1)
     # Reading the offsets is a host sync, and a data-dependent guard that breaks a
@@ -148,7 +150,7 @@ def flash_attn_varlen_noncausal(
         if tk is not None:
             return tk.flash_attn_varlen_triton(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, softcap,
-                dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic,
+                dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic, fresh=not _in_model,
             )
     out = ref.attention_varlen_ref(
         q, k, v, cu_seqlens_q, cu_seqlens_k, scale, softcap, dropout_p, upcast=True, return_lse=return_lse
@@ -214,7 +216,7 @@ def flash_attn_noncausal(
         if tk is not None:
             return tk.flash_attn_padded_triton(
                 q, k, v, key_padding_mask, scale, softcap, dropout_p=dropout_p, return_lse=return_lse,
-                deterministic=deterministic,
+                deterministic=deterministic, fresh=not _in_model,
             )
     if not return_lse and not softcap and q.dtype != torch.float64:
         # SDPA (fused on CPU) with a boolean padding mask: the fast reference path.

@@ -68,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._tensor_cache import cached, is_hole_free
+from ..._tensor_cache import cached, is_hole_free, new_generation
 from .. import reference as ref
 from ._tiles import record_tile, tile_name
 
@@ -1541,15 +1541,19 @@ def _attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, mask: torch.Tensor | None,
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, softcap: float,
-    dropout_p: float = 0.0, seed: torch.Tensor | None = None, deterministic: bool = False,
+    dropout_p: float = 0.0, seed: torch.Tensor | None = None, deterministic: bool = False, fresh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # deterministic only matters to the backward (setup_context keeps it)
+    # deterministic only matters to the backward (setup_context keeps it). fresh: a direct call
+    # of a public op inside a compiled graph, which starts its generation here, at run time
+    # (``_tensor_cache.new_generation`` does nothing while tracing)
+    if fresh:
+        new_generation()
     return attention_forward(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed)
 
 
 @_attn_fwd_op.register_fake
 def _(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p=0.0, seed=None,
-      deterministic=False):
+      deterministic=False, fresh=False):
     H = q.shape[-2]
     if cu_q is not None:
         lse = q.new_empty((H, q.shape[0]), dtype=torch.float32)
@@ -1578,7 +1582,7 @@ def _(do, q, k, v, out, lse, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softm
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed, deterministic = inputs
+    q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed, deterministic = inputs[:13]
     out, lse = output
     # The seed (not the mask) is what backward needs to regenerate the forward's dropout mask.
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, seed)
@@ -1594,7 +1598,7 @@ def _backward(ctx, dout, dlse, bwd=None):
         dout.contiguous() if dout.stride(-1) != 1 else dout, q, k, v, out, lse, cu_q, cu_k, mask, *ctx.args, seed,
         ctx.deterministic,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1620,16 +1624,18 @@ class _AttnFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward: an error, not lost terms
     def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, attention_backward)
+        return _backward(ctx, dout, dlse, attention_backward)[:13]  # (no fresh argument here)
 
 
 def _attn(q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed,
-          deterministic=False):
+          deterministic=False, fresh=False):
     """Forward with autograd: the custom op under torch.compile (opaque, with a fake), else the
-    plain autograd function, or the bare launcher when no gradient is recorded."""
+    plain autograd function, or the bare launcher when no gradient is recorded. ``fresh``: a
+    direct call of a public op, whose generation the custom op starts at run time (in eager
+    mode the public op already started it)."""
     args = (q, k, v, cu_q, cu_k, mask, max_seqlen_q, max_seqlen_k, softmax_scale, softcap, dropout_p, seed)
     if torch.compiler.is_compiling():
-        return _attn_fwd_op(*args, deterministic)
+        return _attn_fwd_op(*args, deterministic, fresh)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         bwd_mode(deterministic)  # a bad LLM2VEC_FAST_ATTN_BWD fails here, before any kernel runs
         return _AttnFn.apply(*args, deterministic)
@@ -1647,7 +1653,7 @@ def _seed_for(dropout_p: float, q: torch.Tensor):
 
 def flash_attn_varlen_triton(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, softcap,
-    *, dropout_p=0.0, return_lse=False, deterministic=False,
+    *, dropout_p=0.0, return_lse=False, deterministic=False, fresh=False,
 ):
     """Varlen non-causal attention (arguments validated by ops/attention.py).
 
@@ -1662,13 +1668,14 @@ def flash_attn_varlen_triton(
     dropout_p = float(dropout_p or 0.0)
     out, lse = _attn(
         q, k, v, cu_seqlens_q, cu_seqlens_k, None, int(max_seqlen_q), int(max_seqlen_k), float(softmax_scale),
-        float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q), bool(deterministic),
+        float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q), bool(deterministic), bool(fresh),
     )
     return (out, lse) if return_lse else out
 
 
 def flash_attn_padded_triton(
-    q, k, v, key_padding_mask, softmax_scale, softcap, *, dropout_p=0.0, return_lse=False, deterministic=False
+    q, k, v, key_padding_mask, softmax_scale, softcap, *, dropout_p=0.0, return_lse=False, deterministic=False,
+    fresh=False,
 ):
     """Padded non-causal attention with any key padding pattern, read by the kernels directly.
 
@@ -1682,6 +1689,6 @@ def flash_attn_padded_triton(
     dropout_p = float(dropout_p or 0.0)
     out, lse = _attn(
         q, k, v, None, None, mask, S, S, float(softmax_scale), float(softcap or 0.0), dropout_p, _seed_for(dropout_p, q),
-        bool(deterministic),
+        bool(deterministic), bool(fresh),
     )
     return (out, lse) if return_lse else out
