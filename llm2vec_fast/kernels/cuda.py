@@ -131,8 +131,8 @@ def pool_cuda(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, norm
 
     hidden ``(B, T, C)`` or packed ``(total, C)`` CUDA fp32 / fp16 / bf16; attention_mask
     ``(B, T)`` (None when packed); embed_mask ``(B, T)`` / ``(total,)`` or None; cu_seqlens
-    ``(B+1,)`` int32. Returns ``(B, C)`` in ``out_dtype`` (None: hidden's dtype; fp32 is
-    written by the kernel, unrounded), summed in fp32, differentiable. Raises RuntimeError if the
+    ``(B+1,)`` int32. Returns ``(B, C)`` in ``out_dtype`` (None: hidden's dtype; any other
+    dtype is cast from the kernel's unrounded fp32), summed in fp32, differentiable. Raises RuntimeError if the
     extension is unavailable (the dispatcher checks :func:`cuda_ext_available` first).
     """
     if mode not in POOLING_MODES:
@@ -142,6 +142,7 @@ def pool_cuda(hidden, attention_mask, embed_mask, mode, *, cu_seqlens=None, norm
         cu = cu_seqlens.to(device=hidden.device, dtype=torch.int32).contiguous()
     else:
         cu = torch.empty(0, device=hidden.device, dtype=torch.int32)
-    out_f32 = out_dtype == torch.float32 and hidden.dtype != torch.float32
-    out = PoolCUDAFunction.apply(hidden, region, cu, _MODE_IDS[mode], bool(normalize), bool(out_f32 or hidden.dtype == torch.float32))
+    # fp32 out of the kernel unless hidden's own dtype is asked for (fp64 is not rounded to 16 bits first)
+    out_f32 = hidden.dtype == torch.float32 or (out_dtype is not None and out_dtype != hidden.dtype)
+    out = PoolCUDAFunction.apply(hidden, region, cu, _MODE_IDS[mode], bool(normalize), bool(out_f32))
     return out if out_dtype is None else out.to(out_dtype)
