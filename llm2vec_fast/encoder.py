@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -56,6 +57,10 @@ from .ops.info_nce import POOLING_MODES, pool
 CONFIG_NAME = "llm2vec_fast_config.json"
 ORIGINAL_CONFIG_NAME = "llm2vec_config.json"  # written by llm2vec 0.2.3; read for compatibility
 ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
+# What an adapter folder given as ``peft_model_name_or_path`` contributes to the encoder: its
+# settings, never the keys that say where the weights come from (``adapter_only``,
+# ``base_model_name_or_path``, ``merged_adapters``: the base is the model named).
+PEFT_FOLDER_KEYS = ENCODER_KEYS + ("padding_side", "enable_bidirectional")
 
 
 # --------------------------------------------------------------------------------------
@@ -220,7 +225,18 @@ class LLM2Vec(torch.nn.Module):
             kwargs.setdefault(k, v)
         saved = _read_saved_config(path)
         if peft_model_name_or_path is not None:
-            saved.update(_read_saved_config(peft_model_name_or_path))
+            # An adapter folder written by save() or by MNTP training also records where *its*
+            # weights came from (adapter_only, base_model_name_or_path, merged_adapters); here
+            # the base is the model named, so only its encoder settings apply.
+            peft_saved = _read_saved_config(peft_model_name_or_path)
+            if peft_saved.get("merged_adapters"):
+                warnings.warn(
+                    f"peft_model_name_or_path: {peft_model_name_or_path} was trained over "
+                    f"{peft_saved.get('base_model_name_or_path')} with adapters merged into it "
+                    f"({peft_saved['merged_adapters']}); only the adapter itself is applied to "
+                    f"{base_model_name_or_path}. Load {peft_model_name_or_path} as the model to rebuild those weights.",
+                    RuntimeWarning, stacklevel=2)
+            saved.update({k: v for k, v in peft_saved.items() if k in PEFT_FOLDER_KEYS})
         # The tokenizer comes from the folder named (a GGUF one needs its gguf_file).
         tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code") if k in kwargs}
         tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)

@@ -173,3 +173,154 @@ def test_train_commands_refuse_an_output_dir_under_a_file_before_loading(tmp_pat
     assert err.startswith(f"llm2vec-fast {command}: error: output_dir:") and "\n" not in err, err
     assert str(tmp_path / "afile") in err
     assert _listing(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- loading: settings and errors
+
+
+def _encode_args(command, argv):
+    from llm2vec_fast.cli import build_parser
+
+    return build_parser().parse_args([command, *argv])
+
+
+@pytest.mark.parametrize("command", ["encode", "eval-sts"])
+def test_a_saved_causal_encoder_loads_causal_from_the_cli(tmp_path, command):
+    """Without --causal the saved enable_bidirectional applies (it was forced to True);
+    --causal still forces causal attention on a bidirectional folder."""
+    from llm2vec_fast.commands.encode import load_encoder
+    from llm2vec_fast.encoder import LLM2Vec
+
+    LLM2Vec(toy_model(False, seed=0), toy_tokenizer()).save(str(tmp_path / "causal"))
+    bidir = LLM2Vec.from_pretrained(str(tmp_path / "causal"), enable_bidirectional=True)
+    bidir.save(str(tmp_path / "bidir"))
+    extra = ["--input", "x.txt", "--output", "x.npy"] if command == "encode" else []
+    enc, _ = load_encoder(_encode_args(command, ["--model", str(tmp_path / "causal"), "--device", "cpu", *extra]))
+    assert not enc._is_patched()
+    enc, _ = load_encoder(_encode_args(command, ["--model", str(tmp_path / "bidir"), "--device", "cpu", *extra]))
+    assert enc._is_patched()
+    enc, _ = load_encoder(_encode_args(command, ["--model", str(tmp_path / "bidir"), "--causal", "--device", "cpu",
+                                                 *extra]))
+    assert not enc._is_patched()
+
+
+def test_encode_a_saved_causal_encoder_matches_python(tmp_path, capsys):
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.encoder import LLM2Vec
+
+    d = str(tmp_path / "causal")
+    LLM2Vec(toy_model(False, seed=0), toy_tokenizer()).save(d)
+    texts = toy_texts(4, seed=3)
+    expected = LLM2Vec.from_pretrained(d).encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    out = str(tmp_path / "e.npy")
+    assert main(["encode", "--model", d, "--input", _write(tmp_path / "in.txt", texts), "--output", out,
+                 "--no-progress", "--device", "cpu"]) == 0
+    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-6)
+
+
+def test_encode_peft_folder_written_by_save(tmp_path, capsys, toy_dir):
+    """--model base --peft <a folder LLM2Vec.save wrote for an unmerged adapter>: the folder's
+    adapter_only / base_model_name_or_path do not turn --model into an adapter folder."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.encoder import LLM2Vec
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    get_peft_model(toy_model(False, seed=3), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False)).save_pretrained(tmp_path / "A")
+    LLM2Vec.from_pretrained(toy_dir, peft_model_name_or_path=str(tmp_path / "A")).save(str(tmp_path / "saved"))
+    assert json.load(open(tmp_path / "saved" / "llm2vec_fast_config.json"))["adapter_only"] is True
+    texts = toy_texts(4, seed=5)
+    expected = LLM2Vec.from_pretrained(str(tmp_path / "saved")).encode(texts, convert_to_numpy=True,
+                                                                       show_progress_bar=False)
+    out = str(tmp_path / "e.npy")
+    assert main(["encode", "--model", toy_dir, "--peft", str(tmp_path / "saved"), "--input",
+                 _write(tmp_path / "in.txt", texts), "--output", out, "--no-progress", "--device", "cpu"]) == 0
+    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-5)
+
+
+def _encode_main(tmp_path, model, *extra):
+    from llm2vec_fast.cli import main
+
+    texts = _write(tmp_path / "in.txt", ["a dog runs"])
+    return main(["encode", "--model", model, "--input", texts, "--output", str(tmp_path / "e.npy"),
+                 "--no-progress", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("error", [ValueError("an internal fault, not a missing model"),
+                                   OSError(28, "No space left on device"), RuntimeError("boom")])
+def test_encode_raises_a_load_fault_with_its_traceback(tmp_path, capsys, monkeypatch, toy_dir, error):
+    """Only a model that cannot be found is a usage error: any other failure while loading
+    propagates as it is (it was cut to one line, exit 2, blaming --model)."""
+    from llm2vec_fast.encoder import LLM2Vec
+
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(LLM2Vec, "from_pretrained", classmethod(fail))
+    with pytest.raises(type(error)) as e:
+        _encode_main(tmp_path, toy_dir)
+    assert e.value is error
+    assert "error: --model" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no weights", "no tokenizer", "hub entry not found", "long message"])
+def test_encode_a_model_that_cannot_be_found_is_one_line(tmp_path, capsys, monkeypatch, toy_dir, case):
+    from llm2vec_fast.encoder import LLM2Vec
+
+    model = toy_dir
+    if case == "no weights":  # a config and a tokenizer, no weights: transformers' own error
+        model = str(tmp_path / "noweights")
+        toy_model(False, seed=0).config.save_pretrained(model)
+        toy_tokenizer().save_pretrained(model)
+    elif case == "no tokenizer":
+        model = str(tmp_path / "notok")
+        toy_model(False, seed=0).save_pretrained(model)
+    else:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        def fail(*a, **k):
+            if case == "long message":
+                raise OSError("someone/x is not a local folder and is not a valid model identifier listed on "
+                              "'https://huggingface.co/models' " + "x" * 400 + " END")
+            raise OSError("cannot fetch config.json") from LocalEntryNotFoundError("not in the cache")
+
+        monkeypatch.setattr(LLM2Vec, "from_pretrained", classmethod(fail))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _encode_main(tmp_path, model)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm2vec-fast encode: error: --model: cannot load") and "\n" not in err, err
+    assert {"no weights": "holds no weights", "no tokenizer": "holds no tokenizer",
+            "hub entry not found": "cannot fetch config.json", "long message": "END"}[case] in err
+
+
+def test_train_errors_during_training_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    """A setting refused before training is one line (exit 2), also one found once the model
+    is loaded; a ValueError raised while training is a fault and propagates (it was printed
+    as a one-line usage error)."""
+    import transformers
+
+    from llm2vec_fast.cli import main
+
+    model = str(tmp_path / "clm")
+    toy_model(True, seed=0).save_pretrained(model)
+    toy_tokenizer().save_pretrained(model)
+    data = ["--model-name-or-path", model, "--train-file", _write(tmp_path / "t.txt", toy_texts(40, seed=7)),
+            "--max-steps", "1", "--per-device-batch-size", "4", "--no-progress"]
+    capsys.readouterr()
+    assert main(["simcse", *data, "--output-dir", str(tmp_path / "a"), "--lora-target-modules", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading progress bar
+    assert err.startswith("llm2vec-fast simcse: error: lora_target_modules: none of") and "\n" not in err, err
+
+    def fault(self, *a, **k):
+        raise ValueError("a fault inside the training loop")
+
+    monkeypatch.setattr(transformers.Trainer, "train", fault)
+    for command in ("mntp", "simcse"):
+        with pytest.raises(ValueError, match="a fault inside the training loop"):
+            main([command, *data, "--output-dir", str(tmp_path / command)])
+        assert "error:" not in capsys.readouterr().err

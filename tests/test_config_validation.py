@@ -188,3 +188,67 @@ def test_cli_accepts_yaml_exponent_floats(tmp_path, capsys):
     assert main(["mntp", "--config", cfg, "--output-dir", out]) == 2
     assert capsys.readouterr().err.strip().startswith("llm2vec-fast mntp: error: train_file:")
     _no_output(out)
+
+
+# ----------------------------------------------------------------------------- seed, paths, fsdp
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**63])
+def test_seed_outside_numpys_range_is_refused(seed):
+    """numpy (transformers' set_seed) takes seeds in [0, 2**32); others passed validate() and
+    failed only after the model had loaded."""
+    with pytest.raises(ValueError, match=r"^seed: expected an int in \[0, 2\*\*32\), got "):
+        make_config(MNTPConfig, dict(seed=seed))
+
+
+def test_seed_range_ends_are_accepted():
+    assert make_config(MNTPConfig, dict(seed=0)).seed == 0
+    assert make_config(SimCSEConfig, dict(seed=str(2**32 - 1))).seed == 2**32 - 1
+
+
+def test_cli_seed_out_of_range_is_one_line(tmp_path, capsys):
+    from llm2vec_fast.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["mntp", "--seed", "-1", "--output-dir", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llm2vec-fast mntp: error: seed: expected an int in [0, 2**32)") and "\n" not in err
+    _no_output(out)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("a.yaml", "output_dir: 2024\nmodel_name_or_path: 0123\ntrain_file: 1.50\n",
+     dict(output_dir="2024", model_name_or_path="0123", train_file="1.50")),
+    ("b.yaml", "output-dir: 2024-01-01\ntrain_files: [2023, b.jsonl, 1_000]\n",
+     dict(output_dir="2024-01-01", train_files=["2023", "b.jsonl", "1_000"])),
+    ("c.json", '{"output_dir": 2024.10, "resume_from_checkpoint": null}',
+     dict(output_dir="2024.10", resume_from_checkpoint=None)),
+])
+def test_path_fields_read_as_numbers_or_dates_are_taken_as_written(tmp_path, name, text, expected):
+    """YAML reads ``output_dir: 2024`` as an int (and ``0123`` as 83, ``2024-01-01`` as a date):
+    a field naming a file or folder takes the text as written instead of refusing it."""
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    cls = SupervisedConfig if "train_files" in expected else MNTPConfig
+    cfg = make_config(cls, read_config_file(_write(tmp_path / name, text)))
+    for k, v in expected.items():
+        assert getattr(cfg, k) == v, (k, getattr(cfg, k))
+    # a number is still refused where a name is not a path, and from Python
+    with pytest.raises(ValueError, match="^output_dir: expected a string, got 2024"):
+        make_config(MNTPConfig, dict(output_dir=2024))
+
+
+def test_yaml_number_for_a_non_path_string_field_is_still_refused(tmp_path):
+    pytest.importorskip("yaml")
+    with pytest.raises(ValueError, match="^optim: expected a string, got 5"):
+        make_config(MNTPConfig, read_config_file(_write(tmp_path / "c.yaml", "optim: 5\n")))
+
+
+def test_fsdp_as_a_list_of_words(tmp_path):
+    """TrainingArguments reads fsdp as space-separated words or their list; a YAML list was refused."""
+    pytest.importorskip("yaml")
+    cfg = make_config(MNTPConfig, read_config_file(_write(tmp_path / "c.yaml", "fsdp: [full_shard, auto_wrap]\n")))
+    assert cfg.fsdp == "full_shard auto_wrap"
+    assert make_config(MNTPConfig, dict(fsdp=("full_shard",))).fsdp == "full_shard"
+    with pytest.raises(ValueError, match="^fsdp: expected a string"):
+        make_config(MNTPConfig, dict(fsdp=["full_shard", 3]))

@@ -574,3 +574,32 @@ def test_bf16_model_embeddings_are_the_fp32_sums():
     want = ref.pool_ref(hidden.double(), feats["attention_mask"], feats["embed_mask"], "mean")
     assert got.dtype == torch.float32
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()  # bf16 rounding is ~4e-3
+
+
+def test_an_adapter_folder_written_by_save_loads_as_peft_over_its_base(tmp_path):
+    """``from_pretrained(base, peft_model_name_or_path=folder)`` on a folder written by save()
+    (or by MNTP training): only the folder's encoder settings apply; its adapter_only /
+    base_model_name_or_path / merged_adapters describe its own weights, not the model named
+    (they made ``base`` be read as an adapter folder, which failed)."""
+    from peft import get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.hf.patch import is_patched
+
+    tok = get_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    get_peft_model(base, _lora(1)).save_pretrained(tmp_path / "adapter")
+    enc = LLM2Vec.from_pretrained(str(tmp_path / "base"), peft_model_name_or_path=str(tmp_path / "adapter"),
+                                  pooling_mode="last_token", enable_bidirectional=False)
+    inputs = texts_of(4, seed=9)
+    before = enc.encode(inputs, show_progress_bar=False)
+    enc.save(str(tmp_path / "saved"))  # adapter_only, names base
+    loaded = LLM2Vec.from_pretrained(str(tmp_path / "base"), peft_model_name_or_path=str(tmp_path / "saved"))
+    assert loaded.pooling_mode == "last_token" and not is_patched(loaded.model)  # the folder's settings
+    torch.testing.assert_close(loaded.encode(inputs, show_progress_bar=False), before, rtol=0, atol=1e-5)
+    # the loaded encoder saves (and reloads) as base + that adapter
+    loaded.save(str(tmp_path / "again"))
+    again = LLM2Vec.from_pretrained(str(tmp_path / "again")).encode(inputs, show_progress_bar=False)
+    torch.testing.assert_close(again, before, rtol=0, atol=1e-5)

@@ -411,3 +411,81 @@ def test_instructions_keep_dataset_names_as_written(tmp_path):
     assert instr == {"my-data": "retrieve"}
     data = load_supervised([str(d)], instr)
     assert list(data) == ["my-data"] and data["my-data"][0]["instruction"] == "retrieve"
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE with no merges: one token per UTF-8 byte (a CJK character is 3), BOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("text", ["机器学习很有趣", "naïve café — déjà vu 🙂", "plain ascii words here"])
+def test_mntp_group_texts_row_bound_holds_for_byte_level_tokens(tmp_path, text):
+    """The pre-load check bounds the rows ``group_texts`` makes; it assumed one token per
+    character, which byte-level BPE exceeds (3 tokens per CJK character), so it refused runs
+    whose texts do fill a step."""
+    from llm2vec_fast.training.pipeline import _check_mntp_inputs, tokenize_texts
+
+    tok = _byte_level_tokenizer()
+    texts = [text] * 10
+    rows = len(tokenize_texts(tok, texts, 16, True))
+    f = _write(tmp_path / "t.txt", texts)
+    # exactly as many rows per step as the texts make: accepted before any model loads
+    cfg = make_config(MNTPConfig, dict(train_file=f, output_dir=str(tmp_path / "o"), group_texts=True,
+                                       max_seq_length=16, per_device_batch_size=rows))
+    assert _check_mntp_inputs(cfg)[0] == texts
+    # far more than any tokenizer can make: still refused early
+    cfg = make_config(MNTPConfig, dict(train_file=f, output_dir=str(tmp_path / "o"), group_texts=True,
+                                       max_seq_length=16, per_device_batch_size=10 * rows + 50))
+    with pytest.raises(ValueError, match="per_device_batch_size: .* training rows per step"):
+        _check_mntp_inputs(cfg)
+
+
+def test_adapter_outputs_record_an_absolute_base_and_load_from_elsewhere(tmp_path, toy_dir, monkeypatch):
+    """MNTP and SimCSE LoRA outputs name the base model; a relative --model-name-or-path was
+    recorded as given, so the folder loaded only from the directory the run started in. The
+    MNTP folder also loads as --peft over its base (LLM2Vec.from_pretrained(base, peft=...))."""
+    import shutil
+
+    from llm2vec_fast.encoder import LLM2Vec
+    from llm2vec_fast.training.pipeline import run_mntp, run_simcse
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(toy_dir, work / "base")
+    texts = _write(work / "t.txt", toy_texts(24, seed=7))
+    monkeypatch.chdir(work)
+    common = dict(FAST, model_name_or_path="base", train_file="t.txt", max_steps=1, per_device_batch_size=4,
+                  lora_r=4)
+    run_mntp(make_config(MNTPConfig, dict(common, output_dir="mntp")))
+    run_simcse(make_config(SimCSEConfig, dict(common, output_dir="simcse")))
+    for out in ("mntp", "simcse"):
+        cfg = json.load(open(os.path.join(out, "llm2vec_fast_config.json")))
+        assert cfg["adapter_only"] is True and cfg["base_model_name_or_path"] == str(work / "base"), cfg
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    inputs = ["a dog runs", "the cat sits"]
+    mntp = LLM2Vec.from_pretrained(str(work / "mntp")).encode(inputs, convert_to_tensor=True)
+    assert LLM2Vec.from_pretrained(str(work / "simcse")).encode(inputs, convert_to_tensor=True).shape == (2, 64)
+    as_peft = LLM2Vec.from_pretrained(str(work / "base"), peft_model_name_or_path=str(work / "mntp"))
+    torch.testing.assert_close(as_peft.encode(inputs, convert_to_tensor=True), mntp, rtol=0, atol=1e-5)
+
+
+def test_mntp_runs_with_the_largest_seed(tmp_path):
+    """seed is checked to lie in [0, 2**32) (numpy's range); at the top of it the per-row mask
+    seeds derived from it (training and evaluation) stay within torch's range."""
+    from llm2vec_fast.training.pipeline import train_mntp
+
+    cfg = make_config(MNTPConfig, dict(FAST, output_dir=str(tmp_path / "o"), max_steps=1, per_device_batch_size=4,
+                                       use_lora=False, seed=2**32 - 1))
+    texts = toy_texts(16, seed=1)
+    _, trainer = train_mntp(toy_model(True, seed=0), toy_tokenizer(), texts[:12], cfg, eval_texts=texts[12:],
+                            save_checkpoints=False)
+    assert any("eval_accuracy" in h for h in trainer.state.log_history)

@@ -17,7 +17,9 @@ def add_model_arguments(p) -> None:
                    help="base model folder / hub name, or a folder written by LLM2Vec.save "
                         "(default: smollm2-135m, the offline SmolLM2-135M-Instruct)")
     p.add_argument("--peft", default=None, help="a LoRA adapter folder to load on top of --model")
-    p.add_argument("--causal", action="store_true", help="keep causal attention (do not make the model bidirectional)")
+    p.add_argument("--causal", action="store_true",
+                   help="keep causal attention (do not make the model bidirectional); default: what a folder "
+                        "written by LLM2Vec.save recorded, else bidirectional")
     p.add_argument("--pooling", default=None,
                    choices=("mean", "weighted_mean", "last_token", "eos_token", "bos_token"),
                    help="pooling mode (default: the saved one, else mean)")
@@ -87,8 +89,9 @@ def check_model_arguments(args) -> None:
 
 def load_encoder(args):
     """Build an LLM2Vec from the shared options (heavy imports happen here). A model that
-    does not load (a folder without a model, an unknown or unreachable hub name) is a
-    one-line :class:`UsageError` naming the option."""
+    cannot be found (a folder without model or tokenizer files, an unknown or unreachable hub
+    name, a saved adapter whose base is missing) is a one-line :class:`UsageError` naming the
+    option; any other failure while loading is raised as it is, with its traceback."""
     import torch
 
     from llm2vec_fast.encoder import LLM2Vec
@@ -101,18 +104,70 @@ def load_encoder(args):
     if args.max_length:
         kw["max_length"] = args.max_length
     try:
+        # --causal forces causal attention; otherwise None: what a saved encoder recorded
+        # (a saved causal encoder stays causal), else bidirectional
         enc = LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft,
-                                      enable_bidirectional=not args.causal, **kw)
-    except (OSError, ValueError) as e:  # transformers / hub: missing or unusable files, unknown repo
+                                      enable_bidirectional=False if args.causal else None, **kw)
+    except (OSError, ValueError) as e:
+        reason = _not_found(e, args)
+        if reason is None:
+            raise
         what = "--model / --peft" if args.peft else "--model"
         names = f"{args.model}" + (f" / {args.peft}" if args.peft else "")
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise UsageError(f"{what}: cannot load {names}: {msg[:300]}") from e
+        raise UsageError(f"{what}: cannot load {names}: {reason}") from e
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     if not devices:
         enc.model.to(device)
     return enc, devices
+
+
+# transformers' messages (plain OSError) when a model's files cannot be found or fetched
+_NOT_FOUND_MESSAGES = (
+    "is not a local folder and is not a valid model identifier", "couldn't connect to",
+    "does not appear to have a file named", "does not appear to have files named", "no file named",
+    "can't load tokenizer", "can't load the configuration", "is not a valid git identifier", "gated repo",
+    "names no base model",  # LLM2Vec.from_pretrained: an adapter folder without its base model's name
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
+
+
+def _not_found(e: BaseException, args) -> str | None:
+    """The one-line reason when ``e`` (raised by from_pretrained) says the model's files could
+    not be found or fetched; None for anything else (a fault to show with its traceback)."""
+    for name in (args.model, args.peft):  # a local folder that lacks what loading needs
+        if name and os.path.isdir(name):
+            files = os.listdir(name)
+            has_tokenizer = any(f in _TOKENIZER_FILES or f.endswith(".gguf") for f in files)  # GGUF: inside
+            if name == args.model and not has_tokenizer:
+                return f"{name} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+            if not any(f.endswith(_WEIGHT_SUFFIXES) for f in files) and not _adapter_only(name):
+                return f"{name} holds no weights (no *.safetensors / *.bin file)"
+    try:
+        from huggingface_hub import errors as hub
+        hub_errors = (hub.HfHubHTTPError, hub.EntryNotFoundError, hub.HFValidationError, hub.OfflineModeIsEnabled)
+    except Exception:  # pragma: no cover - an older huggingface_hub
+        hub_errors = ()
+    x: BaseException | None = e
+    while x is not None:  # the error and what it was raised from
+        if isinstance(x, (FileNotFoundError, ConnectionError, *hub_errors)) or type(x).__name__ in (
+                "ConnectError", "ConnectTimeout", "ConnectionError"):  # httpx's, requests' (not builtins)
+            break
+        if isinstance(x, (OSError, ValueError)) and any(m in str(x).lower() for m in _NOT_FOUND_MESSAGES):
+            break
+        x = x.__cause__
+    else:
+        return None
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _adapter_only(folder: str) -> bool:
+    """A folder written by LLM2Vec.save of an unmerged adapter: its weights are the base's."""
+    from llm2vec_fast.encoder import _read_saved_config
+
+    return bool(_read_saved_config(folder).get("adapter_only"))
 
 
 def read_lines(path: str) -> list[str]:

@@ -4,7 +4,8 @@ Every setting is a flag (``--learning-rate 3e-5``) and can come from ``--config
 file.{json,yaml}`` (flags override the file). Multi-GPU: ``torchrun --nproc-per-node 8
 -m llm2vec_fast.cli simcse ...`` (or ``accelerate launch``); the Trainer runs DDP.
 Inputs are checked before anything is loaded or written: a bad data file or setting
-exits with a one-line error and no output folder.
+exits with a one-line error and no output folder. An error raised while loading the model
+or training is not a usage error: it keeps its traceback.
 """
 from __future__ import annotations
 
@@ -50,13 +51,15 @@ def run(args) -> int:
         print(f"llm2vec-fast {name}: error: {e}", file=sys.stderr)
         return 2
     from llm2vec_fast.training import pipeline
+    from llm2vec_fast.training.config import ConfigError
 
     fn = {"mntp": pipeline.run_mntp, "simcse": pipeline.run_simcse, "supervised": pipeline.run_supervised}[name]
     try:
         metrics = fn(cfg)
-    except ValueError as e:
+    except ConfigError as e:  # a bad setting or input, found before training starts
         print(f"llm2vec-fast {name}: error: {e}", file=sys.stderr)
         return 2
+    # anything else (a fault while loading or training) is raised with its traceback
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
     print(f"{name}: done, model saved to {cfg.output_dir}; {shown}")
     _end_distributed()

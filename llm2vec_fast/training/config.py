@@ -20,6 +20,13 @@ from typing import Any
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class ConfigError(ValueError):
+    """A setting or input no run can use, found before training starts (the config and data
+    checks, and the few that need the loaded model: LoRA targets, frozen layers, rows per
+    step). The train commands print it as one line (exit status 2); any other error, and
+    every error raised once training runs, keeps its traceback."""
+
+
 @dataclass
 class BaseConfig:
     """Fields shared by every stage (model, LoRA, optimisation, checkpoints)."""
@@ -106,6 +113,10 @@ class BaseConfig:
             raise ValueError(f"max_train_samples: expected None or an int >= 1, got {self.max_train_samples!r}")
         if not self.output_dir:
             raise ValueError("output_dir: expected a folder path, got an empty string")
+        if not 0 <= self.seed < 2**32:
+            # numpy (transformers' set_seed) takes no other seed; the per-row mask seeds derived
+            # from it (seed * 1_000_003 +- row) then stay well inside torch's 64-bit range
+            raise ValueError(f"seed: expected an int in [0, 2**32), got {self.seed!r}")
 
 
 @dataclass
@@ -213,9 +224,14 @@ STAGES = {"mntp": MNTPConfig, "simcse": SimCSEConfig, "supervised": SupervisedCo
 #          does a config file; "false", "yes", 0 and 1 are refused
 #   int    an int (not a bool, not a float, even 3.0), or a string of digits ("5" -> 5; not "1e3")
 #   float  an int or float, or a string float() reads ("2e-1" -> 0.2); nan and inf are refused
-#   str    a string (an os.PathLike becomes its path string)
+#   str    a string (an os.PathLike becomes its path string); fsdp also takes a list of words
+#          ([full_shard, auto_wrap] -> "full_shard auto_wrap", as TrainingArguments reads it)
 #   list[X] a list or tuple of X; one scalar X is a one-element list (train_files: a.jsonl)
 #   X | None  None, or an X as above
+
+
+# String fields a list of words may spell (one string, the words joined by spaces).
+SPACE_JOINED_FIELDS = ("fsdp",)
 
 
 class _WrongType(Exception):
@@ -313,6 +329,8 @@ def check_field_types(cfg) -> None:
     """
     for name, tp in _field_types(type(cfg)).items():
         v = getattr(cfg, name)
+        if name in SPACE_JOINED_FIELDS and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+            v = " ".join(v)  # fsdp: [full_shard, auto_wrap] is TrainingArguments' "full_shard auto_wrap"
         try:
             setattr(cfg, name, _coerce(tp, v))
         except _WrongType:
@@ -371,7 +389,42 @@ def read_config_file(path: str, *, field_names: bool = True) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of settings, got {type(data).__name__}")
     # str(): YAML reads a key such as 2024 as an int
-    return {(str(k).replace("-", "_") if field_names else str(k)): v for k, v in data.items()}
+    out = {(str(k).replace("-", "_") if field_names else str(k)): v for k, v in data.items()}
+    if field_names and any(k in PATH_FIELDS for k in out):
+        _paths_as_written(out, text, path)
+    return out
+
+
+# Fields that name files or folders: a name YAML or JSON reads as a number (``output_dir: 2024``)
+# or a date (``2024-01-01``) is taken as written in the file.
+PATH_FIELDS = ("model_name_or_path", "peft_model_name_or_path", "output_dir", "resume_from_checkpoint",
+               "train_file", "validation_file", "train_files", "instructions")
+
+
+def _paths_as_written(values: dict, text: str, path: str) -> None:
+    """Replace, in ``values``, a path field's number or date (or a list's) by its text in the file."""
+    import datetime
+
+    def written(v):
+        return isinstance(v, (int, float, datetime.date)) and not isinstance(v, bool)
+
+    todo = [k for k in PATH_FIELDS if k in values and (written(values[k]) or (
+        isinstance(values[k], list) and any(written(x) for x in values[k])))]
+    if not todo:
+        return
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        raw = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar as the string written
+    else:
+        raw = json.loads(text, parse_int=str, parse_float=str)
+    raw = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    for k in todo:
+        v, r = values[k], raw.get(k)
+        if isinstance(v, list) and isinstance(r, list) and len(r) == len(v):
+            values[k] = [ri if written(vi) and isinstance(ri, str) else vi for vi, ri in zip(v, r)]
+        elif written(v) and isinstance(r, str):
+            values[k] = r
 
 
 def make_config(cls, values: dict | None = None, **overrides) -> BaseConfig:
@@ -433,6 +486,6 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 __all__ = [
-    "BaseConfig", "MNTPConfig", "ContrastiveConfig", "SimCSEConfig", "SupervisedConfig", "STAGES",
+    "ConfigError", "BaseConfig", "MNTPConfig", "ContrastiveConfig", "SimCSEConfig", "SupervisedConfig", "STAGES",
     "read_config_file", "make_config", "add_config_arguments", "config_from_args", "config_to_dict",
 ]

@@ -13,6 +13,7 @@ loads it with ``--peft-model-name-or-path`` and merges it before adding a fresh 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,13 +21,25 @@ import shutil
 import torch
 
 from .collators import ContrastiveCollator, MNTPCollator, resolve_mask_token
-from .config import MNTPConfig, SimCSEConfig, SupervisedConfig, config_to_dict
+from .config import ConfigError, MNTPConfig, SimCSEConfig, SupervisedConfig, config_to_dict
 from .data import (
     ListDataset, arrange_batches, load_supervised, read_instructions, read_texts,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@contextlib.contextmanager
+def _checks():
+    """A ValueError raised inside (settings and input checks, before training starts) is a
+    :class:`ConfigError`, which the train commands print as one line."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 # ----------------------------------------------------------------------------- models
@@ -89,7 +102,7 @@ def apply_lora(model, cfg):
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.lora_target_modules if t not in names]
     if len(missing) == len(cfg.lora_target_modules):
-        raise ValueError(f"lora_target_modules: none of {cfg.lora_target_modules} is a module of the model")
+        raise ConfigError(f"lora_target_modules: none of {cfg.lora_target_modules} is a module of the model")
     targets = [t for t in cfg.lora_target_modules if t in names]
     lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                     target_modules=targets, bias="none")
@@ -114,8 +127,8 @@ def prepare_for_training(model, cfg):
         if cfg.freeze_layers:
             layers = _decoder_layers(model)
             if cfg.freeze_layers >= len(layers):
-                raise ValueError(f"freeze_layers: expected fewer than the model's {len(layers)} layers, "
-                                 f"got {cfg.freeze_layers}")
+                raise ConfigError(f"freeze_layers: expected fewer than the model's {len(layers)} layers, "
+                                  f"got {cfg.freeze_layers}")
             for layer in layers[: cfg.freeze_layers]:
                 for p in layer.parameters():
                     p.requires_grad_(False)
@@ -126,7 +139,7 @@ def _decoder_layers(model):
     base = model.base_model if getattr(model, "base_model", model) is not model else model
     layers = getattr(base, "layers", None)
     if layers is None:
-        raise ValueError("freeze_layers: the model has no .layers list of decoder layers")
+        raise ConfigError("freeze_layers: the model has no .layers list of decoder layers")
     return list(layers)
 
 
@@ -170,7 +183,8 @@ def training_arguments(cfg, *, save: bool = True, **extra):
         use_cpu=not torch.cuda.is_available(),
     )
     kw.update(extra)
-    return TrainingArguments(**kw)
+    with _checks():  # transformers' own checks of the settings (fsdp, optim, ...)
+        return TrainingArguments(**kw)
 
 
 def resolve_checkpoint(cfg) -> str | None:
@@ -182,10 +196,10 @@ def resolve_checkpoint(cfg) -> str | None:
 
         last = get_last_checkpoint(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
         if last is None:
-            raise ValueError(f"resume_from_checkpoint: no checkpoint-* folder in {cfg.output_dir!r}")
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint-* folder in {cfg.output_dir!r}")
         return last
     if not os.path.isdir(r):
-        raise ValueError(f"resume_from_checkpoint: {r!r} is not a folder")
+        raise ConfigError(f"resume_from_checkpoint: {r!r} is not a folder")
     return r
 
 
@@ -218,14 +232,16 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
     from .trainers import MNTPModel, MNTPTrainer
 
     set_seed(cfg.seed)  # the new <mask> row and the LoRA weights are drawn here, before Trainer seeds
-    mask_id = resolve_mask_token(tokenizer, cfg.mask_token, model)
+    with _checks():
+        mask_id = resolve_mask_token(tokenizer, cfg.mask_token, model)
     model = prepare_for_training(model, cfg)
     rows = tokenize_texts(tokenizer, train_texts, cfg.max_seq_length, cfg.group_texts)
     block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
     if len(rows) < block:
-        raise ValueError(f"per_device_batch_size: {block} texts per step but only {len(rows)} training rows")
-    arranged = arrange_batches({"train": rows}, block, cfg.max_steps, cfg.seed,
-                               length=(lambda r: len(r["input_ids"])) if cfg.group_by_length else None)
+        raise ConfigError(f"per_device_batch_size: {block} texts per step but only {len(rows)} training rows")
+    with _checks():
+        arranged = arrange_batches({"train": rows}, block, cfg.max_steps, cfg.seed,
+                                   length=(lambda r: len(r["input_ids"])) if cfg.group_by_length else None)
     # a seed per position: masks independent of ranks, batches and resumes
     train = ListDataset([{"input_ids": r["input_ids"], "mask_seed": cfg.seed * 1_000_003 + i}
                          for i, r in enumerate(arranged)])
@@ -269,6 +285,10 @@ def check_output_dir(path: str, what: str = "output_dir") -> None:
         raise ValueError(f"{what}: cannot create {path!r}: {parent!r} is not writable")
 
 
+# Tokens a grouped text can add beyond one per UTF-8 byte (see _check_mntp_inputs).
+GROUP_EXTRA_TOKENS = 4
+
+
 def _check_mntp_inputs(cfg: MNTPConfig):
     train = read_texts(cfg.train_file, "train_file") if cfg.train_file else None
     if train is None:
@@ -279,10 +299,13 @@ def _check_mntp_inputs(cfg: MNTPConfig):
     if evals is None and cfg.validation_split_percentage > 0:
         n = max(1, int(len(train) * cfg.validation_split_percentage / 100))
         train, evals = train[n:], train[:n]
-    # Before the model loads: the most training rows the texts can make (a text is at most one
-    # row, or, grouped, a token per character plus a few special ones) must fill a step.
+    # Before the model loads: the most training rows the texts can make must fill a step. A text
+    # is at most one row; grouped, it is at most a token per UTF-8 byte (byte-level BPE, and
+    # SentencePiece's byte fallback, never make more; a character can be several tokens) plus
+    # a few more: BOS / EOS, the EOS put between texts, a SentencePiece word-start prefix.
     block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
-    most = len(train) if not cfg.group_texts else sum(len(t) + 3 for t in train) // cfg.max_seq_length + 1
+    most = len(train) if not cfg.group_texts else (
+        sum(len(t.encode("utf-8")) + GROUP_EXTRA_TOKENS for t in train) // cfg.max_seq_length + 1)
     if most < block:
         raise ValueError(f"per_device_batch_size: {block} training rows per step, but {len(train)} training texts "
                          f"make at most {most}")
@@ -292,9 +315,10 @@ def _check_mntp_inputs(cfg: MNTPConfig):
 
 def run_mntp(cfg: MNTPConfig) -> dict:
     """MNTP from files to a saved model. Returns the final metrics."""
-    cfg.validate()
-    check_output_dir(cfg.output_dir)
-    train, evals = _check_mntp_inputs(cfg)
+    with _checks():
+        cfg.validate()
+        check_output_dir(cfg.output_dir)
+        train, evals = _check_mntp_inputs(cfg)
     model, tok = load_model(cfg.model_name_or_path, causal_lm=True, dtype=cfg.dtype,
                             peft_model_name_or_path=cfg.peft_model_name_or_path)
     model, trainer = train_mntp(model, tok, train, cfg, eval_texts=evals)
@@ -313,7 +337,7 @@ def save_mntp_output(model, tokenizer, cfg) -> None:
     ``XModel`` (``base_model.model.model.X`` -> ``base_model.model.X``), plus the encoder
     config naming the base model. Otherwise: the full ``XForCausalLM`` weights.
     """
-    from ..encoder import CONFIG_NAME
+    from ..encoder import CONFIG_NAME, _abs_if_dir
 
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
@@ -323,7 +347,8 @@ def save_mntp_output(model, tokenizer, cfg) -> None:
     if is_peft and not cfg.peft_model_name_or_path:
         model.save_pretrained(out)
         _retarget_adapter_to_base(out)
-        enc_cfg.update(adapter_only=True, base_model_name_or_path=cfg.model_name_or_path)
+        # a local base as an absolute path: the folder loads from any working directory
+        enc_cfg.update(adapter_only=True, base_model_name_or_path=_abs_if_dir(cfg.model_name_or_path))
     else:
         from ..encoder import _save_pretrained_dequantized
 
@@ -369,7 +394,8 @@ def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=No
     length = None
     if cfg.group_by_length:  # characters of the longest text of the example: a cheap proxy for tokens
         length = lambda e: max(len(v) for k, v in e.items() if k != "instruction" and isinstance(v, str))  # noqa: E731
-    train = ListDataset(arrange_batches(data, block, cfg.max_steps, cfg.seed, length=length))
+    with _checks():
+        train = ListDataset(arrange_batches(data, block, cfg.max_steps, cfg.seed, length=length))
     args = training_arguments(cfg, save=save_checkpoints)
     trainer = ContrastiveTrainer(
         model=ContrastiveModel(model), args=args, train_dataset=train, data_collator=collator,
@@ -391,15 +417,16 @@ def _check_block(cfg, sizes: dict):
 
 
 def run_simcse(cfg: SimCSEConfig) -> dict:
-    cfg.validate()
-    check_output_dir(cfg.output_dir)
-    if not cfg.train_file:
-        raise ValueError("train_file: expected a .txt or .jsonl file of training texts")
-    texts = read_texts(cfg.train_file, "train_file")
-    if cfg.max_train_samples:
-        texts = texts[: cfg.max_train_samples]
-    _check_block(cfg, {"train": len(texts)})
-    resolve_checkpoint(cfg)
+    with _checks():
+        cfg.validate()
+        check_output_dir(cfg.output_dir)
+        if not cfg.train_file:
+            raise ValueError("train_file: expected a .txt or .jsonl file of training texts")
+        texts = read_texts(cfg.train_file, "train_file")
+        if cfg.max_train_samples:
+            texts = texts[: cfg.max_train_samples]
+        _check_block(cfg, {"train": len(texts)})
+        resolve_checkpoint(cfg)
     model, tok = load_model(cfg.model_name_or_path, causal_lm=False, dtype=cfg.dtype,
                             peft_model_name_or_path=cfg.peft_model_name_or_path)
     model, trainer = train_contrastive(model, tok, texts, cfg, mode="simcse")
@@ -407,14 +434,15 @@ def run_simcse(cfg: SimCSEConfig) -> dict:
 
 
 def run_supervised(cfg: SupervisedConfig) -> dict:
-    cfg.validate()
-    check_output_dir(cfg.output_dir)
-    instructions = read_instructions(cfg.instructions)
-    data = load_supervised(cfg.train_files, instructions, require_negative=cfg.hard_negatives)
-    if cfg.max_train_samples:
-        data = {k: v[: cfg.max_train_samples] for k, v in data.items()}
-    _check_block(cfg, {k: len(v) for k, v in data.items()})
-    resolve_checkpoint(cfg)
+    with _checks():
+        cfg.validate()
+        check_output_dir(cfg.output_dir)
+        instructions = read_instructions(cfg.instructions)
+        data = load_supervised(cfg.train_files, instructions, require_negative=cfg.hard_negatives)
+        if cfg.max_train_samples:
+            data = {k: v[: cfg.max_train_samples] for k, v in data.items()}
+        _check_block(cfg, {k: len(v) for k, v in data.items()})
+        resolve_checkpoint(cfg)
     model, tok = load_model(cfg.model_name_or_path, causal_lm=False, dtype=cfg.dtype,
                             peft_model_name_or_path=cfg.peft_model_name_or_path)
     model, trainer = train_contrastive(model, tok, None, cfg, mode="supervised", datasets=data)
@@ -424,11 +452,12 @@ def run_supervised(cfg: SupervisedConfig) -> dict:
 def save_encoder(model, tokenizer, output_dir: str, *, pooling_mode: str = "mean", max_length: int = 512,
                  base_model_name_or_path: str | None = None, merge: bool = False) -> None:
     """Save a trained ``XModel`` (or a peft model over one) as an :class:`LLM2Vec` folder."""
-    from ..encoder import LLM2Vec
+    from ..encoder import LLM2Vec, _abs_if_dir
 
     enc = LLM2Vec(model, tokenizer, pooling_mode=pooling_mode, max_length=max(max_length, 8),
                   doc_max_length=max(max_length, 8), padding_side="right")
-    enc._weights_recipe = (base_model_name_or_path, [])
+    # a local base as an absolute path: an adapter-only folder loads from any working directory
+    enc._weights_recipe = (_abs_if_dir(base_model_name_or_path), [])
     enc.save(output_dir, merge_before_save=merge)
 
 
