@@ -413,6 +413,26 @@ def test_bf16_base_with_fp32_adapters():
         assert_close_rule(fused[1][n].float(), oracle[1][n].float(), native[1][n].float(), factor=3.0, name=n)
 
 
+def test_torch_compile_of_a_fused_model_runs_peft_inside_the_graphs():
+    """The fused functions write into module-level scratch buffers, which Dynamo cannot trace
+    (it crashed compiling the RMSNorm function); inside torch.compile the modules' own
+    forwards run, with peft's results."""
+    batch = _batch(seed=8)
+    fused = _lora_model("llama", fuse=True, dtype=torch.float32)
+    plain = _lora_model("llama", fuse=False, dtype=torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager")
+    lc, gc, _ = _loss_and_grads(compiled, batch)
+    gc = {n.removeprefix("_orig_mod."): g for n, g in gc.items()}
+    lp, gp, _ = _loss_and_grads(plain, batch)
+    torch.testing.assert_close(lc, lp, rtol=1e-5, atol=1e-6)
+    assert gc.keys() == gp.keys() and gc
+    for n in gp:
+        torch.testing.assert_close(gc[n], gp[n], rtol=1e-4, atol=1e-6, msg=n)
+    lf, _, fn = _loss_and_grads(fused, batch)  # eager: still fused
+    assert _fused_nodes(_graph_names(fn))
+
+
 def test_fuse_lora_argument_is_checked():
     with pytest.raises(ValueError, match="fuse_lora"):
         patch_model(tiny_model("llama"), fuse_lora="yes")

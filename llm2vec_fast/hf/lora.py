@@ -566,8 +566,11 @@ def lora_parts(module):
 
 def _fast_ok(x: torch.Tensor, cpu_only: bool = False) -> bool:
     """The device and autocast allow the fused functions (grad mode is the caller's test:
-    with dropout they run without grad too, see :func:`_use_fused`)."""
-    return not (cpu_only and x.device.type != "cpu") and not torch.is_autocast_enabled(x.device.type)
+    with dropout they run without grad too, see :func:`_use_fused`). Not inside
+    torch.compile: the functions write into module-level scratch buffers, which Dynamo cannot
+    trace (the modules' own forwards compile)."""
+    return (not (cpu_only and x.device.type != "cpu") and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling())
 
 
 def _use_fused(dropout: bool) -> bool:
