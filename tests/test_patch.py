@@ -606,6 +606,27 @@ def test_compiled_patched_model_does_not_recompile_per_call():
     assert float((got[m] - want[m]).abs().max()) <= bound(want)
 
 
+def test_compiled_mntp_model_keeps_its_graphs_for_any_labelled_count():
+    """The fused MNTP loss runs eagerly inside compiled code: traced, its chunk loop guarded
+    on the number of labelled tokens, and each batch with another count compiled again."""
+    from torch._dynamo.utils import counters
+
+    model = patch_model(tiny_model("llama", causal_lm=True), mntp=True, backend="torch").train()
+    ids, mask = batch([9, 6, 8], "right")
+    torch._dynamo.reset()
+    counters.clear()
+    cm = torch.compile(model, backend="aot_eager")
+    graphs = None
+    for n_lab in (2, 5, 7):
+        labels = torch.full_like(ids, -100)
+        labels[:, 1:1 + n_lab] = ids[:, 1:1 + n_lab]
+        got = cm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want))
+        graphs = graphs or counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, n_lab
+
+
 # --------------------------------------------------------------------------------------
 # GPU (run by the lead on the GPU machine): the compiled kernels inside real layers.
 # --------------------------------------------------------------------------------------

@@ -193,3 +193,33 @@ def test_autocast_changes_nothing(dtype):
             out.append([loss.detach()] + [t.grad for t in ts])
         for name, a, c in zip(("loss", "d hidden", "d weight", "d bias"), *out):
             assert a.dtype == c.dtype and max_err(a, c) <= 1e-6 * max(1.0, float(a.abs().max())), (strategy, name)
+
+
+def test_torch_compile_does_not_recompile_per_labelled_count():
+    """Traced, the chunk loop over the labelled rows guarded on their number: every batch with
+    another count compiled again (up to Dynamo's limit). The op runs eagerly inside compiled
+    code, so the graphs of the first call serve every count, with the eager results."""
+    from torch._dynamo.utils import counters
+
+    w = torch.randn(37, 16, requires_grad=True)
+
+    def step(h, y):
+        return L.masked_linear_cross_entropy(h * 2.0, w, y, backend="torch")
+
+    torch._dynamo.reset()
+    counters.clear()
+    cstep = torch.compile(step, backend="aot_eager")
+    graphs = None
+    for n_lab in (3, 5, 8, 11, 2):
+        g = torch.Generator().manual_seed(n_lab)
+        h = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+        y = torch.full((2, 9), -100)
+        pos = torch.randperm(18, generator=g)[:n_lab]
+        y.view(-1)[pos] = torch.randint(0, 37, (n_lab,), generator=g)
+        got = cstep(h, y)
+        gh_c, gw_c = torch.autograd.grad(got, (h, w))
+        want = step(h, y)
+        gh_e, gw_e = torch.autograd.grad(want, (h, w))
+        assert max_err(got, want) <= 1e-6 and max_err(gh_c, gh_e) <= 1e-6 and max_err(gw_c, gw_e) <= 1e-6
+        graphs = graphs or counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, n_lab

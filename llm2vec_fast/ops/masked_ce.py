@@ -124,6 +124,10 @@ def masked_linear_cross_entropy(
     later shape depends on their number; the label range check rides on that sync
     (``reference.labelled_rows``).
 
+    ``torch.compile``: after the argument checks the op runs eagerly (a graph break). Traced,
+    the number of labelled rows became part of the compiled code's guards, so every batch
+    with another count compiled again, up to Dynamo's recompile limit.
+
     Raises ``ValueError`` for bad ranks / shapes / dtypes, a hidden size ``C = 0``, labels
     that the shift keeps outside ``[0, V)`` other than ``ignore_index`` (checked before the LM
     head is touched), an ``ignore_index`` that is not an int, a ``softcap`` / ``z_loss`` /
@@ -132,8 +136,16 @@ def masked_linear_cross_entropy(
     ``strategy="eager"`` with ``reduction="none"`` when weight or bias requires grad.
     """
     _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, softcap, label_smoothing, z_loss, strategy)
-    ignore_index = int(ignore_index)
     be = resolve_backend("masked_linear_cross_entropy", backend, hidden)
+    return _run(be, hidden, weight, labels, bias, shift=shift, ignore_index=int(ignore_index), reduction=reduction,
+                softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
+                strategy=strategy)
+
+
+@torch.compiler.disable  # eager inside torch.compile: shapes follow the labelled rows' count
+def _run(be, hidden, weight, labels, bias, *, shift, ignore_index, reduction, softcap, label_smoothing, z_loss,
+         return_accuracy, strategy):
+    """The validated call on backend ``be`` (:func:`masked_linear_cross_entropy`)."""
     if be == "triton":
         try:
             from ..kernels.triton import masked_ce as tk
