@@ -61,6 +61,9 @@ ENCODER_KEYS = ("pooling_mode", "max_length", "doc_max_length", "skip_instructio
 # settings, never the keys that say where the weights come from (``adapter_only``,
 # ``base_model_name_or_path``, ``merged_adapters``: the base is the model named).
 PEFT_FOLDER_KEYS = ENCODER_KEYS + ("padding_side", "enable_bidirectional")
+# from_pretrained arguments that say which weights a name loads (besides the name): an
+# adapter-only save records them as ``base_model_kwargs``, so the base loads back.
+BASE_LOAD_KEYS = ("gguf_file", "revision", "subfolder")
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +173,8 @@ class LLM2Vec(torch.nn.Module):
         self.config = getattr(model, "config", None)
         # How to rebuild this encoder in another process (set by from_pretrained).
         self._load_spec: dict | None = None
-        # (base model, adapters merged into it at load) behind the model's weights, for save().
+        # (base model, adapters merged into it at load, the base's BASE_LOAD_KEYS arguments)
+        # behind the model's weights, for save().
         self._weights_recipe: tuple | None = None
         # None: character offsets when the tokenizer is a fast one (tests force False to
         # exercise the instruction-count fallback).
@@ -249,6 +253,7 @@ class LLM2Vec(torch.nn.Module):
         # in order; save() of an unmerged adapter records this so the folder loads back.
         weights_base, merged = base_model_name_or_path, []
         base_for_weights = path
+        base_kwargs = {k: kwargs[k] for k in BASE_LOAD_KEYS if kwargs.get(k) is not None}
         adapter_in_base = bool(saved.get("adapter_only", False))
         if adapter_in_base:  # save() of an unmerged peft model: the base weights live elsewhere
             weights_base = saved.get("base_model_name_or_path")
@@ -256,8 +261,11 @@ class LLM2Vec(torch.nn.Module):
                 raise ValueError(f"base_model_name_or_path: {path} holds only an adapter and names no base model")
             merged = list(saved.get("merged_adapters", [])) + [_abs_if_dir(path)]
             base_for_weights, extra2 = resolve_model_name(weights_base)
-            for k, v in extra2.items():
-                kwargs.setdefault(k, v)
+            # the base's own loading arguments (a GGUF file name) replace those of the folder named
+            base_kwargs = {k: v for k, v in saved.get("base_model_kwargs", {}).items() if k in BASE_LOAD_KEYS}
+            for k in BASE_LOAD_KEYS:
+                kwargs.pop(k, None)
+            kwargs.update({**base_kwargs, **extra2})
 
         model = AutoModel.from_pretrained(base_for_weights, **kwargs)
         if merged:
@@ -286,7 +294,7 @@ class LLM2Vec(torch.nn.Module):
             padding_side = saved.get("padding_side")
         enc = cls(model, tokenizer, **config, padding_side=padding_side, packed=packed)
         enc._load_spec = spec
-        enc._weights_recipe = (_abs_if_dir(weights_base), merged)
+        enc._weights_recipe = (_abs_if_dir(weights_base), merged, base_kwargs)
         return enc
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
@@ -300,7 +308,7 @@ class LLM2Vec(torch.nn.Module):
         """
         model = self.model
         is_peft = hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
-        base, merged = self._weights_recipe or (None, [])
+        base, merged, base_kwargs = self._weights_recipe or (None, [], {})
         if is_peft and not merge_before_save and not base:
             base = getattr(model.peft_config.get("default"), "base_model_name_or_path", None)
             if not base:
@@ -324,6 +332,8 @@ class LLM2Vec(torch.nn.Module):
             if is_peft:
                 cfg["adapter_only"] = True
                 cfg["base_model_name_or_path"] = base
+                if base_kwargs:
+                    cfg["base_model_kwargs"] = dict(base_kwargs)
                 if merged:
                     cfg["merged_adapters"] = list(merged)
             with open(os.path.join(output_path, CONFIG_NAME), "w") as f:

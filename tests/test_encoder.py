@@ -10,6 +10,7 @@ full sequence), and the pooled vector is computed by direct indexing.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -301,7 +302,7 @@ def test_save_peft_merged_and_unmerged(tmp_path):
 
     patch_model(peft_model, backend="torch")
     enc = LLM2Vec(peft_model, tok)
-    enc._weights_recipe = (str(tmp_path / "base"), [])  # what from_pretrained / the trainer record
+    enc._weights_recipe = (str(tmp_path / "base"), [], {})  # what from_pretrained / the trainer record
     inputs = texts_of(4, seed=9)
     before = enc.encode(inputs, show_progress_bar=False)
     enc.save(str(tmp_path / "adapter_only"))
@@ -310,6 +311,32 @@ def test_save_peft_merged_and_unmerged(tmp_path):
     enc.save(str(tmp_path / "merged"), merge_before_save=True)
     m = LLM2Vec.from_pretrained(str(tmp_path / "merged")).encode(inputs, show_progress_bar=False)
     torch.testing.assert_close(m, before, rtol=0, atol=1e-5)
+
+
+def test_adapter_only_save_records_how_the_base_loads(tmp_path, monkeypatch):
+    """A base loaded with an extra argument naming its weights (a GGUF file, a subfolder, a
+    revision) saved as an unmerged adapter: the folder recorded only the base's path, so it
+    did not load back (for the GGUF SmolLM2 folder: 'Unrecognized model'). A subfolder stands
+    in for a GGUF file here (the same mechanism; the GGUF round trip was checked by hand)."""
+    from peft import get_peft_model
+
+    from llm2vec_fast import LLM2Vec
+
+    tok = get_tokenizer()
+    tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512).save_pretrained(tmp_path / "base" / "w")
+    tok.save_pretrained(tmp_path / "base")
+    get_peft_model(tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512),
+                   _lora(3)).save_pretrained(tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)  # relative names: the saved config must not depend on this folder
+    enc = LLM2Vec.from_pretrained("base", subfolder="w", peft_model_name_or_path="adapter")
+    inputs = texts_of(3, seed=11)
+    before = enc.encode(inputs, show_progress_bar=False)
+    enc.save("saved")
+    cfg = json.load(open(tmp_path / "saved" / "llm2vec_fast_config.json"))
+    assert cfg["adapter_only"] and cfg["base_model_kwargs"] == {"subfolder": "w"}
+    monkeypatch.chdir(tmp_path / "adapter")
+    again = LLM2Vec.from_pretrained(str(tmp_path / "saved"))
+    torch.testing.assert_close(again.encode(inputs, show_progress_bar=False), before, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

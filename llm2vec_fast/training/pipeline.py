@@ -457,7 +457,7 @@ def save_encoder(model, tokenizer, output_dir: str, *, pooling_mode: str = "mean
     enc = LLM2Vec(model, tokenizer, pooling_mode=pooling_mode, max_length=max(max_length, 8),
                   doc_max_length=max(max_length, 8), padding_side="right")
     # a local base as an absolute path: an adapter-only folder loads from any working directory
-    enc._weights_recipe = (_abs_if_dir(base_model_name_or_path), [])
+    enc._weights_recipe = (_abs_if_dir(base_model_name_or_path), [], {})
     enc.save(output_dir, merge_before_save=merge)
 
 
