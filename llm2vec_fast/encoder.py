@@ -726,8 +726,9 @@ def _save_pretrained_dequantized(model, path) -> None:
 
 
 def _abs_if_dir(path):
-    """An absolute path for a local folder (a saved config outlives the working directory)."""
-    return os.path.abspath(path) if isinstance(path, str) and os.path.isdir(path) else path
+    """An absolute path for a local folder or file (a ``.gguf`` one), so a saved config
+    outlives the working directory; hub names pass through."""
+    return os.path.abspath(path) if isinstance(path, str) and os.path.exists(path) else path
 
 
 def _read_saved_config(path) -> dict:

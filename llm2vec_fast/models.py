@@ -28,9 +28,14 @@ def default_model_folder() -> str:
 
 
 def resolve_model_name(name_or_path: str) -> tuple[str, dict]:
-    """Map ``"smollm2-135m"`` to (folder, {"gguf_file": ...}); other names pass through."""
+    """Map ``"smollm2-135m"`` to (folder, {"gguf_file": ...}) and the path of a ``.gguf``
+    file to (its folder, {"gguf_file": its name}), as transformers loads GGUF weights; other
+    names pass through."""
     if name_or_path.lower() in (DEFAULT_MODEL_NAME, "smollm2-135m-instruct", "default"):
         return default_model_folder(), {"gguf_file": GGUF_FILE}
+    if name_or_path.lower().endswith(".gguf") and os.path.isfile(name_or_path):
+        folder, file = os.path.split(os.path.abspath(name_or_path))
+        return folder, {"gguf_file": file}
     return name_or_path, {}
 
 

@@ -64,7 +64,8 @@ def _listing(path):
 
 @pytest.mark.parametrize("case", ["missing input", "output folder missing", "output under a file",
                                   "output suffix", "output is a folder", "model folder missing",
-                                  "model folder without a model", "peft folder missing", "batch size"])
+                                  "model folder without a model", "model is a file", "peft folder missing",
+                                  "batch size"])
 def test_encode_refuses_bad_paths_before_loading(tmp_path, capsys, toy_dir, no_loading, case):
     texts = _write(tmp_path / "in.txt", ["a dog runs", "the cat sits"])
     (tmp_path / "afile").write_text("x")
@@ -85,6 +86,8 @@ def test_encode_refuses_bad_paths_before_loading(tmp_path, capsys, toy_dir, no_l
         args["--model"], option = str(tmp_path / "nomodel"), "--model"
     elif case == "model folder without a model":
         args["--model"], option = str(tmp_path / "empty"), "--model"
+    elif case == "model is a file":  # (a .gguf file is a model: test_a_gguf_file_names_its_folder)
+        args["--model"], option = str(tmp_path / "afile"), "--model"
     elif case == "peft folder missing":
         extra, option = ["--peft", str(tmp_path / "noadapter")], "--peft"
     elif case == "batch size":
@@ -94,6 +97,27 @@ def test_encode_refuses_bad_paths_before_loading(tmp_path, capsys, toy_dir, no_l
     if case == "output suffix":
         assert ".npy" in err and "emb.jsonl" in err
     assert _listing(tmp_path) == before  # nothing written
+
+
+def test_a_gguf_file_names_its_folder(tmp_path, monkeypatch):
+    """``--model x.gguf`` (and model_name_or_path / from_pretrained): transformers loads GGUF
+    weights as (folder, gguf_file=name); the path of the file resolves to that pair (absolute,
+    so a saved config names it from anywhere) and passes the CLI's up-front path check. (A
+    real GGUF model through the CLI: the README's demo and tests/test_demo.py load the
+    default one, whose alias resolves the same way.)"""
+    from llm2vec_fast.commands.encode import _check_model_path
+    from llm2vec_fast.models import resolve_model_name
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "Model.Q4.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_name("m/Model.Q4.gguf") == (str(tmp_path / "m"), {"gguf_file": "Model.Q4.gguf"})
+    assert resolve_model_name("m/missing.gguf") == ("m/missing.gguf", {})  # not a file: passes through
+    _check_model_path("--model", "m/Model.Q4.gguf")
+    from llm2vec_fast.commands import UsageError
+
+    with pytest.raises(UsageError, match="is a file"):
+        _check_model_path("--peft", "m/Model.Q4.gguf", ("adapter_config.json",))
 
 
 def test_encode_turns_a_load_failure_into_one_line(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def add_model_arguments(p) -> None:
     """Options shared with ``eval-sts``: which model, how it is loaded and pooled."""
     p.add_argument("--model", default="smollm2-135m",
-                   help="base model folder / hub name, or a folder written by LLM2Vec.save "
+                   help="base model folder / hub name / .gguf file, or a folder written by LLM2Vec.save "
                         "(default: smollm2-135m, the offline SmolLM2-135M-Instruct)")
     p.add_argument("--peft", default=None, help="a LoRA adapter folder to load on top of --model")
     p.add_argument("--causal", action="store_true",
@@ -67,7 +67,9 @@ def _check_model_path(option: str, name: str, needs=_MODEL_FILES) -> None:
             raise UsageError(f"{option}: {name} holds no model (none of {', '.join(needs)})")
         return
     if os.path.exists(name):
-        raise UsageError(f"{option}: {name} is a file; expected a model folder or a hub name")
+        if needs is _MODEL_FILES and name.lower().endswith(".gguf"):
+            return  # GGUF weights (and tokenizer) in one file, as transformers loads them
+        raise UsageError(f"{option}: {name} is a file; expected a model folder, a .gguf file or a hub name")
     if resolve_model_name(name)[0] != name:  # an alias of the offline default model
         return
     if not _HUB_ID.fullmatch(name) or "--" in name or ".." in name:
