@@ -32,10 +32,8 @@ def new_generation() -> None:
     _GENERATION[0] += 1
 
 
-@torch.compiler.disable
-def new_generation_eager() -> None:
-    """:func:`new_generation`, run eagerly even inside a compiled region (a graph break there)."""
-    _GENERATION[0] += 1
+# :func:`new_generation`, run eagerly even inside a compiled region (a graph break there).
+new_generation_eager = torch.compiler.disable(new_generation)
 
 
 def version(t: torch.Tensor):
