@@ -562,7 +562,7 @@ _CAPS: dict = {}
 
 
 def _probe(what: str, a: torch.Tensor, check) -> bool:
-    key = (what, a.device.type, a.dtype)
+    key = (what, str(a.device), a.dtype)  # per device: a machine may mix GPU models
     if key not in _CAPS:
         try:
             # autocast off: a first call inside torch.autocast would otherwise compare against
