@@ -102,6 +102,27 @@ def test_bool_strings_are_refused_like_the_cli_does():
             assert getattr(make_config(cls, {name: False}), name) is False
 
 
+def test_every_bool_flag_and_its_negation_are_listed_by_help():
+    """--no-<flag> worked but --help hid it, so a default-True setting (--use-lora,
+    --cross-rank) had no visible way to be turned off; --flag / --no-flag set True / False and
+    leave the file's (or the default) value when absent."""
+    import argparse
+
+    from llm2vec_fast.training.config import add_config_arguments
+
+    for cls in STAGES.values():
+        p = argparse.ArgumentParser()
+        add_config_arguments(p, cls)
+        text = " ".join(p.format_help().split())
+        bools = [f.name for f in dataclasses.fields(cls) if f.type in ("bool", "bool | None")]
+        for name in bools:
+            flag = "--" + name.replace("_", "-")
+            assert f"{flag}, --no-{flag[2:]}" in text, name
+            assert getattr(p.parse_args([flag]), name) is True
+            assert getattr(p.parse_args(["--no-" + flag[2:]]), name) is False
+            assert getattr(p.parse_args([]), name) is None
+
+
 def test_every_field_is_type_checked():
     """No per-field list: a value no annotation allows is refused for every field of every stage."""
     for cls in STAGES.values():

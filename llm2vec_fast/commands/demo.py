@@ -14,7 +14,7 @@ meaningless).
 """
 from __future__ import annotations
 
-HELP = "MNTP + SimCSE on SmolLM2-135M with an STS-B before/after table (about 12 min on 2 free CPU cores)"
+HELP = "MNTP + SimCSE on SmolLM2-135M with an STS-B before/after table (about 9 min on 2 free CPU cores; 538 s in the README's run)"
 
 # Sized for about 12 minutes of 2 uncontended CPU cores (measured on this machine, one
 # thread: an MNTP step of 32 sentences ~5 CPU s, a SimCSE step of 32 sentences x 2 views

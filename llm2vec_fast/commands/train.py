@@ -61,9 +61,16 @@ def run(args) -> int:
         return 2
     # anything else (a fault while loading or training) is raised with its traceback
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
-    print(f"{name}: done, model saved to {cfg.output_dir}; {shown}")
+    if _rank() == 0:  # the one that saved (under torchrun every rank returns here)
+        print(f"{name}: done, model saved to {cfg.output_dir}; {shown}")
     _end_distributed()
     return 0
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _end_distributed():

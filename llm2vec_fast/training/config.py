@@ -6,6 +6,7 @@ checked by :meth:`BaseConfig.validate` before anything is loaded or written.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -458,20 +459,12 @@ def add_config_arguments(parser, cls) -> None:
         tp, is_list = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f"{f.metadata.get('help', '')} (default: {default})"
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action="store_true", help=help_)
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                help=argparse_suppress())
+        if tp is bool:  # --flag / --no-flag, both listed by --help
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
         elif is_list:
             parser.add_argument(flag, dest=f.name, default=None, nargs="+", type=tp, help=help_)
         else:
             parser.add_argument(flag, dest=f.name, default=None, type=tp, help=help_)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def config_from_args(cls, args) -> BaseConfig:
