@@ -242,9 +242,20 @@ def test_cli_mntp_lora_then_simcse_then_supervised(tmp_path, toy_dir):
     simcse = str(tmp_path / "simcse")
     assert main(["simcse", "--train-file", texts, "--output-dir", simcse, "--peft-model-name-or-path", mntp,
                  "--mini-batch-size", "5", "--lora-r", "4", *common]) == 0
+    # the SimCSE adapter only, over the base with the MNTP adapter merged (it saved the whole
+    # merged model: the model's size per run instead of the adapter's)
+    cfg = json.load(open(os.path.join(simcse, "llm2vec_fast_config.json")))
+    assert cfg["adapter_only"] and cfg["merged_adapters"] == [os.path.abspath(mntp)]
+    assert not any(f.startswith("model") and f.endswith(".safetensors") for f in os.listdir(simcse))
     enc = LLM2Vec.from_pretrained(simcse)
     e = enc.encode(["a dog runs", "the cat sits"], convert_to_tensor=True)
     assert e.shape == (2, 64) and torch.isfinite(e).all()
+    by_hand = LLM2Vec.from_pretrained(toy_dir, peft_model_name_or_path=mntp, merge_peft=True)
+    from peft import PeftModel
+
+    by_hand.model = PeftModel.from_pretrained(by_hand.model, simcse)
+    torch.testing.assert_close(by_hand.encode(["a dog runs", "the cat sits"], convert_to_tensor=True), e,
+                               rtol=0, atol=1e-5)
 
     d = tmp_path / "sup"
     d.mkdir()

@@ -450,24 +450,28 @@ def run_supervised(cfg: SupervisedConfig) -> dict:
 
 
 def save_encoder(model, tokenizer, output_dir: str, *, pooling_mode: str = "mean", max_length: int = 512,
-                 base_model_name_or_path: str | None = None, merge: bool = False) -> None:
-    """Save a trained ``XModel`` (or a peft model over one) as an :class:`LLM2Vec` folder."""
+                 base_model_name_or_path: str | None = None, merged_adapters=(), merge: bool = False) -> None:
+    """Save a trained ``XModel`` (or a peft model over one) as an :class:`LLM2Vec` folder.
+    ``merged_adapters``: adapter folders merged into the base before training (recorded
+    with an unmerged adapter, so the folder loads back as base + those + the adapter)."""
     from ..encoder import LLM2Vec, _abs_if_dir
 
     enc = LLM2Vec(model, tokenizer, pooling_mode=pooling_mode, max_length=max(max_length, 8),
                   doc_max_length=max(max_length, 8), padding_side="right")
     # a local base as an absolute path: an adapter-only folder loads from any working directory
-    enc._weights_recipe = (_abs_if_dir(base_model_name_or_path), [], {})
+    enc._weights_recipe = (_abs_if_dir(base_model_name_or_path), [_abs_if_dir(a) for a in merged_adapters], {})
     enc.save(output_dir, merge_before_save=merge)
 
 
 def _finish_contrastive(model, tok, cfg, trainer) -> dict:
     metrics = _final_metrics(trainer)
     if trainer.is_world_process_zero():
-        # An adapter merged at load time is not in the base model: save merged weights then.
+        # A LoRA run writes its adapter only (MBs, not the model's GBs); the config names the
+        # base and the adapter merged into it at load (MNTP's), which must stay where they are
+        # (LLM2Vec.from_pretrained(out).save(dst, merge_before_save=True) makes a standalone copy)
         save_encoder(model, tok, cfg.output_dir, pooling_mode=cfg.pooling_mode, max_length=512,
                      base_model_name_or_path=cfg.model_name_or_path,
-                     merge=bool(cfg.peft_model_name_or_path))
+                     merged_adapters=[cfg.peft_model_name_or_path] if cfg.peft_model_name_or_path else [])
         _write_json(os.path.join(cfg.output_dir, "train_config.json"), config_to_dict(cfg))
         _write_json(os.path.join(cfg.output_dir, "metrics.json"), metrics)
     return metrics
