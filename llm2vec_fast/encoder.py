@@ -171,8 +171,10 @@ class LLM2Vec(torch.nn.Module):
         self.padding_side = padding_side or getattr(tokenizer, "padding_side", "right") or "right"
         self.packed = packed
         self.config = getattr(model, "config", None)
-        # How to rebuild this encoder in another process (set by from_pretrained).
+        # How to rebuild this encoder in another process (set by from_pretrained), valid while
+        # the weights still are what it loaded (_weights_fingerprint then).
         self._load_spec: dict | None = None
+        self._load_fingerprint = None
         # (base model, adapters merged into it at load, the base's BASE_LOAD_KEYS arguments)
         # behind the model's weights, for save().
         self._weights_recipe: tuple | None = None
@@ -294,6 +296,7 @@ class LLM2Vec(torch.nn.Module):
             padding_side = saved.get("padding_side")
         enc = cls(model, tokenizer, **config, padding_side=padding_side, packed=packed)
         enc._load_spec = spec
+        enc._load_fingerprint = enc._weights_fingerprint()
         enc._weights_recipe = (_abs_if_dir(weights_base), merged, base_kwargs)
         return enc
 
@@ -581,6 +584,14 @@ class LLM2Vec(torch.nn.Module):
         pairs, single = normalize_inputs(sentences)
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        if devices is not None:
+            if isinstance(devices, (str, torch.device)) or not len(devices):
+                raise ValueError(f"devices: expected a non-empty list of devices (['cuda:0', 'cuda:1']), got {devices!r}")
+            for d in devices:
+                try:
+                    torch.device(d)
+                except (RuntimeError, TypeError):
+                    raise ValueError(f"devices: expected device names like 'cpu' or 'cuda:1', got {d!r}") from None
         if devices is not None and len(devices) > 1:
             emb = self._encode_multi(pairs, batch_size, list(devices), show_progress_bar)
         else:
@@ -639,6 +650,8 @@ class LLM2Vec(torch.nn.Module):
 
         tmp = None
         spec = self._load_spec
+        if spec is not None and self._weights_fingerprint() != self._load_fingerprint:
+            spec = None  # trained, cast, merged or re-patched since it loaded: the folder is stale
         if spec is None:
             # An in-memory model: write it once, every worker loads the folder (no pickling).
             tmp = tempfile.TemporaryDirectory(prefix="llm2vec_fast_encode_")
@@ -674,6 +687,19 @@ class LLM2Vec(torch.nn.Module):
             if shard:
                 out[torch.tensor(shard)] = torch.from_numpy(part)
         return out
+
+    def _weights_fingerprint(self):
+        """What the workers of a multi-device encode must reproduce: the attention mode, each
+        state-dict entry's name, dtype and shape, and its values' fp64 sum and norm (one read
+        of the weights; in-place edits through ``.data`` bump no version counter)."""
+        names, stats = [], []
+        for name, t in self.model.state_dict().items():
+            t = t.detach()
+            names.append((name, str(t.dtype), tuple(t.shape)))
+            s = t.sum(dtype=torch.float64)
+            n = torch.linalg.vector_norm(t, dtype=torch.float64) if t.is_floating_point() else torch.zeros_like(s)
+            stats.append(torch.stack((s, n)).cpu())
+        return self._is_patched(), tuple(names), tuple(tuple(x.tolist()) for x in stats)
 
     def _is_patched(self) -> bool:
         try:

@@ -53,3 +53,29 @@ def test_worker_shards_cover_every_input_once(monkeypatch):
     assert sum(n for _, n in seen) == len(texts)
     want = torch.tensor([[float(len(t)), float(ord(t[0]))] for t in texts])
     assert torch.equal(out, want)
+
+
+def test_workers_see_weights_changed_after_loading(tmp_path):
+    """Workers rebuilt a loaded encoder from its folder even after its weights changed in
+    memory (a training step, an edit through ``.data``, which bumps no version counter):
+    silently stale embeddings. A changed encoder is saved for them as an in-memory one is."""
+    from llm2vec_fast import LLM2Vec
+
+    make_encoder().save(str(tmp_path / "enc"))
+    enc = LLM2Vec.from_pretrained(str(tmp_path / "enc"))
+    inputs = texts_of(6, seed=4)
+    with torch.no_grad():
+        enc.model.get_input_embeddings().weight.data.mul_(3.0)
+    local = enc.encode(inputs, show_progress_bar=False)
+    multi = enc.encode(inputs, show_progress_bar=False, devices=["cpu", "cpu"])
+    torch.testing.assert_close(multi, local, rtol=0, atol=2e-5)
+    assert enc._load_spec["base_model_name_or_path"] == str(tmp_path / "enc")  # kept for an unchanged model
+
+
+def test_devices_are_checked_before_any_worker_starts():
+    import pytest
+
+    enc = make_encoder()
+    for bad in ("cpu", "cuda:0", [], ["cpu", "nosuchdevice"], torch.device("cpu")):
+        with pytest.raises(ValueError, match="devices: expected"):
+            enc.encode(["a dog"], devices=bad, show_progress_bar=False)
