@@ -696,6 +696,8 @@ class LLM2Vec(torch.nn.Module):
         for name, t in self.model.state_dict().items():
             t = t.detach()
             names.append((name, str(t.dtype), tuple(t.shape)))
+            if t.device.type == "meta":  # offloaded (device_map): no values here to read
+                continue
             s = t.sum(dtype=torch.float64)
             n = torch.linalg.vector_norm(t, dtype=torch.float64) if t.is_floating_point() else torch.zeros_like(s)
             stats.append(torch.stack((s, n)).cpu())
