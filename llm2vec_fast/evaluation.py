@@ -4,6 +4,7 @@ Offline: the data come from :func:`llm2vec_fast.data.load_sts_benchmark`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .data import SPLITS, load_sts_benchmark
@@ -20,11 +21,40 @@ def sts_pairs(split: str = "test", max_pairs: int | None = None) -> list[tuple[s
     return rows[:max_pairs] if max_pairs is not None else rows
 
 
-def spearman_x100(sims, gold) -> float:
-    """Spearman rank correlation x100 (scipy.stats.spearmanr)."""
-    from scipy.stats import spearmanr
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of a 1-D array; tied values get the mean of their ranks (as
+    ``scipy.stats.rankdata(x, method="average")``)."""
+    order = np.argsort(x, kind="mergesort")
+    inv = np.empty(x.size, dtype=np.intp)
+    inv[order] = np.arange(x.size, dtype=np.intp)
+    xs = x[order]
+    new_value = np.r_[True, xs[1:] != xs[:-1]]
+    dense = new_value.cumsum()[inv]  # 1-based index of each value's tie group
+    starts = np.r_[np.nonzero(new_value)[0], x.size]  # where each group starts (0-based), then the end
+    return 0.5 * (starts[dense] + starts[dense - 1] + 1)
 
-    return float(spearmanr(sims, gold).statistic) * 100.0
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation of two equally long 1-D sequences, in numpy (no scipy):
+    the Pearson correlation of their average ranks (ties get the mean of their ranks).
+
+    Like ``scipy.stats.spearmanr(x, y).statistic`` (the same value, to the last bit): NaN
+    when either input holds a NaN, is constant, or has fewer than two values.
+    """
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(y, dtype=np.float64)
+    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"spearman: expected two 1-D sequences of the same length, got shapes "
+                         f"{a.shape} and {b.shape}")
+    if a.size < 2 or (a[0] == a).all() or (b[0] == b).all() or np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")
+    r = np.corrcoef(np.stack([_average_ranks(a), _average_ranks(b)]))[1, 0]
+    return float(r)
+
+
+def spearman_x100(sims, gold) -> float:
+    """Spearman rank correlation x100 (:func:`spearman`; equals ``scipy.stats.spearmanr``)."""
+    return spearman(sims, gold) * 100.0
 
 
 def evaluate_sts(

@@ -50,7 +50,14 @@ class LLM2VecMTEB(AbsEncoder):
         revision: recorded in the model metadata.
         device: where to run (default: CUDA if available).
         encoder: an :class:`LLM2Vec` already in memory (e.g. straight from training).
-        model_prompts: ``{task name or task type: instruction}`` overriding mteb's prompts.
+        model_prompts: ``{key: instruction}`` overriding the task's own instruction. A key is
+            a task name (``"STSBenchmark"``), a task type (``"STS"``), a prompt type
+            (``"query"``, ``"document"``) or ``"{task name or type}-{prompt type}"``; for a
+            task the first key present in this order is used (mteb's own order):
+            ``"{task_name}-{prompt_type}"``, ``task_name``, ``"{task_type}-{prompt_type}"``,
+            ``task_type``, ``prompt_type``. With none of them present, the task's own
+            instruction is used (mteb's ``get_instruction``). An empty instruction means plain
+            texts for those tasks.
         use_instructions: pair texts with the task instruction (False: plain texts).
         batch_size: default texts per forward pass (mteb's ``encode_kwargs`` override it).
         kwargs: passed to :meth:`LLM2Vec.from_pretrained` (``peft_model_name_or_path``,
@@ -109,6 +116,27 @@ class LLM2VecMTEB(AbsEncoder):
     def mteb_model_meta(self) -> ModelMeta:
         return self._meta
 
+    def prompt_key(self, task_metadata, prompt_type=None) -> str | None:
+        """The key of ``model_prompts`` that applies to a task and prompt type, the first present
+        of ``"{task_name}-{prompt_type}"``, ``task_name``, ``"{task_type}-{prompt_type}"``,
+        ``task_type``, ``prompt_type``; None when there is none (or no ``model_prompts``)."""
+        if not self.model_prompts:
+            return None
+        name = getattr(task_metadata, "name", None)
+        task_type = getattr(task_metadata, "type", None)
+        kind = getattr(prompt_type, "value", prompt_type)  # a PromptType, its value, or None
+        candidates = (f"{name}-{kind}" if name and kind else None, name,
+                      f"{task_type}-{kind}" if task_type and kind else None, task_type, kind)
+        return next((k for k in candidates if k and k in self.model_prompts), None)
+
+    def task_instruction(self, task_metadata, prompt_type=None) -> str:
+        """The instruction for a task (before :func:`llm2vec_instruction`): ``model_prompts``
+        by :meth:`prompt_key`'s order, else the task's own (mteb's ``get_instruction``)."""
+        key = self.prompt_key(task_metadata, prompt_type)
+        if key is not None:
+            return self.model_prompts[key] or ""
+        return self.get_instruction(task_metadata, prompt_type) or ""
+
     def encode(
         self,
         inputs,
@@ -125,7 +153,7 @@ class LLM2VecMTEB(AbsEncoder):
         """
         instruction = ""
         if self.use_instructions:
-            instruction = llm2vec_instruction(self.get_instruction(task_metadata, prompt_type) or "")
+            instruction = llm2vec_instruction(self.task_instruction(task_metadata, prompt_type) or "")
         texts = [t for batch in inputs for t in batch["text"]]
         sentences = [[instruction, t] for t in texts] if instruction else texts
         enc_kw = {k: kwargs[k] for k in _ENCODE_KEYS if k in kwargs}

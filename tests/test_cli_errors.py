@@ -161,6 +161,48 @@ def test_eval_sts_refuses_bad_values_before_loading(capsys, toy_dir, no_loading,
     assert f"got {value}" in err
 
 
+@pytest.mark.parametrize("command", ["encode", "eval-sts"])
+@pytest.mark.parametrize("flag, value, cuda, why", [
+    ("--device", "bogus", False, "expected a device"),
+    ("--device", "cuda:x", False, "expected a device"),
+    ("--device", "cuda", False, "CUDA is not available"),
+    ("--device", "cuda:1", False, "CUDA is not available"),
+    ("--device", "cuda:2", True, "has 2 cuda devices"),
+    ("--devices", "cpu,bogus", False, "expected a device"),
+    ("--devices", "cpu,cuda:0", False, "CUDA is not available"),
+    ("--devices", "cuda:0,cuda:5", True, "has 2 cuda devices"),
+])
+def test_bad_device_is_refused_before_loading(tmp_path, capsys, toy_dir, no_loading, monkeypatch,
+                                              command, flag, value, cuda, why):
+    """--device / --devices: a name torch does not parse, or an accelerator this machine does
+    not have, is one line naming the option (not a traceback after the model loaded)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    argv = [command, "--model", toy_dir, flag, value]
+    if command == "encode":
+        argv += ["--input", _write(tmp_path / "in.txt", ["a dog runs"]), "--output", str(tmp_path / "e.npy")]
+    else:
+        argv += ["--max-pairs", "10"]
+    before = _listing(tmp_path)
+    err = _refused(argv, capsys, flag)
+    assert why in err and value.split(",")[-1] in err, err
+    assert _listing(tmp_path) == before
+    from llm2vec_fast.commands.encode import check_model_arguments
+
+    good = ["--devices", "cpu, cuda:0,cuda:1"] if cuda else ["--device", "cpu", "--devices", "cpu,cpu"]
+    check_model_arguments(_encode_args("eval-sts", ["--model", toy_dir, *good]))  # accepted
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_demo_refuses_bad_threads_before_loading(tmp_path, capsys, no_loading, value):
+    out = tmp_path / "demo"
+    err = _refused(["demo", "--toy", "--output-dir", str(out), "--threads", value], capsys, "--threads")
+    assert f"got {value}" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("where", ["under a file", "a file"])
 def test_demo_refuses_an_output_dir_it_cannot_create_before_loading(tmp_path, capsys, no_loading, where):
     (tmp_path / "afile").write_text("x")

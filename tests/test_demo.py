@@ -37,3 +37,18 @@ def test_demo_rejects_bad_settings(tmp_path):
     with pytest.raises(SystemExit, match="mntp-steps"):
         main(["demo", "--toy", "--output-dir", out, "--mntp-steps", "-1"])
     assert not os.path.exists(out)
+
+
+def test_demo_toy_runs_without_scipy(tmp_path):
+    """scipy is not a dependency: the demo's scoring runs in a process that cannot import it."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "demo")
+    argv = ["demo", "--toy", "--output-dir", out, "--mntp-steps", "1", "--simcse-steps", "1",
+            "--mntp-batch-size", "8", "--simcse-batch-size", "8", "--max-seq-length", "16", "--threads", "1"]
+    code = f"import sys; sys.modules['scipy'] = None; from llm2vec_fast.cli import main; sys.exit(main({argv!r}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores = json.load(open(os.path.join(out, "demo_results.json")))["scores"]
+    assert all(isinstance(scores[k], float) for k in ("causal, mean pooling", "after SimCSE"))

@@ -117,6 +117,72 @@ def test_eval_sts_command(tiny_folder, capsys):
     assert abs(float(m.group(1)) - want) < 0.006
 
 
+def test_spearman_equals_scipy_with_ties_nan_and_constant_inputs():
+    """The numpy Spearman (average ranks for ties) is scipy's, to the last bit."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    from llm2vec_fast.evaluation import spearman, spearman_x100
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(2, 80))
+        if trial % 3:  # many ties (a few distinct values), sometimes a constant input
+            x = rng.integers(0, int(rng.integers(1, 10)), n) / 4.0
+        else:
+            x = rng.normal(size=n)
+        y = rng.integers(0, 6, n) * 0.2  # like STS-B gold scores: few distinct values
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns on a constant input
+            want = spearmanr(x, y).statistic
+        np.testing.assert_equal(spearman(x, y), want)
+        np.testing.assert_equal(spearman_x100(list(x), list(y)), want * 100.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == 1.0
+    assert spearman([1, 2, 3], [3, 2, 2]) == spearmanr([1, 2, 3], [3, 2, 2]).statistic
+    for x, y in [([1, 2, float("nan")], [1, 2, 3]), ([1, 1, 1], [1, 2, 3]), ([1, 2, 3], [5, 5, 5]),
+                 ([1], [2]), ([], [])]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warnings from ours
+            assert np.isnan(spearman(x, y))
+    with pytest.raises(ValueError, match="same length"):
+        spearman([1, 2, 3], [1, 2])
+
+
+def test_scoring_needs_no_scipy(monkeypatch):
+    """scipy is a test / bench extra, not a dependency: evaluate_sts (eval-sts, demo) works
+    when it cannot be imported."""
+    import importlib
+    import sys
+
+    import llm2vec_fast.evaluation as evaluation
+
+    monkeypatch.setitem(sys.modules, "scipy", None)  # "not installed": every import of it fails
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    with pytest.raises(ImportError):
+        import scipy.stats  # noqa: F401
+    evaluation = importlib.reload(evaluation)
+    enc = HashEncoder()
+    got = evaluation.evaluate_sts(enc, split="dev", max_pairs=100, return_details=True)
+    rows = sts_pairs("dev", 100)
+    monkeypatch.undo()
+    from scipy.stats import spearmanr
+
+    assert got["spearman"] == spearmanr(got["sims"], [r[2] for r in rows]).statistic * 100
+
+
+def test_eval_sts_command_without_scipy(tiny_folder):
+    """The command end to end in a process where scipy cannot be imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['scipy'] = None; from llm2vec_fast.cli import main; "
+            f"sys.exit(main(['eval-sts', '--model', {tiny_folder!r}, '--max-pairs', '20', '--device', 'cpu']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "STS-B test Spearman x100:" in r.stdout
+
+
 # --------------------------------------------------------------------------------------
 # Real weights: SmolLM2-135M (loaded once per module, ~20 s)
 # --------------------------------------------------------------------------------------

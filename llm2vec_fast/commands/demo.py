@@ -86,6 +86,8 @@ def run(args) -> int:
                          f"got {args.simcse_batch_size}")
     if args.eval_pairs == 1:
         raise UsageError("--eval-pairs: Spearman needs at least 2 pairs (0 = the full split)")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected an int >= 1, got {args.threads}")
 
     import torch
 

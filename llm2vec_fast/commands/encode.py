@@ -84,9 +84,42 @@ def check_model_arguments(args) -> None:
         raise UsageError(f"--max-length: expected an int >= 1, got {args.max_length}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected an int >= 1, got {args.threads}")
+    if args.device is not None:
+        _check_device("--device", args.device)
+    if args.devices is not None:
+        for device in args.devices.split(","):
+            if device.strip():
+                _check_device("--devices", device.strip())
     _check_model_path("--model", args.model)
     if args.peft is not None:
         _check_model_path("--peft", args.peft, _ADAPTER_FILES)
+
+
+def _check_device(option: str, value: str) -> None:
+    """``value`` must parse as a ``torch.device`` whose backend is usable here: ``cpu``, or
+    ``cuda`` / ``cuda:N`` (and the like: ``mps``, ``xpu``) when that backend is available and,
+    with an index, has that many devices. Checked before loading, so a typo or a machine
+    without the accelerator is a one-line error, not a traceback after the model loaded."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is not None and device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None) if device is not None else None
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available):  # not a device type, or one (meta, ...) that cannot run a model
+        raise UsageError(f"{option}: expected a device such as cpu, cuda or cuda:1, got {value!r}")
+    if not is_available():
+        what = "CUDA" if device.type == "cuda" else device.type
+        raise UsageError(f"{option}: {value}: {what} is not available on this machine")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        n = count()
+        raise UsageError(f"{option}: {value}: this machine has {n} {device.type} device{'s' if n != 1 else ''} "
+                         f"({device.type}:0 to {device.type}:{n - 1})")
 
 
 def load_encoder(args):
