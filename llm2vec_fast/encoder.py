@@ -655,7 +655,11 @@ class LLM2Vec(torch.nn.Module):
         if spec is None:
             # An in-memory model: write it once, every worker loads the folder (no pickling).
             tmp = tempfile.TemporaryDirectory(prefix="llm2vec_fast_encode_")
-            self.save(tmp.name)
+            try:
+                self.save(tmp.name)
+            except BaseException:
+                tmp.cleanup()  # not left for the garbage collector
+                raise
             spec = dict(base_model_name_or_path=tmp.name, enable_bidirectional=self._is_patched(),
                         dtype=next(self.model.parameters()).dtype)
         spec = dict(spec)

@@ -145,6 +145,10 @@ def test_bench_subcommand_help_and_dry_run(capsys):
     assert "bench_e2e.py --preset cpu --device cpu" in s and "bench_encode.py --preset cpu --device cpu" in s
     assert "bench_attention.py" not in s
     assert main(["bench", "--only", "nope", "--dry-run"]) == 2
+    capsys.readouterr()
+    for t in ("0", "-5", "nan"):  # every script was killed at once and reported as a timeout
+        assert main(["bench", "--preset", "cpu", "--dry-run", "--timeout", t]) == 2
+        assert "--timeout: expected seconds > 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

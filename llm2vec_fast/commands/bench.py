@@ -66,6 +66,9 @@ def run(args) -> int:
     import sys
     import time
 
+    if args.timeout is not None and not args.timeout > 0:  # (NaN fails too)
+        print(f"llm2vec-fast bench: error: --timeout: expected seconds > 0, got {args.timeout}", file=sys.stderr)
+        return 2
     preset = args.preset
     if preset is None:
         import torch
