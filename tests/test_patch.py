@@ -677,7 +677,7 @@ def test_gpu_flash_attn_backend_if_installed():
     assert err <= 2 * float((want[m].double() - oracle[m]).abs().max()) + 1e-5 * float(oracle[m].abs().max())
 
 
-def test_custom_4d_mask_and_kv_cache_run_the_eager_fallback(monkeypatch):
+def test_custom_4d_mask_runs_the_eager_fallback_and_a_kv_cache_is_refused(monkeypatch):
     import llm2vec_fast.ops._dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
@@ -690,13 +690,30 @@ def test_custom_4d_mask_and_kv_cache_run_the_eager_fallback(monkeypatch):
     with pytest.warns(RuntimeWarning, match="custom 4-d mask"):
         got = hidden(model, ids, add, position_ids=pos)  # a caller's 4-d mask is honoured as given
     assert float((got[m] - want[m]).abs().max()) <= bound(want[m])
-    # An explicit KV cache: the query is shorter than the keys; it runs (eagerly) and stays finite.
+    # An explicit KV cache: the query is shorter than the keys. The cached tokens never saw the
+    # new one, so a cached step differs from the bidirectional model's result on the whole
+    # sequence (it ran with a speed warning only): refused, naming use_cache.
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)  # no cache yet: fine
         cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
-        step = model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-                     past_key_values=cache, use_cache=True).last_hidden_state
-    assert step.shape == (2, 1, 64) and torch.isfinite(step).all()
+        with pytest.raises(ValueError, match="use_cache: .* bidirectional"):
+            model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                  past_key_values=cache, use_cache=True)
+
+
+def test_generate_with_a_cache_is_refused_and_without_runs_the_whole_sequence():
+    """generate() on a patched causal LM picked other tokens with its default cache than
+    without (cached steps cannot be bidirectional); it is refused, use_cache=False runs."""
+    model = patch_model(tiny_model("llama", causal_lm=True, dtype=torch.float64)).eval()
+    ids, mask = batch([6, 6], "right")
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert out.shape == (2, 9)
+    # each new token is the argmax of the patched model's logits on the whole sequence so far
+    with torch.no_grad():
+        nxt = model(input_ids=out[:, :8], attention_mask=torch.ones(2, 8, dtype=mask.dtype)).logits[:, -1].argmax(-1)
+    assert torch.equal(nxt, out[:, 8])
 
 
 def test_patched_model_runs_under_inference_mode_with_an_int_mask():

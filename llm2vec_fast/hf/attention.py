@@ -132,15 +132,22 @@ def llm2vec_attention(
     elif not (q.dtype == k.dtype == v.dtype):
         q, k = q.to(v.dtype), k.to(v.dtype)
 
+    if S != Sk:
+        # A KV cache: the cached tokens were computed without the new ones, which a
+        # bidirectional model's tokens must see; a cached step silently differed from running
+        # the whole sequence (generate() picked other tokens).
+        raise ValueError(
+            f"use_cache: a model patched by llm2vec_fast is bidirectional, and decoding with a KV cache "
+            f"(query length {S} < key length {Sk}) cannot give its result (the cached tokens do not see the "
+            f"new ones); run the whole sequence (use_cache=False, e.g. generate(..., use_cache=False)) or "
+            f"unpatch_model() for causal decoding")
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         attention_mask = padding_info(attention_mask)
-    if isinstance(attention_mask, torch.Tensor) or S != Sk:
-        # A caller-built 4-d mask is honoured as given (it may not be padding-only), and a
-        # query shorter than its keys (a KV cache) has no packed layout.
+    if isinstance(attention_mask, torch.Tensor):
+        # A caller-built 4-d mask is honoured as given (it may not be padding-only).
         warn_once(
             "hf-general",
-            "llm2vec_fast attention: a custom 4-d mask or a KV cache (query length != key length) runs the "
-            "eager reference attention, not the fast kernels",
+            "llm2vec_fast attention: a custom 4-d mask runs the eager reference attention, not the fast kernels",
         )
         km = attention_mask
         if isinstance(km, PaddingInfo):
