@@ -613,3 +613,32 @@ def test_deepcopy_of_an_mntp_patched_model_runs_the_copy():
     l_twin, g_twin, _ = _loss_and_grads(twin, batch)
     assert float((l_twin - l_orig).abs()) > 1e-3
     assert g_twin and all(p.grad is None for p in model.parameters())
+
+
+def test_unpatching_a_deep_copy_leaves_the_original_fused():
+    """The fusion state's weak reference to its model was copied as it was, so the copy's
+    unpatch walked the original and removed its fused forwards (still reported patched)."""
+    from llm2vec_fast.hf.patch import is_patched
+
+    model = _lora_model("llama", fuse=True, dtype=torch.float32)
+    fused = lambda m: [n for n, x in m.named_modules() if "forward" in x.__dict__]  # noqa: E731
+    before = fused(model)
+    twin = copy.deepcopy(model)
+    assert fused(twin) == before and before
+    unpatch_model(twin)
+    assert not fused(twin) and not is_patched(twin)
+    assert fused(model) == before and is_patched(model)
+    assert _fused_nodes(_graph_names(_loss_and_grads(model, _batch())[2]))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_pickling_a_patched_model_is_a_clear_error(fuse):
+    """torch.save(model) of a patched model failed on a local closure (the pre-hook) or a weak
+    reference; it now says why and what to do; unpatched, the model pickles again."""
+    import io
+
+    model = _lora_model("llama", fuse=fuse, dtype=torch.float32)
+    with pytest.raises(TypeError, match="cannot be pickled.*save_pretrained"):
+        torch.save(model, io.BytesIO())
+    unpatch_model(model)
+    torch.save(model, io.BytesIO())

@@ -45,6 +45,7 @@ else calls peft's own forward (unchanged results, no warning needed: nothing is 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -672,6 +673,25 @@ class LoraFusion:
                 if isinstance(getattr(m, n, None), torch.nn.Module):
                     self.slots.append((m, n))
         self.sync()
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the patched model gets its own state whose root is the copy (a copy
+        of the weak reference still named the original, whose fused forwards the copy's
+        unpatch then removed)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        root = self._root()
+        for k, v in self.__dict__.items():
+            if k != "_root":
+                setattr(new, k, copy.deepcopy(v, memo))
+        new_root = memo.get(id(root), root) if root is not None else None
+        new._root = weakref.ref(new_root) if new_root is not None else self._root
+        return new
+
+    def __reduce__(self):
+        from .patch import NOT_PICKLABLE
+
+        raise TypeError(NOT_PICKLABLE)
 
     def sync(self):
         for parent, name in self.slots:

@@ -95,6 +95,29 @@ def _param_index(fn, name):
     return None
 
 
+class _PositionsHook:
+    """The patched model's forward pre-hook (:func:`_make_positions_hook`). Deep copies share
+    it (it holds no model state). Pickling a patched model (``torch.save(model)``) is refused
+    with a clear error: its instance forwards and hooks are not meant to travel."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, module, args, kwargs):
+        return self.fn(module, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError(NOT_PICKLABLE)
+
+
+NOT_PICKLABLE = ("a model patched by llm2vec_fast cannot be pickled (torch.save(model) of the whole module): "
+                 "save its weights with save_pretrained() or LLM2Vec.save() and patch again after loading, "
+                 "or unpatch_model() first")
+
+
 def _make_positions_hook(base):
     i_mask = _param_index(base.forward, "attention_mask")
     i_pos = _param_index(base.forward, "position_ids")
@@ -138,7 +161,7 @@ def _make_positions_hook(base):
             args = put(args, kwargs, "position_ids", i_pos, pos)
         return args, kwargs
 
-    return hook
+    return _PositionsHook(hook)
 
 
 def _set_impl(hf, name):
