@@ -148,3 +148,22 @@ def test_gradcache_scales_a_short_accumulation_window_like_the_trainer(tmp_path)
         tr.training_step(wrapper, dict(batch))
         grads[mbs] = _grads(wrapper)
     _compare(grads[None], grads[3], 1e-4)
+
+
+def test_gradcache_step_puts_the_optimizer_in_train_mode(tmp_path):
+    """Trainer's step calls optimizer.train() (schedule-free optimizers refuse to step in eval
+    mode); the GradCache step replaced it without that call."""
+    from transformers import TrainingArguments
+
+    wrapper, batch, _ = _setup(dropout=0.0, n_groups=2, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    calls = {}
+    for mbs in (None, 3):
+        tr = ContrastiveTrainer(model=wrapper, args=args, n_groups=2, mini_batch_size=mbs, cross_rank=False,
+                                loss_backend="torch")
+        opt = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+        opt.train = lambda: calls.__setitem__(mbs, calls.get(mbs, 0) + 1)
+        tr.optimizer = opt
+        tr.current_gradient_accumulation_steps = 1  # set by Trainer's loop
+        tr.training_step(wrapper, dict(batch))
+    assert calls == {None: 1, 3: 1}

@@ -274,6 +274,8 @@ class ContrastiveTrainer(_BaseTrainer):
         if not self.mini_batch_size:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # as Trainer's step: schedule-free optimizers
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         self._count(inputs)
         # As Trainer.training_step: the epoch's last window may hold fewer batches.
