@@ -11,7 +11,8 @@ What patching does, all of it undone exactly by :func:`unpatch_model`:
    without ``position_ids``, derives the positions from the mask (each sequence's first
    valid token at 0, so left padding does not shift rotary positions), turns the mask to
    bool once (so every layer and every mask type reuse one padding structure) and
-   defaults ``use_cache`` to False (a KV cache is meaningless for a bidirectional encoder);
+   defaults ``use_cache`` to False (a KV cache is meaningless for a bidirectional encoder;
+   a step that decodes with one, as ``generate()`` does by default, raises ``ValueError``);
 4. with ``mntp=True`` on an ``XForCausalLM``, replaces the instance's ``forward`` with
    one computing the MNTP loss by :func:`llm2vec_fast.masked_linear_cross_entropy`;
 5. with ``fuse_lora`` ``"auto"`` (the default: CPU inputs only) or True (every device), gives
