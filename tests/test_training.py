@@ -349,6 +349,25 @@ def test_an_mntp_adapter_with_an_added_mask_token_loads_back(tmp_path, toy_dir):
         assert model.get_input_embeddings().weight.shape[0] == 69
 
 
+def test_an_in_memory_mntp_adapter_with_an_added_mask_token_saves_its_rows(tmp_path, toy_dir):
+    """train_mntp on a model built in memory (no base folder for peft to read): peft's
+    save_embedding_layers="auto" missed the resize and saved the adapter without the <mask>
+    rows, so the folder (69-token tokenizer) could not be used (68-row base)."""
+    from llm2vec_fast.training.pipeline import load_model, save_mntp_output, train_mntp
+
+    out = str(tmp_path / "mntp")
+    cfg = make_config(MNTPConfig, dict(FAST, model_name_or_path=toy_dir, output_dir=out, max_steps=1,
+                                       per_device_batch_size=8, lora_r=4, mask_token="mask", backend="torch"))
+    tok = toy_tokenizer()
+    model, _ = train_mntp(toy_model(True, seed=3, initializer_range=0.1), tok, toy_texts(40, seed=2), cfg,
+                          save_checkpoints=False)
+    row = model.get_input_embeddings().weight.detach()[-1].clone()
+    save_mntp_output(model, tok, cfg)
+    loaded, _ = load_model(toy_dir, causal_lm=True, peft_model_name_or_path=out)
+    assert loaded.get_input_embeddings().weight.shape[0] == 69
+    torch.testing.assert_close(loaded.get_input_embeddings().weight[-1], row)
+
+
 def test_supervised_without_hard_negatives_needs_no_negative_field(tmp_path, toy_dir):
     from llm2vec_fast.cli import main
 

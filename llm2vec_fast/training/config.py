@@ -133,7 +133,9 @@ class MNTPConfig(BaseConfig):
     mask_strategy: str = field(
         default="80-10-10", metadata={"help": "80-10-10 (mask / random / keep) or all (every selected token masked)"})
     mask_token: str = field(
-        default="_", metadata={"help": "'_' (the recipe's blank), 'eos', or 'mask' (add <mask>, resize embeddings)"})
+        default="_", metadata={"help": "'_' (the recipe's blank), 'eos', or 'mask' (add <mask>, resize embeddings; "
+                                        "its new row stays at its initial value unless embeddings train: "
+                                        "--no-use-lora --no-freeze-embeddings)"})
     group_texts: bool = field(
         default=False, metadata={"help": "concatenate texts into max_seq_length blocks instead of one text per row"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate masked-token accuracy every N steps (0 = at the end)"})

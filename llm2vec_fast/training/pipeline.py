@@ -345,7 +345,9 @@ def save_mntp_output(model, tokenizer, cfg) -> None:
     enc_cfg = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True,
                "padding_side": tokenizer.padding_side or "right", "enable_bidirectional": True}
     if is_peft and not cfg.peft_model_name_or_path:
-        model.save_pretrained(out)
+        # an added <mask> resized the embeddings: save them with the adapter (peft's "auto"
+        # only notices a resize when it can read the base model's config)
+        model.save_pretrained(out, **({"save_embedding_layers": True} if cfg.mask_token == "mask" else {}))
         _retarget_adapter_to_base(out)
         # a local base as an absolute path: the folder loads from any working directory
         enc_cfg.update(adapter_only=True, base_model_name_or_path=_abs_if_dir(cfg.model_name_or_path))
