@@ -83,6 +83,14 @@ def _worker(rank: int, init_file: str, out_file: str):
     for backend in _backends():
         for i, case in enumerate(CASES):
             res[f"{backend}-{i}"] = run_case(parts, case, backend, rows)
+    # ranks with different counts of hard negatives (rank 1 drops one): a ValueError on every
+    # rank, before any gather (gloo aborted one process; NCCL may hang or mix rows)
+    uneven = (rows[0], slice(rows[1].start, rows[1].stop - rank))
+    try:
+        run_case(parts, CASES[1], "torch", uneven)
+        res["uneven"] = "no error"
+    except ValueError as e:
+        res["uneven"] = str(e)
     dist.destroy_process_group()
     with open(out_file, "w") as f:
         json.dump(res, f)
@@ -104,6 +112,9 @@ def test_cross_rank_equals_single_process(tmp_path):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, f"rank {r} failed:\n{out[-4000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for rk in ranks:
+        assert rk["uneven"].startswith("cross_rank: every rank must pass the same number") and \
+            "rank 1: 3 queries, 1 negatives" in rk["uneven"], rk["uneven"]
     parts = full_batch()
     for backend in _backends():
         for i, case in enumerate(CASES):
@@ -122,6 +133,26 @@ def test_cross_rank_equals_single_process(tmp_path):
                     assert err <= 1e-5 * scale + 1e-7, f"{key} grad {which} rank {r}: {err:.3e} (scale {scale:.3e})"
                     # ...and not the unscaled gradient: the factor is real, not a tolerance artefact.
                     assert float((got - want / WORLD).abs().max()) > 0.1 * scale
+
+
+def test_cross_rank_without_a_group_is_local_and_warns_when_world_size_says_otherwise(monkeypatch):
+    """No initialised group: the local loss (documented). With WORLD_SIZE > 1 in the
+    environment that silently dropped every other rank's negatives; now a one-time warning."""
+    import warnings
+
+    import llm2vec_fast as L
+    from llm2vec_fast.kernels import reference as ref
+
+    q, d = torch.randn(4, 8), torch.randn(4, 8)
+    local = L.info_nce(q, d, backend="torch")
+    monkeypatch.setattr(ref, "_WARNED_NO_GROUP", [])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(L.info_nce(q, d, backend="torch", cross_rank=True), local)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(RuntimeWarning, match="no initialised torch.distributed group"):
+        assert torch.equal(L.info_nce(q, d, backend="torch", cross_rank=True), local)
 
 
 if __name__ == "__main__":  # worker: python tests/test_info_nce_distributed.py RANK INIT_FILE OUT_FILE

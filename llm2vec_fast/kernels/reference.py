@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -657,6 +659,24 @@ def all_gather_with_grad(x: torch.Tensor):
     return _AllGather.apply(x), dist.get_rank()
 
 
+_WARNED_NO_GROUP: list = []
+
+
+def _check_rows_match(n_rows: int, n_neg: int, device) -> None:
+    """Every rank must gather as many rows as the others (all_gather's shapes): differing
+    counts aborted a process inside gloo (NCCL may hang or mix rows); a ValueError on every
+    rank instead, naming each rank's counts."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([n_rows, n_neg], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    counts = [tuple(p.tolist()) for p in parts]
+    if any(c != counts[0] for c in counts):
+        raise ValueError("cross_rank: every rank must pass the same number of queries and of hard negatives, got "
+                         + ", ".join(f"rank {r}: {b} queries, {m} negatives" for r, (b, m) in enumerate(counts)))
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -705,11 +725,17 @@ def info_nce_ref(
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _check_rows_match(q.shape[0], 0 if n is None else n.shape[0], q.device)
             d_all, rank = all_gather_with_grad(d)
-            q_all, _ = all_gather_with_grad(q)
+            if symmetric:  # (only the document->query term scores the gathered queries)
+                q_all, _ = all_gather_with_grad(q)
             if n is not None:
                 n_all, _ = all_gather_with_grad(n)
             offset = rank * q.shape[0]
+        elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and not _WARNED_NO_GROUP:
+            _WARNED_NO_GROUP.append(True)
+            warnings.warn("info_nce: cross_rank=True with WORLD_SIZE > 1 but no initialised torch.distributed "
+                          "group: the loss uses this process's rows only", RuntimeWarning, stacklevel=3)
     cols = d_all if n_all is None else torch.cat([d_all, n_all], 0)
     labels = torch.arange(q.shape[0], device=q.device) + offset
     with torch.autocast(q.device.type, enabled=False):  # fp32 scores under autocast too

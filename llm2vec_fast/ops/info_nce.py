@@ -148,7 +148,11 @@ def info_nce(
         symmetric: average with the document->query direction.
         cross_rank: with an initialised ``torch.distributed`` group, score against the
             documents of every rank (gradients flow back to the local shard). Every rank
-            must pass the same number of rows (an all-gather; the trainer's batches are).
+            must pass the same number of queries and of hard negatives (an all-gather; the
+            trainer's batches do); different counts raise ``ValueError`` on every rank (one
+            small all-gather of the counts and a host read per call check it). Without an
+            initialised group (or with one rank) the loss is the local one; with
+            ``WORLD_SIZE`` > 1 in the environment but no group, a one-time warning says so.
 
     Returns the mean loss, a 0-d fp32 tensor (fp64 for fp64 embeddings).
     """
