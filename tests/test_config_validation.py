@@ -123,6 +123,19 @@ def test_every_bool_flag_and_its_negation_are_listed_by_help():
             assert getattr(p.parse_args([]), name) is None
 
 
+def test_max_grad_norm_reaches_the_trainer_and_is_checked(tmp_path):
+    """Clipping was always transformers' default 1.0 (no setting); 0 turns it off."""
+    from llm2vec_fast.training.pipeline import training_arguments
+
+    for v in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="^max_grad_norm: expected a finite float"):
+            make_config(SimCSEConfig, {"max_grad_norm": v}).validate()
+    for v in (0.0, 2.5):
+        cfg = make_config(SimCSEConfig, {"max_grad_norm": v, "output_dir": str(tmp_path)})
+        assert training_arguments(cfg, save=False).max_grad_norm == v
+    assert make_config(SimCSEConfig, {}).max_grad_norm == 1.0
+
+
 def test_every_field_is_type_checked():
     """No per-field list: a value no annotation allows is refused for every field of every stage."""
     for cls in STAGES.values():

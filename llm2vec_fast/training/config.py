@@ -58,6 +58,7 @@ class BaseConfig:
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
     optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name (adamw_torch, sgd, ...)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 = no clipping)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
@@ -97,6 +98,8 @@ class BaseConfig:
             raise ValueError(f"learning_rate: expected a finite float > 0, got {self.learning_rate!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay: expected a float >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm: expected a finite float >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             # transformers reads None *and* any value <= 0 as "keep every checkpoint": refuse the
             # ambiguous spellings rather than keep all checkpoints after "keep at most -1"

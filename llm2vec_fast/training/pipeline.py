@@ -161,6 +161,7 @@ def training_arguments(cfg, *, save: bool = True, **extra):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
         fsdp=cfg.fsdp,
         warmup_steps=cfg.warmup_steps,
