@@ -414,7 +414,9 @@ class LLM2Vec(torch.nn.Module):
             seq = body_pre + text_ids + suffix
             if self.skip_instruction:
                 s = len(body_pre)
-                e = s + len(text_ids) + (1 if add_eos else 0)
+                # eos_token: the EOS is the sequence's last token (after any trailing special
+                # token the tokenizer adds, a [SEP]), not necessarily right after the text
+                e = len(seq) if add_eos else s + len(text_ids)
                 if self.pooling_mode == "bos_token" and lead and bos_id is not None and seq and seq[0] == bos_id:
                     s = 0  # the BOS token's state, as the original (the text's first token without a BOS)
             else:

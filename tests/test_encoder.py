@@ -630,3 +630,29 @@ def test_an_adapter_folder_written_by_save_loads_as_peft_over_its_base(tmp_path)
     loaded.save(str(tmp_path / "again"))
     again = LLM2Vec.from_pretrained(str(tmp_path / "again")).encode(inputs, show_progress_bar=False)
     torch.testing.assert_close(again, before, rtol=0, atol=1e-5)
+
+
+def test_eos_token_pooling_takes_the_eos_after_a_trailing_special_token():
+    """A tokenizer whose template ends a text with a special token other than EOS (a [SEP]):
+    the appended EOS comes after it, and eos_token pooling took the [SEP] state (the span
+    assumed the EOS right after the text)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from llm2vec_fast import LLM2Vec, patch_model
+
+    tok = copy.deepcopy(get_tokenizer())
+    sep = tok.pad_token or tok.eos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {sep}", special_tokens=[(sep, tok.convert_tokens_to_ids(sep))])
+    model = patch_model(tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512), backend="torch").eval()
+    enc = LLM2Vec(model, tok, pooling_mode="eos_token")
+    for pair in (("", "a dog runs in the park"), ("Represent:", "two cats")):
+        ids, st, en = enc._tokenize_items([pair])
+        seq = ids[0]
+        assert seq[-1] == tok.eos_token_id and seq[-2] == tok.convert_tokens_to_ids(sep) and en[0] == len(seq)
+        got = enc.encode([list(pair) if pair[0] else pair[1]], show_progress_bar=False)[0]
+        with torch.no_grad():
+            h = model(input_ids=torch.tensor([seq])).last_hidden_state[0]
+        torch.testing.assert_close(got, h[-1], rtol=0, atol=1e-5)
