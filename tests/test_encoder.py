@@ -537,6 +537,18 @@ def _lora(seed):
     return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
 
+def _saved_base_and_adapter(tmp_path, adapter: str) -> None:
+    """A tiny base model with its tokenizer in ``tmp_path/base`` and a LoRA adapter over it
+    (``_lora(1)``) in ``tmp_path/<adapter>``."""
+    from peft import get_peft_model
+
+    tok = get_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    get_peft_model(base, _lora(1)).save_pretrained(tmp_path / adapter)
+
+
 def test_save_an_adapter_over_an_adapter_merged_at_load(tmp_path):
     """The SimCSE flow: the MNTP adapter merged at load, a fresh adapter trained on top and
     saved unmerged. The folder records the merged adapter, so it loads back the same
@@ -545,11 +557,7 @@ def test_save_an_adapter_over_an_adapter_merged_at_load(tmp_path):
 
     from llm2vec_fast import LLM2Vec
 
-    tok = get_tokenizer()
-    base = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    get_peft_model(base, _lora(1)).save_pretrained(tmp_path / "mntp")
+    _saved_base_and_adapter(tmp_path, "mntp")
     enc = LLM2Vec.from_pretrained(str(tmp_path / "base"), peft_model_name_or_path=str(tmp_path / "mntp"),
                                   merge_peft=True)
     enc.model = get_peft_model(enc.model, _lora(2))
@@ -608,16 +616,10 @@ def test_an_adapter_folder_written_by_save_loads_as_peft_over_its_base(tmp_path)
     (or by MNTP training): only the folder's encoder settings apply; its adapter_only /
     base_model_name_or_path / merged_adapters describe its own weights, not the model named
     (they made ``base`` be read as an adapter folder, which failed)."""
-    from peft import get_peft_model
-
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.hf.patch import is_patched
 
-    tok = get_tokenizer()
-    base = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
-    base.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    get_peft_model(base, _lora(1)).save_pretrained(tmp_path / "adapter")
+    _saved_base_and_adapter(tmp_path, "adapter")
     enc = LLM2Vec.from_pretrained(str(tmp_path / "base"), peft_model_name_or_path=str(tmp_path / "adapter"),
                                   pooling_mode="last_token", enable_bidirectional=False)
     inputs = texts_of(4, seed=9)
