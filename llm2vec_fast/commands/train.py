@@ -63,7 +63,7 @@ def run(args) -> int:
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
     if _rank() == 0:  # the one that saved (under torchrun every rank returns here)
         print(f"{name}: done, model saved to {cfg.output_dir}; {shown}")
-    _end_distributed()
+    pipeline.end_distributed()
     return 0
 
 
@@ -71,13 +71,3 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _end_distributed():
-    """Under torchrun: wait for every rank, then tear the process group down, so no rank's
-    exit destroys communication threads another rank still uses (a gloo abort at exit)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
