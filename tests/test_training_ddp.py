@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
@@ -19,10 +18,28 @@ import torch
 STEPS, GLOBAL_BATCH = 3, 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _torchrun_env(rank, world, port):
+    """The environment torchrun gives a rank (CPU only); the rendezvous store is the agent's
+    (``_launch`` hosts it), every rank a client of it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="",
+                      TORCHELASTIC_USE_AGENT_STORE="True")
+
+
+def _launch(target, world, *args):
+    """Run ``target(rank, world, port, *args)`` in ``world`` spawned processes, as torchrun
+    does: the rendezvous store is hosted here, on a port the OS gives it when it binds (a port
+    picked free, closed and bound later by rank 0, after its imports, could be taken in
+    between by another test's socket), and each rank connects to it."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, store.port, *args)) for r in range(world)]
+    for q in procs:
+        q.start()
+    _join(procs)
+    del store
 
 
 def _join(procs, timeout=300):
@@ -62,8 +79,7 @@ def _train(out_dir, per_device, mini_batch_size, result_file):
 
 
 def _rank_main(rank, world, port, out_dir, mini_batch_size, result_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    _torchrun_env(rank, world, port)
     _train(out_dir, GLOBAL_BATCH // world, mini_batch_size, result_file)
     # Tear the gloo group down before the interpreter exits (left to process exit, its threads
     # can be destroyed while still joinable: SIGABRT), after the trainer is freed (see
@@ -75,19 +91,9 @@ def _rank_main(rank, world, port, out_dir, mini_batch_size, result_file):
 
 @pytest.mark.parametrize("mini_batch_size", [None, pytest.param(3, marks=pytest.mark.slow)])
 def test_two_process_ddp_matches_single_process(tmp_path, mini_batch_size):
-    ctx = mp.get_context("spawn")
-    single = str(tmp_path / "single.json")
-    p = ctx.Process(target=_rank_main, args=(0, 1, _free_port(), str(tmp_path / "s"), mini_batch_size, single))
-    p.start()
-    _join([p])
-
-    ddp = str(tmp_path / "ddp.json")
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(tmp_path / "d"), mini_batch_size, ddp))
-             for r in range(2)]
-    for q in procs:
-        q.start()
-    _join(procs)
+    single, ddp = str(tmp_path / "single.json"), str(tmp_path / "ddp.json")
+    _launch(_rank_main, 1, str(tmp_path / "s"), mini_batch_size, single)
+    _launch(_rank_main, 2, str(tmp_path / "d"), mini_batch_size, ddp)
 
     a, b = json.load(open(single)), json.load(open(ddp))
     assert a["rows"] == 2 * b["rows"] == STEPS * GLOBAL_BATCH * 2  # two views per sentence
@@ -105,8 +111,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, mini_batch_size):
 
 def _mntp_eval_rank(rank, world, port, out_dir, result_file):
     """3 MNTP steps (SGD), then evaluate: each rank evaluates its share of the rows."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    _torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     from llm2vec_fast.training.config import MNTPConfig, make_config
     from llm2vec_fast.training.pipeline import train_mntp
@@ -135,16 +140,10 @@ def test_two_process_mntp_matches_single_process(tmp_path):
     counts differ, so averaging per-rank means did not equal it); evaluation: the set is split
     over the ranks, not run whole on each (the labelled-token count came out times the world
     size), and its masks do not depend on the split."""
-    ctx = mp.get_context("spawn")
     results = {}
     for world in (1, 2):
         res = str(tmp_path / f"eval{world}.json")
-        port = _free_port()
-        procs = [ctx.Process(target=_mntp_eval_rank, args=(r, world, port, str(tmp_path / f"o{world}"), res))
-                 for r in range(world)]
-        for q in procs:
-            q.start()
-        _join(procs)
+        _launch(_mntp_eval_rank, world, str(tmp_path / f"o{world}"), res)
         results[world] = json.load(open(res))
     a, b = results[1], results[2]
     assert len(a["losses"]) == 3 and b["losses"] == pytest.approx(a["losses"], rel=1e-4)
@@ -213,8 +212,7 @@ def test_end_distributed_warns_when_a_ddp_model_is_still_held(monkeypatch):
 def _cli_rank(rank, world, port, argv, result_file):
     import warnings
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), CUDA_VISIBLE_DEVICES="")
+    _torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     import gc
 
@@ -251,12 +249,8 @@ def test_two_process_train_command_ends_cleanly(tmp_path):
     argv = ["mntp", "--model-name-or-path", model_dir, "--train-file", str(tmp_path / "t.txt"), "--output-dir",
             str(out), "--max-steps", "2", "--per-device-batch-size", "4", "--max-seq-length", "16", "--no-use-lora",
             "--backend", "torch", "--no-bf16", "--no-progress", "--dtype", "float32"]
-    ctx = mp.get_context("spawn")
-    port, res = _free_port(), str(tmp_path / "res")
-    procs = [ctx.Process(target=_cli_rank, args=(r, 2, port, argv, res)) for r in range(2)]
-    for q in procs:
-        q.start()
-    _join(procs)
+    res = str(tmp_path / "res")
+    _launch(_cli_rank, 2, argv, res)
     for r in range(2):
         got = json.load(open(f"{res}.{r}"))
         assert got == {"rc": 0, "group_left": False, "ddp_alive_at_destroy": [0], "warnings": []}, (r, got)
