@@ -109,7 +109,13 @@ def test_cross_rank_equals_single_process(tmp_path):
         for r in range(WORLD)
     ]
     for r, p in enumerate(procs):
-        out, _ = p.communicate(timeout=300)
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:  # a hung rank fails the test; it must not outlive it
+                q.kill()
+                q.communicate()
+            pytest.fail(f"rank {r} still running after 300 s")
         assert p.returncode == 0, f"rank {r} failed:\n{out[-4000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for rk in ranks:
