@@ -118,6 +118,68 @@ def test_mntp_loss_is_shifted_by_one(tok):
     assert abs(float(out["accuracy"]) - float(acc)) < 1e-6
 
 
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["mask_seed", "generator"])
+def test_packed_batch_is_the_padded_one_without_its_padding(tok, seeded):
+    ex = _examples(tok, 12, seed=3)
+    if seeded:
+        ex = [dict(e, mask_seed=100 + i) for i, e in enumerate(ex)]
+    mask_id = tok.convert_tokens_to_ids("_")
+    pad = MNTPCollator(tok, mask_id, 0.4, generator=torch.Generator().manual_seed(1))(ex)
+    pk = MNTPCollator(tok, mask_id, 0.4, generator=torch.Generator().manual_seed(1), packed=True)(ex)
+    keep = pad["attention_mask"].bool()
+    assert set(pk) == {"input_ids", "labels", "position_ids"}
+    assert pk["input_ids"].shape == (1, int(keep.sum()))
+    assert torch.equal(pk["input_ids"][0], pad["input_ids"][keep])
+    assert torch.equal(pk["labels"][0], pad["labels"][keep])
+    lengths = keep.sum(1).tolist()
+    assert torch.equal(pk["position_ids"][0], torch.cat([torch.arange(n) for n in lengths]))
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    assert (pk["labels"][0, starts] == -100).all(), "a text's first token predicted from the text before it"
+    assert (pk["labels"] != -100).sum() > 10
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_packed_mntp_loss_and_gradients_equal_padded(tok, backend):
+    """One MNTP forward + backward on a packed batch equals the padded batch's: the texts
+    attend only to themselves (the variable-length kernels), and the loss covers the same
+    labelled tokens. Tolerance: the padded fp32 run's own distance from float64 (torch)."""
+    from llm2vec_fast.hf.patch import patch_model
+    from llm2vec_fast.training.trainers import MNTPModel
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ex = [dict(e, mask_seed=i) for i, e in enumerate(_examples(tok, 10, seed=4))]
+    coll = MNTPCollator(tok, tok.convert_tokens_to_ids("_"), 0.3)
+    pad, pk = coll(ex), MNTPCollator(tok, tok.convert_tokens_to_ids("_"), 0.3, packed=True)(ex)
+
+    def run(batch, dtype, be):
+        # head dim 32: one the Triton attention kernels take (the toy's 16 falls back)
+        model = patch_model(toy_model(True, seed=5, initializer_range=0.3, head_dim=32).to(dtype), backend=be)
+        out = MNTPModel(model, backend=be)(**batch)
+        out["loss"].backward()
+        return {k: float(v.detach()) for k, v in out.items()}, {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    (ref, gref), (o_pad, g_pad), (o_pk, g_pk) = run(pad, torch.float64, "torch"), run(pad, torch.float32, backend), \
+        run(pk, torch.float32, backend)
+    assert set(g_pk) == set(g_pad) == set(gref) and len(gref) > 10
+    loss_err = abs(o_pad["loss"] - ref["loss"])
+    assert abs(o_pk["loss"] - ref["loss"]) <= 4 * loss_err + 1e-6
+    assert o_pk["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6)
+    for n in gref:
+        own = float((g_pad[n] - gref[n]).abs().max())
+        scale = float(gref[n].abs().max())
+        err = float((g_pk[n] - gref[n]).abs().max())
+        assert err <= 4 * own + 1e-6 * scale, (n, err, own, scale)
+
+
+def test_packed_batch_on_an_unpatched_model_is_refused(tok):
+    from llm2vec_fast.training.trainers import MNTPModel
+
+    pk = MNTPCollator(tok, tok.convert_tokens_to_ids("_"), 0.3, packed=True)(_examples(tok, 4))
+    with pytest.raises(ValueError, match="position_ids: a packed batch .* patched by llm2vec_fast.patch_model"):
+        MNTPModel(toy_model(True, seed=1), backend="torch")(**pk)
+
 def test_contrastive_collator_simcse_and_supervised(tok):
     c = ContrastiveCollator(tok, mode="simcse", max_length=16)
     texts = toy_texts(5, seed=4)

@@ -282,8 +282,9 @@ def test_group_by_length_keeps_batches_homogeneous():
 
 
 def test_token_count_reads_the_device_only_when_logging():
-    """The trainers' throughput counter sums attention-mask tokens where the mask lives and
-    reads the sum only when asked (a log line): no host read per step."""
+    """The trainers' throughput counter sums attention-mask tokens (and a packed row's texts)
+    where the tensors live and reads the sums only when asked (a log line): no host read per
+    step."""
     from types import SimpleNamespace
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -298,13 +299,15 @@ def test_token_count_reads_the_device_only_when_logging():
                 HostReads.n += 1
             return func(*args, **(kwargs or {}))
 
-    state = SimpleNamespace(_token_sum=None, _samples=0)
+    state = SimpleNamespace(_token_sum=None, _row_sum=None, _token_count=0, _row_count=0)
     masks = [torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 0, 0]])]
+    packed = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])  # position_ids of 3 texts in one row
     with HostReads():
         for m in masks:
             _BaseTrainer._count(state, {"attention_mask": m, "input_ids": torch.zeros_like(m)})
+        _BaseTrainer._count(state, {"position_ids": packed, "input_ids": torch.zeros_like(packed)})
     assert HostReads.n == 0
-    assert _BaseTrainer._tokens.fget(state) == 6 and state._samples == 3
+    assert _BaseTrainer._tokens.fget(state) == 6 + 9 and _BaseTrainer._samples.fget(state) == 3 + 3
 
 
 def test_seed_fixes_the_lora_init_and_the_new_mask_row(tmp_path):
@@ -411,6 +414,32 @@ def test_mntp_loss_weighs_every_labelled_token_the_same_across_accumulation(tmp_
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
 
+
+def test_mntp_packing_trains_as_the_padded_batches_do(tmp_path):
+    """packing=True: the same steps (losses, weights, evaluation) as padded batches of the same
+    texts, and the throughput counts the same texts and real tokens (a packed row holds many)."""
+    from llm2vec_fast.training.pipeline import train_mntp
+
+    texts = toy_texts(70, seed=8)
+
+    def run(packing):
+        cfg = make_config(MNTPConfig, dict(FAST, output_dir=str(tmp_path / f"p{packing}"), max_steps=3, optim="sgd",
+                                           per_device_batch_size=8, learning_rate=0.5, use_lora=False, backend="torch",
+                                           seed=5, packing=packing))
+        model, tr = train_mntp(toy_model(True, seed=7), toy_tokenizer(), texts[:60], cfg, eval_texts=texts[60:],
+                               save_checkpoints=False)
+        ev = [h for h in tr.state.log_history if "eval_loss" in h][-1]
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, _losses(tr), ev, tr._samples, tr._tokens
+
+    (w1, l1, e1, rows1, tok1), (w2, l2, e2, rows2, tok2) = run(False), run(True)
+    assert len(l1) == 3 and l2 == pytest.approx(l1, rel=1e-5)
+    assert e2["eval_loss"] == pytest.approx(e1["eval_loss"], rel=1e-5)
+    assert e2["eval_labelled_tokens"] == e1["eval_labelled_tokens"] > 0
+    assert rows2 == rows1 == 3 * 8 and tok2 == tok1 > rows1 * 2
+    start = {n: p.detach() for n, p in toy_model(True, seed=7).named_parameters()}
+    assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 1e-3  # training moved the weights
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
 
 @pytest.mark.parametrize("group", [False, True])
 def test_mntp_too_few_texts_for_a_step_fails_before_the_model_loads(tmp_path, toy_dir, monkeypatch, group):

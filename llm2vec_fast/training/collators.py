@@ -73,10 +73,19 @@ class MNTPCollator:
     Randomness: per example from its ``mask_seed`` when every example has one (the training
     pipeline sets it, so a resumed run masks exactly as the uninterrupted one), else
     torch's global generator, or ``generator`` when given.
+
+    ``packed=True`` returns a padding-free batch instead: the examples' tokens one after
+    another in a single row, ``input_ids`` / ``labels`` / ``position_ids`` ``(1, N)`` with N
+    the examples' total length, positions restarting at 0 at each example and no
+    ``attention_mask``; a model patched by :func:`llm2vec_fast.patch_model` attends within
+    each example (the variable-length kernels). Masks and labels are those of the padded
+    batch (the same draws), and no example's first token is selected, so with the shift by
+    one no example's token is predicted from the one before it.
     """
 
     def __init__(self, tokenizer, mask_token_id: int, mlm_probability: float = 0.2,
-                 mask_strategy: str = "80-10-10", pad_to_multiple_of: int | None = None, generator=None):
+                 mask_strategy: str = "80-10-10", pad_to_multiple_of: int | None = None, generator=None,
+                 packed: bool = False):
         if not (0.0 < mlm_probability < 1.0):
             raise ValueError(f"mlm_probability: expected a float in (0, 1), got {mlm_probability!r}")
         if mask_strategy not in ("80-10-10", "all"):
@@ -87,6 +96,7 @@ class MNTPCollator:
         self.mask_strategy = mask_strategy
         self.pad_to_multiple_of = pad_to_multiple_of
         self.generator = generator
+        self.packed = bool(packed)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad)
         specials = set(int(i) for i in tokenizer.all_special_ids) | {self.pad_id}
@@ -135,6 +145,11 @@ class MNTPCollator:
             inputs[to_mask] = self.mask_token_id
             pick = (u_tok * len(self.random_pool)).long().clamp_max(len(self.random_pool) - 1)
             inputs[to_random] = self.random_pool[pick[to_random]]
+        if self.packed:
+            keep = mask.bool()
+            positions = mask.cumsum(1) - 1  # padding is on the right: 0.. len - 1 per row
+            return {"input_ids": inputs[keep][None], "labels": labels[keep][None],
+                    "position_ids": positions[keep][None]}
         return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
 
 

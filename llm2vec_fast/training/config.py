@@ -141,6 +141,9 @@ class MNTPConfig(BaseConfig):
                                         "--no-use-lora --no-freeze-embeddings)"})
     group_texts: bool = field(
         default=False, metadata={"help": "concatenate texts into max_seq_length blocks instead of one text per row"})
+    packing: bool = field(
+        default=False, metadata={"help": "padding-free batches: a batch's texts one after another in one row, each "
+                                         "attending only to itself (no compute spent on padding)"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate masked-token accuracy every N steps (0 = at the end)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
 

@@ -281,7 +281,7 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
     # a seed per position: masks independent of ranks, batches and resumes
     train = ListDataset([{"input_ids": r["input_ids"], "mask_seed": cfg.seed * 1_000_003 + i}
                          for i, r in enumerate(arranged)])
-    collator = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy)
+    collator = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy, packed=cfg.packing)
     eval_ds = eval_coll = None
     if eval_texts:
         # seeds of their own too (negative: apart from the training rows'), so the masks, and
@@ -289,7 +289,7 @@ def train_mntp(model, tokenizer, train_texts: list[str], cfg: MNTPConfig, *, eva
         eval_ds = ListDataset([{"input_ids": r["input_ids"], "mask_seed": cfg.seed * 1_000_003 - 1 - i} for i, r in
                                enumerate(tokenize_texts(tokenizer, eval_texts, cfg.max_seq_length, cfg.group_texts))])
         eval_coll = MNTPCollator(tokenizer, mask_id, cfg.mlm_probability, cfg.mask_strategy,
-                                 generator=torch.Generator().manual_seed(cfg.seed))
+                                 generator=torch.Generator().manual_seed(cfg.seed), packed=cfg.packing)
     extra = {}
     if eval_ds is not None and cfg.eval_steps:
         extra = dict(eval_strategy="steps", eval_steps=cfg.eval_steps)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..hf.mntp import lm_head_operands, per_item
+from ..hf.patch import is_patched
 from ..ops.info_nce import info_nce, pool, pooled_info_nce
 from ..ops.masked_ce import masked_linear_cross_entropy
 from .gradcache import gradcache_step
@@ -35,7 +36,8 @@ def unwrap_peft(model):
 class MNTPModel(nn.Module):
     """An ``XForCausalLM`` (optionally peft-wrapped) computing the MNTP loss and accuracy.
 
-    ``forward(input_ids (B, T), attention_mask (B, T), labels (B, T))`` returns
+    ``forward(input_ids (B, T), attention_mask (B, T), labels (B, T))`` (or a packed batch:
+    ``(1, N)`` ids, labels and ``position_ids``, no mask; see ``MNTPCollator``) returns
     ``{"loss": 0-d fp32, "accuracy": 0-d fp32}``: ``labels[:, t]`` is predicted from the
     final hidden state at ``t - 1`` by the fused masked cross-entropy; no ``(B, T, V)``
     logits exist. The loss is the mean over labelled tokens, or with ``num_items_in_batch``
@@ -54,8 +56,14 @@ class MNTPModel(nn.Module):
         # FSDP's auto-wrap policy reads the decoder-layer class names from here
         self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None, num_items_in_batch=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, num_items_in_batch=None):
+        if labels is None:
+            raise ValueError("labels: MNTPModel needs the (B, T) labels MNTPCollator makes, got None")
         hf = unwrap_peft(self.model)
+        if attention_mask is None and position_ids is not None and not is_patched(hf):
+            # transformers' own attention would let a packed row's texts attend to each other
+            raise ValueError("position_ids: a packed batch (no attention_mask) needs a model patched by "
+                             "llm2vec_fast.patch_model, which attends within each text")
         out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         # the head in the dtype transformers' would run it (the autocast dtype under bf16=True)
         hidden, weight, bias = lm_head_operands(out.last_hidden_state, hf.get_output_embeddings())
@@ -108,13 +116,19 @@ class _BaseTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._token_sum = None  # attention-mask tokens seen, summed on the inputs' device
-        self._samples = 0
+        self._row_sum = None  # rows of packed batches, summed on the device
+        self._token_count = self._row_count = 0  # what the shapes tell (no mask: every token real)
         self._last_log = (time.perf_counter(), 0, 0)
 
     @property
     def _tokens(self) -> int:
         """Tokens seen so far: reads the device sum (a host sync, at log time only)."""
-        return 0 if self._token_sum is None else int(self._token_sum)
+        return self._token_count + (0 if self._token_sum is None else int(self._token_sum))
+
+    @property
+    def _samples(self) -> int:
+        """Rows (texts) seen so far; a packed row holds several (a host sync, at log time)."""
+        return self._row_count + (0 if self._row_sum is None else int(self._row_sum))
 
     def _get_train_sampler(self, *args, **kwargs):
         # The datasets are arranged so that consecutive global batches are the intended ones
@@ -129,9 +143,19 @@ class _BaseTrainer(Trainer):
     def _count(self, inputs):
         # Summed where the mask lives, read only when a log line wants it: int() here was a
         # host sync at every step, draining the GPU's queue before the step's first kernel.
-        n = inputs["attention_mask"].sum()
-        self._token_sum = n if self._token_sum is None else self._token_sum + n
-        self._samples += int(inputs["input_ids"].shape[0])
+        mask, ids = inputs.get("attention_mask"), inputs["input_ids"]
+        if mask is not None:
+            n = mask.sum()
+            self._token_sum = n if self._token_sum is None else self._token_sum + n
+            self._row_count += int(ids.shape[0])
+            return
+        self._token_count += ids.numel()
+        pos = inputs.get("position_ids")
+        if pos is None:  # no mask, no positions: one full sequence per row
+            self._row_count += int(ids.shape[0])
+            return
+        n = (pos == 0).sum()  # a packed row: a text starts where its positions restart
+        self._row_sum = n if self._row_sum is None else self._row_sum + n
 
     def log(self, logs, *args, **kwargs):
         now = time.perf_counter()
