@@ -13,9 +13,13 @@ up, down, AdamW on the adapter:
   the CPU LoRA projections, gated MLPs and RMSNorms through the memory-lean autograd
   functions of ``llm2vec_fast.hf.lora`` (LoRA dropout as sparse dropped positions), on CUDA
   peft's own modules.
-- optional (``--providers stock,patched,patched_nofuse,patched_fuse``): ``patched_nofuse``
-  (``fuse_lora=False``) and ``patched_fuse`` (``fuse_lora=True``, the fusion on CUDA too), to
-  attribute the gain between the kernels and the fusion.
+- optional (``--providers stock,patched,patched_nofuse,patched_fuse,patched_packed``):
+  ``patched_nofuse`` (``fuse_lora=False``) and ``patched_fuse`` (``fuse_lora=True``, the fusion
+  on CUDA too), to attribute the gain between the kernels and the fusion; ``patched_packed``
+  (MNTP tasks): the padding-free batch ``--packing`` trains on, the texts one after another in
+  one row with restarting positions, no padding computed.
+- ``mntp_text`` MNTP task: one text per row (``group_texts`` off) with lengths uniform in
+  ``[0.3 T, T]``, where padding costs what packing saves; ``mntp`` rows are full-length.
 - ``stock`` SimCSE: ``AutoModel`` with SDPA and the padding mask, the batch twice (dropout
   makes the two views), mean pooling by a Python loop over the batch, cosine similarity x 20,
   cross-entropy against ``arange(B)``.
@@ -51,8 +55,9 @@ sys.path.insert(0, HERE)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # patched providers -> patch_model's fuse_lora
-PATCHED = {"patched": "auto", "patched_nofuse": False, "patched_fuse": True}
-TASKS = ("mntp", "simcse")
+PATCHED = {"patched": "auto", "patched_nofuse": False, "patched_fuse": True, "patched_packed": "auto"}
+TASKS = ("mntp", "mntp_text", "simcse")
+PACKED_TASKS = ("mntp", "mntp_text")  # the tasks patched_packed runs (SimCSE has no packed path yet)
 
 # Llama-shaped configs with random weights. SmolLM2-135M's is copied from its config.json
 # (the GGUF holds the same numbers); the 1B class is Llama-3.2-1B's shape and the 7B class
@@ -84,12 +89,14 @@ PRESETS = {
         cases=[
             ("smollm2-135m", "mntp", (8, 128), False),
             ("smollm2-135m", "mntp", (8, 128), True),
+            ("smollm2-135m", "mntp_text", (8, 128), False),
             ("smollm2-135m", "simcse", (16, 64), False),
         ],
         dtype="float32", warmup=1, steps=3, threads=2,
     ),
     "gpu-quick": dict(
-        cases=[("llama-1b", "mntp", (8, 512), True), ("llama-1b", "simcse", (64, 128), True)],
+        cases=[("llama-1b", "mntp", (8, 512), True), ("llama-1b", "mntp_text", (8, 512), True),
+               ("llama-1b", "simcse", (64, 128), True)],
         dtype="bfloat16", warmup=2, steps=5, threads=None,
     ),
     "gpu-full": dict(
@@ -121,9 +128,10 @@ def make_config(name: str, layers: int | None, attn_dropout: float):
 
 
 def make_batch(task: str, B: int, T: int, V: int, device, seed: int):
-    """Random token ids, right-padded. MNTP: full-length sequences (the recipe packs text into
-    chunks), 20% of tokens labelled (80/10/10 is irrelevant to speed; selected ids are kept).
-    SimCSE: sentence lengths uniform in [0.3 T, T], the longest exactly T."""
+    """Random token ids, right-padded. ``mntp``: full-length sequences (grouped text), 20% of
+    tokens labelled, never a row's first (as the collator: nothing predicts it; 80/10/10 is
+    irrelevant to speed, selected ids are kept). ``mntp_text`` and SimCSE: lengths uniform in
+    [0.3 T, T], the longest exactly T."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -135,8 +143,9 @@ def make_batch(task: str, B: int, T: int, V: int, device, seed: int):
         lens[0] = T
     mask = (torch.arange(T)[None, :] < lens[:, None]).long()
     labels = None
-    if task == "mntp":
+    if task in PACKED_TASKS:
         sel = (torch.rand(B, T, generator=g) < 0.2) & mask.bool()
+        sel[:, 0] = False
         labels = torch.where(sel, ids, torch.full_like(ids, -100))
     ids = ids * mask  # pad id 0 on padding
     out = dict(input_ids=ids.to(device), attention_mask=mask.to(device))
@@ -192,29 +201,34 @@ def worker(a) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM
 
     cfg = make_config(a.config, a.layers, a.attn_dropout)
-    cls = AutoModelForCausalLM if a.task == "mntp" else AutoModel
+    mntp = a.task in PACKED_TASKS
+    cls = AutoModelForCausalLM if mntp else AutoModel
     with dev:
         model = cls.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     if a.provider in PATCHED:
         from llm2vec_fast import patch_model
 
         fuse = PATCHED[a.provider]
-        model = patch_model(model, mntp=a.task == "mntp", fuse_lora=fuse)
+        model = patch_model(model, mntp=mntp, fuse_lora=fuse)
     if a.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-5 if a.task == "mntp" else 3e-5)
+    opt = torch.optim.AdamW(params, lr=5e-5 if mntp else 3e-5)
 
     B, T = a.batch, a.seq
     batch, ntok = make_batch(a.task, B, T, cfg.vocab_size, dev, a.seed + 1)
     mask2d = batch["attention_mask"]
 
-    if a.task == "mntp":
+    if mntp:
         if a.provider == "stock":
             kw = dict(input_ids=batch["input_ids"], attention_mask=padding_mask_4d(mask2d), labels=batch["labels"])
-        else:  # the patched providers
+        elif a.provider == "patched_packed":  # what MNTPCollator(packed=True) makes
+            keep = mask2d.bool()
+            kw = dict(input_ids=batch["input_ids"][keep][None], labels=batch["labels"][keep][None],
+                      position_ids=(mask2d.cumsum(1) - 1)[keep][None])
+        else:  # the padded patched providers
             kw = dict(input_ids=batch["input_ids"], attention_mask=mask2d, labels=batch["labels"])
 
         def loss_fn(scale=None):
@@ -441,14 +455,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, type=device_arg, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--preset", default=None, choices=list(PRESETS), help="default: cpu on CPU, gpu-quick on CUDA")
     ap.add_argument("--out-dir", default=None, help="where e2e.jsonl goes (default benchmarks/results)")
-    ap.add_argument("--tasks", default=["mntp", "simcse"], type=comma_list(TASKS),
-                    help="comma-separated subset of mntp,simcse")
+    ap.add_argument("--tasks", default=list(TASKS), type=comma_list(TASKS),
+                    help=f"comma-separated subset of {','.join(TASKS)}")
     ap.add_argument("--providers", default=["stock", "patched"], type=comma_list(("stock", *PATCHED)),
                     help=f"comma-separated subset of {','.join(('stock', *PATCHED))}")
     ap.add_argument("--configs", default=None, type=comma_list(CONFIGS),
                     help=f"comma list overriding the preset's configs ({','.join(CONFIGS)})")
     ap.add_argument("--layers", type=positive_int, default=None, help="override the number of layers (smoke tests)")
-    ap.add_argument("--mntp-shape", default=None, type=shape_arg, help="BxT overriding the preset's MNTP batch")
+    ap.add_argument("--mntp-shape", default=None, type=shape_arg, help="BxT overriding the preset's MNTP batches")
     ap.add_argument("--simcse-shape", default=None, type=shape_arg, help="BxT overriding the preset's SimCSE batch")
     ap.add_argument("--warmup", type=nonnegative_int, default=None)
     ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per provider")
@@ -491,7 +505,7 @@ def main(argv=None) -> int:
     for config, task, shape, ckpt in p["cases"]:
         if task not in tasks:
             continue
-        override = args.mntp_shape if task == "mntp" else args.simcse_shape
+        override = args.mntp_shape if task in PACKED_TASKS else args.simcse_shape
         if override:
             shape = override
         if args.ckpt != "preset":
@@ -503,7 +517,8 @@ def main(argv=None) -> int:
     n_rows, failed = 0, 0
     for config, task, (B, T), ckpt in cases:
         try:
-            got = run_pair(args, config, task, B, T, ckpt, p, args.providers)
+            provs = [q for q in args.providers if q != "patched_packed" or task in PACKED_TASKS]
+            got = run_pair(args, config, task, B, T, ckpt, p, provs)
         except RuntimeError as e:
             print(f"[e2e] FAILED: {e}", file=sys.stderr, flush=True)
             failed += 1

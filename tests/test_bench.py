@@ -125,6 +125,7 @@ def test_gpu_check_dry_run_lists_everything_and_runs_nothing(tmp_path):
                         env=env2, cwd=str(tmp_path), timeout=60).stdout
     assert "tests skipped" in s2 and "-m pytest" not in s2
     assert "bench_e2e.py --preset gpu-quick --device cuda --profile" in s2 and "bench_encode.py" in s2
+    assert "--providers stock,patched,patched_packed" in s2  # the packed MNTP provider measured on the GPU
     bad = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2
 
@@ -155,7 +156,8 @@ def test_bench_subcommand_help_and_dry_run(capsys):
 def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
     """Two layers, MNTP 2 x 16 and SimCSE 4 x 16, one timed step each, in fresh subprocesses."""
     cmd = [sys.executable, os.path.join(BENCH, "bench_e2e.py"), "--device", "cpu", "--preset", "cpu", "--layers", "2",
-           "--mntp-shape", "2x16", "--simcse-shape", "4x16", "--ckpt", "off", "--steps", "1", "--warmup", "1",
+           "--tasks", "mntp,simcse", "--mntp-shape", "2x16", "--simcse-shape", "4x16", "--ckpt", "off", "--steps", "1",
+           "--warmup", "1",
            "--out-dir", str(tmp_path), "--profile", str(tmp_path / "profile.txt")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -177,6 +179,25 @@ def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
         assert f["speedup_vs_stock"] == pytest.approx(s["ms"] / f["ms"])
     assert got[("mntp", "stock")]["tokens"] == 2 * 16
 
+
+
+@pytest.mark.slow
+def test_e2e_packed_mntp_rows_match_the_padded_ones(tmp_path):
+    """``mntp_text`` (texts of varied lengths) with the padded and the packed patched providers:
+    the same first-step loss (the same texts, labels and weights; packing changes what is
+    computed, not the result), the packed row counts the same real tokens; SimCSE has no packed
+    provider, so none runs for it."""
+    cmd = [sys.executable, os.path.join(BENCH, "bench_e2e.py"), "--device", "cpu", "--preset", "cpu", "--layers", "2",
+           "--tasks", "mntp_text,simcse", "--providers", "patched,patched_packed", "--mntp-shape", "4x24",
+           "--simcse-shape", "2x8", "--ckpt", "off", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    got = {(row["task"], row["provider"]): row for row in rows}
+    assert set(got) == {("mntp_text", "patched"), ("mntp_text", "patched_packed"), ("simcse", "patched")}
+    pad, pk = got[("mntp_text", "patched")], got[("mntp_text", "patched_packed")]
+    assert pk["tokens"] == pad["tokens"] < 4 * 24, "the texts' lengths should vary"
+    assert abs(pk["loss0"] - pad["loss0"]) < 1e-5 * max(1.0, abs(pad["loss0"])), (pk["loss0"], pad["loss0"])
 
 def test_sweep_attention_tiles_parses_its_tiles(capsys):
     """The GPU-only tile sweep: every default tile parses to a config, bad specs are named
