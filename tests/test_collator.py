@@ -259,3 +259,34 @@ def test_blank_mask_token_is_the_vocabulary_token():
     tk2.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
     t2 = PreTrainedTokenizerFast(tokenizer_object=tk2, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     assert resolve_mask_token(t2, "_", None) == 3
+
+
+@pytest.mark.parametrize("mode", ["simcse", "supervised"])
+def test_packed_contrastive_batch_is_the_padded_one_without_its_padding(tok, mode):
+    ex = [dict(text=q, query=q, positive=p, negative=n, instruction="Find:") for q, p, n in
+          zip(toy_texts(5, seed=1), toy_texts(5, seed=2), toy_texts(5, seed=3))]
+    pad = ContrastiveCollator(tok, mode=mode, max_length=16)(ex)
+    coll = ContrastiveCollator(tok, mode=mode, max_length=16, packed=True)
+    pk = coll(ex)
+    keep = pad["attention_mask"].bool()
+    assert set(pk) == {"input_ids", "position_ids", "embed_mask", "cu_seqlens", "group_bounds"}
+    for k in ("input_ids", "embed_mask"):
+        assert torch.equal(pk[k][0], pad[k][keep]), k
+    lengths = keep.sum(1)
+    assert torch.equal(pk["position_ids"][0], torch.cat([torch.arange(int(n)) for n in lengths]))
+    G = coll.n_groups
+    assert pk["cu_seqlens"].shape == (G, 6) and pk["cu_seqlens"].dtype == torch.int32
+    per_group = lengths.view(G, 5)
+    assert torch.equal(pk["cu_seqlens"][:, 1:].long(), per_group.cumsum(1))
+    assert pk["group_bounds"] == [0] + per_group.sum(1).cumsum(0).tolist()
+    assert pk["group_bounds"][-1] == pk["input_ids"].shape[1]
+    if mode == "supervised":  # instruction tokens attended to, not pooled
+        assert (pk["embed_mask"][0, : int(lengths[0])] == 0).any()
+
+
+def test_packed_contrastive_rows_on_an_unpatched_model_are_refused(tok):
+    from llm2vec_fast.training.trainers import ContrastiveModel
+
+    pk = ContrastiveCollator(tok, mode="simcse", max_length=16, packed=True)([{"text": t} for t in toy_texts(3)])
+    with pytest.raises(ValueError, match="position_ids: a packed batch .* patched by llm2vec_fast.patch_model"):
+        ContrastiveModel(toy_model(False, seed=1))(pk["input_ids"], position_ids=pk["position_ids"])

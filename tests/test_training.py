@@ -441,6 +441,42 @@ def test_mntp_packing_trains_as_the_padded_batches_do(tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
 
+
+@pytest.mark.parametrize("mode,pooling", [("simcse", "mean"), ("supervised", "last_token"),
+                                          ("supervised", "weighted_mean")])
+def test_contrastive_packing_trains_as_the_padded_batches_do(tmp_path, mode, pooling):
+    """packing=True for SimCSE / supervised (queries with an instruction, hard negatives): the
+    same losses and weights over 3 SGD steps as padded batches (each group pooled from its own
+    token range), and the same row and token counts."""
+    from llm2vec_fast.training.pipeline import train_contrastive
+
+    rows = [dict(query=q, positive=p, negative=n, instruction="Find the match:") for q, p, n in
+            zip(toy_texts(24, seed=1), toy_texts(24, seed=2), toy_texts(24, seed=3))]
+
+    def run(packing):
+        cls = SimCSEConfig if mode == "simcse" else SupervisedConfig
+        cfg = make_config(cls, dict(FAST, output_dir=str(tmp_path / f"{mode}{packing}"), max_steps=3, optim="sgd",
+                                    per_device_batch_size=6, learning_rate=0.5, use_lora=False, backend="torch",
+                                    attention_dropout=0.0, temperature=0.5, pooling_mode=pooling, seed=3,
+                                    packing=packing))
+        model = toy_model(False, seed=4, initializer_range=0.3, attention_dropout=0.0)
+        if mode == "simcse":
+            model, tr = train_contrastive(model, toy_tokenizer(), toy_texts(30, seed=6), cfg, mode="simcse",
+                                          save_checkpoints=False)
+        else:
+            model, tr = train_contrastive(model, toy_tokenizer(), None, cfg, mode="supervised",
+                                          datasets={"nli": rows}, save_checkpoints=False)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, _losses(tr), tr._samples, tr._tokens
+
+    (w1, l1, rows1, tok1), (w2, l2, rows2, tok2) = run(False), run(True)
+    groups = 2 if mode == "simcse" else 3
+    assert len(l1) == 3 and l2 == pytest.approx(l1, rel=1e-5)
+    assert rows2 == rows1 == 3 * 6 * groups and tok2 == tok1 > rows1 * 2
+    start = {n: p.detach() for n, p in toy_model(False, seed=4, initializer_range=0.3).named_parameters()}
+    assert max(float((w1[k] - start[k]).abs().max()) for k in w1) > 1e-3  # training moved the weights
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+
 @pytest.mark.parametrize("group", [False, True])
 def test_mntp_too_few_texts_for_a_step_fails_before_the_model_loads(tmp_path, toy_dir, monkeypatch, group):
     from llm2vec_fast.training import pipeline

@@ -165,16 +165,23 @@ class ContrastiveCollator:
     Tokenisation is the encoder's (:meth:`llm2vec_fast.LLM2Vec.tokenize`), so training sees
     exactly what inference will. Returns ``input_ids``, ``attention_mask``, ``position_ids``,
     ``embed_mask`` ``(G * B, T)``.
+
+    ``packed=True`` returns the same rows padding-free: ``input_ids``, ``position_ids``
+    (restarting at 0 at each text) and ``embed_mask`` ``(1, N)``, N the rows' total length, no
+    ``attention_mask``; ``cu_seqlens`` ``(G, B + 1)`` int32, each group's text offsets counted
+    from the group's first token; ``group_bounds``, the ``G + 1`` token offsets of the groups
+    (a list of ints: slicing by them needs no device read).
     """
 
     def __init__(self, tokenizer, *, mode: str = "simcse", max_length: int = 128, pooling_mode: str = "mean",
-                 hard_negatives: bool = True):
+                 hard_negatives: bool = True, packed: bool = False):
         from ..encoder import LLM2Vec
 
         if mode not in ("simcse", "supervised"):
             raise ValueError(f"mode: expected 'simcse' or 'supervised', got {mode!r}")
         self.mode = mode
         self.hard_negatives = hard_negatives
+        self.packed = bool(packed)
         self.tokenizer = tokenizer
         # A model-less encoder: only its tokenisation is used.
         self._enc = LLM2Vec(None, tokenizer, pooling_mode=pooling_mode, max_length=max_length,
@@ -195,4 +202,14 @@ class ContrastiveCollator:
                 rows += [["", e["negative"]] for e in examples]
             feats = self._enc.tokenize(rows)
         feats["attention_mask"] = feats["attention_mask"].long()
-        return feats
+        return self._pack(feats) if self.packed else feats
+
+    def _pack(self, feats: dict) -> dict:
+        mask = feats["attention_mask"]
+        keep = mask.bool()
+        lengths = mask.sum(1).view(self.n_groups, -1)  # (G, B): the rows are G groups of B
+        cu = torch.zeros((lengths.shape[0], lengths.shape[1] + 1), dtype=torch.int32)
+        cu[:, 1:] = lengths.cumsum(1)
+        bounds = [0] + lengths.sum(1).cumsum(0).tolist()
+        return {"input_ids": feats["input_ids"][keep][None], "position_ids": (mask.cumsum(1) - 1)[keep][None],
+                "embed_mask": feats["embed_mask"][keep][None], "cu_seqlens": cu, "group_bounds": bounds}

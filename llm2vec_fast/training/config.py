@@ -73,6 +73,9 @@ class BaseConfig:
     dataloader_num_workers: int = field(default=0, metadata={"help": "data loading processes"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    packing: bool = field(
+        default=False, metadata={"help": "padding-free batches: a batch's texts one after another in one row, each "
+                                         "attending only to itself (no compute spent on padding)"})
     group_by_length: bool = field(
         default=False, metadata={"help": "batch texts of similar length together (less padding, faster steps)"})
 
@@ -141,9 +144,6 @@ class MNTPConfig(BaseConfig):
                                         "--no-use-lora --no-freeze-embeddings)"})
     group_texts: bool = field(
         default=False, metadata={"help": "concatenate texts into max_seq_length blocks instead of one text per row"})
-    packing: bool = field(
-        default=False, metadata={"help": "padding-free batches: a batch's texts one after another in one row, each "
-                                         "attending only to itself (no compute spent on padding)"})
     eval_steps: int = field(default=0, metadata={"help": "evaluate masked-token accuracy every N steps (0 = at the end)"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
 
@@ -186,6 +186,9 @@ class ContrastiveConfig(BaseConfig):
             raise ValueError(f"temperature: expected a finite float > 0, got {self.temperature!r}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size: expected None or an int >= 1, got {self.mini_batch_size!r}")
+        if self.packing and self.mini_batch_size is not None:
+            raise ValueError("packing: not available with mini_batch_size (GradCache re-runs chunks of padded rows); "
+                             "turn one of them off")
         if self.attention_dropout is not None and not (0.0 <= self.attention_dropout < 1.0):
             raise ValueError(f"attention_dropout: expected None or a float in [0, 1), got {self.attention_dropout!r}")
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -426,7 +426,7 @@ def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=No
     saved_dropout = set_attention_dropout(model, cfg.attention_dropout)
     hard = bool(getattr(cfg, "hard_negatives", False))
     collator = ContrastiveCollator(tokenizer, mode=mode, max_length=cfg.max_seq_length,
-                                   pooling_mode=cfg.pooling_mode, hard_negatives=hard)
+                                   pooling_mode=cfg.pooling_mode, hard_negatives=hard, packed=cfg.packing)
     block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
     data = datasets if datasets is not None else {"train": [{"text": t} for t in examples]}
     length = None

@@ -60,10 +60,7 @@ class MNTPModel(nn.Module):
         if labels is None:
             raise ValueError("labels: MNTPModel needs the (B, T) labels MNTPCollator makes, got None")
         hf = unwrap_peft(self.model)
-        if attention_mask is None and position_ids is not None and not is_patched(hf):
-            # transformers' own attention would let a packed row's texts attend to each other
-            raise ValueError("position_ids: a packed batch (no attention_mask) needs a model patched by "
-                             "llm2vec_fast.patch_model, which attends within each text")
+        _check_packed_on_patched(hf, attention_mask, position_ids)
         out = hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         # the head in the dtype transformers' would run it (the autocast dtype under bf16=True)
         hidden, weight, bias = lm_head_operands(out.last_hidden_state, hf.get_output_embeddings())
@@ -80,9 +77,9 @@ class MNTPModel(nn.Module):
 class ContrastiveModel(nn.Module):
     """A base transformer (``XModel``, optionally peft-wrapped) returning final hidden states.
 
-    ``forward(input_ids, attention_mask, position_ids)`` (all ``(R, T)``) returns
-    ``(R, T, C)``; pooling and the loss happen in the trainer, so the GradCache path can
-    pool chunks on their own.
+    ``forward(input_ids, attention_mask, position_ids)`` (all ``(R, T)``; or a packed row:
+    ``(1, N)`` ids and positions, no mask) returns ``(R, T, C)``; pooling and the loss happen
+    in the trainer, so the GradCache path can pool chunks on their own.
     """
 
     def __init__(self, model):
@@ -90,8 +87,16 @@ class ContrastiveModel(nn.Module):
         self.model = model
         self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        _check_packed_on_patched(self.model, attention_mask, position_ids)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+def _check_packed_on_patched(model, attention_mask, position_ids):
+    if attention_mask is None and position_ids is not None and not is_patched(model):
+        # transformers' own attention would let a packed row's texts attend to each other
+        raise ValueError("position_ids: a packed batch (no attention_mask) needs a model patched by "
+                         "llm2vec_fast.patch_model, which attends within each text")
 
 
 def _dedup_shared(state_dict: dict) -> dict:
@@ -262,7 +267,19 @@ class ContrastiveTrainer(_BaseTrainer):
         return [t[g * B : (g + 1) * B] for g in range(self.n_groups)]
 
     def contrastive_loss_from_hidden(self, hidden, inputs):
-        """``pooled_info_nce`` on hidden ``(G * B, T, C)`` with the batch's masks."""
+        """``pooled_info_nce`` on hidden ``(G * B, T, C)`` with the batch's masks (or on a
+        packed row's ``(1, N, C)``, each group its token range and text offsets)."""
+        if "group_bounds" in inputs:
+            h, em, b, cu = hidden[0], inputs["embed_mask"][0], inputs["group_bounds"], inputs["cu_seqlens"]
+            hs = [h[b[g] : b[g + 1]] for g in range(self.n_groups)]
+            es = [em[b[g] : b[g + 1]] for g in range(self.n_groups)]
+            neg = dict(hidden_neg=hs[2], mask_neg=None, embed_mask_neg=es[2], cu_seqlens_neg=cu[2]) \
+                if self.n_groups == 3 else {}
+            return pooled_info_nce(
+                hs[0], None, hs[1], None, embed_mask_q=es[0], embed_mask_d=es[1], cu_seqlens_q=cu[0],
+                cu_seqlens_d=cu[1], **neg, temperature=self.temperature, pooling=self.pooling_mode,
+                symmetric=self.symmetric, cross_rank=self.cross_rank, backend=self.loss_backend,
+            )
         hs = self._groups(hidden)
         ms = self._groups(inputs["attention_mask"])
         em = inputs.get("embed_mask")
