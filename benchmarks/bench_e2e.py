@@ -15,9 +15,9 @@ up, down, AdamW on the adapter:
   peft's own modules.
 - optional (``--providers stock,patched,patched_nofuse,patched_fuse,patched_packed``):
   ``patched_nofuse`` (``fuse_lora=False``) and ``patched_fuse`` (``fuse_lora=True``, the fusion
-  on CUDA too), to attribute the gain between the kernels and the fusion; ``patched_packed``
-  (MNTP tasks): the padding-free batch ``--packing`` trains on, the texts one after another in
-  one row with restarting positions, no padding computed.
+  on CUDA too), to attribute the gain between the kernels and the fusion; ``patched_packed``:
+  the padding-free batch ``--packing`` trains on, the texts one after another in one row with
+  restarting positions, no padding computed (SimCSE: each view's row pooled by text offsets).
 - ``mntp_text`` MNTP task: one text per row (``group_texts`` off) with lengths uniform in
   ``[0.3 T, T]``, where padding costs what packing saves; ``mntp`` rows are full-length.
 - ``stock`` SimCSE: ``AutoModel`` with SDPA and the padding mask, the batch twice (dropout
@@ -57,7 +57,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # patched providers -> patch_model's fuse_lora
 PATCHED = {"patched": "auto", "patched_nofuse": False, "patched_fuse": True, "patched_packed": "auto"}
 TASKS = ("mntp", "mntp_text", "simcse")
-PACKED_TASKS = ("mntp", "mntp_text")  # the tasks patched_packed runs (SimCSE has no packed path yet)
+MNTP_TASKS = ("mntp", "mntp_text")
 
 # Llama-shaped configs with random weights. SmolLM2-135M's is copied from its config.json
 # (the GGUF holds the same numbers); the 1B class is Llama-3.2-1B's shape and the 7B class
@@ -143,7 +143,7 @@ def make_batch(task: str, B: int, T: int, V: int, device, seed: int):
         lens[0] = T
     mask = (torch.arange(T)[None, :] < lens[:, None]).long()
     labels = None
-    if task in PACKED_TASKS:
+    if task in MNTP_TASKS:
         sel = (torch.rand(B, T, generator=g) < 0.2) & mask.bool()
         sel[:, 0] = False
         labels = torch.where(sel, ids, torch.full_like(ids, -100))
@@ -201,7 +201,7 @@ def worker(a) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM
 
     cfg = make_config(a.config, a.layers, a.attn_dropout)
-    mntp = a.task in PACKED_TASKS
+    mntp = a.task in MNTP_TASKS
     cls = AutoModelForCausalLM if mntp else AutoModel
     with dev:
         model = cls.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
@@ -245,6 +245,18 @@ def worker(a) -> dict:
                 e1 = F.normalize(mean_pool_loop(h1, mask2d), dim=-1)
                 e2 = F.normalize(mean_pool_loop(h2, mask2d), dim=-1)
                 return F.cross_entropy((e1 @ e2.t()).float() * scale, labels)
+        elif a.provider == "patched_packed":  # what ContrastiveCollator(packed=True) makes
+            from llm2vec_fast import pooled_info_nce
+
+            keep = mask2d.bool()
+            ids, pos = batch["input_ids"][keep][None], (mask2d.cumsum(1) - 1)[keep][None]
+            cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+            cu[1:] = mask2d.sum(1).cumsum(0)
+
+            def loss_fn(scale=20.0):
+                h1 = model(input_ids=ids, position_ids=pos).last_hidden_state[0]
+                h2 = model(input_ids=ids, position_ids=pos).last_hidden_state[0]
+                return pooled_info_nce(h1, None, h2, None, cu_seqlens_q=cu, cu_seqlens_d=cu, temperature=1.0 / scale)
         else:
             from llm2vec_fast import pooled_info_nce
 
@@ -505,7 +517,7 @@ def main(argv=None) -> int:
     for config, task, shape, ckpt in p["cases"]:
         if task not in tasks:
             continue
-        override = args.mntp_shape if task in PACKED_TASKS else args.simcse_shape
+        override = args.mntp_shape if task in MNTP_TASKS else args.simcse_shape
         if override:
             shape = override
         if args.ckpt != "preset":
@@ -517,8 +529,7 @@ def main(argv=None) -> int:
     n_rows, failed = 0, 0
     for config, task, (B, T), ckpt in cases:
         try:
-            provs = [q for q in args.providers if q != "patched_packed" or task in PACKED_TASKS]
-            got = run_pair(args, config, task, B, T, ckpt, p, provs)
+            got = run_pair(args, config, task, B, T, ckpt, p, args.providers)
         except RuntimeError as e:
             print(f"[e2e] FAILED: {e}", file=sys.stderr, flush=True)
             failed += 1

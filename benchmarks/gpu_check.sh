@@ -27,7 +27,7 @@
 # masked CE one. e2e / info_nce / encode (closed issues, rows committed) no longer fit: their
 # rows are written at the end, so a cut run of theirs left nothing; run them in a call of their
 # own: GPU_CHECK_TEST_TIMEOUT=0 GPU_CHECK_BENCH_TIMEOUTS="info_nce=100 e2e=250 encode=150".
-# e2e has since gained the variable-length MNTP case and the packed provider (28 Nov, five more
+# e2e has since gained the variable-length MNTP case and the packed provider (28 Nov, six more
 # worker set-ups, untimed on a GPU): give it a call alone, GPU_CHECK_BENCH_TIMEOUTS="e2e=450".
 # Override with GPU_CHECK_TEST_TIMEOUT (0: skip the tests), GPU_CHECK_TEST_WORKERS and
 # GPU_CHECK_BENCH_TIMEOUTS="attention=240 masked_ce=120".

@@ -182,11 +182,10 @@ def test_e2e_tiny_run_writes_matching_stock_and_patched_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_e2e_packed_mntp_rows_match_the_padded_ones(tmp_path):
-    """``mntp_text`` (texts of varied lengths) with the padded and the packed patched providers:
-    the same first-step loss (the same texts, labels and weights; packing changes what is
-    computed, not the result), the packed row counts the same real tokens; SimCSE has no packed
-    provider, so none runs for it."""
+def test_e2e_packed_rows_match_the_padded_ones(tmp_path):
+    """``mntp_text`` (texts of varied lengths) and SimCSE with the padded and the packed patched
+    providers: the same first-step loss (the same texts, labels and weights; packing changes
+    what is computed, not the result) on the same real tokens."""
     cmd = [sys.executable, os.path.join(BENCH, "bench_e2e.py"), "--device", "cpu", "--preset", "cpu", "--layers", "2",
            "--tasks", "mntp_text,simcse", "--providers", "patched,patched_packed", "--mntp-shape", "4x24",
            "--simcse-shape", "2x8", "--ckpt", "off", "--steps", "1", "--warmup", "0", "--out-dir", str(tmp_path)]
@@ -194,10 +193,11 @@ def test_e2e_packed_mntp_rows_match_the_padded_ones(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     rows = [json.loads(l) for l in (tmp_path / "e2e.jsonl").read_text().splitlines()]
     got = {(row["task"], row["provider"]): row for row in rows}
-    assert set(got) == {("mntp_text", "patched"), ("mntp_text", "patched_packed"), ("simcse", "patched")}
-    pad, pk = got[("mntp_text", "patched")], got[("mntp_text", "patched_packed")]
-    assert pk["tokens"] == pad["tokens"] < 4 * 24, "the texts' lengths should vary"
-    assert abs(pk["loss0"] - pad["loss0"]) < 1e-5 * max(1.0, abs(pad["loss0"])), (pk["loss0"], pad["loss0"])
+    assert set(got) == {(t, p) for t in ("mntp_text", "simcse") for p in ("patched", "patched_packed")}
+    for task, slots in (("mntp_text", 4 * 24), ("simcse", 2 * 2 * 8)):
+        pad, pk = got[(task, "patched")], got[(task, "patched_packed")]
+        assert pk["tokens"] == pad["tokens"] < slots, "the texts' lengths should vary"
+        assert abs(pk["loss0"] - pad["loss0"]) < 1e-5 * max(1.0, abs(pad["loss0"])), (task, pk["loss0"], pad["loss0"])
 
 def test_sweep_attention_tiles_parses_its_tiles(capsys):
     """The GPU-only tile sweep: every default tile parses to a config, bad specs are named
