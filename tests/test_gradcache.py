@@ -167,3 +167,18 @@ def test_gradcache_step_puts_the_optimizer_in_train_mode(tmp_path):
         tr.current_gradient_accumulation_steps = 1  # set by Trainer's loop
         tr.training_step(wrapper, dict(batch))
     assert calls == {None: 1, 3: 1}
+
+
+def test_gradcache_refuses_a_packed_batch(tmp_path):
+    """GradCache slices rows; a packed batch (one row of every text) built with a trainer
+    made by hand (the config refuses the pair) is a named error, not a wrong step."""
+    from transformers import TrainingArguments
+
+    wrapper, _, _ = _setup(dropout=0.0, n_groups=2, dtype=torch.float32)
+    packed = ContrastiveCollator(toy_tokenizer(), mode="simcse", max_length=16, packed=True)(
+        [{"text": t} for t in toy_texts(4)])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    tr = ContrastiveTrainer(model=wrapper, args=args, n_groups=2, mini_batch_size=2, cross_rank=False,
+                            loss_backend="torch")
+    with pytest.raises(ValueError, match=r"^mini_batch_size: GradCache re-runs chunks of padded rows"):
+        tr.training_step(wrapper, packed)

@@ -314,6 +314,9 @@ class ContrastiveTrainer(_BaseTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.mini_batch_size:
             return super().training_step(model, inputs, num_items_in_batch)
+        if "group_bounds" in inputs:  # the config refuses this pair; a trainer built by hand may not
+            raise ValueError("mini_batch_size: GradCache re-runs chunks of padded rows, and this batch is packed "
+                             "(ContrastiveCollator(packed=True)); use one of them")
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # as Trainer's step: schedule-free optimizers
             self.optimizer.train()
