@@ -82,13 +82,6 @@ def test_bad_values_raise_value_error_naming_the_field(cls, name, value, expecte
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("cls", [SimCSEConfig, SupervisedConfig])
-def test_packing_with_gradcache_is_refused(cls):
-    """GradCache re-runs chunks of padded rows; a packed batch has one row."""
-    with pytest.raises(ValueError, match=r"^packing: not available with mini_batch_size"):
-        make_config(cls, dict(packing=True, mini_batch_size=2))
-    assert make_config(cls, dict(packing=True)).packing and make_config(MNTPConfig, dict(packing=True)).packing
-
 def test_non_finite_rates_are_refused():
     for cls, name in ((MNTPConfig, "learning_rate"), (SimCSEConfig, "learning_rate"), (SimCSEConfig, "temperature"),
                       (SupervisedConfig, "temperature")):

@@ -6,7 +6,7 @@ import torch
 
 from llm2vec_fast.hf.patch import patch_model
 from llm2vec_fast.training.collators import ContrastiveCollator
-from llm2vec_fast.training.gradcache import RandContext, gradcache_step, row_chunks
+from llm2vec_fast.training.gradcache import RandContext, gradcache_step, packed_chunks, row_chunks
 from llm2vec_fast.training.toy import toy_model, toy_texts, toy_tokenizer
 from llm2vec_fast.training.trainers import ContrastiveTrainer, set_attention_dropout
 
@@ -169,16 +169,28 @@ def test_gradcache_step_puts_the_optimizer_in_train_mode(tmp_path):
     assert calls == {None: 1, 3: 1}
 
 
-def test_gradcache_refuses_a_packed_batch(tmp_path):
-    """GradCache slices rows; a packed batch (one row of every text) built with a trainer
-    made by hand (the config refuses the pair) is a named error, not a wrong step."""
-    from transformers import TrainingArguments
 
-    wrapper, _, _ = _setup(dropout=0.0, n_groups=2, dtype=torch.float32)
-    packed = ContrastiveCollator(toy_tokenizer(), mode="simcse", max_length=16, packed=True)(
-        [{"text": t} for t in toy_texts(4)])
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    tr = ContrastiveTrainer(model=wrapper, args=args, n_groups=2, mini_batch_size=2, cross_rank=False,
-                            loss_backend="torch")
-    with pytest.raises(ValueError, match=r"^mini_batch_size: GradCache re-runs chunks of padded rows"):
-        tr.training_step(wrapper, packed)
+def _pack(batch, n_groups):
+    """The packed form of a padded collator batch (what ContrastiveCollator(packed=True) returns)."""
+    c = ContrastiveCollator.__new__(ContrastiveCollator)
+    c.mode, c.hard_negatives = ("simcse", False) if n_groups == 2 else ("supervised", True)
+    return c._pack(dict(batch))
+
+
+@pytest.mark.parametrize("mbs", [2, 5])
+@pytest.mark.parametrize("n_groups", [2, 3])
+def test_packed_gradcache_equals_the_padded_full_batch(mbs, n_groups):
+    """A packed batch through GradCache, chunked by texts (chunks of 2 and 5 cross the groups'
+    bounds): the padded full batch's loss and gradients (fp64, no dropout)."""
+    wrapper, batch, host = _setup(dropout=0.0, n_groups=n_groups)
+    wrapper.zero_grad(set_to_none=True)
+    loss_full = host.contrastive_loss_from_hidden(wrapper(**host._model_inputs(batch)), batch)
+    loss_full.backward()
+    g_full = _grads(wrapper)
+    packed = _pack(batch, n_groups)
+    chunks = packed_chunks(packed, mbs)
+    assert sum(int(c["cu_seqlens"].numel()) - 1 for c in chunks) == batch["input_ids"].shape[0]
+    assert sum(c["input_ids"].shape[1] for c in chunks) == int(batch["attention_mask"].sum())
+    l_gc, g_gc = _cached(wrapper, packed, host, mbs, seed=0)
+    assert abs(float(loss_full) - l_gc) < 1e-10
+    _compare(g_full, g_gc, 1e-9)

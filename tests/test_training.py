@@ -442,12 +442,13 @@ def test_mntp_packing_trains_as_the_padded_batches_do(tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,pooling", [("simcse", "mean"), ("supervised", "last_token"),
-                                          ("supervised", "weighted_mean")])
-def test_contrastive_packing_trains_as_the_padded_batches_do(tmp_path, mode, pooling):
+@pytest.mark.parametrize("mode,pooling,mbs", [("simcse", "mean", None), ("supervised", "last_token", None),
+                                              ("supervised", "weighted_mean", None), ("supervised", "mean", 4)])
+def test_contrastive_packing_trains_as_the_padded_batches_do(tmp_path, mode, pooling, mbs):
     """packing=True for SimCSE / supervised (queries with an instruction, hard negatives): the
     same losses and weights over 3 SGD steps as padded batches (each group pooled from its own
-    token range), and the same row and token counts."""
+    token range; with GradCache, chunks of 4 texts across the groups' bounds), and the same row
+    and token counts."""
     from llm2vec_fast.training.pipeline import train_contrastive
 
     rows = [dict(query=q, positive=p, negative=n, instruction="Find the match:") for q, p, n in
@@ -458,7 +459,7 @@ def test_contrastive_packing_trains_as_the_padded_batches_do(tmp_path, mode, poo
         cfg = make_config(cls, dict(FAST, output_dir=str(tmp_path / f"{mode}{packing}"), max_steps=3, optim="sgd",
                                     per_device_batch_size=6, learning_rate=0.5, use_lora=False, backend="torch",
                                     attention_dropout=0.0, temperature=0.5, pooling_mode=pooling, seed=3,
-                                    packing=packing))
+                                    packing=packing, mini_batch_size=mbs if packing else None))
         model = toy_model(False, seed=4, initializer_range=0.3, attention_dropout=0.0)
         if mode == "simcse":
             model, tr = train_contrastive(model, toy_tokenizer(), toy_texts(30, seed=6), cfg, mode="simcse",

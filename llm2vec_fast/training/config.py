@@ -186,9 +186,6 @@ class ContrastiveConfig(BaseConfig):
             raise ValueError(f"temperature: expected a finite float > 0, got {self.temperature!r}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"mini_batch_size: expected None or an int >= 1, got {self.mini_batch_size!r}")
-        if self.packing and self.mini_batch_size is not None:
-            raise ValueError("packing: not available with mini_batch_size (GradCache re-runs chunks of padded rows); "
-                             "turn one of them off")
         if self.attention_dropout is not None and not (0.0 <= self.attention_dropout < 1.0):
             raise ValueError(f"attention_dropout: expected None or a float in [0, 1), got {self.attention_dropout!r}")
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -45,6 +45,26 @@ def row_chunks(features: dict, size: int) -> list[dict]:
     return [{k: v[i : i + size] for k, v in features.items()} for i in range(0, R, size)]
 
 
+def packed_chunks(features: dict, size: int) -> list[dict]:
+    """Split a packed batch (``ContrastiveCollator(packed=True)``) into chunks of ``size``
+    consecutive texts, each a packed row of its own: ``input_ids`` / ``position_ids`` /
+    ``embed_mask`` ``(1, n)`` and ``cu_seqlens`` ``(r + 1,)`` from the chunk's first token.
+    The texts keep the batch's order (group after group), so the chunks' embeddings
+    concatenate into the rows of the padded batch. Reads the text offsets once (a host sync)."""
+    bounds = features["group_bounds"]
+    cu = features["cu_seqlens"].tolist()
+    starts = [bounds[g] + o for g, row in enumerate(cu) for o in row[:-1]]  # every text's first token
+    ends = starts[1:] + [bounds[-1]]
+    dev = features["cu_seqlens"].device
+    out = []
+    for i in range(0, len(starts), size):
+        a, b = starts[i], ends[min(i + size, len(starts)) - 1]
+        offs = [t - a for t in starts[i : i + size]] + [b - a]
+        out.append({k: features[k][:, a:b] for k in ("input_ids", "position_ids", "embed_mask")}
+                   | {"cu_seqlens": torch.tensor(offs, dtype=torch.int32, device=dev)})
+    return out
+
+
 def gradcache_step(
     encode: Callable[[dict], torch.Tensor],
     features: dict,
@@ -60,7 +80,8 @@ def gradcache_step(
     Args:
         encode: maps a chunk of ``features`` (``(r, T)`` tensors) to embeddings ``(r, C)``;
             it is called twice per chunk (once under ``no_grad``).
-        features: the full batch, ``(R, T)`` tensors, rows independent of each other.
+        features: the full batch, ``(R, T)`` tensors, rows independent of each other; or a
+            packed batch (chunked by texts, :func:`packed_chunks`).
         loss_fn: maps the full ``(R, C)`` embedding matrix to a 0-d loss.
         mini_batch_size: rows per chunk.
         backward: how to back-propagate a surrogate scalar (the Trainer passes its
@@ -69,8 +90,9 @@ def gradcache_step(
             every chunk but the last, so gradients are reduced once per step.
         loss_scale: multiplies the gradient (e.g. ``1 / gradient_accumulation_steps``).
     """
-    chunks = row_chunks(features, mini_batch_size)
-    device = next(iter(features.values())).device
+    packed = "group_bounds" in features
+    chunks = (packed_chunks if packed else row_chunks)(features, mini_batch_size)
+    device = features["input_ids"].device
     states, embs = [], []
     with torch.no_grad():
         for c in chunks:

@@ -298,10 +298,14 @@ class ContrastiveTrainer(_BaseTrainer):
                         symmetric=self.symmetric, cross_rank=self.cross_rank, backend=self.loss_backend)
 
     def encode_chunk(self, model, chunk):
-        """Pooled embeddings ``(r, C)`` (fp32 sums) of a chunk of rows."""
+        """Pooled embeddings ``(r, C)`` (fp32 sums) of a chunk of rows (or of a packed chunk's
+        texts, :func:`packed_chunks`)."""
         hidden = model(**self._model_inputs(chunk))
         # fp32 out of the pooling (not rounded to a 16-bit hidden dtype), as the direct path's loss.
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        if "cu_seqlens" in chunk:
+            return pool(hidden[0], None, chunk["embed_mask"][0], mode=self.pooling_mode, cu_seqlens=chunk["cu_seqlens"],
+                        backend=self.loss_backend, out_dtype=acc)
         return pool(hidden, chunk["attention_mask"], chunk.get("embed_mask"), mode=self.pooling_mode,
                     backend=self.loss_backend, out_dtype=acc)
 
@@ -314,9 +318,6 @@ class ContrastiveTrainer(_BaseTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.mini_batch_size:
             return super().training_step(model, inputs, num_items_in_batch)
-        if "group_bounds" in inputs:  # the config refuses this pair; a trainer built by hand may not
-            raise ValueError("mini_batch_size: GradCache re-runs chunks of padded rows, and this batch is packed "
-                             "(ContrastiveCollator(packed=True)); use one of them")
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # as Trainer's step: schedule-free optimizers
             self.optimizer.train()
