@@ -225,9 +225,9 @@ def worker(a) -> dict:
         if a.provider == "stock":
             kw = dict(input_ids=batch["input_ids"], attention_mask=padding_mask_4d(mask2d), labels=batch["labels"])
         elif a.provider == "patched_packed":  # what MNTPCollator(packed=True) makes
-            keep = mask2d.bool()
-            kw = dict(input_ids=batch["input_ids"][keep][None], labels=batch["labels"][keep][None],
-                      position_ids=(mask2d.cumsum(1) - 1)[keep][None])
+            from llm2vec_fast.training.collators import pack_rows
+
+            kw = pack_rows(mask2d, input_ids=batch["input_ids"], labels=batch["labels"])
         else:  # the padded patched providers
             kw = dict(input_ids=batch["input_ids"], attention_mask=mask2d, labels=batch["labels"])
 
@@ -247,15 +247,15 @@ def worker(a) -> dict:
                 return F.cross_entropy((e1 @ e2.t()).float() * scale, labels)
         elif a.provider == "patched_packed":  # what ContrastiveCollator(packed=True) makes
             from llm2vec_fast import pooled_info_nce
+            from llm2vec_fast.training.collators import pack_rows
 
-            keep = mask2d.bool()
-            ids, pos = batch["input_ids"][keep][None], (mask2d.cumsum(1) - 1)[keep][None]
+            kw = pack_rows(mask2d, input_ids=batch["input_ids"])
             cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
             cu[1:] = mask2d.sum(1).cumsum(0)
 
             def loss_fn(scale=20.0):
-                h1 = model(input_ids=ids, position_ids=pos).last_hidden_state[0]
-                h2 = model(input_ids=ids, position_ids=pos).last_hidden_state[0]
+                h1 = model(**kw).last_hidden_state[0]
+                h2 = model(**kw).last_hidden_state[0]
                 return pooled_info_nce(h1, None, h2, None, cu_seqlens_q=cu, cu_seqlens_d=cu, temperature=1.0 / scale)
         else:
             from llm2vec_fast import pooled_info_nce

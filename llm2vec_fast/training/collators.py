@@ -58,6 +58,17 @@ def pad_ids(seqs: list[list[int]], pad_id: int, pad_to_multiple_of: int | None =
     return ids, mask
 
 
+def pack_rows(mask: torch.Tensor, **rows: torch.Tensor) -> dict:
+    """The padding-free form of a right-padded batch: each ``(B, T)`` tensor of ``rows`` as its
+    real tokens in one ``(1, N)`` row (row after row), plus ``position_ids`` ``(1, N)``
+    restarting at 0 at each row's first token (where the patched attention starts a new
+    sequence). ``mask``: ``(B, T)`` 0 / 1, right-padded."""
+    keep = mask.bool()
+    out = {k: v[keep][None] for k, v in rows.items()}
+    out["position_ids"] = (mask.cumsum(1) - 1)[keep][None]
+    return out
+
+
 class MNTPCollator:
     """Pads pre-tokenised texts and selects tokens for masked next-token prediction.
 
@@ -146,10 +157,7 @@ class MNTPCollator:
             pick = (u_tok * len(self.random_pool)).long().clamp_max(len(self.random_pool) - 1)
             inputs[to_random] = self.random_pool[pick[to_random]]
         if self.packed:
-            keep = mask.bool()
-            positions = mask.cumsum(1) - 1  # padding is on the right: 0.. len - 1 per row
-            return {"input_ids": inputs[keep][None], "labels": labels[keep][None],
-                    "position_ids": positions[keep][None]}
+            return pack_rows(mask, input_ids=inputs, labels=labels)
         return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
 
 
@@ -206,10 +214,9 @@ class ContrastiveCollator:
 
     def _pack(self, feats: dict) -> dict:
         mask = feats["attention_mask"]
-        keep = mask.bool()
         lengths = mask.sum(1).view(self.n_groups, -1)  # (G, B): the rows are G groups of B
         cu = torch.zeros((lengths.shape[0], lengths.shape[1] + 1), dtype=torch.int32)
         cu[:, 1:] = lengths.cumsum(1)
         bounds = [0] + lengths.sum(1).cumsum(0).tolist()
-        return {"input_ids": feats["input_ids"][keep][None], "position_ids": (mask.cumsum(1) - 1)[keep][None],
-                "embed_mask": feats["embed_mask"][keep][None], "cu_seqlens": cu, "group_bounds": bounds}
+        return pack_rows(mask, input_ids=feats["input_ids"], embed_mask=feats["embed_mask"]) | {
+            "cu_seqlens": cu, "group_bounds": bounds}
