@@ -478,6 +478,45 @@ def test_contrastive_packing_trains_as_the_padded_batches_do(tmp_path, mode, poo
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
 
+def test_packing_defaults_on_for_contrastive_stages_on_a_patched_model():
+    """SimCSE / supervised pack their batches by default (``packing`` None) when the model's
+    attention is patched, and only then (an unpatched model would let a packed row's texts
+    attend to each other); an explicit value wins; MNTP stays padded unless asked."""
+    from llm2vec_fast import patch_model
+    from llm2vec_fast.training.pipeline import resolve_packing
+
+    for cls in (SimCSEConfig, SupervisedConfig):
+        assert make_config(cls, dict(FAST, output_dir="x")).packing is None
+    assert make_config(MNTPConfig, dict(FAST, output_dir="x")).packing is False
+    plain = toy_model(False, seed=1)
+    patched = patch_model(toy_model(False, seed=1), backend="torch")
+    auto = make_config(SimCSEConfig, dict(FAST, output_dir="x"))
+    assert resolve_packing(auto, patched) is True and resolve_packing(auto, plain) is False
+    off = make_config(SimCSEConfig, dict(FAST, output_dir="x", packing=False))
+    on = make_config(SupervisedConfig, dict(FAST, output_dir="x", packing=True))
+    assert resolve_packing(off, patched) is False and resolve_packing(on, plain) is True
+    assert resolve_packing(make_config(MNTPConfig, dict(FAST, output_dir="x")), patched) is False
+
+
+def test_simcse_with_default_settings_trains_packed(tmp_path):
+    """train_contrastive with the config's default packing (None): the pipeline patches the
+    model, so the collator packs, and the steps match a packing=False run of the same texts."""
+    from llm2vec_fast.training.pipeline import train_contrastive
+
+    def run(**kw):
+        cfg = make_config(SimCSEConfig, dict(FAST, output_dir=str(tmp_path / str(kw)), max_steps=2, optim="sgd",
+                                             per_device_batch_size=4, learning_rate=0.5, use_lora=False,
+                                             backend="torch", attention_dropout=0.0, temperature=0.5, seed=3, **kw))
+        model = toy_model(False, seed=4, initializer_range=0.3, attention_dropout=0.0)
+        _, tr = train_contrastive(model, toy_tokenizer(), toy_texts(12, seed=6), cfg, mode="simcse",
+                                  save_checkpoints=False)
+        return tr.data_collator.packed, _losses(tr)
+
+    (p_default, l_default), (p_off, l_off) = run(), run(packing=False)
+    assert p_default is True and p_off is False
+    assert len(l_default) == 2 and l_default == pytest.approx(l_off, rel=1e-5)
+
+
 @pytest.mark.parametrize("group", [False, True])
 def test_mntp_too_few_texts_for_a_step_fails_before_the_model_loads(tmp_path, toy_dir, monkeypatch, group):
     from llm2vec_fast.training import pipeline

@@ -174,6 +174,10 @@ class ContrastiveConfig(BaseConfig):
         default=None, metadata={"help": "GradCache chunk size: batch size independent of memory (None = off)"})
     attention_dropout: float | None = field(
         default=None, metadata={"help": "attention dropout during training (None = the model's)"})
+    packing: bool | None = field(
+        default=None, metadata={"help": "padding-free batches: a batch's texts one after another in one row, each "
+                                         "attending only to itself and pooled from its own tokens (None = on when "
+                                         "the model's attention is patched, as the training pipeline does)"})
 
     def validate(self) -> None:
         super().validate()

@@ -414,6 +414,19 @@ def _retarget_adapter_to_base(folder: str) -> None:
 # ----------------------------------------------------------------------------- contrastive
 
 
+def resolve_packing(cfg, model) -> bool:
+    """Whether a stage packs its batches: ``cfg.packing`` when set; ``None`` (the contrastive
+    stages' default) packs when ``model``'s attention is patched, which attends within each text
+    of a packed row (transformers' own attention would let them see each other). On the H200 a
+    packed SimCSE step took 0.76x the padded one's time (``benchmarks/PERFORMANCE.md``); MNTP,
+    host-bound there, stays padded unless asked (``MNTPConfig.packing`` is False)."""
+    if cfg.packing is not None:
+        return bool(cfg.packing)
+    from ..hf.patch import is_patched
+
+    return is_patched(model)
+
+
 def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=None, save_checkpoints=True):
     """Train an ``XModel`` with SimCSE (``examples``: texts) or supervised contrastive
     (``datasets``: ``{name: rows}``) in memory; returns ``(model, trainer)``."""
@@ -426,7 +439,8 @@ def train_contrastive(model, tokenizer, examples, cfg, *, mode: str, datasets=No
     saved_dropout = set_attention_dropout(model, cfg.attention_dropout)
     hard = bool(getattr(cfg, "hard_negatives", False))
     collator = ContrastiveCollator(tokenizer, mode=mode, max_length=cfg.max_seq_length,
-                                   pooling_mode=cfg.pooling_mode, hard_negatives=hard, packed=cfg.packing)
+                                   pooling_mode=cfg.pooling_mode, hard_negatives=hard,
+                                   packed=resolve_packing(cfg, model))
     block = cfg.per_device_batch_size * world_size() * cfg.gradient_accumulation_steps
     data = datasets if datasets is not None else {"train": [{"text": t} for t in examples]}
     length = None
