@@ -14,7 +14,7 @@ meaningless).
 """
 from __future__ import annotations
 
-HELP = "MNTP + SimCSE on SmolLM2-135M with an STS-B before/after table (about 9 min on 2 free CPU cores; 538 s in the README's run)"
+HELP = "MNTP + SimCSE on SmolLM2-135M with an STS-B before/after table (about 8 min on 2 free CPU cores; 470 s in the README's run)"
 
 # Sized for about 12 minutes of 2 uncontended CPU cores (measured on this machine, one
 # thread: an MNTP step of 32 sentences ~5 CPU s, a SimCSE step of 32 sentences x 2 views
@@ -23,9 +23,10 @@ HELP = "MNTP + SimCSE on SmolLM2-135M with an STS-B before/after table (about 9 
 # to the longest of a random batch would triple the work); a short MNTP warm-up at a high
 # rate (the bidirectional model starts near the uniform loss), most of the budget on SimCSE.
 # A 40-step SimCSE probe at 5e-5 learned too slowly (first 150 test pairs: -0.2 -> ~16),
-# hence 1e-4. Measured with these defaults (2 CPU cores, mostly free, 28 Nov, git 95cc3d0):
-# 538 s in total; first 500 test pairs 44.51 causal -> 7.22 bidirectional -> 19.02 MNTP ->
-# 69.33 SimCSE; eval-sts on the full test split: 57.61 (causal mean pooling: 37.15).
+# hence 1e-4. Measured with these defaults (2 CPU cores, mostly free, 28 Nov, git ff5ed11,
+# SimCSE batches packed): 470 s in total; first 500 test pairs 44.51 causal -> 7.22
+# bidirectional -> 19.02 MNTP -> 75.12 SimCSE; eval-sts on the full test split: 59.33 (causal
+# mean pooling: 37.15). Padded SimCSE batches (git 95cc3d0): 538 s, 69.33, 57.61.
 DEFAULTS = dict(
     eval_pairs=500,
     mntp_steps=20,
