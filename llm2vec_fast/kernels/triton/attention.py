@@ -70,7 +70,7 @@ import triton.language as tl
 
 from ..._tensor_cache import cached, is_hole_free, new_generation
 from .. import reference as ref
-from ._tiles import record_tile, tile_name
+from ._tiles import cdiv, launch_tuned, tile_name
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1182,14 +1182,13 @@ def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict
     dropout = bool(consts["DROPOUT"])
     chip = chip_of(args[0].device) if on_cuda else 90
     if on_cuda and _autotune_on():
-        grid = lambda meta: (triton.cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
-        tuner = _tuned(kind, head_dim, fp32, dropout, chip)
-        tuner[grid](*args, **consts)
-        record_tile(LAST_TILES, kind, tuner)
+        grid = lambda meta: (cdiv(grid_len, meta[blk]),) + grid_rest  # noqa: E731
+        c = launch_tuned(_tuned(kind, head_dim, fp32, dropout, chip), grid, args, consts)
+        LAST_TILES[kind] = tile_name(c)
         return
     c = heuristic_config(kind, head_dim, fp32, max_seqlen, on_cuda, dropout, chip)
     LAST_TILES[kind] = tile_name(c)
-    grid = (triton.cdiv(grid_len, c.kwargs[blk]),) + grid_rest
+    grid = (cdiv(grid_len, c.kwargs[blk]),) + grid_rest
     _KERNELS[kind][grid](*args, **consts, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -1340,7 +1339,7 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, len_q: int, le
     keep = torch.zeros((batch, heads, len_q, len_k), dtype=torch.uint8, device=seed.device)
     if keep.numel():
         bm = 32
-        grid = (triton.cdiv(len_q, bm), heads, batch)
+        grid = (cdiv(len_q, bm), heads, batch)
         _dropout_mask_kernel[grid](
             seed_t, keep, thresh, len_q, len_k, *keep.stride()[:3], BLOCK_M=bm, BLOCK_N=32, ROUNDS=PHILOX_ROUNDS
         )
@@ -1511,7 +1510,7 @@ def attention_backward(
     ]
     if atomic:
         # delta only: the dQ kernel stopped after its first step, one fixed small config
-        _KERNELS["dq"][(triton.cdiv(len_q, DELTA_BLOCK_M), H, B)](
+        _KERNELS["dq"][(cdiv(len_q, DELTA_BLOCK_M), H, B)](
             *args, **consts, DELTA_ONLY=True, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=16, num_warps=DELTA_WARPS,
         )
     else:

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import cdiv, next_power_of_2
+
 POOL_MODE_IDS = {"mean": 0, "weighted_mean": 1, "last_token": 2, "eos_token": 2, "bos_token": 3}
 
 # 32 tokens x 128 channels per tile: 4096 elements over 4 warps (32 per thread) keeps the
@@ -184,7 +186,7 @@ def _l2norm_bwd_kernel(
 
 def norm_block_c(C: int) -> int:
     """``NORM_BLOCK_C`` channels per normalisation program; a power of two >= 16 below that."""
-    return NORM_BLOCK_C if C >= NORM_BLOCK_C else max(16, triton.next_power_of_2(C))
+    return NORM_BLOCK_C if C >= NORM_BLOCK_C else max(16, next_power_of_2(C))
 
 
 def _norm_tile(R, C):
@@ -195,8 +197,8 @@ def _norm_tile(R, C):
     partials would cost 200 registers a thread for nothing)."""
     bc = norm_block_c(C)
     br = NORM_BLOCK_C // bc
-    ncb = triton.cdiv(C, bc)
-    return br, bc, max(1, NORM_BLOCK_S // br), ncb, (triton.cdiv(R, br), ncb)
+    ncb = cdiv(C, bc)
+    return br, bc, max(1, NORM_BLOCK_S // br), ncb, (cdiv(R, br), ncb)
 
 
 def _normalize_rows(x, ssq, out):
@@ -453,7 +455,7 @@ def pool_forward(hidden, region, cu_seqlens, mode: str, out: torch.Tensor | None
         rb = region.stride(0) if region is not None else 0
     dev = hidden.device
     block_c = pool_block_c(C)
-    ncb = triton.cdiv(C, block_c)
+    ncb = cdiv(C, block_c)
     E = out if out is not None else torch.empty(B, C, device=dev, dtype=torch.float32)
     ssq = torch.empty(B, ncb, device=dev, dtype=torch.float32)
     den = torch.empty(B, device=dev, dtype=torch.float32)
@@ -499,7 +501,7 @@ def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, 
         normalize = en is not None
         dot = _row_dots(en, dE) if normalize else None
         fdummy = torch.empty(1, device=dev, dtype=torch.float32)
-        _pool_bwd_kernel[(B, triton.cdiv(C, block_c))](
+        _pool_bwd_kernel[(B, cdiv(C, block_c))](
             dE, dh, region if region is not None else dummy, cu_seqlens if packed else dummy,
             den, sel, en if normalize else fdummy, dot if normalize else fdummy, nrm if normalize else fdummy,
             T, C, sb, st, rb, dot.shape[1] if normalize else 1,
@@ -511,7 +513,7 @@ def pool_backward(dE, hidden_shape, hidden_dtype, region, cu_seqlens, den, sel, 
 
 def pool_block_c(C: int) -> int:
     """128 channels per program; smaller (power of two >= 16) for tiny test hidden sizes."""
-    return POOL_BLOCK_C if C >= POOL_BLOCK_C else max(16, triton.next_power_of_2(C))
+    return POOL_BLOCK_C if C >= POOL_BLOCK_C else max(16, next_power_of_2(C))
 
 
 class _PoolFn(torch.autograd.Function):
@@ -619,7 +621,7 @@ def ce_forward(S, B, inv_t, symmetric):
     dev = S.device
     lse_r = torch.empty(B, device=dev, dtype=torch.float32)
     loss_r = torch.empty(B, device=dev, dtype=torch.float32)
-    grid = (triton.cdiv(B, CE_BLOCK_R),)
+    grid = (cdiv(B, CE_BLOCK_R),)
     _ce_lse_kernel[grid](S, lse_r, loss_r, B, N, S.stride(0), S.stride(1), inv_t,
                          BLOCK_R=CE_BLOCK_R, BLOCK_N=CE_BLOCK_N, num_warps=CE_WARPS)
     if not symmetric:
@@ -636,7 +638,7 @@ def ce_backward(g, S, lse_r, lse_c, inv_t, symmetric):
     B, N = S.shape
     dS = torch.empty_like(S)
     w = 0.5 if symmetric else 1.0
-    grid = (triton.cdiv(B, CE_BWD_BLOCK_M), triton.cdiv(N, CE_BWD_BLOCK_N))
+    grid = (cdiv(B, CE_BWD_BLOCK_M), cdiv(N, CE_BWD_BLOCK_N))
     _ce_bwd_kernel[grid](
         S, dS, lse_r, lse_c if lse_c is not None else lse_r, g.reshape(1).float(), B, N, S.stride(0), dS.stride(0),
         inv_t, w / B, w / B, SYMMETRIC=symmetric, BLOCK_M=CE_BWD_BLOCK_M, BLOCK_N=CE_BWD_BLOCK_N, num_warps=CE_WARPS,

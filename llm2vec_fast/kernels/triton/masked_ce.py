@@ -104,7 +104,7 @@ import triton
 import triton.language as tl
 
 from .. import reference as ref
-from ._tiles import record_tile
+from ._tiles import cdiv, launch_tuned, next_power_of_2, tile_name
 
 # Splits are cut in multiples of this many columns, a multiple of every BLOCK_N below.
 SPLIT_ALIGN = 256
@@ -456,11 +456,11 @@ def scale_(x: torch.Tensor, g: torch.Tensor, keep: torch.Tensor | None = None) -
     rows = x.shape[0]
     cols = n // rows
     if per_row or keep is not None:
-        block = min(SCALE_BLOCK, triton.next_power_of_2(cols))
-        grid = (rows, triton.cdiv(cols, block))
+        block = min(SCALE_BLOCK, next_power_of_2(cols))
+        grid = (rows, cdiv(cols, block))
     else:
         block = SCALE_BLOCK
-        grid = (triton.cdiv(n, block),)
+        grid = (cdiv(n, block),)
     _scale_kernel[grid](
         x, g, (keep.contiguous().view(torch.uint8) if keep is not None else g), n, cols,
         PER_ROW=per_row, HAS_KEEP=keep is not None, BLOCK=block, num_warps=SCALE_WARPS,
@@ -509,17 +509,17 @@ def _choose_splits(N: int, V: int, device) -> tuple[int, int]:
     waves. Row blocks are counted at 128 rows, the tile of the main configs.
     """
     sms = _num_sms(device)
-    row_blocks = max(1, triton.cdiv(N, 128))
-    max_s = max(1, min(MAX_SPLITS, triton.cdiv(V, SPLIT_ALIGN)))
+    row_blocks = max(1, cdiv(N, 128))
+    max_s = max(1, min(MAX_SPLITS, cdiv(V, SPLIT_ALIGN)))
     best = 1
     for s in range(1, max_s + 1):
         progs = row_blocks * s
-        waves = triton.cdiv(progs, sms)
+        waves = cdiv(progs, sms)
         best = s
         if progs >= sms and progs / (waves * sms) >= 0.9:
             break
-    split_cols = triton.cdiv(triton.cdiv(V, best), SPLIT_ALIGN) * SPLIT_ALIGN
-    return triton.cdiv(V, split_cols), split_cols
+    split_cols = cdiv(cdiv(V, best), SPLIT_ALIGN) * SPLIT_ALIGN
+    return cdiv(V, split_cols), split_cols
 
 
 def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
@@ -540,11 +540,12 @@ def masked_ce_forward(h, w, b, y, softcap, label_smoothing, z_loss):
     args = (h, w, b if b is not None else h, y, stats, arg, N, V, C, h.stride(0), w.stride(0), split_cols, float(softcap or 1.0))
     if h.is_cuda:
         tuned = _fwd_tuned_fp32 if h.dtype == torch.float32 else _fwd_tuned
-        tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), S)](*args, EVEN_K=C % 64 == 0, **common)  # every BLOCK_K divides 64
-        record_tile(LAST_TILES, "fwd", tuned)
+        grid = lambda meta: (cdiv(N, meta["BLOCK_M"]), S)  # noqa: E731
+        c = launch_tuned(tuned, grid, args, dict(EVEN_K=C % 64 == 0, **common))  # every BLOCK_K divides 64
+        LAST_TILES["fwd"] = tile_name(c)
     else:
         cfg = INTERPRET_CONFIG
-        _mce_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), S)](
+        _mce_fwd_kernel[(cdiv(N, cfg["BLOCK_M"]), S)](
             *args, EVEN_K=C % cfg["BLOCK_K"] == 0, **common, **cfg
         )
     m, s, zy, zsum, best = stats.unbind(0)
@@ -657,13 +658,13 @@ def _mm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def bwd_vocab_chunk(N: int, V: int) -> int:
     """Columns per launch of the two-pass backward: ``N * Vc <= max(MAX_CHUNK_ELEMS, N * 256)``."""
     vc = max(SPLIT_ALIGN, (MAX_CHUNK_ELEMS // max(N, 1)) // SPLIT_ALIGN * SPLIT_ALIGN)
-    return min(vc, triton.cdiv(V, SPLIT_ALIGN) * SPLIT_ALIGN)
+    return min(vc, cdiv(V, SPLIT_ALIGN) * SPLIT_ALIGN)
 
 
 def _aligned(elems: int, itemsize: int) -> int:
     """``elems`` rounded up to a 16-byte boundary."""
     per = 16 // itemsize
-    return triton.cdiv(elems, per) * per
+    return cdiv(elems, per) * per
 
 
 def two_pass_plan(N: int, V: int, n_rows: int, C: int, itemsize: int, need_h: bool) -> int:
@@ -715,13 +716,12 @@ def masked_ce_backward(h, w, b, y, lse, g, softcap, label_smoothing, z_loss, nee
         )
         if h.is_cuda:
             tuned = _bwd_tuned_fp32 if h.dtype == torch.float32 else _bwd_tuned
-            tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_N"]))](
-                *args, EVEN_K=C % 64 == 0, **common
-            )
-            record_tile(LAST_TILES, "bwd", tuned)
+            grid = lambda meta: (cdiv(N, meta["BLOCK_M"]), cdiv(width, meta["BLOCK_N"]))  # noqa: E731
+            c = launch_tuned(tuned, grid, args, dict(EVEN_K=C % 64 == 0, **common))
+            LAST_TILES["bwd"] = tile_name(c)
         else:
             cfg = INTERPRET_CONFIG
-            _mce_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))](
+            _mce_bwd_kernel[(cdiv(N, cfg["BLOCK_M"]), cdiv(width, cfg["BLOCK_N"]))](
                 *args, EVEN_K=C % cfg["BLOCK_K"] == 0, **common, **cfg
             )
         if need_h:
@@ -781,7 +781,7 @@ def _rows_block(V: int, on_cuda: bool) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the row kernel: 16 fp32 per thread on a GPU, one block for small V."""
     if on_cuda and V >= ROWS_WIDE_V:
         return 8192, 16
-    bv = min(4096 if on_cuda else 1024, triton.next_power_of_2(max(V, 16)))
+    bv = min(4096 if on_cuda else 1024, next_power_of_2(max(V, 16)))
     return bv, (8 if bv >= 2048 else 4)
 
 
@@ -806,7 +806,7 @@ def _even_rows(N: int, r_max: int) -> int:
         return max(N, 1)
     if r_max < EAGER_ROW_ALIGN:
         return r_max
-    even = triton.cdiv(triton.cdiv(N, triton.cdiv(N, r_max)), EAGER_ROW_ALIGN) * EAGER_ROW_ALIGN
+    even = cdiv(cdiv(N, cdiv(N, r_max)), EAGER_ROW_ALIGN) * EAGER_ROW_ALIGN
     return even if even <= r_max else r_max // EAGER_ROW_ALIGN * EAGER_ROW_ALIGN
 
 
@@ -845,7 +845,7 @@ PLACE_BLOCK_BYTES = 1 << 20
 
 
 def _scratch_row0(N: int) -> int:
-    return triton.cdiv(N, SCRATCH_ROW_ALIGN) * SCRATCH_ROW_ALIGN
+    return cdiv(N, SCRATCH_ROW_ALIGN) * SCRATCH_ROW_ALIGN
 
 
 def _grad_with_room(flat_h: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -902,7 +902,7 @@ def grad_chunk_ends(N: int, V: int, n_rows: int, row_bytes: int, base: int) -> l
         r0 = min(N, r0 + take)
         ends.append(r0)
     k = len(ends)
-    even = triton.cdiv(triton.cdiv(N, k), EAGER_ROW_ALIGN) * EAGER_ROW_ALIGN
+    even = cdiv(cdiv(N, k), EAGER_ROW_ALIGN) * EAGER_ROW_ALIGN
     if k > 1 and all(_grad_fit(i * even, V, n_rows, row_bytes) >= min(even, N - i * even) for i in range(k)):
         return [min(N, (i + 1) * even) for i in range(k)]
     return ends
@@ -933,7 +933,7 @@ def choose_strategy(strategy: str, N: int, V: int, need_wb: bool, uniform_g: boo
     if strategy == "eager" or not need_wb or stored:
         return "eager"
     rows = rows or eager_rows(N, V)
-    chunks = triton.cdiv(N, rows)
+    chunks = cdiv(N, rows)
     return "eager" if chunks == 1 or (rows >= EAGER_MIN_W_ROWS and chunks <= EAGER_MAX_W_CHUNKS) else "two_pass"
 
 
@@ -1103,7 +1103,7 @@ def stored_plan(N: int, V: int, C: int, n_rows: int, itemsize: int, need_h: bool
     per_z = (4 // itemsize) * V  # input-dtype elements of one fp32 logits row
     vc = STORED_VC
     while vc >= STORED_MIN_VC:
-        vt = min(V, triton.cdiv(triton.cdiv(N * vc, C), 8) * 8)
+        vt = min(V, cdiv(cdiv(N * vc, C), 8) * 8)
         _, t_end, d_end = _stored_offsets(N, C, V, vt, itemsize)
         if t_end <= room:
             r_w = max(0, V * C - d_end) // per_z
@@ -1155,7 +1155,7 @@ def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z
     V = w.shape[0]
     dev = flat_h.device
     R, vt, vc, z_in_w = plan
-    LAST_TILES["eager"] = (f"stored: {triton.cdiv(N, R)} x {R} rows, logits in "
+    LAST_TILES["eager"] = (f"stored: {cdiv(N, R)} x {R} rows, logits in "
                            f"{'d weight' if z_in_w else 'the gradient'}, Vt {vt}, Vc {vc}")
     loss = _alloc((N,), torch.float32, dev)
     lse = _alloc((N,), torch.float32, dev)
@@ -1177,7 +1177,7 @@ def masked_ce_eager_stored(flat_h, h_index, w, b, y, softcap, label_smoothing, z
         torch.mm(dz, w, out=dh[r0:r1])
         z = dz = None
     db = _alloc((V,), torch.float32, dev) if need_b else None
-    for j in range(triton.cdiv(V - vt, vc) - 1, -1, -1):
+    for j in range(cdiv(V - vt, vc) - 1, -1, -1):
         c0 = vt + j * vc
         width = min(vc, V - c0)
         dz_j = flat_w[j * N * vc: j * N * vc + N * width].view(N, width)
@@ -1222,7 +1222,7 @@ def masked_ce_forward_gemm(flat_h, h_index, w, b, y, softcap, label_smoothing, z
     V = w.shape[0]
     dev = flat_h.device
     R = gemm_forward_rows(N, V, C, flat_h.element_size())
-    LAST_TILES["fwd"] = f"gemm {triton.cdiv(N, R)} x {R} rows"
+    LAST_TILES["fwd"] = f"gemm {cdiv(N, R)} x {R} rows"
     loss = _alloc((N,), torch.float32, dev)
     lse = _alloc((N,), torch.float32, dev)
     arg = _alloc((N,), torch.int32, dev)
@@ -1275,7 +1275,7 @@ def _move_rows(buf: torch.Tensor, h_index: torch.Tensor) -> None:
     N, C = h_index.shape[0], buf.shape[1]
     if N == 0 or C == 0:
         return
-    _move_rows_kernel[(triton.cdiv(C, MOVE_BLOCK_C),)](
+    _move_rows_kernel[(cdiv(C, MOVE_BLOCK_C),)](
         buf, h_index, N, C, buf.stride(0), BLOCK_R=MOVE_BLOCK_R, BLOCK_C=MOVE_BLOCK_C, num_warps=MOVE_WARPS,
         num_stages=1,
     )
@@ -1300,7 +1300,7 @@ def _place_rows(buf: torch.Tensor, h_index: torch.Tensor, block: int | None = No
         _move_rows(buf, h_index)
     else:
         block = block or max(1, PLACE_BLOCK_BYTES // (buf.shape[1] * buf.element_size()))
-        for a in range(triton.cdiv(N, block) * block - block, -1, -block):
+        for a in range(cdiv(N, block) * block - block, -1, -block):
             b = min(N, a + block)
             buf.index_copy_(0, h_index[a:b], buf[a:b].clone())
     if zero:
