@@ -222,14 +222,17 @@ def worker(a) -> dict:
     mask2d = batch["attention_mask"]
 
     if mntp:
+        # the label count MNTPCollator hands the loss (counted on the host as it draws the
+        # labels), so the patched loss runs without a host sync, as in training
+        n_lab = int((batch["labels"] != -100).sum())
         if a.provider == "stock":
             kw = dict(input_ids=batch["input_ids"], attention_mask=padding_mask_4d(mask2d), labels=batch["labels"])
         elif a.provider == "patched_packed":  # what MNTPCollator(packed=True) makes
             from llm2vec_fast.training.collators import pack_rows
 
-            kw = pack_rows(mask2d, input_ids=batch["input_ids"], labels=batch["labels"])
+            kw = pack_rows(mask2d, input_ids=batch["input_ids"], labels=batch["labels"]) | {"num_labelled": n_lab}
         else:  # the padded patched providers
-            kw = dict(input_ids=batch["input_ids"], attention_mask=mask2d, labels=batch["labels"])
+            kw = dict(input_ids=batch["input_ids"], attention_mask=mask2d, labels=batch["labels"], num_labelled=n_lab)
 
         def loss_fn(scale=None):
             return model(**kw).loss

@@ -2,6 +2,8 @@
 
 Providers, side by side in one run on the same inputs:
   ours          llm2vec_fast.masked_linear_cross_entropy(backend="triton"), strategy "auto"
+  ours-count    the same given the labelled-row count (``num_labelled``, counted once per case
+                on the host, as the MNTP collator hands it to the trainer's loss): no host sync
   strategy-eager, strategy-two_pass
                 the same with the strategy forced (gradients made in the forward from
                 materialised chunks of logits, or the logits recomputed in the backward);
@@ -59,11 +61,11 @@ import sys
 PRESETS = {
     # tiny, under a minute on 2 CPU cores; ours runs under the Triton interpreter
     "cpu": dict(C=[64], V=[1000, 4000], tokens=[512], frac=[0.2], modes=["full"], w_grad=[True, False],
-                providers=["ours", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full"]),
+                providers=["ours", "ours-count", "strategy-eager", "strategy-two_pass", "ref_chunked", "torch_full"]),
     # every provider's plumbing on one tiny case (tests/test_bench.py; ours interpreted on a CPU):
     # not a measurement
     "smoke": dict(C=[64], V=[1000], tokens=[256], frac=[0.2], modes=["fwd", "bwd", "full"], w_grad=[True, False],
-                  providers=["ours", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
+                  providers=["ours", "ours-count", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
                              "strategy-two_pass-triton-fwd", "ref_chunked", "torch_full", "liger", "cce", "cce-shift"],
                   seq=64, rep=1),
     # our CPU path (the torch backend) at the CPU end-to-end MNTP step's LM head: SmolLM2-135M
@@ -73,11 +75,11 @@ PRESETS = {
     # the acceptance shapes, with a trained and a frozen LM head (~60 s on an H200 for the first
     # two vocabularies; V = 151936 last, so a run cut by gpu_check.sh's limit keeps the others)
     "gpu-quick": dict(C=[4096], V=[32000, 128256, 151936], tokens=[16384], frac=[0.2], modes=["full"], w_grad=[True, False],
-                      providers=["ours", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
+                      providers=["ours", "ours-count", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
                                  "strategy-two_pass-triton-fwd", "torch_full", "liger", "cce", "cce-shift"]),
     "gpu-full": dict(C=[4096], V=[32000, 128256, 151936], tokens=[4096, 16384, 32768], frac=[0.15, 0.2, 0.5, 1.0],
                      modes=["fwd", "bwd", "full"], w_grad=[True, False],
-                     providers=["ours", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
+                     providers=["ours", "ours-count", "strategy-eager", "strategy-eager-chunked", "strategy-two_pass",
                                 "strategy-two_pass-triton-fwd", "ref_chunked", "torch_full",
                                 "torch_compile", "liger", "cce", "cce-shift"]),
 }
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
         nonlocal compiled_ref
         if name == "ours":
             return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton")
+        if name == "ours-count":  # n_lab: this case's count, set before its providers run
+            return lambda h, w, y: L.masked_linear_cross_entropy(h, w, y, backend="triton", num_labelled=n_lab)
         if name in FLAG_OFF:  # a strategy forced with one of its module switches off
             from llm2vec_fast.kernels.triton import masked_ce as mce
 
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
                     tk = sys.modules.get("llm2vec_fast.kernels.triton.masked_ce")
                     if args.device == "cuda" and tk is not None and tk.LAST_TILES:
                         row["tiles"] = dict(tk.LAST_TILES)  # the autotuners' picks
-                    if args.device == "cuda" and (prov == "ours" or prov.startswith("strategy-")):
+                    if args.device == "cuda" and (prov in ("ours", "ours-count") or prov.startswith("strategy-")):
                         # where our time goes (GEMMs, row kernel, copies) and where the device
                         # waits on the host, and for what: one profiler session
                         row["kernel_ms"], row["device_gaps"] = kernel_times_and_gaps(run)

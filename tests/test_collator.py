@@ -33,6 +33,7 @@ def test_mntp_statistics_80_10_10(tok, p):
     orig_ids = [e["input_ids"] for e in ex]
     out = coll(ex)
     ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
+    assert out["num_labelled"] == int((labels[:, 1:] != -100).sum()) == int((labels != -100).sum())
     T = ids.shape[1]
     orig = torch.full_like(ids, tok.pad_token_id)
     for i, o in enumerate(orig_ids):
@@ -128,7 +129,11 @@ def test_packed_batch_is_the_padded_one_without_its_padding(tok, seeded):
     pad = MNTPCollator(tok, mask_id, 0.4, generator=torch.Generator().manual_seed(1))(ex)
     pk = MNTPCollator(tok, mask_id, 0.4, generator=torch.Generator().manual_seed(1), packed=True)(ex)
     keep = pad["attention_mask"].bool()
-    assert set(pk) == {"input_ids", "labels", "position_ids"}
+    assert set(pk) == {"input_ids", "labels", "position_ids", "num_labelled"}
+    # the count the loss takes (no host sync to find the rows): every label, all kept by the shift
+    n = int((pad["labels"] != -100).sum())
+    assert pk["num_labelled"] == pad["num_labelled"] == n == int((pk["labels"][:, 1:] != -100).sum())
+    assert isinstance(pk["num_labelled"], int)
     assert pk["input_ids"].shape == (1, int(keep.sum()))
     assert torch.equal(pk["input_ids"][0], pad["input_ids"][keep])
     assert torch.equal(pk["labels"][0], pad["labels"][keep])

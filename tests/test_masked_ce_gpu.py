@@ -209,6 +209,35 @@ def test_gpu_no_host_sync_after_the_gather(strategy, in_grad):
     assert torch.isfinite(out[0]).all()
 
 
+@pytest.mark.parametrize("w_grad", [True, False], ids=["d-weight", "frozen"])
+def test_gpu_public_op_with_count_never_syncs(w_grad):
+    """``masked_linear_cross_entropy(..., num_labelled=n)``, forward and backward, with no host
+    sync at all (the labelled rows found by ``nonzero_static``, count and range checked by
+    device-side assertions), and the same loss and gradients as the call that syncs."""
+    import llm2vec_fast as L
+
+    h, w, b, y = _inputs(4, 512, 1024, 32000, torch.bfloat16, 0.2, False)
+    h.requires_grad_()
+    w.requires_grad_(w_grad)
+    params = [h, w] if w_grad else [h]
+    n = int((y[:, 1:] != -100).sum())
+
+    def step(**kw):
+        loss, acc = L.masked_linear_cross_entropy(h, w, y, backend="triton", return_accuracy=True, **kw)
+        return (loss, acc, *torch.autograd.grad(loss, params))
+
+    want = step()
+    step(num_labelled=n)  # autotuning and compiles (they sync) on the first call only
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step(num_labelled=n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
+
 def test_gpu_peak_memory_is_outputs_plus_small_buffers():
     """16k tokens, C = 4096, V = 128256, 20% labelled, bf16: no [N, V] buffer anywhere.
 

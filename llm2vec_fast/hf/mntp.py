@@ -17,7 +17,8 @@ import types
 import torch
 
 # Arguments of XForCausalLM.forward that concern the logits / loss, not the base model.
-_HEAD_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict", "ignore_index")
+_HEAD_ONLY = ("labels", "logits_to_keep", "num_items_in_batch", "shift_labels", "return_dict", "ignore_index",
+              "num_labelled")
 
 
 def lm_head_operands(hidden: torch.Tensor, head: torch.nn.Module):
@@ -49,7 +50,10 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
     predicted from the hidden state at ``t - 1`` (``shift_labels`` given: no shift), mean
     over labelled tokens, or the sum divided by ``num_items_in_batch`` when the Trainer
     passes it (gradient accumulation); ``ignore_index`` (default -100, as there) marks the
-    unlabelled tokens and goes to the loss only, not to the base model. Gemma2's
+    unlabelled tokens and goes to the loss only, not to the base model; so does
+    ``num_labelled`` (an int: how many labels the loss uses, those of ``labels[:, 1:]`` or of
+    ``shift_labels`` that are not ``ignore_index``), which lets the loss find them without a
+    host sync (:func:`llm2vec_fast.masked_linear_cross_entropy`). Gemma2's
     ``final_logit_softcapping`` is applied. The head runs in the dtype transformers' would
     (:func:`lm_head_operands`: the autocast dtype under ``torch.autocast``).
 
@@ -108,7 +112,7 @@ def make_mntp_forward(model, original_forward, backend: str = "auto"):
         reduction = "sum" if num_items is not None else "mean"
         loss = masked_linear_cross_entropy(
             hidden, weight, target, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
-            softcap=softcap, backend=backend,
+            softcap=softcap, backend=backend, num_labelled=named.get("num_labelled"),
         )
         if num_items is not None:
             loss = per_item(loss, num_items)

@@ -194,7 +194,8 @@ def mask_spans(mask: torch.Tensor):
     return lo, hi, holes
 
 
-def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int, vocab: int | None = None):
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int, vocab: int | None = None,
+                  count: int | None = None):
     """Where the labelled rows are, without gathering them.
 
     hidden ``(B, T, C)`` or ``(N, C)``; labels ``(B, T)`` or ``(N,)``. With ``shift=s`` the
@@ -210,6 +211,13 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore
     ``ignore_index``), raising ``ValueError`` otherwise, within the same host sync.
     ``torch.nonzero`` here is the one host synchronisation of the op (the number of
     labelled rows decides every later shape).
+
+    ``count``: the number of labelled rows when the caller knows it on the host (the MNTP
+    collator counts them as it draws them): then nothing syncs. ``torch.nonzero_static``
+    finds the rows at that size, and device-side assertions (``torch._assert_async``) check
+    the count and, with ``vocab``, the labels' range: a RuntimeError at once on the CPU; on
+    a GPU the assertion stops the device before a later kernel reads a row, and the error
+    surfaces at the next sync.
     """
     rows = None
     if shift:
@@ -222,7 +230,14 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     keep = flat_y != ignore_index
-    if vocab is None:
+    if count is not None:
+        index = torch.nonzero_static(keep, size=count).squeeze(1)
+        torch._assert_async(keep.sum() == count, f"num_labelled: {count} given, but a different number of labels "
+                                                 f"the shift keeps are not ignore_index={ignore_index}")
+        if vocab is not None:
+            torch._assert_async(~(keep & ((flat_y < 0) | (flat_y >= vocab))).any(),
+                                f"labels: expected values in [0, {vocab}) or ignore_index={ignore_index}")
+    elif vocab is None:
         index = torch.nonzero(keep).squeeze(1)
     else:
         # The range check rides on nonzero's own sync: a bad label appends n + 1 more nonzero
@@ -238,7 +253,7 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore
 
 
 def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int, ignore_index: int,
-                         vocab: int | None = None):
+                         vocab: int | None = None, count: int | None = None):
     """Apply the shift and gather the rows that carry a label (see :func:`labelled_rows`,
     which also checks the labels against ``vocab`` when given).
 
@@ -246,7 +261,7 @@ def select_labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, shift: int,
     shifted label shape)``. Differentiable in hidden (its backward is one full-size zero
     gradient with the rows added in).
     """
-    flat_h, h_index, y_sel, index, shape = labelled_rows(hidden, labels, shift, ignore_index, vocab)
+    flat_h, h_index, y_sel, index, shape = labelled_rows(hidden, labels, shift, ignore_index, vocab, count)
     return flat_h.index_select(0, h_index), y_sel, index, shape
 
 
@@ -536,6 +551,7 @@ def masked_linear_cross_entropy_ref(
     chunk_vocab: int = 8192,
     upcast: bool = True,
     strategy: str = "auto",
+    num_labelled: int | None = None,
 ):
     """Chunked reference of :func:`llm2vec_fast.masked_linear_cross_entropy` (same contract).
 
@@ -545,7 +561,8 @@ def masked_linear_cross_entropy_ref(
     forward from whole rows of logits (one GEMM fewer; see :func:`eager_allowed`);
     ``"auto"`` is eager whenever gradients are wanted and it is allowed.
     """
-    h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0])
+    h_sel, y_sel, index, shape = select_labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0],
+                                                      num_labelled)
     cdt = _compute_dtype(hidden.dtype, upcast)
     n = h_sel.shape[0]
     out_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32

@@ -21,7 +21,7 @@ def _real(x) -> bool:
 
 
 def _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, softcap, label_smoothing, z_loss,
-              strategy):
+              strategy, num_labelled=None):
     check_tensor("hidden", hidden, ndims=(2, 3), float_=True)
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden: expected a hidden size C > 0 (the last dim), got shape {tuple(hidden.shape)}")
@@ -57,6 +57,12 @@ def _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, soft
         raise ValueError(f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}")
     if not (_real(z_loss) and math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss!r}")
+    if num_labelled is not None:
+        kept = labels[..., shift:].numel()  # label positions the shift keeps
+        if not isinstance(num_labelled, numbers.Integral) or isinstance(num_labelled, bool) \
+                or not 0 <= num_labelled <= kept:
+            raise ValueError(f"num_labelled: expected None or an int in [0, {kept}] (the label positions the "
+                             f"shift keeps), got {num_labelled!r}")
 
 
 def masked_linear_cross_entropy(
@@ -74,6 +80,7 @@ def masked_linear_cross_entropy(
     return_accuracy: bool = False,
     backend: str = "auto",
     strategy: str = "auto",
+    num_labelled: int | None = None,
 ):
     """Cross-entropy of ``hidden @ weight.T + bias`` on labelled rows only, without full logits.
 
@@ -110,6 +117,12 @@ def masked_linear_cross_entropy(
             enough to repay re-writing d weight (``kernels.triton.masked_ce.choose_strategy``;
             on an H200 chunked eager was 1.8x / 1.35x faster than two-pass at V = 32000
             without / with d weight; the stored form is not yet timed on a GPU).
+        num_labelled: the number of labels the shift keeps that are not ``ignore_index``,
+            when the caller knows it on the host (``MNTPCollator`` counts them as it draws
+            them and the MNTP trainer passes it): the op then runs without a host sync. The
+            count and the labels' range are still checked, by device-side assertions: a
+            ``RuntimeError`` (on a GPU at the next sync, the device stopped before any kernel
+            reads a row) instead of the ``ValueError`` below.
 
     Returns:
         The loss (fp32; fp64 for fp64 inputs), and the accuracy when asked. Every label
@@ -120,9 +133,10 @@ def masked_linear_cross_entropy(
     for the inputs it is given, fp32 logits included), so under ``torch.autocast`` it gives
     what it gives without; the inputs are used in the dtypes they have.
 
-    Synchronisation: one. Finding the labelled rows (``torch.nonzero``) syncs because every
-    later shape depends on their number; the label range check rides on that sync
-    (``reference.labelled_rows``).
+    Synchronisation: one, none with ``num_labelled``. Finding the labelled rows
+    (``torch.nonzero``) syncs because every later shape depends on their number; the label
+    range check rides on that sync (``reference.labelled_rows``). Given the number, the rows
+    are found at that size (``torch.nonzero_static``) without one.
 
     ``torch.compile``: after the argument checks the op runs eagerly (a graph break). Traced,
     the number of labelled rows became part of the compiled code's guards, so every batch
@@ -135,16 +149,17 @@ def masked_linear_cross_entropy(
     not documented as allowed, NaN and inf), an unknown ``strategy``, and
     ``strategy="eager"`` with ``reduction="none"`` when weight or bias requires grad.
     """
-    _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, softcap, label_smoothing, z_loss, strategy)
+    _validate(hidden, weight, labels, bias, shift, ignore_index, reduction, softcap, label_smoothing, z_loss, strategy,
+              num_labelled)
     be = resolve_backend("masked_linear_cross_entropy", backend, hidden)
     return _run(be, hidden, weight, labels, bias, shift=shift, ignore_index=int(ignore_index), reduction=reduction,
                 softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
-                strategy=strategy)
+                strategy=strategy, num_labelled=None if num_labelled is None else int(num_labelled))
 
 
 @torch.compiler.disable  # eager inside torch.compile: shapes follow the labelled rows' count
 def _run(be, hidden, weight, labels, bias, *, shift, ignore_index, reduction, softcap, label_smoothing, z_loss,
-         return_accuracy, strategy):
+         return_accuracy, strategy, num_labelled=None):
     """The validated call on backend ``be`` (:func:`masked_linear_cross_entropy`)."""
     if be == "triton":
         try:
@@ -156,10 +171,10 @@ def _run(be, hidden, weight, labels, bias, *, shift, ignore_index, reduction, so
             return tk.masked_linear_cross_entropy_triton(
                 hidden, weight, labels, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
                 softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
-                strategy=strategy,
+                strategy=strategy, num_labelled=num_labelled,
             )
     return ref.masked_linear_cross_entropy_ref(
         hidden, weight, labels, bias, shift=shift, ignore_index=ignore_index, reduction=reduction,
         softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss, return_accuracy=return_accuracy,
-        strategy=strategy,
+        strategy=strategy, num_labelled=num_labelled,
     )

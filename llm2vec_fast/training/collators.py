@@ -73,7 +73,8 @@ class MNTPCollator:
     """Pads pre-tokenised texts and selects tokens for masked next-token prediction.
 
     Each example is ``{"input_ids": list[int]}``. Returns ``input_ids``, ``attention_mask``
-    and ``labels`` ``(B, T)`` int64. A token is selected with probability
+    and ``labels`` ``(B, T)`` int64, and ``num_labelled`` (an int: how many labels, counted
+    here so the loss needs no host sync to find them). A token is selected with probability
     ``mlm_probability`` unless it is padding, a special token (BOS / EOS / pad / any
     registered special id) or the first token of its row (with the shift by one, nothing
     predicts position 0). ``labels`` holds the original id at selected positions and -100
@@ -156,9 +157,13 @@ class MNTPCollator:
             inputs[to_mask] = self.mask_token_id
             pick = (u_tok * len(self.random_pool)).long().clamp_max(len(self.random_pool) - 1)
             inputs[to_random] = self.random_pool[pick[to_random]]
+        # counted here, on the host, so the loss finds the labelled rows without a host sync
+        # (masked_linear_cross_entropy's num_labelled; position 0 is never labelled, so the
+        # loss's one-token shift keeps every label, packed rows included)
+        n_labelled = int(selected.sum())
         if self.packed:
-            return pack_rows(mask, input_ids=inputs, labels=labels)
-        return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+            return pack_rows(mask, input_ids=inputs, labels=labels) | {"num_labelled": n_labelled}
+        return {"input_ids": inputs, "attention_mask": mask, "labels": labels, "num_labelled": n_labelled}
 
 
 class ContrastiveCollator:

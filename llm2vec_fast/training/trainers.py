@@ -45,6 +45,8 @@ class MNTPModel(nn.Module):
     ``average_tokens_across_devices``, every rank) their sum divided by it, so each labelled
     token weighs the same whatever micro-batch or rank holds it (Trainer counts
     ``labels != -100``; the collators never label position 0, which no hidden state predicts).
+    ``num_labelled``: the batch's count of labels, from the collator (host-side), so the loss
+    runs without a host sync.
     """
 
     accepts_loss_kwargs = True  # read by Trainer: it then counts and passes num_items_in_batch
@@ -56,7 +58,8 @@ class MNTPModel(nn.Module):
         # FSDP's auto-wrap policy reads the decoder-layer class names from here
         self._no_split_modules = getattr(unwrap_peft(model), "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, num_items_in_batch=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, num_items_in_batch=None,
+                num_labelled=None):
         if labels is None:
             raise ValueError("labels: MNTPModel needs the (B, T) labels MNTPCollator makes, got None")
         hf = unwrap_peft(self.model)
@@ -67,7 +70,7 @@ class MNTPModel(nn.Module):
         loss, acc = masked_linear_cross_entropy(
             hidden, weight, labels, bias, shift=1, return_accuracy=True, backend=self.backend,
             reduction="mean" if num_items_in_batch is None else "sum",
-            softcap=getattr(hf.config, "final_logit_softcapping", None),
+            softcap=getattr(hf.config, "final_logit_softcapping", None), num_labelled=num_labelled,
         )
         if num_items_in_batch is not None:
             loss = per_item(loss, num_items_in_batch)

@@ -1426,6 +1426,7 @@ def masked_linear_cross_entropy_triton(
     z_loss: float = 0.0,
     return_accuracy: bool = False,
     strategy: str = "auto",
+    num_labelled: int | None = None,
 ):
     """Triton masked linear cross-entropy; the contract of ``reference.masked_linear_cross_entropy_ref``.
 
@@ -1436,10 +1437,12 @@ def masked_linear_cross_entropy_triton(
     over labelled rows. Inputs are validated by ``ops.masked_linear_cross_entropy``.
 
     Synchronisation: one, in ``labelled_rows`` (``torch.nonzero``: the number of
-    labelled rows sets every later shape). Kernels, the split combine, the reductions and
-    the backward launch without further host syncs.
+    labelled rows sets every later shape), none when ``num_labelled`` gives that number.
+    Kernels, the split combine, the reductions and the backward launch without further host
+    syncs.
     """
-    flat_h, h_index, y_sel, index, shape = ref.labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0])
+    flat_h, h_index, y_sel, index, shape = ref.labelled_rows(hidden, labels, shift, ignore_index, weight.shape[0],
+                                                             num_labelled)
     n = h_index.shape[0]
     if n == 0:
         # 0 from zero-size slices (never hidden's values): exact-zero gradients, never NaN
