@@ -44,7 +44,10 @@ from common import comma_list, kernel_times, positive_int  # noqa: E402
 # Candidates per (kind, BLOCK_D): the current lists and their neighbours (the H200 sweep of
 # 27 Nov 2026 timed the earlier ones; attention_tiles.jsonl).
 DEFAULT_TILES = {
-    ("fwd", 128): "128x128w8s3,128x64w8s3,128x64w8s4,128x128w8s2",
+    # the forward's lazy-rescale option beside each listed tile, and 64-row tiles on 4 warps that
+    # fit two blocks per SM (80 / 112 KB of shared memory, 168 registers), which can hide each
+    # other's prologue and epilogue on short (padded) sequences
+    ("fwd", 128): "128x128w8s3,128x128w8s3lazy,128x64w8s3,128x64w8s3lazy,128x64w8s4,128x128w8s2,64x64w4s2,64x64w4s3",
     ("fwd", 64): "128x64w8s3,128x128w8s3,128x64w4s3,128x32w4s3",
     ("dq", 128): "64x64w4s2,128x64w8s2,128x64w8s3,128x128w8s2,128x128w8s1",
     ("dq", 64): "64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
@@ -54,7 +57,7 @@ DEFAULT_TILES = {
     ("dkdv_atomic", 128): "64x128w8s1,64x64w8s1,32x128w8s1,32x64w8s2,64x128w8s2,64x64w8s2",
     ("dkdv_atomic", 64): "64x128w8s1,64x64w8s2,32x128w8s2,64x128w8s2,64x64w4s2",
 }
-TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(split)?$")
+TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(split)?(lazy)?$")
 
 
 def parse_tile(s: str):
@@ -63,11 +66,14 @@ def parse_tile(s: str):
     m = TILE_RE.match(s.strip())
     if m is None:
         raise ValueError(f"--tiles: expected entries like 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages; a dK/dV "
-                         f"tile may end in 'split', its SPLIT_M option), got {s!r}")
+                         f"tile may end in 'split', its SPLIT_M option, a forward tile in 'lazy', its "
+                         f"LAZY_RESCALE option), got {s!r}")
     bm, bn, w, st = map(int, m.groups()[:4])
     kw = {"BLOCK_M": bm, "BLOCK_N": bn}
     if m.group(5):
         kw["SPLIT_M"] = True
+    if m.group(6):
+        kw["LAZY_RESCALE"] = True
     return triton.Config(kw, num_warps=w, num_stages=st)
 
 
@@ -82,7 +88,8 @@ def tile_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"expected a comma list of tiles like 64x64w4s2, got {text!r}")
     for spec in specs:
         if TILE_RE.match(spec) is None:
-            raise argparse.ArgumentTypeError(f"expected tiles like 64x64w4s2 (a dK/dV tile may end in 'split'), "
+            raise argparse.ArgumentTypeError(f"expected tiles like 64x64w4s2 (a dK/dV tile may end in 'split', "
+                                             f"a forward tile in 'lazy'), "
                                              f"got {spec!r}")
     return specs
 

@@ -97,6 +97,11 @@ def unsupported_reason(q: torch.Tensor, *, softcap: float = 0.0, dropout_p: floa
 # --------------------------------------------------------------------------------------
 
 
+# The forward's LAZY_RESCALE tile option: the running max moves (and the accumulator is
+# rescaled) only when a row's max grows by more than this many powers of two in one block.
+LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
+
+
 @triton.jit
 def _tanh(x):
     # 1 - 2 / (e^{2x} + 1): exact limits +-1 when e^{2x} overflows or underflows, and no
@@ -189,6 +194,7 @@ def _fwd_block(
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    LAZY: tl.constexpr,
 ):
     cols = start_n + offs_n
     if BOUNDS:
@@ -223,6 +229,25 @@ def _fwd_block(
         # the exponent's FFMA. Scaling every score before the max cost 32 FMUL per thread
         # and iteration of the 128 x 64 tile on 8 warps (~8% of the loop's SASS on sm_90).
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if LAZY:
+            # Lazy rescaling (the LAZY_RESCALE tile option): the running max m_i only moves,
+            # and acc / l_i are only rescaled, when some row's max grew by more than
+            # LAZY_RESCALE_LOG2 (base 2) in this block; otherwise the probabilities are taken
+            # against the stale max, so each is below 2^LAZY_RESCALE_LOG2 (fp32 has the range,
+            # 16 bits the same relative precision) and the output (acc / l) and the lse
+            # (m_i + log2 l) are the same function. The test is one reduction over the tile;
+            # the saving one multiply per accumulator element on most blocks.
+            if tl.max(m_new - m_i, 0) > LAZY_RESCALE_LOG2:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(_dropout_keep(seed, bh, start_m, cols, drop_thresh, BLOCK_M, ROUNDS, 1), p, 0.0)
+            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            return acc, l_i, m_i
         p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -240,6 +265,7 @@ def _fwd_loop(
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    LAZY: tl.constexpr,
 ):
     # Full key blocks first without bounds checks, then one masked tail block.
     end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
@@ -247,13 +273,13 @@ def _fwd_loop(
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
             offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
+            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY,
         )
     if end_full < hi_k:
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
             offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
+            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY,
         )
     return acc, l_i, m_i
 
@@ -269,7 +295,7 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, MASK_HOLES: tl.constexpr,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, MASK_HOLES: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: one query block of one head.
 
@@ -324,19 +350,19 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
                     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY_RESCALE,
                 )
             else:
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
                     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY_RESCALE,
                 )
         else:
             acc, l_i, m_i = _fwd_loop(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
                 offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY_RESCALE,
             )
     qvalid = (l_i > 0.0) & (offs_m >= lo) & (offs_m < hi_q)
     if HAS_MASK:
@@ -898,10 +924,12 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, w, s, split=False):
+def _cfg(bm, bn, w, s, split=False, lazy=False):
     kw = {"BLOCK_M": bm, "BLOCK_N": bn}
     if split:  # the dK/dV kernel's SPLIT_M option
         kw["SPLIT_M"] = True
+    if lazy:  # the forward's LAZY_RESCALE option
+        kw["LAZY_RESCALE"] = True
     return triton.Config(kw, num_warps=w, num_stages=s)
 
 
