@@ -28,6 +28,12 @@ def _version(mod: str) -> str | None:
 
 
 def git_sha() -> str:
+    """The short revision the rows are stamped with: ``LLM2VEC_FAST_GIT_REV`` when set, else
+    ``git rev-parse --short HEAD``. The device tool's copy of the checkout carried a ``.git``
+    that lagged the working tree it ran (28 Nov: rows of the tree at 5b755ec stamped 345bdf3,
+    the session's first HEAD), so a device call sets the variable to the local HEAD."""
+    if os.environ.get("LLM2VEC_FAST_GIT_REV"):
+        return os.environ["LLM2VEC_FAST_GIT_REV"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,

@@ -26,6 +26,9 @@
 # (closed issues, rows committed) ~100 s more. Their rows are written at the end of each case, so
 # give them a call of their own: GPU_CHECK_TEST_TIMEOUT=0 GPU_CHECK_BENCH_TIMEOUTS="e2e=380", then
 # "info_nce=100 encode=150" if time is left.
+# Rows are stamped with LLM2VEC_FAST_GIT_REV when set (benchmarks/common.py git_sha): the device
+# tool's copy of .git can lag the tree it runs, so pass the local HEAD in the device command,
+# LLM2VEC_FAST_GIT_REV=<git rev-parse --short HEAD> bash benchmarks/gpu_check.sh.
 # Override with GPU_CHECK_TEST_TIMEOUT (0: skip the tests), GPU_CHECK_TEST_WORKERS and
 # GPU_CHECK_BENCH_TIMEOUTS="attention=240 masked_ce=120".
 # Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is

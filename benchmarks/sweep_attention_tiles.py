@@ -39,7 +39,7 @@ import time
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import comma_list, kernel_times, positive_int  # noqa: E402
+from common import comma_list, git_sha, kernel_times, positive_int  # noqa: E402
 
 # Candidates per (kind, BLOCK_D): the current lists and their neighbours (the H200 sweep of
 # 27 Nov 2026 timed the earlier ones; attention_tiles.jsonl).
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     base = {kind: list(t[bd]) for kind, t in tables.items()}
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "git": os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or None,
+        "git": git_sha(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bench": "attention_tiles", "B": B, "S": S, "H": H, "D": D, "dtype": "bfloat16",
         "layout": a.layout,
     }

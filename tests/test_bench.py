@@ -517,3 +517,14 @@ def test_a_bench_run_that_measures_nothing_fails(tmp_path):
         mce = _load("bench_masked_ce")
         assert mce.main(["--device", "cpu", "--preset", "cpu", "--providers", "liger", "--out-dir",
                          str(tmp_path)]) == 1
+
+
+def test_git_stamp_follows_the_override(monkeypatch):
+    """Rows carry LLM2VEC_FAST_GIT_REV when it is set (a device call whose copy of .git lags
+    the tree it runs), else the checkout's HEAD."""
+    common = _load("common")
+    monkeypatch.setenv("LLM2VEC_FAST_GIT_REV", "abc1234")
+    assert common.git_sha() == "abc1234" and common.context("cpu")["git"] == "abc1234"
+    monkeypatch.delenv("LLM2VEC_FAST_GIT_REV")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert common.git_sha() == (head or "unknown")
