@@ -44,10 +44,9 @@ from common import comma_list, git_sha, kernel_times, positive_int  # noqa: E402
 # Candidates per (kind, BLOCK_D): the current lists and their neighbours (the H200 sweep of
 # 27 Nov 2026 timed the earlier ones; attention_tiles.jsonl).
 DEFAULT_TILES = {
-    # the forward's lazy-rescale option beside each listed tile, and 64-row tiles on 4 warps that
-    # fit two blocks per SM (80 / 112 KB of shared memory, 168 registers), which can hide each
-    # other's prologue and epilogue on short (padded) sequences
-    ("fwd", 128): "128x128w8s3,128x128w8s3lazy,128x64w8s3,128x64w8s3lazy,128x64w8s4,128x128w8s2,64x64w4s2,64x64w4s3",
+    # 64 x 64 on 4 warps, 3 stages (112 KB of shared memory, 168 registers: two blocks per SM)
+    # led the 28 Nov sweep dense and padded; its 2-stage copy trailed
+    ("fwd", 128): "64x64w4s3,128x128w8s3,128x64w8s3,128x64w8s4,64x64w4s2,128x128w8s2",
     ("fwd", 64): "128x64w8s3,128x128w8s3,128x64w4s3,128x32w4s3",
     ("dq", 128): "64x64w4s2,128x64w8s2,128x64w8s3,128x128w8s2,128x128w8s1",
     ("dq", 64): "64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
@@ -57,7 +56,7 @@ DEFAULT_TILES = {
     ("dkdv_atomic", 128): "64x128w8s1,64x64w8s1,32x128w8s1,32x64w8s2,64x128w8s2,64x64w8s2",
     ("dkdv_atomic", 64): "64x128w8s1,64x64w8s2,32x128w8s2,64x128w8s2,64x64w4s2",
 }
-TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(split)?(lazy)?$")
+TILE_RE = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(split)?$")
 
 
 def parse_tile(s: str):
@@ -66,14 +65,11 @@ def parse_tile(s: str):
     m = TILE_RE.match(s.strip())
     if m is None:
         raise ValueError(f"--tiles: expected entries like 64x64w4s2 (BLOCK_M x BLOCK_N, warps, stages; a dK/dV "
-                         f"tile may end in 'split', its SPLIT_M option, a forward tile in 'lazy', its "
-                         f"LAZY_RESCALE option), got {s!r}")
+                         f"tile may end in 'split', its SPLIT_M option), got {s!r}")
     bm, bn, w, st = map(int, m.groups()[:4])
     kw = {"BLOCK_M": bm, "BLOCK_N": bn}
     if m.group(5):
         kw["SPLIT_M"] = True
-    if m.group(6):
-        kw["LAZY_RESCALE"] = True
     return triton.Config(kw, num_warps=w, num_stages=st)
 
 
@@ -88,8 +84,7 @@ def tile_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"expected a comma list of tiles like 64x64w4s2, got {text!r}")
     for spec in specs:
         if TILE_RE.match(spec) is None:
-            raise argparse.ArgumentTypeError(f"expected tiles like 64x64w4s2 (a dK/dV tile may end in 'split', "
-                                             f"a forward tile in 'lazy'), "
+            raise argparse.ArgumentTypeError(f"expected tiles like 64x64w4s2 (a dK/dV tile may end in 'split'), "
                                              f"got {spec!r}")
     return specs
 

@@ -175,7 +175,7 @@ def _case(kind, hd, fp32, dropout=False):
 
 
 def _case_id(kind, hd, fp32, c, cc, dropout=False, variant="mask-softcap"):
-    split = ("-split" if c.kwargs.get("SPLIT_M") else "") + ("-lazy" if c.kwargs.get("LAZY_RESCALE") else "")
+    split = "-split" if c.kwargs.get("SPLIT_M") else ""
     return (f"{_case(kind, hd, fp32, dropout)}-{variant}"
             f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{split}-sm{cc}")
 
@@ -207,8 +207,6 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
         consts["DELTA_ONLY"] = kind == "delta"
     if kernel is tk._attn_fwd_kernel or kind == "dq":
         consts["MASK_HOLES"] = mask and variant not in SPAN_VARIANTS
-    if kernel is tk._attn_fwd_kernel:
-        consts["LAZY_RESCALE"] = bool(c.kwargs.get("LAZY_RESCALE", False))
     elem = "fp32" if fp32 else "bf16"
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
     case = f"{kind}-{_allowance_case(kind, _case(kind, hd, fp32, dropout)[len(kind) + 1:], cc, variant)}"

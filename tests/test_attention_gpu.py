@@ -111,42 +111,6 @@ def test_bf16_split_tile_option(layout, monkeypatch):
     assert tk.LAST_TILES["dkdv"] == "64x128 w8 s1 split"
 
 
-@pytest.mark.parametrize("layout", ["dense", "right", "varlen"])
-def test_bf16_lazy_rescale_tile_option(layout, monkeypatch):
-    """The forward's LAZY_RESCALE tile option on the GPU, bf16, at the D = 128 tile it would
-    replace (128 x 128 on 8 warps): output and gradients within the rule."""
-    from llm2vec_fast.kernels.triton import attention as tk
-
-    lazy = tk._cfg(128, 128, 8, 3, lazy=True)
-    real = tk.heuristic_config
-    monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: lazy if kind == "fwd" else real(kind, *a, **kw))
-    B, S = 3, 700
-    pos = torch.arange(S, device=DEV)[None]
-    lens = torch.tensor([700, 333, 65], device=DEV)
-    if layout == "varlen":
-        _, varlen = _ops()
-        from llm2vec_fast.kernels.reference import attention_varlen_ref
-
-        cu = torch.zeros(B + 1, dtype=torch.int32, device=DEV)
-        cu[1:] = torch.cumsum(lens, 0)
-        T = int(cu[-1])
-        q, k, v = (torch.randn(T, h, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
-        out = varlen(q, k, v, cu, cu, S, S, backend="triton")
-        do = torch.randn_like(out)
-        g = _grads(out, (q, k, v), do)
-        ref32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        o_or = attention_varlen_ref(*ref32, cu, cu, 128 ** -0.5, 0.0, upcast=True)
-        o_nat = attention_varlen_ref(q, k, v, cu, cu, 128 ** -0.5, 0.0, upcast=False)
-        assert_close_rule(out, o_or, o_nat, factor=3.0, atol=1e-3, name="out")
-        g_or = _grads(o_or, ref32, do.float())
-        g_nat = _grads(o_nat, (q, k, v), do)
-        for n, a, b, c in zip("qkv", g, g_or, g_nat):
-            assert_close_rule(a, b, c, factor=3.0, atol=1e-3, name=f"d{n}")
-    else:
-        _check_padded(B, S, 8, 2, 128, torch.bfloat16, None if layout == "dense" else pos < lens[:, None])
-    assert tk.LAST_TILES["fwd"] == "128x128 w8 s3 lazy"
-
-
 def test_bf16_right_left_padding_softcap():
     B, S = 4, 700
     lens = torch.tensor([700, 1, 350, 0], device=DEV)

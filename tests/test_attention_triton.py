@@ -71,12 +71,12 @@ def _check(fast_fn, ref_fn, q, k, v, dtype, name=""):
     return out, lse, (qf.grad, kf.grad, vf.grad)
 
 
-def _varlen_case(lens, H, Hkv, D, dtype, device, softcap=0.0, max_seqlen=None, q=None, k=None, v=None):
+def _varlen_case(lens, H, Hkv, D, dtype, device, softcap=0.0, max_seqlen=None):
     cu = _cu(lens, device)
     T = sum(lens)
-    q = torch.randn(T, H, D, device=device) if q is None else q
-    k = torch.randn(T, Hkv, D, device=device) if k is None else k
-    v = torch.randn(T, Hkv, D, device=device) if v is None else v
+    q = torch.randn(T, H, D, device=device)
+    k = torch.randn(T, Hkv, D, device=device)
+    v = torch.randn(T, Hkv, D, device=device)
     mx = max(lens) if max_seqlen is None else max_seqlen
     scale = 1.0 / math.sqrt(D)
 
@@ -214,52 +214,6 @@ def test_split_tile_option(device, monkeypatch, layout, D):
         if mask is not None:
             assert (out[~mask] == 0).all() and all((g[~mask] == 0).all() for g in grads)
     assert tk.LAST_TILES["dkdv"] == "64x128 w8 s1 split", tk.LAST_TILES
-
-
-def _block_max_growth(q, k, scale, block_n):
-    """The growth (base 2) of each row's running max over key blocks of ``block_n``: what
-    decides, block by block, whether the lazy forward rescales (growth > LAZY_RESCALE_LOG2)."""
-    s = torch.einsum("bshd,bthd->bhst", q.float(), k.float().repeat_interleave(q.shape[2] // k.shape[2], 2))
-    s = s * scale / math.log(2)
-    m = torch.stack([c.amax(-1) for c in s.split(block_n, -1)], -1).cummax(-1).values  # (B, H, S, blocks)
-    return (m[..., 1:] - m[..., :-1]).amax(dim=(0, 1, 2))  # the tile's growth, per block
-
-
-@pytest.mark.parametrize("layout", ["varlen", "third", "left", "random", "none"])
-def test_lazy_rescale_tile_option(device, monkeypatch, layout):
-    """The forward's LAZY_RESCALE tile option (the running max and the accumulator move only
-    when a row's max grows by more than LAZY_RESCALE_LOG2 in a block) computes the same output,
-    lse and gradients, on keys whose scale jumps between blocks so that both kinds of block
-    occur (a rescale and a stale max), and its name reaches the benchmark rows."""
-    lazy = tk._cfg(32, 16, 4, 1, lazy=True)
-    real = tk.heuristic_config
-    monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: lazy if kind == "fwd" else real(kind, *a, **kw))
-    tk.LAST_TILES.clear()
-    D, H, Hkv = 64, 4, 2
-    gen = torch.Generator().manual_seed(7)
-    jump = torch.tensor([0.25, 1.0, 3.0, 0.5, 6.0, 1.5, 12.0, 2.0])  # per 16-key block: growths below and above 8
-
-    def keys(n):
-        f = jump[torch.arange(n) // 16 % len(jump)]
-        return (torch.randn(n, Hkv, D, generator=gen) * f[:, None, None]).to(device)
-
-    if layout == "varlen":
-        lens = [130, 64, 1, 0, 97]
-        T = sum(lens)
-        q = (torch.randn(T, H, D, generator=gen) * 2).to(device)
-        k = torch.cat([keys(n) for n in lens])
-        v = torch.randn(T, Hkv, D, generator=gen).to(device)
-        growth = _block_max_growth(q[None, :130], k[None, :130], D ** -0.5, 16)
-        _varlen_case(lens, H, Hkv, D, torch.float16, device, q=q, k=k, v=v)
-    else:
-        B, S = 3, 150
-        q = (torch.randn(B, S, H, D, generator=gen) * 2).to(device)
-        k = torch.stack([keys(S) for _ in range(B)])
-        v = torch.randn(B, S, Hkv, D, generator=gen).to(device)
-        growth = _block_max_growth(q, k, D ** -0.5, 16)
-        _padded_case(_mask(layout, B, S, device), B, S, H, Hkv, D, torch.float16, device, q=q, k=k, v=v)
-    assert (growth > tk.LAZY_RESCALE_LOG2.value).any() and (growth[1:] <= tk.LAZY_RESCALE_LOG2.value).any(), growth
-    assert tk.LAST_TILES["fwd"] == "32x16 w4 s1 lazy", tk.LAST_TILES
 
 
 def test_even_m_rows_divisible_by_every_dkdv_tile():

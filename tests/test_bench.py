@@ -213,10 +213,9 @@ def test_sweep_attention_tiles_parses_its_tiles(capsys):
         assert kind in ("fwd", "dq", "dkdv", "dkdv_atomic") and bd in (64, 128)
         for spec in tiles.split(","):
             c = sw.parse_tile(spec)
-            split = ("split" if c.kwargs.get("SPLIT_M") else "") + ("lazy" if c.kwargs.get("LAZY_RESCALE") else "")
+            split = "split" if c.kwargs.get("SPLIT_M") else ""
             assert f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{split}" == spec
     assert "split" in sw.DEFAULT_TILES["dkdv", 128] and sw.parse_tile("64x128w8s1split").kwargs["SPLIT_M"] is True
-    assert "lazy" in sw.DEFAULT_TILES["fwd", 128] and sw.parse_tile("128x128w8s3lazy").kwargs["LAZY_RESCALE"] is True
     with pytest.raises(ValueError, match="--tiles"):
         sw.parse_tile("64x64")
     # --layout: dense has no mask; padded is right padding (first sequence full, lengths >= 0.3 S);

@@ -23,7 +23,7 @@ def tile_name(c: triton.Config) -> str:
     """``BLOCK_M x BLOCK_N [x BLOCK_K] w<warps> s<stages>`` of a launch configuration."""
     k = c.kwargs
     name = "x".join(str(k[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in k) + f" w{c.num_warps} s{c.num_stages}"
-    return name + (" split" if k.get("SPLIT_M") else "") + (" lazy" if k.get("LAZY_RESCALE") else "")
+    return name + " split" if k.get("SPLIT_M") else name
 
 
 def _pick_key(tuner, args, kwargs) -> tuple:

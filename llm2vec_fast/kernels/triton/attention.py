@@ -97,11 +97,6 @@ def unsupported_reason(q: torch.Tensor, *, softcap: float = 0.0, dropout_p: floa
 # --------------------------------------------------------------------------------------
 
 
-# The forward's LAZY_RESCALE tile option: the running max moves (and the accumulator is
-# rescaled) only when a row's max grows by more than this many powers of two in one block.
-LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
-
-
 @triton.jit
 def _tanh(x):
     # 1 - 2 / (e^{2x} + 1): exact limits +-1 when e^{2x} overflows or underflows, and no
@@ -194,7 +189,6 @@ def _fwd_block(
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
-    LAZY: tl.constexpr,
 ):
     cols = start_n + offs_n
     if BOUNDS:
@@ -229,25 +223,6 @@ def _fwd_block(
         # the exponent's FFMA. Scaling every score before the max cost 32 FMUL per thread
         # and iteration of the 128 x 64 tile on 8 warps (~8% of the loop's SASS on sm_90).
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if LAZY:
-            # Lazy rescaling (the LAZY_RESCALE tile option): the running max m_i only moves,
-            # and acc / l_i are only rescaled, when some row's max grew by more than
-            # LAZY_RESCALE_LOG2 (base 2) in this block; otherwise the probabilities are taken
-            # against the stale max, so each is below 2^LAZY_RESCALE_LOG2 (fp32 has the range,
-            # 16 bits the same relative precision) and the output (acc / l) and the lse
-            # (m_i + log2 l) are the same function. The test is one reduction over the tile;
-            # the saving one multiply per accumulator element on most blocks.
-            if tl.max(m_new - m_i, 0) > LAZY_RESCALE_LOG2:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            if DROPOUT:
-                p = tl.where(_dropout_keep(seed, bh, start_m, cols, drop_thresh, BLOCK_M, ROUNDS, 1), p, 0.0)
-            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            return acc, l_i, m_i
         p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -265,7 +240,6 @@ def _fwd_loop(
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
-    LAZY: tl.constexpr,
 ):
     # Full key blocks first without bounds checks, then one masked tail block.
     end_full = lo + ((hi_k - lo) // BLOCK_N) * BLOCK_N
@@ -273,13 +247,13 @@ def _fwd_loop(
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, start_n, hi_k,
             offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY,
+            HEAD_DIM, BLOCK_D, False, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
         )
     if end_full < hi_k:
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, end_full, hi_k,
             offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY,
+            HEAD_DIM, BLOCK_D, True, USE_MASK, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
         )
     return acc, l_i, m_i
 
@@ -295,7 +269,7 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_mb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, MASK_HOLES: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
+    DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, MASK_HOLES: tl.constexpr,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: one query block of one head.
 
@@ -350,19 +324,19 @@ def _attn_fwd_kernel(
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
                     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY_RESCALE,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
                 )
             else:
                 acc, l_i, m_i = _fwd_loop(
                     acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
                     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-                    HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY_RESCALE,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
                 )
         else:
             acc, l_i, m_i = _fwd_loop(
                 acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
                 offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh,
-                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M, LAZY_RESCALE,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_SOFTCAP, DOT_PREC, DROPOUT, ROUNDS, BLOCK_M,
             )
     qvalid = (l_i > 0.0) & (offs_m >= lo) & (offs_m < hi_q)
     if HAS_MASK:
@@ -924,12 +898,10 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _cfg(bm, bn, w, s, split=False, lazy=False):
+def _cfg(bm, bn, w, s, split=False):
     kw = {"BLOCK_M": bm, "BLOCK_N": bn}
     if split:  # the dK/dV kernel's SPLIT_M option
         kw["SPLIT_M"] = True
-    if lazy:  # the forward's LAZY_RESCALE option
-        kw["LAZY_RESCALE"] = True
     return triton.Config(kw, num_warps=w, num_stages=s)
 
 
@@ -940,6 +912,12 @@ def _cfg(bm, bn, w, s, split=False, lazy=False):
 # H = 32, benchmarks/sweep_attention_tiles.py, rows in benchmarks/results/attention_tiles.jsonl).
 # Forward (git 71fe4ae): 128 x 128 on 8 warps at D = 128 (~494-518 TFLOP/s against ~480-494
 # for 128 x 64; at D = 64 128 x 128 was 15% slower than 128 x 64, so not listed there).
+# Since git 5b755ec's sweep, 64 x 64 on 4 warps with 3 stages leads at D = 128: 522 TFLOP/s
+# dense (128 x 128 w8 s3 484-513 in the same run) and 420 on the padded batch (B = 16,
+# S = 2048; 128 x 64 w8 s3 402, 128 x 128 394). Its 112 KB of shared memory and 168
+# registers let two blocks share an SM, so one block's softmax runs beside the other's
+# matmuls and its prologue / epilogue beside the other's loop, which short (padded)
+# sequences have more of; the 2-stage copy (80 KB) trailed at 446 / 353. Autotuned: untimed.
 # Backward at D = 128 (git c3c84b9, after dS moved first in the 64-row dK/dV tiles and the
 # padded layout's query blocks started aligned; TFLOP/s of the whole backward): dK/dV
 # 64 x 64 on 4 warps 381 dense / 345 padded, 64 x 128 on 8 warps 366 / 331, its one-stage
@@ -970,7 +948,7 @@ def _cfg(bm, bn, w, s, split=False, lazy=False):
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
     64: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
-    128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
+    128: [_cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
 BWD_DQ_CONFIGS = {
