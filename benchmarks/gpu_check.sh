@@ -29,6 +29,9 @@
 # Rows are stamped with LLM2VEC_FAST_GIT_REV when set (benchmarks/common.py git_sha): the device
 # tool's copy of .git can lag the tree it runs, so pass the local HEAD in the device command,
 # LLM2VEC_FAST_GIT_REV=<git rev-parse --short HEAD> bash benchmarks/gpu_check.sh.
+# GPU_CHECK_SWEEPS="--kinds fwd --no-kernel-times; --kinds fwd --layout padded --b 16 --s 2048"
+# runs benchmarks/sweep_attention_tiles.py once per ';'-separated argument list after the
+# benchmarks (GPU_CHECK_SWEEP_TIMEOUT each, default 90 s; ~45 s for the 6 forward tiles).
 # Override with GPU_CHECK_TEST_TIMEOUT (0: skip the tests), GPU_CHECK_TEST_WORKERS and
 # GPU_CHECK_BENCH_TIMEOUTS="attention=240 masked_ce=120".
 # Exit status: 0 when the tests and every benchmark passed, 1 otherwise (the summary is
@@ -103,6 +106,18 @@ for spec in $BENCH_TIMEOUTS; do
   run timeout -k 10 "$t" "$PY" "benchmarks/bench_${name}.py" --preset gpu-quick --device cuda ${extra[@]+"${extra[@]}"} \
     || FAILED+=("bench_${name} (rc $?)")
 done
+
+if [ -n "${GPU_CHECK_SWEEPS:-}" ]; then
+  # tile sweeps after the benchmarks: ';'-separated argument lists for sweep_attention_tiles.py,
+  # each under GPU_CHECK_SWEEP_TIMEOUT (attention_tiles.jsonl is copied to $OUT with the rest)
+  IFS=';' read -r -a SWEEPS <<< "$GPU_CHECK_SWEEPS"
+  for sw in "${SWEEPS[@]}"; do
+    [ -z "${sw// /}" ] && continue
+    # shellcheck disable=SC2086  # each entry is an argument list
+    run timeout -k 10 "${GPU_CHECK_SWEEP_TIMEOUT:-90}" "$PY" benchmarks/sweep_attention_tiles.py $sw \
+      || FAILED+=("sweep '$sw' (rc $?)")
+  done
+fi
 
 step "4/4 summary"
 run "$PY" benchmarks/summary.py || FAILED+=("summary")

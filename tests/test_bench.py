@@ -126,6 +126,14 @@ def test_gpu_check_dry_run_lists_everything_and_runs_nothing(tmp_path):
     assert "tests skipped" in s2 and "-m pytest" not in s2
     assert "bench_e2e.py --preset gpu-quick --device cuda --profile" in s2 and "bench_encode.py" in s2
     assert "--providers stock,patched,patched_packed" in s2  # the packed MNTP provider measured on the GPU
+    assert "sweep_attention_tiles.py" not in s  # sweeps only on request
+    env3 = dict(env, GPU_CHECK_TEST_TIMEOUT="0", GPU_CHECK_BENCH_TIMEOUTS="",
+                GPU_CHECK_SWEEPS="--kinds fwd --no-kernel-times; ;--kinds dq --layout padded --b 16")
+    s3 = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                        env=env3, cwd=str(tmp_path), timeout=60).stdout
+    sweeps = [ln for ln in s3.splitlines() if "sweep_attention_tiles.py" in ln]
+    assert len(sweeps) == 2 and sweeps[0].endswith("sweep_attention_tiles.py --kinds fwd --no-kernel-times")
+    assert sweeps[1].endswith("--kinds dq --layout padded --b 16") and s3.index("sweep_attention") < s3.index("summary.py")
     bad = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2
 
