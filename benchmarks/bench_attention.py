@@ -239,6 +239,10 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
                 return (kv_idx < lens[b]) & (q_idx < lens[b])
 
             block_mask = create_block_mask(pad_mod, B, None, S, S, device=q.device)
+        # A fresh compile per case: torch.compile recompiles flex_attention for every shape
+        # (dynamic=False), and past dynamo's recompile limit (8) it silently ran the eager,
+        # unfused path (28 Nov, git 69fcae8: 20-130x slower rows from the fifth case on).
+        torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         return lambda: flex(qt, kt, vt, block_mask=block_mask, scale=scale, enable_gqa=H != Hkv)
     if name == "flash-attn":

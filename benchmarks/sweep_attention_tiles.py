@@ -45,7 +45,8 @@ from common import comma_list, git_sha, kernel_times, positive_int  # noqa: E402
 # 27 Nov 2026 timed the earlier ones; attention_tiles.jsonl).
 DEFAULT_TILES = {
     # 64 x 64 on 4 warps, 3 stages (112 KB of shared memory, 168 registers: two blocks per SM)
-    # led the 28 Nov sweep dense and padded; its 2-stage copy trailed
+    # led the 28 Nov sweep dense and padded (its 2-stage copy trailed), yet autotuned in the
+    # next call's bench_attention it timed 464 TFLOP/s where 128 x 128 had 498: not listed
     ("fwd", 128): "64x64w4s3,128x128w8s3,128x64w8s3,128x64w8s4,64x64w4s2,128x128w8s2",
     ("fwd", 64): "128x64w8s3,128x128w8s3,128x64w4s3,128x32w4s3",
     ("dq", 128): "64x64w4s2,128x64w8s2,128x64w8s3,128x128w8s2,128x128w8s1",

@@ -912,12 +912,13 @@ def _cfg(bm, bn, w, s, split=False):
 # H = 32, benchmarks/sweep_attention_tiles.py, rows in benchmarks/results/attention_tiles.jsonl).
 # Forward (git 71fe4ae): 128 x 128 on 8 warps at D = 128 (~494-518 TFLOP/s against ~480-494
 # for 128 x 64; at D = 64 128 x 128 was 15% slower than 128 x 64, so not listed there).
-# Since git 5b755ec's sweep, 64 x 64 on 4 warps with 3 stages leads at D = 128: 522 TFLOP/s
-# dense (128 x 128 w8 s3 484-513 in the same run) and 420 on the padded batch (B = 16,
-# S = 2048; 128 x 64 w8 s3 402, 128 x 128 394). Its 112 KB of shared memory and 168
-# registers let two blocks share an SM, so one block's softmax runs beside the other's
-# matmuls and its prologue / epilogue beside the other's loop, which short (padded)
-# sequences have more of; the 2-stage copy (80 KB) trailed at 446 / 353. Autotuned: untimed.
+# 64 x 64 on 4 warps with 3 stages (two blocks per SM) is not listed: git 5b755ec's sweep
+# timed it ahead at D = 128 (522 TFLOP/s dense against 484-513 for 128 x 128 w8 s3; 420
+# against 402 on the padded batch), but once listed (git 69fcae8) the autotuner picked it
+# at S = 4k and bench_attention timed that forward at 464, below the 498 of 128 x 128 in the
+# previous call, and on the padded batch the autotuner kept 128 x 64 w8 s4: no consistent
+# gain across calls, so the list stays as timed at 498 / 497 (sweep_attention_tiles.py keeps it
+# among its candidates).
 # Backward at D = 128 (git c3c84b9, after dS moved first in the 64-row dK/dV tiles and the
 # padded layout's query blocks started aligned; TFLOP/s of the whole backward): dK/dV
 # 64 x 64 on 4 warps 381 dense / 345 padded, 64 x 128 on 8 warps 366 / 331, its one-stage
@@ -948,7 +949,7 @@ def _cfg(bm, bn, w, s, split=False):
 FWD_CONFIGS = {
     32: [_cfg(128, 64, 4, 3)],
     64: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
-    128: [_cfg(64, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
+    128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
 BWD_DQ_CONFIGS = {
