@@ -186,8 +186,9 @@ def spill_text(r: dict) -> str:
 
 
 def assert_compile_results(results: list[dict], cc: int, allow: dict | None = None, spills: bool = True) -> None:
-    """Fail on compile errors, register spills, shared memory over the chip's limit, and (sm_90,
-    results carrying a ``wgmma`` flag, non-fp32) PTX without wgmma.
+    """Fail on compile errors, register spills, shared memory over the chip's limit, (sm_90,
+    results carrying a ``wgmma`` flag, non-fp32) PTX without wgmma, and (results carrying a
+    ``tma`` flag: TMA tiles) PTX without tensor bulk copies.
 
     A spill is any ``STL`` / ``LDL`` in the SASS, a ``STACK`` frame or ``LOCAL`` memory (see
     :func:`cubin_usage`; ``LOCAL`` alone stays 0 when ptxas spills). ``allow`` maps a result's
@@ -219,6 +220,8 @@ def assert_compile_results(results: list[dict], cc: int, allow: dict | None = No
             bad.append(f"{r['id']}: shared memory {r['shared']} > {r['limit']}")
         if cc == 90 and "wgmma" in r and not r.get("fp32") and not r["wgmma"]:
             bad.append(f"{r['id']}: sm_90 PTX has no wgmma")
+        if "tma" in r and not r["tma"]:
+            bad.append(f"{r['id']}: a TMA tile whose PTX has no cp.async.bulk.tensor")
     bad += [f"{case}: allowed to spill but no configuration spills now; remove its allowance"
             for case, w in worst.items() if w == 0 and spills]
     summary = "\n".join(f"{r['id']}: regs={r['registers']} smem={r['shared']} {spill_text(r)}"

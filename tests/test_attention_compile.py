@@ -15,7 +15,9 @@ since each is a kernel of its own to ptxas. The configurations come from the mod
 the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
 ``BLOCK_D = 128`` and its head-dim mask, so 80 stands for both; 128 fills the block and is
 compiled too (``HEAD_DIMS``); bf16 stands for fp16 (same footprint). fp32 is compiled for every head dim on
-both chips.
+both chips. The forward's TMA tiles (sm_90) compile in every variant but the two whose masks
+may have holes, which never launch them (the span variants stand in), and must show tensor
+bulk copies in their PTX.
 
 Without a GPU, conftest.py turns on ``TRITON_INTERPRET=1``, under which ``@triton.jit``
 returns interpreter objects that cannot be compiled; each group therefore compiles in a
@@ -176,6 +178,7 @@ def _case(kind, hd, fp32, dropout=False):
 
 def _case_id(kind, hd, fp32, c, cc, dropout=False, variant="mask-softcap"):
     split = "-split" if c.kwargs.get("SPLIT_M") else ""
+    split += "-tma" if c.kwargs.get("TMA") else ""
     return (f"{_case(kind, hd, fp32, dropout)}-{variant}"
             f"-m{c.kwargs['BLOCK_M']}n{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{split}-sm{cc}")
 
@@ -208,13 +211,23 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
     if kernel is tk._attn_fwd_kernel or kind == "dq":
         consts["MASK_HOLES"] = mask and variant not in SPAN_VARIANTS
     elem = "fp32" if fp32 else "bf16"
+    if kernel is tk._attn_fwd_kernel:
+        # the TMA tiles' host descriptors (4-D, one row block of one head), else None
+        tma = bool(c.kwargs.get("TMA", False))
+        consts["TMA"] = tma
+        bd = tk._block_d(hd)
+        for name, rows in (("QD", c.kwargs["BLOCK_M"]), ("KD", c.kwargs["BLOCK_N"]), ("VD", c.kwargs["BLOCK_N"])):
+            if tma:
+                ptrs[name] = f"tensordesc<{elem}[1,{rows},1,{bd}]>"
+            else:
+                consts[name] = None
     sig = triton_signature(kernel, consts, ptrs, ("sm_scale", "softcap", "drop_scale"), elem)
     case = f"{kind}-{_allowance_case(kind, _case(kind, hd, fp32, dropout)[len(kind) + 1:], cc, variant)}"
     r = dict(id=_case_id(kind, hd, fp32, c, cc, dropout, variant), case=case, fp32=fp32)
     try:
         # As launched: 16-byte aligned pointers; token / head / batch strides of q, k, v and
         # their gradients are multiples of D (>= 32), so Triton specialises them as /16.
-        div = set(ptrs) | {n for n in kernel.arg_names if n.startswith("stride_") and n[-1] in "bth"
+        div = {n for n, t in ptrs.items() if t.startswith("*")} | {n for n in kernel.arg_names if n.startswith("stride_") and n[-1] in "bth"
                            and not n.startswith(("stride_l", "stride_m"))}
         info = compile_for(kernel, sig, consts, cc, c.num_warps, c.num_stages, divisible=div)
         r.update(ok=True, **{k: info[k] for k in USAGE_KEYS}, limit=SMEM_LIMIT[cc])
@@ -222,6 +235,8 @@ def _compile_one(kind: str, hd: int, fp32: bool, c, cc: int, dropout: bool = Fal
             r["cubin"] = info["cubin"].hex()
         if kind != "delta":  # the delta pass has no matmul
             r["wgmma"] = "wgmma" in info["ptx"]
+        if c.kwargs.get("TMA"):  # the tile's loads are tensor-map bulk copies
+            r["tma"] = "cp.async.bulk.tensor" in info["ptx"]
     except Exception as e:  # reported by the test, with the config's name
         r.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
     return r
@@ -237,6 +252,10 @@ def _compile_group(kind: str, cc: int, dropout: bool = False, only: str | None =
         for fp32 in (False, True) if hd in FP32_HEAD_DIMS else (False,):
             for c in cfgs(hd, fp32, dropout, cc):
                 for variant in _variants(kind, hd, fp32, dropout):
+                    if c.kwargs.get("TMA") and variant in ("mask", "mask-softcap"):
+                        # TMA tiles never launch with a mask that may have holes (attention._tma_ok,
+                        # the kernel's static_assert): their masked variants are the span ones
+                        variant = {"mask": "mask-spans", "mask-softcap": "mask-spans-softcap"}[variant]
                     key = (hd, fp32, str(c), variant)
                     if key in seen or (only and only not in _case_id(kind, hd, fp32, c, cc, dropout, variant)):
                         continue
@@ -341,6 +360,20 @@ def test_spill_check_sees_spills():
         assert_compile_results([spilling], 90, {spilling["case"]: (n - 1, "test")})
     with pytest.raises(AssertionError, match="remove its allowance"):
         assert_compile_results([clean], 90, {clean["case"]: (1, "test")})
+
+
+def test_tma_tiles_compile_to_bulk_copies():
+    """The forward's TMA tiles compile to tensor-map bulk copies (``cp.async.bulk.tensor``),
+    the pointer tiles to none; a TMA result without them fails the check."""
+    from helpers import assert_compile_results, run_compile_worker
+
+    results = run_compile_worker(__file__, "fwd", 90, 0, "d128-bf16-dense-m128n128w8s3")
+    by_tma = {r["id"].endswith("-tma-sm90"): r for r in results}
+    assert set(by_tma) == {True, False}, [r["id"] for r in results]
+    assert by_tma[True]["tma"] is True and "tma" not in by_tma[False]
+    assert_compile_results(results, 90)
+    with pytest.raises(AssertionError, match="no cp.async.bulk.tensor"):
+        assert_compile_results([dict(by_tma[True], tma=False)], 90)
 
 
 def check_hot_loops(results: list[dict], bounds: dict) -> None:

@@ -111,6 +111,48 @@ def test_bf16_split_tile_option(layout, monkeypatch):
     assert tk.LAST_TILES["dkdv"] == "64x128 w8 s1 split"
 
 
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("layout", ["dense", "right", "left", "varlen"])
+def test_bf16_tma_tiles(D, layout, monkeypatch):
+    """Every forward TMA tile of the list (host descriptors, bulk tensor copies) on the GPU,
+    bf16, against the reference: dense, right / left padding noted hole-free (as hf
+    PaddingInfo notes it), packed sequences whose tail blocks read into the next one."""
+    from llm2vec_fast import _tensor_cache as tc
+    from llm2vec_fast.kernels.reference import attention_varlen_ref
+    from llm2vec_fast.kernels.triton import attention as tk
+
+    monkeypatch.setattr(tc, "_HOLE_FREE", [None])
+    real = tk.heuristic_config
+    B, S = 3, 700
+    pos = torch.arange(S, device=DEV)[None]
+    lens = torch.tensor([700, 333, 65], device=DEV)
+    for tile in [c for c in tk.fwd_configs(D) if c.kwargs.get("TMA")]:
+        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, tma=False, **kw: tile if kind == "fwd" and tma
+                            else real(kind, *a, tma=tma, **kw))
+        if layout == "varlen":
+            _, varlen = _ops()
+            cu = torch.zeros(B + 1, dtype=torch.int32, device=DEV)
+            cu[1:] = torch.cumsum(lens, 0)
+            T = int(cu[-1])
+            q, k, v = (torch.randn(T, h, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+            out = varlen(q, k, v, cu, cu, S, S, backend="triton")
+            do = torch.randn_like(out)
+            g = _grads(out, (q, k, v), do)
+            ref32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            o_or = attention_varlen_ref(*ref32, cu, cu, D ** -0.5, 0.0, upcast=True)
+            o_nat = attention_varlen_ref(q, k, v, cu, cu, D ** -0.5, 0.0, upcast=False)
+            assert_close_rule(out, o_or, o_nat, atol=1e-3, name="out")
+            g_or, g_nat = _grads(o_or, ref32, do.float()), _grads(o_nat, (q, k, v), do)
+            for n, a, b, c in zip("qkv", g, g_or, g_nat):
+                assert_close_rule(a, b, c, factor=3.0, atol=1e-3, name=f"d{n}")
+        else:
+            mask = None if layout == "dense" else pos >= S - lens[:, None] if layout == "left" else pos < lens[:, None]
+            if mask is not None:
+                tc.note_hole_free(mask)
+            _check_padded(B, S, 8, 2, D, torch.bfloat16, mask)
+        assert tk.LAST_TILES["fwd"] == tk.tile_name(tile)
+
+
 def test_bf16_right_left_padding_softcap():
     B, S = 4, 700
     lens = torch.tensor([700, 1, 350, 0], device=DEV)

@@ -295,6 +295,113 @@ def test_hole_free_mask_forward(device, monkeypatch, mode):
     assert [(k, h) for k, h in launched[-3:] if k in ("fwd", "dq")] == [("fwd", True), ("dq", True)]
 
 
+@pytest.fixture
+def force_tma(monkeypatch):
+    """TMA tiles under the interpreter (which runs descriptor loads on the CPU): the heuristic's
+    interpreter tile with its TMA option, wherever :func:`_tma_ok`'s other rules allow."""
+    monkeypatch.setattr(tk, "_FORCE_TMA", True)
+
+
+TMA_CASES = [(64, 1), (80, 4), (128, 8)]
+
+
+@pytest.mark.parametrize("D,ratio", TMA_CASES, ids=[f"d{d}-g{r}" for d, r in TMA_CASES])
+def test_tma_tiles_varlen(D, ratio, device, force_tma):
+    """Packed sequences through the forward's TMA tiles: each tail block's descriptor rows run
+    into the next sequence (the last one's past the tensor's end, zeros), D = 80 pads the
+    head dim from the descriptor's bounds; output, lse and the three gradients against the
+    oracle as every other case."""
+    tk.LAST_TILES.clear()
+    _varlen_case([1, 17, 97, 130], 2 * ratio, 2, D, torch.float16, device)
+    assert tk.LAST_TILES["fwd"] == "32x32 w4 s1 tma"
+
+
+@pytest.mark.parametrize("mode", ["none", "third", "left", "random"])
+def test_tma_tiles_padded(mode, device, force_tma, monkeypatch):
+    """The padded layout through the TMA tiles where the mask is noted hole-free (left / right
+    padding, as hf PaddingInfo notes it) or absent; a mask with holes keeps the pointer tiles
+    (TMA tiles have no loop copy for holes)."""
+    from llm2vec_fast import _tensor_cache as tc
+
+    monkeypatch.setattr(tc, "_HOLE_FREE", [None])
+    B, S, H, Hkv, D = 3, 75, 4, 2, 64
+    mask = _mask(mode, B, S, device)
+    if mode in ("third", "left"):
+        tc.note_hole_free(mask)
+    tk.LAST_TILES.clear()
+    out, lse, grads = _padded_case(mask, B, S, H, Hkv, D, torch.float16, device)
+    assert tk.LAST_TILES["fwd"] == ("32x32 w4 s1" if mode == "random" else "32x32 w4 s1 tma")
+    if mask is not None:
+        assert (out[~mask] == 0).all() and torch.isneginf(lse.permute(0, 2, 1)[~mask]).all()
+
+
+@pytest.mark.parametrize("mode", ["left", "third"])
+def test_tma_padding_contents_never_reach_valid_tokens(mode, device, force_tma, monkeypatch):
+    """NaN at padded positions of q, k, v (against zeros) through the TMA forward: its tiles
+    read padding rows whole (a tail block's keys past the span, queries below / past it), so
+    the scores' key mask and V's zeroed tail rows must keep them out: valid outputs equal to
+    the bit, padded rows exactly 0, and the backward's gradients unchanged."""
+    from llm2vec_fast import _tensor_cache as tc
+
+    monkeypatch.setattr(tc, "_HOLE_FREE", [None])
+    B, S, H, D = 3, 90, 2, 64
+    mask = _mask(mode, B, S, device)
+    base = [torch.randn(B, S, H, D, device=device, dtype=torch.float16) for _ in range(4)]
+
+    def run(fill):
+        q, k, v, do = (t.clone() for t in base)
+        for t in (q, k, v, do):
+            t[~mask] = fill
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        m = mask.clone()
+        tc.note_hole_free(m)
+        out = flash_attn_noncausal(q, k, v, m, backend="triton")
+        assert tk.LAST_TILES["fwd"].endswith("tma")
+        out.backward(do)
+        return [out] + [t.grad for t in (q, k, v)]
+
+    clean, poisoned = run(0.0), run(float("nan"))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, poisoned):
+        assert torch.isfinite(b[mask]).all(), f"{name}: padding leaked into valid positions"
+        assert torch.equal(a[mask], b[mask]), f"{name}: valid positions changed with the padding's contents"
+        assert (b[~mask] == 0).all(), f"{name}: padded positions must be 0 whatever they hold"
+
+
+def test_tma_rules(device, monkeypatch):
+    """Which launches take TMA tiles (:func:`_tma_ok`): 16-bit, no dropout, no mask with holes,
+    tensors a tensor map can describe, LLM2VEC_FAST_ATTN_TMA not 0, and a GPU of the sm_90
+    family (or the tests' interpreter switch). A bad value of the variable is refused by name."""
+    q = torch.randn(10, 4, 64, device=device, dtype=torch.float16)
+    k = v = torch.randn(10, 2, 64, device=device, dtype=torch.float16)
+    assert not tk._tma_ok(q, k, v, False, False, False)  # no sm_90 GPU here
+    monkeypatch.setattr(tk, "_FORCE_TMA", True)
+    assert tk._tma_ok(q, k, v, False, False, False)
+    assert not tk._tma_ok(q.float(), k.float(), v.float(), True, False, False)
+    assert not tk._tma_ok(q, k, v, False, True, False)  # dropout
+    assert not tk._tma_ok(q, k, v, False, False, True)  # a mask that may have holes
+    odd = torch.randn(10 * 4 * 64 + 1, device=device, dtype=torch.float16)[1:].view(10, 4, 64)
+    assert not tk._tma_ok(odd, k, v, False, False, False)  # base not 16-byte aligned
+    narrow = torch.randn(10, 4, 68, device=device, dtype=torch.float16)[..., :64]
+    assert not tk._tma_ok(narrow, k, v, False, False, False)  # a head stride of 136 bytes
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_TMA", "0")
+    assert not tk._tma_ok(q, k, v, False, False, False)
+    monkeypatch.setenv("LLM2VEC_FAST_ATTN_TMA", "yes")
+    with pytest.raises(ValueError, match="LLM2VEC_FAST_ATTN_TMA"):
+        tk._tma_ok(q, k, v, False, False, False)
+    # the lists: TMA tiles only for 16-bit sm_90 launches that pass descriptors
+    tma_tiles = [c for c in tk.fwd_configs(128) if c.kwargs.get("TMA")]
+    assert tma_tiles and all(c.pre_hook is not None for c in tma_tiles)
+    assert not any(c.kwargs.get("TMA") for c in tk._configs("fwd", 128, False, False, 90, tma=False))
+    assert not any(c.kwargs.get("TMA") for c in tk.fwd_configs(128, chip=80))
+    assert not any(c.kwargs.get("TMA") for c in tk.fwd_configs(128, dropout=True) + tk.fwd_configs(128, fp32=True))
+    # descriptors: 4-D, packed as (1, T, H, D); block shapes set from a config's tiles
+    qd, kd, vd = tk._tma_descs(q, k, v, varlen=True)
+    assert qd.shape == [1, 10, 4, 64] and kd.shape == [1, 10, 2, 64]
+    tma_tiles[0].pre_hook({"QD": qd, "KD": kd, "VD": vd, **tma_tiles[0].kwargs})
+    bm, bn = tma_tiles[0].kwargs["BLOCK_M"], tma_tiles[0].kwargs["BLOCK_N"]
+    assert qd.block_shape == [1, bm, 1, 64] and kd.block_shape == vd.block_shape == [1, bn, 1, 64]
+
+
 def test_power_of_two_helpers():
     """The launchers' integer next-power-of-two (head-dim block, sequence bucket) agrees with
     Triton's at every size around the boundaries."""
@@ -444,7 +551,7 @@ def test_gpu_tiles_in_interpreter(monkeypatch, device, D):
     # The heuristic's CUDA tiles (64 / 128 rows) run here too: at D = 64 the unmasked
     # full-block paths, at BLOCK_D 128 (D = 80 with its head-dim mask, D = 128) the dK/dV
     # kernel's one key-masked loop for 64-row tiles, which forms dS before the dV matmul.
-    def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90):
+    def big(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90, **kw):
         return tk._cfg(64, 128, 4, 1) if kind == "dkdv" else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1)
 
     monkeypatch.setattr(tk, "heuristic_config", big)
@@ -850,7 +957,7 @@ def test_dropout_mask_does_not_depend_on_tiles(D, monkeypatch, device):
     # The CUDA dropout tiles (fwd 64 / 128 rows, dQ 64 x 32, dK/dV 16 / 32 query rows)
     # regenerate the mask the 32 x 32 debug kernel wrote: the RNG counters are positions,
     # not block indices.
-    def cuda_tiles(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90):
+    def cuda_tiles(kind, head_dim, fp32, max_seqlen, on_cuda, dropout=False, chip=90, **kw):
         c = tk._configs(kind, head_dim, False, True)[0]
         return tk._cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 4, 1)
 

@@ -88,7 +88,7 @@ def test_attention_launches_directly_once_tuned(monkeypatch):
 
     runs = []
 
-    def tuned(kind, head_dim, fp32, dropout, chip):
+    def tuned(kind, head_dim, fp32, dropout, chip, tma=False):
         c = tk.heuristic_config(kind, head_dim, fp32, 64, False, dropout, chip)
         other = triton.Config(dict(c.kwargs), num_warps=c.num_warps * 2, num_stages=c.num_stages)
         t = triton.autotune(configs=[c, other], key=tk._autotune_key(kind))(tk._KERNELS[kind])
@@ -100,7 +100,7 @@ def test_attention_launches_directly_once_tuned(monkeypatch):
     tuned = functools.cache(tuned)
     launch = tk._launch
     monkeypatch.setattr(tk, "_tuned", tuned)
-    monkeypatch.setattr(tk, "_launch", lambda *a: launch(*a[:-1], True))  # on_cuda
+    monkeypatch.setattr(tk, "_launch", lambda *a, **kw: launch(*a[:-1], True, **kw))  # on_cuda
     monkeypatch.setattr(tk, "chip_of", lambda device: 90)
     monkeypatch.setenv("LLM2VEC_FAST_AUTOTUNE", "1")
     monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "separate")

@@ -23,7 +23,7 @@ def tile_name(c: triton.Config) -> str:
     """``BLOCK_M x BLOCK_N [x BLOCK_K] w<warps> s<stages>`` of a launch configuration."""
     k = c.kwargs
     name = "x".join(str(k[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in k) + f" w{c.num_warps} s{c.num_stages}"
-    return name + " split" if k.get("SPLIT_M") else name
+    return name + (" split" if k.get("SPLIT_M") else "") + (" tma" if k.get("TMA") else "")
 
 
 def _pick_key(tuner, args, kwargs) -> tuple:
@@ -41,7 +41,7 @@ def _pick_key(tuner, args, kwargs) -> tuple:
     return tuple(key)
 
 
-def launch_tuned(tuner, grid, args, kwargs) -> triton.Config:
+def launch_tuned(tuner, grid, args, kwargs, prepare=None) -> triton.Config:
     """Launch ``tuner``'s kernel (``tuner[grid](*args, **kwargs)``) and return the config it ran.
 
     The first launch of each autotuner key goes through the autotuner (which times the configs
@@ -53,6 +53,9 @@ def launch_tuned(tuner, grid, args, kwargs) -> triton.Config:
     every launch) always go through the autotuner, as do single-config tuners (it skips its
     lookup for those itself). ``grid`` is a tuple, or a callable of the config's kwargs (the tile
     sizes) as the autotuner's grid callables are here. ``tuner.best_config`` is set either way.
+    ``prepare(config)``, where given, does what the configs' pre_hooks do (they must then only
+    adjust arguments to the config): such configs are remembered too, and it runs before each
+    direct launch.
     """
     if len(tuner.configs) <= 1:
         tuner[grid](*args, **kwargs)
@@ -64,11 +67,13 @@ def launch_tuned(tuner, grid, args, kwargs) -> triton.Config:
     hit = picks.get(key)
     if hit is not None:
         cfg, cfg_kwargs = hit
+        if prepare is not None:
+            prepare(cfg)
         tuner.fn[grid(cfg.kwargs) if callable(grid) else grid](*args, **kwargs, **cfg_kwargs)
         tuner.best_config = cfg
         return cfg
     tuner[grid](*args, **kwargs)
     cfg = tuner.best_config
-    if cfg.pre_hook is None:
+    if cfg.pre_hook is None or prepare is not None:
         picks[key] = (cfg, cfg.all_kwargs())
     return cfg
