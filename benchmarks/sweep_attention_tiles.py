@@ -50,10 +50,10 @@ DEFAULT_TILES = {
     # (and the TMA tiles: listed for the autotuner, never timed yet)
     ("fwd", 128): "128x128w8s3tma,128x128w8s3,128x64w8s3tma,128x64w8s3,64x64w4s3tma,64x64w4s3,128x64w8s4,128x128w8s2",
     ("fwd", 64): "128x64w8s3tma,128x64w8s3,128x128w8s3,128x64w4s3,128x32w4s3",
-    ("dq", 128): "64x64w4s2,128x64w8s2,128x64w8s3,128x128w8s2,128x128w8s1",
-    ("dq", 64): "64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
-    ("dkdv", 128): "64x128w8s2,64x128w8s1,64x128w8s1split,32x128w8s2,32x64w4s2,64x64w4s2,64x64w8s1",
-    ("dkdv", 64): "32x64w4s3,64x64w4s2,32x128w8s2,64x128w8s2,64x64w4s3",
+    ("dq", 128): "128x64w8s3tma,64x64w4s2tma,128x64w8s3,64x64w4s2,128x64w8s2,128x128w8s2",
+    ("dq", 64): "64x64w4s2tma,64x64w4s2,128x64w8s2,128x32w4s2,64x128w4s2",
+    ("dkdv", 128): "64x64w4s2tma,64x128w8s2tma,64x64w4s2,64x128w8s2,64x128w8s1,64x128w8s1split,32x64w4s2",
+    ("dkdv", 64): "64x64w4s2tma,32x64w4s2tma,32x64w4s2,32x64w4s3,64x64w4s2,32x128w8s2",
     # the atomic backward's dK/dV kernel (its list, then tiles that spill more; never timed yet)
     ("dkdv_atomic", 128): "64x128w8s1,64x64w8s1,32x128w8s1,32x64w8s2,64x128w8s2,64x64w8s2",
     ("dkdv_atomic", 64): "64x128w8s1,64x64w8s2,32x128w8s2,64x128w8s2,64x64w4s2",

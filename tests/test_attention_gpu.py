@@ -112,11 +112,12 @@ def test_bf16_split_tile_option(layout, monkeypatch):
 
 
 @pytest.mark.parametrize("D", [64, 80, 128])
-@pytest.mark.parametrize("layout", ["dense", "right", "left", "varlen"])
+@pytest.mark.parametrize("layout", ["dense", "right", "varlen"])
 def test_bf16_tma_tiles(D, layout, monkeypatch):
-    """Every forward TMA tile of the list (host descriptors, bulk tensor copies) on the GPU,
-    bf16, against the reference: dense, right / left padding noted hole-free (as hf
-    PaddingInfo notes it), packed sequences whose tail blocks read into the next one."""
+    """Every TMA tile of the forward's list (host descriptors) and of the dQ and dK/dV kernels'
+    (descriptors made in the kernel, bounded to each sequence) on the GPU, bf16, against the
+    reference: dense, right padding noted hole-free (as hf PaddingInfo notes it), packed
+    sequences whose tail blocks read into the next one (left padding: the interpreter tests)."""
     from llm2vec_fast import _tensor_cache as tc
     from llm2vec_fast.kernels.reference import attention_varlen_ref
     from llm2vec_fast.kernels.triton import attention as tk
@@ -126,8 +127,12 @@ def test_bf16_tma_tiles(D, layout, monkeypatch):
     B, S = 3, 700
     pos = torch.arange(S, device=DEV)[None]
     lens = torch.tensor([700, 333, 65], device=DEV)
-    for tile in [c for c in tk.fwd_configs(D) if c.kwargs.get("TMA")]:
-        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, tma=False, **kw: tile if kind == "fwd" and tma
+    tiles = [("fwd", c) for c in tk.fwd_configs(D) if c.kwargs.get("TMA")]
+    tiles += [("dq", c) for c in tk.bwd_dq_configs(D) if c.kwargs.get("TMA")]
+    tiles += [("dkdv", c) for c in tk.bwd_dkdv_configs(D) if c.kwargs.get("TMA")]
+    assert {k for k, _ in tiles} == {"fwd", "dq", "dkdv"}
+    for which, tile in tiles:
+        monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, tma=False, **kw: tile if kind == which and tma
                             else real(kind, *a, tma=tma, **kw))
         if layout == "varlen":
             _, varlen = _ops()
@@ -146,11 +151,11 @@ def test_bf16_tma_tiles(D, layout, monkeypatch):
             for n, a, b, c in zip("qkv", g, g_or, g_nat):
                 assert_close_rule(a, b, c, factor=3.0, atol=1e-3, name=f"d{n}")
         else:
-            mask = None if layout == "dense" else pos >= S - lens[:, None] if layout == "left" else pos < lens[:, None]
+            mask = None if layout == "dense" else pos < lens[:, None]
             if mask is not None:
                 tc.note_hole_free(mask)
             _check_padded(B, S, 8, 2, D, torch.bfloat16, mask)
-        assert tk.LAST_TILES["fwd"] == tk.tile_name(tile)
+        assert tk.LAST_TILES[which] == tk.tile_name(tile)
 
 
 def test_bf16_right_left_padding_softcap():

@@ -307,13 +307,15 @@ TMA_CASES = [(64, 1), (80, 4), (128, 8)]
 
 @pytest.mark.parametrize("D,ratio", TMA_CASES, ids=[f"d{d}-g{r}" for d, r in TMA_CASES])
 def test_tma_tiles_varlen(D, ratio, device, force_tma):
-    """Packed sequences through the forward's TMA tiles: each tail block's descriptor rows run
-    into the next sequence (the last one's past the tensor's end, zeros), D = 80 pads the
-    head dim from the descriptor's bounds; output, lse and the three gradients against the
-    oracle as every other case."""
+    """Packed sequences through the TMA tiles. The forward's host descriptors: each tail
+    block's rows run into the next sequence (the last one's past the tensor's end, zeros).
+    The dK/dV kernel's descriptors, bounded to each sequence: its unmasked loop reads lse2 and
+    delta past the span (the next sequence's rows, the buffers' tail). D = 80 pads the head
+    dim from the descriptors' bounds; output, lse and the three gradients against the oracle
+    as every other case."""
     tk.LAST_TILES.clear()
     _varlen_case([1, 17, 97, 130], 2 * ratio, 2, D, torch.float16, device)
-    assert tk.LAST_TILES["fwd"] == "32x32 w4 s1 tma"
+    assert tk.LAST_TILES["fwd"] == tk.LAST_TILES["dq"] == tk.LAST_TILES["dkdv"] == "32x32 w4 s1 tma"
 
 
 @pytest.mark.parametrize("mode", ["none", "third", "left", "random"])
@@ -330,9 +332,38 @@ def test_tma_tiles_padded(mode, device, force_tma, monkeypatch):
         tc.note_hole_free(mask)
     tk.LAST_TILES.clear()
     out, lse, grads = _padded_case(mask, B, S, H, Hkv, D, torch.float16, device)
-    assert tk.LAST_TILES["fwd"] == ("32x32 w4 s1" if mode == "random" else "32x32 w4 s1 tma")
+    assert tk.LAST_TILES["fwd"] == tk.LAST_TILES["dq"] == ("32x32 w4 s1" if mode == "random" else "32x32 w4 s1 tma")
+    assert tk.LAST_TILES["dkdv"] == "32x32 w4 s1 tma"  # dK/dV's TMA tiles take masks with holes too
     if mask is not None:
         assert (out[~mask] == 0).all() and torch.isneginf(lse.permute(0, 2, 1)[~mask]).all()
+
+
+def test_tma_tiles_very_negative_logits(device, force_tma):
+    """A sequence whose every score is below -128 / log2(e) (its lse2 < -128) after one with
+    ordinary scores, packed: the dK/dV tiles' query blocks past the first sequence read the
+    second's lse2 against zero q rows, and the dQ tiles' tail keys past the second's span are
+    zero K rows; exp2(-lse2) overflows there, so without their masks the zero rows would
+    turn inf into NaN. Gradients must stay finite and match the oracle."""
+    lens, H, D = [37, 45], 2, 64
+    cu = _cu(lens, device)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    q = torch.randn(82, H, D, generator=g)
+    k = torch.randn(82, H, D, generator=g)
+    q[37:] = -8.0 + 0.1 * q[37:]  # scores ~ -8 * 8 * 64 / 8 = -512 for the second sequence
+    k[37:] = 8.0 + 0.1 * k[37:]
+    v = torch.randn(82, H, D, generator=g)
+    scale = 1.0 / math.sqrt(D)
+
+    def fast(q_, k_, v_):
+        return flash_attn_varlen_noncausal(q_, k_, v_, cu, cu, 45, 45, scale, backend="triton", return_lse=True)
+
+    def reference(q_, k_, v_, upcast):
+        return ref.attention_varlen_ref(q_, k_, v_, cu, cu, scale, upcast=upcast, return_lse=True)
+
+    tk.LAST_TILES.clear()
+    out, lse, _ = _check(fast, reference, q.to(device), k.to(device), v.to(device), torch.float16, name="very negative")
+    assert lse[:, 37:].max() < -300  # the case: lse2 well below -128
+    assert tk.LAST_TILES["dq"] == tk.LAST_TILES["dkdv"] == "32x32 w4 s1 tma"
 
 
 @pytest.mark.parametrize("mode", ["left", "third"])
@@ -373,33 +404,61 @@ def test_tma_rules(device, monkeypatch):
     family (or the tests' interpreter switch). A bad value of the variable is refused by name."""
     q = torch.randn(10, 4, 64, device=device, dtype=torch.float16)
     k = v = torch.randn(10, 2, 64, device=device, dtype=torch.float16)
-    assert not tk._tma_ok(q, k, v, False, False, False)  # no sm_90 GPU here
+    assert not tk._tma_ok((q, k, v), False, False, False)  # no sm_90 GPU here
     monkeypatch.setattr(tk, "_FORCE_TMA", True)
-    assert tk._tma_ok(q, k, v, False, False, False)
-    assert not tk._tma_ok(q.float(), k.float(), v.float(), True, False, False)
-    assert not tk._tma_ok(q, k, v, False, True, False)  # dropout
-    assert not tk._tma_ok(q, k, v, False, False, True)  # a mask that may have holes
+    assert tk._tma_ok((q, k, v), False, False, False)
+    assert not tk._tma_ok((q.float(), k.float(), v.float()), True, False, False)
+    assert not tk._tma_ok((q, k, v), False, True, False)  # dropout
+    assert not tk._tma_ok((q, k, v), False, False, True)  # a mask that may have holes
     odd = torch.randn(10 * 4 * 64 + 1, device=device, dtype=torch.float16)[1:].view(10, 4, 64)
-    assert not tk._tma_ok(odd, k, v, False, False, False)  # base not 16-byte aligned
+    assert not tk._tma_ok((odd, k, v), False, False, False)  # base not 16-byte aligned
     narrow = torch.randn(10, 4, 68, device=device, dtype=torch.float16)[..., :64]
-    assert not tk._tma_ok(narrow, k, v, False, False, False)  # a head stride of 136 bytes
+    assert not tk._tma_ok((narrow, k, v), False, False, False)  # a head stride of 136 bytes
     monkeypatch.setenv("LLM2VEC_FAST_ATTN_TMA", "0")
-    assert not tk._tma_ok(q, k, v, False, False, False)
+    assert not tk._tma_ok((q, k, v), False, False, False)
     monkeypatch.setenv("LLM2VEC_FAST_ATTN_TMA", "yes")
     with pytest.raises(ValueError, match="LLM2VEC_FAST_ATTN_TMA"):
-        tk._tma_ok(q, k, v, False, False, False)
+        tk._tma_ok((q, k, v), False, False, False)
     # the lists: TMA tiles only for 16-bit sm_90 launches that pass descriptors
     tma_tiles = [c for c in tk.fwd_configs(128) if c.kwargs.get("TMA")]
-    assert tma_tiles and all(c.pre_hook is not None for c in tma_tiles)
+    assert tma_tiles and [c for c in tk.bwd_dkdv_configs(128) if c.kwargs.get("TMA")]
+    # the autotuner's forward TMA tiles set their descriptors' block shapes; nothing else has a hook
+    hooks = {c.kwargs.get("TMA", False): c.pre_hook for c in tk._tuned("fwd", 128, False, False, 90, tma=True).configs}
+    assert hooks == {True: tk._DESC_BLOCKS, False: None}
+    assert all(c.pre_hook is None for c in tk._tuned("dkdv", 128, False, False, 90, tma=True).configs)
+    assert all(c.kwargs["BLOCK_M"] <= tk.TAIL_ROWS for c in tk.bwd_dkdv_configs(128) + tk.bwd_dkdv_configs(64))
     assert not any(c.kwargs.get("TMA") for c in tk._configs("fwd", 128, False, False, 90, tma=False))
     assert not any(c.kwargs.get("TMA") for c in tk.fwd_configs(128, chip=80))
     assert not any(c.kwargs.get("TMA") for c in tk.fwd_configs(128, dropout=True) + tk.fwd_configs(128, fp32=True))
     # descriptors: 4-D, packed as (1, T, H, D); block shapes set from a config's tiles
     qd, kd, vd = tk._tma_descs(q, k, v, varlen=True)
     assert qd.shape == [1, 10, 4, 64] and kd.shape == [1, 10, 2, 64]
-    tma_tiles[0].pre_hook({"QD": qd, "KD": kd, "VD": vd, **tma_tiles[0].kwargs})
+    tk._DESC_BLOCKS({"QD": qd, "KD": kd, "VD": vd, **tma_tiles[0].kwargs})
     bm, bn = tma_tiles[0].kwargs["BLOCK_M"], tma_tiles[0].kwargs["BLOCK_N"]
     assert qd.block_shape == [1, bm, 1, 64] and kd.block_shape == vd.block_shape == [1, bn, 1, 64]
+
+
+def test_tma_allocator_set_only_where_missing():
+    """The dQ / dK/dV TMA tiles make descriptors in the kernel, which takes global scratch from
+    Triton's allocator: set to torch's where the launching thread's context has none, a
+    caller's own allocator kept."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def run(preset):
+        if preset is not None:
+            triton.set_allocator(preset)
+        tk._ensure_allocator()
+        return _allocation._allocator.get()
+
+    import triton
+
+    assert contextvars.Context().run(run, None) is tk._torch_scratch
+    assert contextvars.Context().run(run, mine) is mine
 
 
 def test_power_of_two_helpers():

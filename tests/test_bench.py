@@ -224,9 +224,10 @@ def test_sweep_attention_tiles_parses_its_tiles(capsys):
             split = "split" if c.kwargs.get("SPLIT_M") else ""
             tma = "tma" if c.kwargs.get("TMA") else ""
             assert f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{split}{tma}" == spec
-            assert (c.pre_hook is not None) == bool(tma)  # a TMA tile sets its descriptors' block shapes
     assert "split" in sw.DEFAULT_TILES["dkdv", 128] and sw.parse_tile("64x128w8s1split").kwargs["SPLIT_M"] is True
-    assert "tma" in sw.DEFAULT_TILES["fwd", 128] and sw.parse_tile("128x128w8s3tma").kwargs["TMA"] is True
+    for kind in ("fwd", "dq", "dkdv"):
+        assert "tma" in sw.DEFAULT_TILES[kind, 128] and "tma" in sw.DEFAULT_TILES[kind, 64]
+    assert sw.parse_tile("128x128w8s3tma").kwargs["TMA"] is True
     with pytest.raises(ValueError, match="--tiles"):
         sw.parse_tile("64x64")
     # --layout: dense has no mask; padded is right padding (first sequence full, lengths >= 0.3 S);

@@ -385,13 +385,21 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr, KMASK: tl.constexpr, K_AXIS: tl.constexpr):
+def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.constexpr, KMASK: tl.constexpr,
+                K_AXIS: tl.constexpr, CLAMP: tl.constexpr = False):
     """Probabilities and the softcap derivative factor from raw scores ``qk`` (fp32).
 
     ``lse2`` is the base-2 lse with ``+inf`` for rows that have no valid key, ``K_AXIS``
     says which axis of ``qk`` runs over keys (1: ``(M, N)``, the dQ kernel; 0: ``(N, M)``,
     the dK/dV kernel). Invalid keys get exactly 0 from a select, never a product, so
     whatever their scores hold (NaN included) never gets through.
+
+    ``CLAMP`` (the TMA tiles, whose rows or keys past a span arrive as zero vectors): the
+    exponent is capped at 0, so P <= 1. A valid score is at most its row's lse (up to
+    rounding), so valid probabilities keep their value; a zero vector's score 0 against
+    another row's lse below -128 (very negative logits) would otherwise give inf, which the
+    zero rows it meets turn into NaN. One min per score, where a row or key select cost the
+    dK/dV loop ~100 instructions (sm_90).
     """
     if HAS_SOFTCAP:
         t = _tanh(qk * cap_in)
@@ -403,11 +411,21 @@ def _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP: tl.con
     if K_AXIS == 1:
         if KMASK:
             s = tl.where(kvalid[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
+        if CLAMP:
+            p = tl.exp2(tl.minimum(s - lse2[:, None], 0.0))
+        else:
+            p = tl.exp2(s - lse2[:, None])
     elif HAS_SOFTCAP:
         if KMASK:
             s = tl.where(kvalid[:, None], s, float("-inf"))
-        p = tl.exp2(s - lse2[None, :])
+        if CLAMP:
+            p = tl.exp2(tl.minimum(s - lse2[None, :], 0.0))
+        else:
+            p = tl.exp2(s - lse2[None, :])
+    elif CLAMP:
+        p = tl.exp2(tl.minimum(tl.fma(qk, qk_scale, -lse2[None, :]), 0.0))
+        if KMASK:
+            p = tl.where(kvalid[:, None], p, 0.0)
     else:
         # The dK/dV kernel's inner loop without softcap: one FFMA per score instead of a
         # product and a difference, and the key mask selected after exp2 (sm_90, D = 128,
@@ -439,13 +457,18 @@ def _dq_block(
     offs_n, offs_d, qk_scale, cap_in, cap_out, seed, bh, start_m, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    KD=None, VD=None, lo=0, hk=0, BLOCK_N: tl.constexpr = 16, TMA: tl.constexpr = False,
 ):
     cols = start_n + offs_n
     if BOUNDS:
         kvalid = cols < hi_k
     else:
         kvalid = cols >= 0
-    if BLOCK_D != HEAD_DIM or BOUNDS:
+    if TMA:
+        # descriptors bounded to the key span: keys past it arrive as zeros (below)
+        kT = tl.trans(KD.load([start_n - lo, hk, 0]).reshape(BLOCK_N, BLOCK_D))
+        vT = tl.trans(VD.load([start_n - lo, hk, 0]).reshape(BLOCK_N, BLOCK_D))
+    elif BLOCK_D != HEAD_DIM or BOUNDS:
         kvm = (offs_d < HEAD_DIM)[:, None] & kvalid[None, :]
         kT = tl.load(k_base + offs_d[:, None] + cols[None, :] * stride_kt, mask=kvm, other=0.0)
         vT = tl.load(v_base + offs_d[:, None] + cols[None, :] * stride_vt, mask=kvm, other=0.0)
@@ -455,7 +478,7 @@ def _dq_block(
     if HAS_MASK:
         kvalid = kvalid & (tl.load(mask_base + cols, mask=kvalid, other=0) != 0)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)
-    p, dcap = _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, BOUNDS or HAS_MASK, 1)
+    p, dcap = _bwd_scores(qk, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, BOUNDS or HAS_MASK, 1, TMA)
     dp = tl.dot(do, vT, input_precision=DOT_PREC)
     if DROPOUT:
         # dO V^T is the gradient of the dropped probabilities P * Z / (1 - p); the chain
@@ -466,6 +489,26 @@ def _dq_block(
     if HAS_SOFTCAP:
         ds = ds * dcap
     return dq + tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dq_loop_tma(
+    dq, q, do, lse2, delta, KD, VD, lo, hi_k, hk, offs_n, offs_d, qk_scale, cap_in, cap_out, start_m,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr, ROUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The TMA tiles' loop: K and V from descriptors bounded to the key span, one unmasked copy
+    for every key block. Keys past the span come as zero K and V rows: their P (capped at 1,
+    _bwd_scores' CLAMP: exp2 of a very negative lse would be inf) meets zero dP and a zero K
+    row in dS K, so they add exact zeros."""
+    for start_n in range(lo, hi_k, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, KD, VD, KD, 0, 0, start_n, hi_k,
+            offs_n, offs_d, qk_scale, cap_in, cap_out, 0, 0, start_m, 0, 1.0,
+            HEAD_DIM, BLOCK_D, False, False, HAS_SOFTCAP, DOT_PREC, False, ROUNDS, BLOCK_M,
+            KD, VD, lo, hk, BLOCK_N, True,
+        )
+    return dq
 
 
 @triton.jit
@@ -505,7 +548,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, DELTA_ONLY: tl.constexpr = False,
-    MASK_HOLES: tl.constexpr = True,
+    MASK_HOLES: tl.constexpr = True, TMA: tl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_q, BLOCK_M), H, B)``: dQ of one query block; writes delta and
     ``LSE2`` (the base-2 lse the dK/dV kernel reads, ``+inf`` for rows without keys) too.
@@ -515,7 +558,11 @@ def _attn_bwd_dq_kernel(
     ``DELTA_ONLY``: only ``delta = rowsum(dO * O)`` and ``LSE2`` (the atomic backward's first pass).
     ``MASK_HOLES`` False (a mask known hole-free, as for the forward): only the key loop
     without per-block mask reads is compiled.
+    ``TMA`` (a tile option; sm_90, 16-bit, no dropout, no mask that may have holes): K and V
+    tiles through descriptors the kernel makes for its sequence's span of keys, one unmasked
+    loop copy (keys past the span arrive as zeros and add exact zeros).
     """
+    tl.static_assert(not (TMA and (DROPOUT or (HAS_MASK and MASK_HOLES))))
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = _sequence(ORDER, tl.program_id(2), IS_VARLEN, HAS_MASK, HAS_SOFTCAP)
@@ -576,7 +623,18 @@ def _attn_bwd_dq_kernel(
         qk_scale = sm_scale * 1.4426950408889634
         cap_in = sm_scale / softcap
         cap_out = softcap * 1.4426950408889634
-        if HAS_MASK and MASK_HOLES:
+        if TMA:
+            span_k = tl.maximum(hi_k - lo, 1)
+            nhk = tl.num_programs(1) // GROUP
+            kd = tl.make_tensor_descriptor(K + bb * stride_kb + (k0 + lo) * stride_kt, shape=[span_k, nhk, HEAD_DIM],
+                                           strides=[stride_kt, stride_kh, 1], block_shape=[BLOCK_N, 1, BLOCK_D])
+            vd = tl.make_tensor_descriptor(V + bb * stride_vb + (k0 + lo) * stride_vt, shape=[span_k, nhk, HEAD_DIM],
+                                           strides=[stride_vt, stride_vh, 1], block_shape=[BLOCK_N, 1, BLOCK_D])
+            dq = _dq_loop_tma(
+                dq, q, do, lse2, delta, kd, vd, lo, hi_k, hk, offs_n, offs_d, qk_scale, cap_in, cap_out, start_m,
+                HEAD_DIM, BLOCK_D, BLOCK_N, HAS_SOFTCAP, DOT_PREC, ROUNDS, BLOCK_M,
+            )
+        elif HAS_MASK and MASK_HOLES:
             if holes:
                 dq = _dq_loop(
                     dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_kt, stride_vt, lo, hi_k,
@@ -605,7 +663,7 @@ def _dkdv_block(
     stride_dot, stride_dqt, offs_m, offs_d, qk_scale, cap_in, cap_out, seed, bh, offs_n, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KMASK: tl.constexpr,
     ROWMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr,
-    ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr, QD=None, DOD=None, h=0, TMA: tl.constexpr = False,
 ):
     """One query block's share of dK and dV. ``ROWMASK`` False: every row of the block lies in
     ``[lo, hi_q)``, so q, dO, lse and delta load without a row mask (the loop's full blocks);
@@ -617,31 +675,44 @@ def _dkdv_block(
         src = tl.maximum(rows, lo)
     else:
         src = rows
-    q_ptrs = q_base + offs_d[:, None] + src[None, :] * stride_qt
-    do_ptrs = do_base + src[:, None] * stride_dot + offs_d[None, :]
     dmask = offs_d < HEAD_DIM
-    if ROWMASK:
-        if DROPOUT:
-            rmask = (rows >= lo) & (rows < hi_q)
-        else:
-            rmask = rows < hi_q
-        # Rows outside load as zeros with lse = +inf: their probabilities are exactly 0.
-        qT = tl.load(q_ptrs, mask=dmask[:, None] & rmask[None, :], other=0.0)
-        do = tl.load(do_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
-        lse2 = tl.load(lse2_base + rows, mask=rmask, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
-        if ROWMASK == 2:
-            lse2 = tl.where(rows >= lo, lse2, float("inf"))
-            delta = tl.where(rows >= lo, delta, 0.0)
-    else:
-        if BLOCK_D != HEAD_DIM:
-            qT = tl.load(q_ptrs, mask=dmask[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=dmask[None, :], other=0.0)
-        else:
-            qT = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
+    if TMA:
+        # Descriptors bounded to the span [lo, hi_q): rows past it (and head-dim columns past
+        # HEAD_DIM) arrive as zeros, so they add exact zeros to dK and dV without a row mask.
+        qT = tl.trans(QD.load([start_m - lo, h, 0]).reshape(BLOCK_M, BLOCK_D))
+        do = DOD.load([start_m - lo, h, 0]).reshape(BLOCK_M, BLOCK_D)
+        # Loaded unmasked: past hi_q they read padded rows, the next sequence's or head's rows,
+        # or the buffers' tail (attention_backward), all finite or +inf; against the zero q
+        # and dO rows they add exact zeros, P capped at 1 (_bwd_scores' CLAMP: exp2 of
+        # another row's very negative lse would be inf, and inf * 0 NaN). Masking them cost
+        # the loop ~140 instructions, a select on lse2 ~100 (sm_90).
         lse2 = tl.load(lse2_base + rows)
         delta = tl.load(delta_base + rows)
+    else:
+        q_ptrs = q_base + offs_d[:, None] + src[None, :] * stride_qt
+        do_ptrs = do_base + src[:, None] * stride_dot + offs_d[None, :]
+        if ROWMASK:
+            if DROPOUT:
+                rmask = (rows >= lo) & (rows < hi_q)
+            else:
+                rmask = rows < hi_q
+            # Rows outside load as zeros with lse = +inf: their probabilities are exactly 0.
+            qT = tl.load(q_ptrs, mask=dmask[:, None] & rmask[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
+            lse2 = tl.load(lse2_base + rows, mask=rmask, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+            if ROWMASK == 2:
+                lse2 = tl.where(rows >= lo, lse2, float("inf"))
+                delta = tl.where(rows >= lo, delta, 0.0)
+        else:
+            if BLOCK_D != HEAD_DIM:
+                qT = tl.load(q_ptrs, mask=dmask[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=dmask[None, :], other=0.0)
+            else:
+                qT = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            lse2 = tl.load(lse2_base + rows)
+            delta = tl.load(delta_base + rows)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC)
     if (not DROPOUT) and (not ATOMIC_DQ):
         # S^T and dP^T first, back to back, then P, dV: nothing of the scores' math is held
@@ -649,7 +720,7 @@ def _dkdv_block(
         # stores / loads 2 / 12 -> 0 / 0, 33 / 60 -> 0 / 24 with mask and softcap). The
         # atomic kernel's extra dQ matmul spills more in this order, so it keeps the other.
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0, TMA)
         if (BLOCK_D >= 128) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
             # The big tiles also form dS before either update matmul: P, dP and the
             # softcap factor die in one elementwise pass instead of living across the dV
@@ -667,13 +738,13 @@ def _dkdv_block(
     elif DROPOUT:
         # The forward's mask, transposed: dV = (P * Z)^T dO / (1 - p) (the rescale is
         # applied once, after the loops) and dP = Z * (dO V^T) / (1 - p).
-        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0, TMA)
         keepT = _dropout_keep(seed, bh, start_m, offs_n, drop_thresh, BLOCK_M, ROUNDS, 0)
         dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dpT = tl.where(keepT, dpT * drop_scale, 0.0)
     else:
-        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0)
+        pT, dcap = _bwd_scores(qkT, lse2, kvalid, qk_scale, cap_in, cap_out, HAS_SOFTCAP, KMASK, 0, TMA)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
@@ -692,6 +763,29 @@ def _dkdv_block(
             tl.atomic_add(dq_ptrs, dq, mask=dmask[None, :], sem="relaxed")
         else:
             tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_loop_tma(
+    dk, dv, k, v, kvalid, QD, DOD, LSE2, DELTA, bb, q0, hk, GROUP, lo, hi_q, stride_lb, stride_lh,
+    offs_m, offs_d, qk_scale, cap_in, cap_out, offs_n,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr, ROUNDS: tl.constexpr,
+):
+    """The TMA tiles' loops: q and dO from descriptors bounded to the span, so every query
+    block runs the one copy without row or key masks, from lo (an unaligned start costs a
+    TMA copy nothing)."""
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        l_off = bb * stride_lb + h.to(tl.int64) * stride_lh + q0
+        for start_m in range(lo, hi_q, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kvalid, QD, DOD, LSE2 + l_off, DELTA + l_off, DELTA, start_m, lo, hi_q,
+                0, 0, 0, offs_m, offs_d, qk_scale, cap_in, cap_out, 0, 0,
+                offs_n, 0, 1.0, HEAD_DIM, BLOCK_D, BLOCK_M, False, 0, HAS_SOFTCAP,
+                DOT_PREC, False, ROUNDS, False, QD, DOD, h, True,
+            )
     return dk, dv
 
 
@@ -804,7 +898,7 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, ROUNDS: tl.constexpr, ATOMIC_DQ: tl.constexpr = False, EVEN_M: tl.constexpr = False,
-    SPLIT_M: tl.constexpr = False,
+    SPLIT_M: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """Grid ``(cdiv(max_seqlen_k, BLOCK_N), Hkv, B)``: dK, dV of one key block of one K/V head.
 
@@ -818,7 +912,13 @@ def _attn_bwd_dkdv_kernel(
     ``SPLIT_M`` (a tile option, ``triton.Config`` kwarg): elsewhere, full query blocks unmasked
     and only the first / last masked, in the one-loop path of 16-bit tiles without dropout
     or softcap.
+    ``TMA`` (a tile option; sm_90, 16-bit, without dropout and the atomic dQ): q and dO tiles
+    through tensor descriptors the kernel makes for its sequence's span of rows (global
+    scratch from Triton's allocator, :func:`_ensure_allocator`): rows past the span arrive
+    as zeros, so every query block runs unmasked, and invalid keys are zeroed once after the
+    loops instead of per score.
     """
+    tl.static_assert(not (TMA and (DROPOUT or ATOMIC_DQ)))
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = _sequence(ORDER, tl.program_id(2), IS_VARLEN, HAS_MASK, HAS_SOFTCAP)
@@ -874,7 +974,25 @@ def _attn_bwd_dkdv_kernel(
         # loop (a select per score): the second copy's live ranges cost registers the big
         # tiles lack (sm_90, 64 x 128 on 8 warps at D = 128: 82 -> 39 STL without mask and
         # softcap, 142 -> 96 with both; the atomic 64 x 128 one-stage tile 150 -> 64).
-        if (BLOCK_D != 64) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
+        if TMA:
+            # Query tiles through descriptors made here for this sequence's span of rows (all
+            # heads: one per tensor and program), so rows past the span need no mask: no key
+            # mask in the loop either, since a key only reaches its own dK / dV rows, which
+            # are zeroed below where the key is not valid (whatever its scores held).
+            nh = GROUP * tl.num_programs(1)
+            span_q = tl.maximum(hi_q - lo, 1)
+            qd = tl.make_tensor_descriptor(Q + bb * stride_qb + (q0 + lo) * stride_qt, shape=[span_q, nh, HEAD_DIM],
+                                           strides=[stride_qt, stride_qh, 1], block_shape=[BLOCK_M, 1, BLOCK_D])
+            dod = tl.make_tensor_descriptor(DO + bb * stride_dob + (q0 + lo) * stride_dot, shape=[span_q, nh, HEAD_DIM],
+                                            strides=[stride_dot, stride_doh, 1], block_shape=[BLOCK_M, 1, BLOCK_D])
+            dk, dv = _dkdv_loop_tma(
+                dk, dv, k, v, kvalid, qd, dod, LSE2, DELTA, bb, q0, hk, GROUP, lo, hi_q, stride_lb, stride_lh,
+                offs_m, offs_d, qk_scale, cap_in, cap_out, offs_n, HEAD_DIM, BLOCK_D, BLOCK_M, HAS_SOFTCAP, DOT_PREC,
+                ROUNDS,
+            )
+            dk = tl.where(kvalid[:, None], dk, 0.0)
+            dv = tl.where(kvalid[:, None], dv, 0.0)
+        elif (BLOCK_D != 64) and (BLOCK_M >= 64) and (DOT_PREC != "ieee"):
             dk, dv = _dkdv_loop(
                 dk, dv, k, v, kvalid, Q, DO, LSE2, DELTA, DQ, bb, q0, hk, GROUP, lo, hi_q,
                 stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh, stride_dqb, stride_dqt, stride_dqh,
@@ -932,10 +1050,11 @@ def _dropout_mask_kernel(
 
 
 class _DescBlocks:
-    """A TMA configuration's ``pre_hook``: sets its tile sizes as the block shapes of the
-    launch's host descriptors (``QD`` rows ``BLOCK_M``, ``KD`` / ``VD`` rows ``BLOCK_N``,
-    :func:`_tma_descs`); the autotuner calls it before each timing run and launch, and
-    :func:`_launch` before the launches it makes itself."""
+    """A forward TMA configuration's ``pre_hook`` in the autotuner (:func:`_tuned`): sets its
+    tile sizes as the block shapes of the launch's host descriptors (``QD`` rows ``BLOCK_M``,
+    ``KD`` / ``VD`` rows ``BLOCK_N``, :func:`_tma_descs`); the autotuner calls it before each
+    timing run and launch, and :func:`_launch` does the same before the launches it makes
+    itself."""
 
     def __call__(self, nargs):
         _set_desc_blocks((nargs["QD"], nargs["KD"], nargs["VD"]), nargs["BLOCK_M"], nargs["BLOCK_N"])
@@ -948,9 +1067,9 @@ def _cfg(bm, bn, w, s, split=False, tma=False):
     kw = {"BLOCK_M": bm, "BLOCK_N": bn}
     if split:  # the dK/dV kernel's SPLIT_M option
         kw["SPLIT_M"] = True
-    if tma:  # the forward's TMA option: tiles through host descriptors
+    if tma:  # the TMA option: tiles through tensor descriptors (forward: host ones; dK/dV: made in the kernel)
         kw["TMA"] = True
-    return triton.Config(kw, num_warps=w, num_stages=s, pre_hook=_DESC_BLOCKS if tma else None)
+    return triton.Config(kw, num_warps=w, num_stages=s)
 
 
 # H100-oriented tiles per BLOCK_D (sane on A100: every entry is compiled for sm_80 too and
@@ -1008,19 +1127,34 @@ FWD_CONFIGS = {
           _cfg(128, 64, 8, 3, tma=True)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
 }
+# dQ's ``tma`` entries read K and V through descriptors each program makes for its
+# sequence's key span: one loop copy without the masked tail (sm_90, Triton 3.6, D = 128,
+# 128 x 64 on 8 warps: 182 -> 165 registers, loop 289 -> 306 instructions with the cap on
+# P that the zero rows need, _bwd_scores' CLAMP); untimed, left to the autotuner.
 BWD_DQ_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
-    64: [_cfg(64, 64, 4, 2)],
-    128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)],
+    64: [_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 2, tma=True)],
+    128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2), _cfg(128, 64, 8, 3, tma=True)],
     256: [_cfg(64, 32, 8, 2), _cfg(64, 16, 8, 2)],
 }
 # The last D = 128 entry is a SPLIT_M option (packed / padded layouts: interior query blocks
 # without row masks), untimed: chosen by its SASS with Triton 3.6 (loop 484 -> 420
 # instructions packed, 533 -> 459 masked, spill-free there), left to the autotuner.
+# The ``tma`` entries (sm_90, 16-bit without dropout, q and dO a tensor map can describe)
+# read q and dO through descriptors the kernel makes per sequence, bounded to its span:
+# every query block runs one copy without row or key masks (P capped at 1 instead, see
+# _bwd_scores' CLAMP). Untimed, left to the autotuner; chosen by their sm_90 SASS with
+# Triton 3.6 (D = 128, 64 x 64 on 4 warps): the inner loop 747 -> 461 instructions on the
+# padded layout, 701 -> 420 packed, 702 -> 420 dense (EVEN_M's pointer loop: 478), its spill
+# loads 3 / 6 / 5 -> 0 / 1 / 0 (Triton 3.9: 620 / 564 / 570 -> 387 / 387 / 393); the
+# kernel's spill stores 79 -> 21 padded. At D = 64 the pointer tiles' split loops are as
+# short; the 64 x 64 TMA tile is spill-free there (its pointer copy spills 51).
 BWD_DKDV_CONFIGS = {
     32: [_cfg(64, 64, 4, 2)],
-    64: [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3)],
-    128: [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 1, split=True)],
+    64: [_cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2, tma=True),
+         _cfg(32, 64, 4, 2, tma=True)],
+    128: [_cfg(64, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 1), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 1, split=True),
+          _cfg(64, 64, 4, 2, tma=True), _cfg(64, 128, 8, 2, tma=True)],
     256: [_cfg(16, 64, 8, 2)],
 }
 # The atomic backward's dK/dV kernel (ATOMIC_DQ: it also computes each block's dQ share and
@@ -1237,6 +1371,10 @@ def _tuned(kind: str, head_dim: int, fp32: bool, dropout: bool, chip: int, tma: 
         # The kernel adds into DQ: zeroed before every launch, the autotuner's timing runs
         # included (a config's pre_hook runs before each of them and before the real launch).
         cfgs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_zero_dq) for c in cfgs]
+    if kind == "fwd" and tma:
+        # the forward's TMA tiles set their descriptors' block shapes before every launch
+        cfgs = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_DESC_BLOCKS)
+                if c.kwargs.get("TMA") else c for c in cfgs]
     return triton.autotune(configs=cfgs, key=_autotune_key(kind))(_KERNELS[kind])
 
 
@@ -1246,15 +1384,18 @@ LAST_TILES: dict = {}
 
 
 def _launch(kind: str, grid_len: int, grid_rest: tuple, args: list, consts: dict, head_dim: int, fp32: bool,
-            max_seqlen: int, on_cuda: bool, descs: tuple | None = None):
-    """Launch one kernel kind on the autotuner's tile or the heuristic's. ``descs``: the
-    forward's host descriptors where the launch may take TMA tiles (None: pointer tiles only)."""
+            max_seqlen: int, on_cuda: bool, descs: tuple | None = None, tma: bool | None = None):
+    """Launch one kernel kind on the autotuner's tile or the heuristic's. ``tma``: the launch
+    may take the kind's TMA tiles (:func:`_tma_ok`); ``descs``: the forward's host descriptors
+    for them (``tma`` defaults to whether they are given)."""
     blk = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
     dropout = bool(consts["DROPOUT"])
     chip = chip_of(args[0].device) if on_cuda else 90
-    tma = descs is not None
+    tma = descs is not None if tma is None else tma
     prepare = None
-    if tma:
+    if tma and on_cuda:
+        _ensure_allocator()  # kernels that make descriptors take global scratch from Triton's allocator
+    if descs is not None:
         def prepare(c):
             if c.kwargs.get("TMA"):
                 _set_desc_blocks(descs, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
@@ -1288,6 +1429,18 @@ _POISON_OUTPUTS = False
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     return t.fill_(float("nan")) if _POISON_OUTPUTS else t
+
+
+# Rows past the end of lse2 / delta the TMA dK/dV tiles may read: at least any BLOCK_M.
+TAIL_ROWS = 256
+
+
+def _alloc_tail(like: torch.Tensor, fill: float) -> torch.Tensor:
+    """``like``'s shape (contiguous, fp32, poisoned like :func:`_alloc`) over a buffer with
+    :data:`TAIL_ROWS` more elements after it, those set to ``fill``."""
+    buf = _alloc((like.numel() + TAIL_ROWS,), like, torch.float32)
+    buf[like.numel():].fill_(fill)
+    return buf[: like.numel()].view(like.shape)
 
 
 def _lastdim_contig(t: torch.Tensor) -> torch.Tensor:
@@ -1387,20 +1540,40 @@ def tma_wanted() -> bool:
 _FORCE_TMA = False
 
 
-def _tma_ok(q, k, v, fp32: bool, dropout: bool, holes: bool) -> bool:
-    """Whether this launch can take TMA tiles: 16-bit inputs without dropout (the tiles are
-    listed there only), no mask that may have holes (``MASK_HOLES``: that loop copy spills
-    more with TMA tiles), on an sm_90+ GPU (or forced, for the interpreter tests), with what
-    a tensor map needs: 16-byte aligned bases, unit last stride, the other strides multiples
-    of 16 bytes. Anything else runs the pointer tiles."""
+def _tma_ok(tensors, fp32: bool, dropout: bool, holes: bool = False) -> bool:
+    """Whether a launch over ``tensors`` (those its TMA tiles read: the forward's q, k, v, the
+    dK/dV kernel's q and dO) can take TMA tiles: 16-bit inputs without dropout (the tiles are
+    listed there only), no mask that may have holes (the forward's ``MASK_HOLES``: that loop
+    copy spills more with TMA tiles), on an sm_90+ GPU (or forced, for the interpreter
+    tests), with what a tensor map needs: 16-byte aligned bases, unit last stride, the other
+    strides multiples of 16 bytes. Anything else runs the pointer tiles."""
     if fp32 or dropout or holes or not tma_wanted():
         return False
+    q = tensors[0]
     if not _FORCE_TMA and not (q.is_cuda and chip_of(q.device) == 90):
         return False
-    for t in (q, k, v):
+    for t in tensors:
         if t.data_ptr() % 16 or t.stride(-1) != 1 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
             return False
     return True
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for kernels' global scratch (descriptors made in a kernel)
+    where none is set in this thread's context: torch's caching allocator on the current
+    device. An allocator the caller set is kept."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # pragma: no cover - another Triton layout: set ours
+        pass
+    triton.set_allocator(_torch_scratch)
 
 
 def _tma_descs(q, k, v, varlen: bool):
@@ -1513,7 +1686,7 @@ def attention_forward(
     fp32 = q.dtype == torch.float32
     seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     holes = _mask_holes(mask)
-    descs = _tma_descs(q, k, v, varlen) if _tma_ok(q, k, v, fp32, bool(dropout_p), holes) else None
+    descs = _tma_descs(q, k, v, varlen) if _tma_ok((q, k, v), fp32, bool(dropout_p), holes) else None
     args = [
         q, k, v, out, lse,
         cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t, order,
@@ -1615,8 +1788,14 @@ def attention_backward(
     dq = None if atomic else _alloc(q.shape, q)
     dk = _alloc(k.shape, k)
     dv = _alloc(v.shape, v)
-    delta = _alloc(lse.shape, lse)
-    lse2 = _alloc(lse.shape, lse)  # written by the dQ kernel / delta pass, read by dK/dV
+    tma = not atomic and _tma_ok((q, do), fp32, bool(dropout_p))
+    if tma:
+        # The TMA dK/dV tiles read lse2 and delta unmasked, up to a block past the last row:
+        # a tail of (+inf, 0) makes those rows' terms exact zeros.
+        delta, lse2 = _alloc_tail(lse, 0.0), _alloc_tail(lse, float("inf"))
+    else:
+        delta = _alloc(lse.shape, lse)
+        lse2 = _alloc(lse.shape, lse)  # written by the dQ kernel / delta pass, read by dK/dV
     autotuned = q.is_cuda and _autotune_on()
     if atomic:
         # fp32 accumulator of dQ (already scaled by softmax_scale); zeroed here, or by the
@@ -1650,8 +1829,9 @@ def attention_backward(
             *args, **consts, DELTA_ONLY=True, BLOCK_M=DELTA_BLOCK_M, BLOCK_N=16, num_warps=DELTA_WARPS,
         )
     else:
-        _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=_mask_holes(mask)), D, fp32, max(max_seqlen_q, S),
-                q.is_cuda)
+        holes = _mask_holes(mask)
+        _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=holes), D, fp32, max(max_seqlen_q, S),
+                q.is_cuda, tma=_tma_ok((k, v), fp32, bool(dropout_p), holes))
     args = [
         q, k, v, do, dk, dv, dq_arg, lse2, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
@@ -1660,7 +1840,7 @@ def attention_backward(
     kind = "dkdv_atomic" if atomic else "dkdv"
     even_m = not fp32 and not varlen and mask is None and S % EVEN_M_ROWS == 0
     _launch(kind, len_k, (Hkv, B), args, dict(consts, ATOMIC_DQ=atomic, EVEN_M=even_m), D, fp32, max(max_seqlen_k, S),
-            q.is_cuda)
+            q.is_cuda, tma=tma)
     if atomic:
         dq = acc if fp32 else acc.to(q.dtype)
     return dq, dk, dv
