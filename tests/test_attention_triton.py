@@ -377,25 +377,9 @@ def test_tma_padding_contents_never_reach_valid_tokens(mode, device, force_tma, 
     monkeypatch.setattr(tc, "_HOLE_FREE", [None])
     B, S, H, D = 3, 90, 2, 64
     mask = _mask(mode, B, S, device)
-    base = [torch.randn(B, S, H, D, device=device, dtype=torch.float16) for _ in range(4)]
-
-    def run(fill):
-        q, k, v, do = (t.clone() for t in base)
-        for t in (q, k, v, do):
-            t[~mask] = fill
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-        m = mask.clone()
-        tc.note_hole_free(m)
-        out = flash_attn_noncausal(q, k, v, m, backend="triton")
-        assert tk.LAST_TILES["fwd"].endswith("tma")
-        out.backward(do)
-        return [out] + [t.grad for t in (q, k, v)]
-
-    clean, poisoned = run(0.0), run(float("nan"))
-    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, poisoned):
-        assert torch.isfinite(b[mask]).all(), f"{name}: padding leaked into valid positions"
-        assert torch.equal(a[mask], b[mask]), f"{name}: valid positions changed with the padding's contents"
-        assert (b[~mask] == 0).all(), f"{name}: padded positions must be 0 whatever they hold"
+    tk.LAST_TILES.clear()
+    _assert_padding_never_leaks(mask, *_poisoned_padding_runs(mask, (B, S, H, D), device, noted=True))
+    assert set(tk.LAST_TILES.values()) == {"32x32 w4 s1 tma"}
 
 
 def test_tma_rules(device, monkeypatch):
@@ -648,9 +632,23 @@ def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, 
         monkeypatch.setattr(tk, "heuristic_config", lambda kind, *a, **kw: dkdv if kind.startswith("dkdv")
                             else tk._cfg(64, 64, 4, 1) if kind == "dq" else tk._cfg(128, 64, 4, 1))
     monkeypatch.setenv("LLM2VEC_FAST_ATTN_BWD", "atomic" if atomic else "separate")
-    B, S, H = 3, 150, 2
-    mask = _mask(mode, B, S, device)
-    base = [torch.randn(B, S, H, D, device=device, dtype=torch.float16) for _ in range(4)]  # q, k, v, dO
+    mask = _mask(mode, 3, 150, device)
+    launched = []
+    real = tk._launch
+    monkeypatch.setattr(tk, "_launch", lambda kind, *a, **kw: launched.append((kind, a[3].get("MASK_HOLES")))
+                        or real(kind, *a, **kw))
+    clean, poisoned = _poisoned_padding_runs(mask, (3, 150, 2, D), device, noted, softcap)
+    assert {h for k, h in launched if k in ("fwd", "dq")} == {not noted}, launched
+    _assert_padding_never_leaks(mask, clean, poisoned)
+
+
+def _poisoned_padding_runs(mask, shape, device, noted: bool, softcap: float = 0.0):
+    """Forward + backward (fp16, fresh q, k, v, dO of ``shape``) with the positions ``mask``
+    drops set to 0, then to NaN: ``(out, dq, dk, dv)`` of each run. ``noted``: the mask noted
+    hole-free first (as hf PaddingInfo notes left / right padding)."""
+    from llm2vec_fast import _tensor_cache as tc
+
+    base = [torch.randn(*shape, device=device, dtype=torch.float16) for _ in range(4)]  # q, k, v, dO
 
     def run(fill):
         q, k, v, do = (t.clone() for t in base)
@@ -664,12 +662,12 @@ def test_padding_contents_never_reach_valid_tokens(monkeypatch, device, D, big, 
         out.backward(do)
         return [out] + [t.grad for t in (q, k, v)]
 
-    launched = []
-    real = tk._launch
-    monkeypatch.setattr(tk, "_launch", lambda kind, *a, **kw: launched.append((kind, a[3].get("MASK_HOLES")))
-                        or real(kind, *a, **kw))
-    clean, poisoned = run(0.0), run(float("nan"))
-    assert {h for k, h in launched if k in ("fwd", "dq")} == {not noted}, launched
+    return run(0.0), run(float("nan"))
+
+
+def _assert_padding_never_leaks(mask, clean, poisoned):
+    """Valid positions the same to the bit in both runs of :func:`_poisoned_padding_runs` and
+    finite; padded positions exactly 0 in the poisoned one."""
     for name, a, b in zip(("out", "dq", "dk", "dv"), clean, poisoned):
         assert torch.isfinite(b[mask]).all(), f"{name}: padding leaked into valid positions"
         assert torch.equal(a[mask], b[mask]), f"{name}: valid positions changed with the padding's contents"
