@@ -389,6 +389,28 @@ def test_tma_rules(device, monkeypatch):
     q = torch.randn(10, 4, 64, device=device, dtype=torch.float16)
     k = v = torch.randn(10, 2, 64, device=device, dtype=torch.float16)
     assert not tk._tma_ok((q, k, v), False, False, False)  # no sm_90 GPU here
+
+    class OnHopper:  # what _tma_ok reads of a CUDA tensor on an sm_90 GPU
+        is_cuda, device = True, torch.device("cuda", 0)
+
+        def __init__(self, t):
+            self.t = t
+
+        def data_ptr(self):
+            return 0
+
+        def stride(self, *dim):
+            return self.t.stride(*dim)
+
+        def element_size(self):
+            return self.t.element_size()
+
+    monkeypatch.setattr(tk, "chip_of", lambda device: 90)
+    cuda = [OnHopper(t) for t in (q, k, v)]
+    assert tk._tma_ok(cuda, False, False, False, max_seqlen=tk.TMA_MIN_SEQLEN)
+    assert not tk._tma_ok(cuda, False, False, False, max_seqlen=tk.TMA_MIN_SEQLEN - 1)  # short: host-bound
+    monkeypatch.setattr(tk, "chip_of", lambda device: 80)
+    assert not tk._tma_ok(cuda, False, False, False, max_seqlen=4096)
     monkeypatch.setattr(tk, "_FORCE_TMA", True)
     assert tk._tma_ok((q, k, v), False, False, False)
     assert not tk._tma_ok((q.float(), k.float(), v.float()), True, False, False)

@@ -1540,17 +1540,25 @@ def tma_wanted() -> bool:
 _FORCE_TMA = False
 
 
-def _tma_ok(tensors, fp32: bool, dropout: bool, holes: bool = False) -> bool:
+# Sequences shorter than this keep the pointer tiles: there the launch's host time is what
+# counts (a small model's step is host-bound), and the forward's host descriptors (three per
+# call, encoded by the launcher) and the backward's buffer tails add to it.
+TMA_MIN_SEQLEN = 512
+
+
+def _tma_ok(tensors, fp32: bool, dropout: bool, holes: bool = False, max_seqlen: int = TMA_MIN_SEQLEN) -> bool:
     """Whether a launch over ``tensors`` (those its TMA tiles read: the forward's q, k, v, the
-    dK/dV kernel's q and dO) can take TMA tiles: 16-bit inputs without dropout (the tiles are
-    listed there only), no mask that may have holes (the forward's ``MASK_HOLES``: that loop
-    copy spills more with TMA tiles), on an sm_90+ GPU (or forced, for the interpreter
-    tests), with what a tensor map needs: 16-byte aligned bases, unit last stride, the other
-    strides multiples of 16 bytes. Anything else runs the pointer tiles."""
+    dQ kernel's k and v, the dK/dV kernel's q and dO) can take TMA tiles: 16-bit inputs
+    without dropout (the tiles are listed there only), no mask that may have holes (the
+    forward's and dQ's ``MASK_HOLES``: the forward's loop copy for holes spills more with
+    TMA tiles), sequences of at least :data:`TMA_MIN_SEQLEN`, on an sm_90+ GPU (or forced,
+    for the interpreter tests, at any length), with what a tensor map needs: 16-byte aligned
+    bases, unit last stride, the other strides multiples of 16 bytes. Anything else runs the
+    pointer tiles."""
     if fp32 or dropout or holes or not tma_wanted():
         return False
     q = tensors[0]
-    if not _FORCE_TMA and not (q.is_cuda and chip_of(q.device) == 90):
+    if not _FORCE_TMA and not (q.is_cuda and chip_of(q.device) == 90 and max_seqlen >= TMA_MIN_SEQLEN):
         return False
     for t in tensors:
         if t.data_ptr() % 16 or t.stride(-1) != 1 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
@@ -1686,7 +1694,8 @@ def attention_forward(
     fp32 = q.dtype == torch.float32
     seed_t, thresh, dscale = _dropout_args(dropout_p, seed, dummy)
     holes = _mask_holes(mask)
-    descs = _tma_descs(q, k, v, varlen) if _tma_ok((q, k, v), fp32, bool(dropout_p), holes) else None
+    tma = _tma_ok((q, k, v), fp32, bool(dropout_p), holes, max(max_seqlen_q, max_seqlen_k, S))
+    descs = _tma_descs(q, k, v, varlen) if tma else None
     args = [
         q, k, v, out, lse,
         cu_q if varlen else dummy, cu_k if varlen else dummy, rng, mask_u8, seed_t, order,
@@ -1788,7 +1797,7 @@ def attention_backward(
     dq = None if atomic else _alloc(q.shape, q)
     dk = _alloc(k.shape, k)
     dv = _alloc(v.shape, v)
-    tma = not atomic and _tma_ok((q, do), fp32, bool(dropout_p))
+    tma = not atomic and _tma_ok((q, do), fp32, bool(dropout_p), max_seqlen=max(len_q, len_k))
     if tma:
         # The TMA dK/dV tiles read lse2 and delta unmasked, up to a block past the last row:
         # a tail of (+inf, 0) makes those rows' terms exact zeros.
@@ -1831,7 +1840,7 @@ def attention_backward(
     else:
         holes = _mask_holes(mask)
         _launch("dq", len_q, (H, B), args, dict(consts, MASK_HOLES=holes), D, fp32, max(max_seqlen_q, S),
-                q.is_cuda, tma=_tma_ok((k, v), fp32, bool(dropout_p), holes))
+                q.is_cuda, tma=_tma_ok((k, v), fp32, bool(dropout_p), holes, max(len_q, len_k)))
     args = [
         q, k, v, do, dk, dv, dq_arg, lse2, delta, *cus, *common,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
