@@ -1527,8 +1527,8 @@ def _layout_args(cu_q, cu_k, mask, dummy):
 
 
 def tma_wanted() -> bool:
-    """Whether the forward may take TMA tiles (``LLM2VEC_FAST_ATTN_TMA``, default on; ``0``
-    keeps the pointer tiles only)."""
+    """Whether the kernels may take their TMA tiles (``LLM2VEC_FAST_ATTN_TMA``, default on;
+    ``0`` keeps the pointer tiles only). Raises ``ValueError`` for another value."""
     want = os.environ.get("LLM2VEC_FAST_ATTN_TMA", "1")
     if want not in ("0", "1"):
         raise ValueError(f"LLM2VEC_FAST_ATTN_TMA: expected 0 or 1, got {want!r}")
