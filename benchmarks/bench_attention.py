@@ -11,6 +11,8 @@ Providers (each only where it accepts the case):
   ours-varlen   flash_attn_varlen_noncausal(backend="triton") on the unpadded tokens (padded cases)
   ours-atomic   ours with the atomic backward (LLM2VEC_FAST_ATTN_BWD=atomic: one dK/dV kernel that
                 also accumulates dQ), bwd / full modes, where it has GPU tiles (16-bit, head dim 64-128)
+  ours-notma    ours with the pointer tiles only (LLM2VEC_FAST_ATTN_TMA=0), beside ours whose
+                autotuner also weighs the TMA tiles (D = 128 cases from S = 2048 on)
   reference     the fp32 pure-PyTorch reference (small shapes only: it materialises B*H*S*S scores)
   sdpa-flash / sdpa-efficient / sdpa-cudnn / sdpa-math
                 F.scaled_dot_product_attention pinned to one backend (unpadded: no mask;
@@ -35,6 +37,7 @@ Rows go to benchmarks/results/attention.jsonl with device, versions and git sha.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -109,7 +112,7 @@ def cases_for(preset: str):
 
 MODES = ("fwd", "bwd", "full")
 # every provider make_provider knows (see the module docstring)
-PROVIDERS = ("ours", "ours-atomic", "ours-holes", "ours-gridorder", "ours-varlen", "reference", "sdpa-flash",
+PROVIDERS = ("ours", "ours-atomic", "ours-notma", "ours-holes", "ours-gridorder", "ours-varlen", "reference", "sdpa-flash",
              "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "hf-sdpa", "flex", "flash-attn")
 
 
@@ -119,6 +122,8 @@ def default_providers(case, device: str, preset: str = ""):
     p = ["ours"]
     if case["D"] in (64, 128):
         p += ["ours-atomic"]
+    if case["D"] == 128 and case["S"] >= 2048 and case["name"] != "gqa":
+        p += ["ours-notma"]  # the TMA tiles' gain, side by side
     if case["lengths"] is not None:
         p += ["ours-holes", "ours-gridorder", "ours-varlen", "hf-sdpa", "sdpa-efficient", "flex"]
     else:
@@ -156,7 +161,7 @@ def make_provider(name, case, q, k, v, mask, cu, unpad_idx):
     B, S, H, Hkv, D = case["B"], case["S"], case["H"], case["Hkv"], case["D"]
     scale = 1.0 / math.sqrt(D)
     padded = case["lengths"] is not None
-    if name in ("ours", "ours-atomic", "ours-holes", "ours-gridorder"):  # run_one sets their switches
+    if name in ("ours", "ours-atomic", "ours-notma", "ours-holes", "ours-gridorder"):  # run_one sets their switches
         from llm2vec_fast.hf.padding import padding_info
         from llm2vec_fast.ops.attention import flash_attn_noncausal
 
@@ -299,19 +304,32 @@ def run_one(provider, case, mode, device, dtype):
     if provider.endswith("-atomic"):
         if mode == "fwd":
             return None  # the same forward as without "-atomic"
-        old = os.environ.get("LLM2VEC_FAST_ATTN_BWD")
-        os.environ["LLM2VEC_FAST_ATTN_BWD"] = "atomic"
-        try:
+        with _env("LLM2VEC_FAST_ATTN_BWD", "atomic"):
             r = _run_one(provider, case, mode, device, dtype)
-        finally:
-            if old is None:
-                os.environ.pop("LLM2VEC_FAST_ATTN_BWD")
-            else:
-                os.environ["LLM2VEC_FAST_ATTN_BWD"] = old
         if r is not None and "dkdv_atomic" not in r.get("tiles", {}):
             raise RuntimeError("the atomic backward did not run for this case (no GPU tiles)")
         return r
+    if provider == "ours-notma":
+        with _env("LLM2VEC_FAST_ATTN_TMA", "0"):
+            r = _run_one(provider, case, mode, device, dtype)
+        if r is not None and any("tma" in t for t in r.get("tiles", {}).values()):
+            raise RuntimeError(f"a TMA tile ran with LLM2VEC_FAST_ATTN_TMA=0: {r['tiles']}")
+        return r
     return _run_one(provider, case, mode, device, dtype)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` inside the block, restored after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
 
 
 def _run_one(provider, case, mode, device, dtype):

@@ -406,6 +406,18 @@ def test_attention_bench_runs_every_provider_on_cpu(tmp_path, monkeypatch):
     from llm2vec_fast.kernels.triton import attention as tk
 
     assert tk.LONGEST_FIRST and "LLM2VEC_FAST_ATTN_BWD" not in os.environ
+    # ours-notma (on the GPU run's D = 128 cases from S = 2048): the pointer tiles only, beside
+    # ours with the TMA tiles (forced here, where the interpreter runs them)
+    assert "ours-notma" in ba.default_providers(ba._case("padded", 2, 2048, 4, 2, 128, [2048, 900]), "cuda")
+    assert "ours-notma" not in ba.default_providers(ba._case("unpadded", 2, 512, 4, 4, 128), "cuda")
+    import torch
+
+    monkeypatch.setattr(tk, "_FORCE_TMA", True)
+    case = ba.cases_for("smoke")[0]
+    ours, notma = (ba.run_one(p, case, "full", "cpu", torch.float16) for p in ("ours", "ours-notma"))
+    assert all(t.endswith("tma") for t in ours["tiles"].values()), ours["tiles"]
+    assert not any(t.endswith("tma") for t in notma["tiles"].values()), notma["tiles"]
+    assert "LLM2VEC_FAST_ATTN_TMA" not in os.environ
 
 
 def test_masked_ce_bench_runs_every_provider_on_cpu(tmp_path, monkeypatch):
