@@ -20,6 +20,11 @@ fifth token of each sequence masked too (the loop copy for masks with holes).
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dq --set dkdv=64x128w8s2
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv_atomic,dkdv   # atomic vs separate backward
     python benchmarks/sweep_attention_tiles.py --d 128 --kinds fwd,dkdv --layout padded
+    python benchmarks/sweep_attention_tiles.py --d 128 --kinds dkdv --tiles 64x64w4s2tma,64x64w4s2   # TMA vs pointer
+
+A tile ending in ``tma`` is the kernel's TMA option (Hopper: loads through tensor descriptors;
+it runs where the launch qualifies, ``attention._tma_ok``: the sweep's bf16 batches of 512
+tokens or more do, except the forward and dQ on ``--layout holes``).
 
 Rows (one per kind and tile, provider ``ours <tile>``; ``ms`` is the forward alone for
 ``fwd`` and forward + backward otherwise, ``bwd_ms`` the latter less the default forward) go to benchmarks/results/attention_tiles.jsonl with the
