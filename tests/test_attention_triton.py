@@ -436,6 +436,11 @@ def test_tma_rules(device, monkeypatch):
     assert not any(c.kwargs.get("TMA") for c in tk._configs("fwd", 128, False, False, 90, tma=False))
     assert not any(c.kwargs.get("TMA") for c in tk.fwd_configs(128, chip=80))
     assert not any(c.kwargs.get("TMA") for c in tk.fwd_configs(128, dropout=True) + tk.fwd_configs(128, fp32=True))
+    # a list cut down to TMA tiles (the tile sweep does that) on a launch that cannot take them: a named error
+    monkeypatch.setitem(tk.BWD_DQ_CONFIGS, 128, [tk._cfg(128, 64, 8, 3, tma=True)])
+    assert tk.heuristic_config("dq", 128, False, 1024, True, tma=True).kwargs["TMA"]
+    with pytest.raises(ValueError, match="only TMA tiles"):
+        tk.heuristic_config("dq", 128, False, 1024, True)
     # descriptors: 4-D, packed as (1, T, H, D); block shapes set from a config's tiles
     qd, kd, vd = tk._tma_descs(q, k, v, varlen=True)
     assert qd.shape == [1, 10, 4, 64] and kd.shape == [1, 10, 2, 64]

@@ -1333,6 +1333,9 @@ def heuristic_config(
     if not on_cuda:
         return _cfg(32, 32, 4, 1, tma=tma) if _block_d(head_dim) < 256 else _cfg(16, 16, 4, 1, tma=tma)
     cands = _configs(kind, head_dim, fp32, dropout, chip, tma)
+    if not cands:  # a list edited to TMA tiles only (the tile sweep) on a launch that cannot take them
+        raise ValueError(f"{kind}: no tile for this launch (its list holds only TMA tiles, and this launch "
+                         "does not qualify for them: attention._tma_ok)")
     if max_seqlen <= 256:
         return min(cands, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
     return cands[0]
