@@ -79,6 +79,29 @@ def test_launch_tuned_leaves_pre_hooks_and_single_configs_to_the_autotuner():
     assert len(runs1) == 2
 
 
+def test_launch_tuned_with_prepare_remembers_hooked_configs():
+    """With ``prepare`` (doing what the hooks do: the forward's TMA tiles set their descriptors'
+    block shapes), a pick whose config has a pre_hook is remembered too: later launches of its
+    key go direct, with ``prepare`` called before each."""
+    hooked, prepared = [], []
+    c16 = triton.Config({"BLOCK": 16}, pre_hook=lambda nargs: hooked.append(nargs["n"]))
+    t, runs = _tuner([c16, triton.Config({"BLOCK": 32})], fastest=c16)
+
+    def launch(n):
+        x, y = torch.randn(n), torch.full((n,), float("nan"))
+        programs = torch.zeros(1, dtype=torch.int32)
+        cfg = _tiles.launch_tuned(t, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), [x, y, programs, n], {},
+                                  prepare=prepared.append)
+        torch.testing.assert_close(y, x + 1, rtol=0, atol=0)
+        return cfg
+
+    assert launch(40) is c16 and len(runs) == 1 and prepared == []  # tuned: the autotuner ran the hook
+    ran_hook = len(hooked)
+    for _ in range(2):
+        assert launch(40) is c16
+    assert len(runs) == 1 and prepared == [c16, c16] and len(hooked) == ran_hook
+
+
 def test_attention_launches_directly_once_tuned(monkeypatch):
     """Forward and backward through ``_launch``'s autotuned branch (forced on this CPU, real
     autotuners over the attention kernels with two interpreter configs each): the second call
