@@ -15,9 +15,9 @@ since each is a kernel of its own to ptxas. The configurations come from the mod
 the autotuner gets on that chip), so a config added there is compiled here. Head dims 80 and 96 share
 ``BLOCK_D = 128`` and its head-dim mask, so 80 stands for both; 128 fills the block and is
 compiled too (``HEAD_DIMS``); bf16 stands for fp16 (same footprint). fp32 is compiled for every head dim on
-both chips. The forward's TMA tiles (sm_90) compile in every variant but the two whose masks
-may have holes, which never launch them (the span variants stand in), and must show tensor
-bulk copies in their PTX.
+both chips. The TMA tiles (sm_90) must show tensor bulk copies in their PTX; the forward's and
+dQ's compile in every variant but the two whose masks may have holes, which never launch them
+(the span variants stand in), the dK/dV kernel's in all.
 
 Without a GPU, conftest.py turns on ``TRITON_INTERPRET=1``, under which ``@triton.jit``
 returns interpreter objects that cannot be compiled; each group therefore compiles in a
